@@ -1,0 +1,161 @@
+"""WebDataset datamodule over latent shards (schema in ``schema.py``)."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader
+
+from .schema import decode_sample
+from .synthetic import write_synthetic_shards
+
+log = logging.getLogger(__name__)
+
+
+def resolve_shards(spec: str | Sequence[str], key: str = "data.shards") -> list[str]:
+    """Expand a shard spec into a sorted list of ``.tar`` paths.
+
+    ``spec`` is one or a list of: a directory (all ``*.tar`` in it), a brace pattern
+    (``shard-{000000..000009}.tar``) or a glob. Raises a one-line error naming ``key`` when
+    nothing matches.
+    """
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        item = str(item)
+        if os.path.isdir(item):
+            urls += sorted(str(p) for p in Path(item).glob("*.tar"))
+            continue
+        for pattern in braceexpand(item):
+            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            urls += [m for m in matches if os.path.isfile(m)]
+    if not urls:
+        raise FileNotFoundError(f"{key}: no .tar shards found at {spec!r}; point it at a shard folder or pattern")
+    return urls
+
+
+class SkipCounter:
+    """WebDataset error handler: warn with the shard and key, count, and keep going."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.skipped += 1
+        log.warning("skipping bad sample (%d so far): %s", self.skipped, exn)
+        return True
+
+
+class LatentShardDataModule(L.LightningDataModule):
+    """Training batches from latent shards.
+
+    Each rank reads a disjoint subset of shards (``split_by_node``), each loader worker a subset of
+    those; the stream repeats forever and training length is set by ``trainer.max_steps``.
+
+    Args:
+        shards: directory, brace pattern, glob, or list of them.
+        batch_size: samples per rank per micro-step.
+        num_workers: loader processes per rank (reduced when there are fewer shards per rank).
+        shuffle_buffer: samples in the shuffle buffer (0 = read in order).
+        seed: seeds the shard order and shuffle buffer.
+    Batch: the dict of :func:`ft_train.data.schema.decode_sample`, stacked along dim 0.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        batch_size: int = 1,
+        num_workers: int = 2,
+        shuffle_buffer: int = 64,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.shards = shards
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.skips = SkipCounter()
+        self.null_text: torch.Tensor | None = None
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def dataset(self) -> wds.WebDataset:
+        urls = resolve_shards(self.shards)
+        null = Path(urls[0]).parent / "null_text.npy"
+        if null.is_file():
+            self.null_text = torch.from_numpy(np.load(null)).float()
+        _, world = self._world()
+        if len(urls) < world:
+            raise ValueError(
+                f"data.shards: {len(urls)} shards cannot feed {world} ranks; write at least one shard per rank"
+            )
+        ds = wds.WebDataset(
+            urls,
+            handler=self.skips,
+            shardshuffle=len(urls) if self.shuffle_buffer else False,
+            detshuffle=True,
+            seed=self.seed,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            empty_check=False,
+        )
+        if self.shuffle_buffer:
+            ds = ds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=self.seed)
+        # Repeat forever (each pass reshuffles shards by epoch); run length is trainer.max_steps.
+        return ds.decode(handler=self.skips).map(decode_sample, handler=self.skips).repeat()
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset()
+        _, world = self._world()
+        shards_per_rank = len(resolve_shards(self.shards)) // world
+        workers = min(self.num_workers, shards_per_rank)
+        if workers < self.num_workers:
+            log.info("data.num_workers reduced to %d: only %d shards per rank", workers, shards_per_rank)
+        return DataLoader(ds, batch_size=self.batch_size, num_workers=workers, persistent_workers=workers > 0)
+
+    def state(self) -> dict[str, Any]:
+        return {"skipped": self.skips.skipped}
+
+
+class SyntheticLatentDataModule(LatentShardDataModule):
+    """:class:`LatentShardDataModule` over synthetic shards it writes itself on first use.
+
+    The tiny CPU default and the tests use it, so ``ft-train experiment=tiny_cpu`` needs no data.
+    Shape arguments must match the model (``text_dim``/``image_dim`` of the transformer config).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_samples: int = 32,
+        samples_per_shard: int = 8,
+        num_frames: int = 81,
+        fps: float = 23.0,
+        latent_hw: Sequence[int] = (8, 8),
+        text_dim: int = 4096,
+        image_dim: int = 1280,
+        audio_dim: int = 768,
+        **kwargs: Any,
+    ):
+        super().__init__(shards=root, **kwargs)
+        self.synthetic = dict(
+            num_samples=num_samples, samples_per_shard=samples_per_shard, num_frames=num_frames, fps=fps,
+            latent_hw=tuple(latent_hw), text_dim=text_dim, image_dim=image_dim, audio_dim=audio_dim,
+        )
+
+    def prepare_data(self) -> None:
+        write_synthetic_shards(self.shards, seed=self.seed, **self.synthetic)

@@ -1,0 +1,152 @@
+"""LightningModules: the training step of stage 1 (clip level) and stage 2 (frame level).
+
+They compose a network (``ft_train.models``) with a loss (``ft_train.diffusion``) and own only
+the step, logging and optimiser set-up. The two stages differ by configuration; the thin
+subclasses pin what defines each stage (the audio attention mode) so a mismatched config fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Callable
+
+import lightning as L
+import torch
+
+from ..diffusion import FlowMatchingLoss, step_generator
+from ..models import FantasyTalkingDiT, model_summary
+from ..models.weights import load_adapter_weights
+
+log = logging.getLogger(__name__)
+
+
+class FantasyTalkingModule(L.LightningModule):
+    """Flow-matching training of the FantasyTalking adapters.
+
+    Args:
+        net: the network (adapters installed).
+        loss: the flow-matching loss (owns the step's randomness).
+        optimizer: ``partial`` of a torch optimiser, given the trainable parameters.
+        scheduler: optional ``partial`` of an LR scheduler, given the optimiser (stepped per step).
+        seed: base seed of the per-step generators.
+        init_from: optional checkpoint whose adapter (and any backbone) weights start this run,
+            e.g. the stage-1 result for stage 2.
+    """
+
+    audio_mode: str | None = None  # set by the stage subclasses
+
+    def __init__(
+        self,
+        net: FantasyTalkingDiT,
+        loss: FlowMatchingLoss,
+        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.AdamW, lr=1e-4),
+        scheduler: Callable[..., Any] | None = None,
+        seed: int = 0,
+        init_from: str | None = None,
+    ):
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.seed = seed
+        if self.audio_mode is not None:
+            net.audio_mode = self.audio_mode
+        if init_from:
+            loaded = load_adapter_weights(net, init_from, key="stage.init_from")
+            log.info("initialised %d tensors from %s", len(loaded), init_from)
+        # Checkpoints hold only trainable tensors (the frozen 14B backbone comes from its own
+        # folder), so loading is non-strict; on_load_checkpoint checks nothing trainable is missing.
+        self.strict_loading = False
+        self._batch_checked = False
+
+    # -- steps ---------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        null_text = getattr(dm, "null_text", None)
+        if null_text is not None:
+            self.loss.null_text = null_text.to(self.device)
+        summary = model_summary(self.net)
+        log.info("params: %s", summary)
+
+    def check_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Fail once, clearly, when the data's widths do not match the model config."""
+        cfg = self.net.transformer.config
+        checks = [
+            ("clip", batch["clip"].shape[-1], cfg.image_dim, "model.transformer.image_dim"),
+            ("text", batch["text"].shape[-1], cfg.text_dim, "model.transformer.text_dim"),
+            ("audio", batch["audio"].shape[-1], self.net.audio_proj.proj.in_features, "model.audio_in_dim"),
+        ]
+        for name, got, want, key in checks:
+            if got != want:
+                raise ValueError(f"data gives {name} features of width {got} but {key} = {want}; use matching shards or model")
+        lat = batch["latents"]
+        if lat.shape[1] != 16:
+            raise ValueError(f"data gives latents with {lat.shape[1]} channels; the Wan VAE has 16")
+        self._batch_checked = True
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if not self._batch_checked:
+            self.check_batch(batch)
+        accumulate = max(1, self.trainer.accumulate_grad_batches)
+        generator = step_generator(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
+        out = self.loss(self.net, batch, generator)
+        bsz = batch["latents"].shape[0]
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bsz)
+        for name, value in out.logs.items():
+            self.log(f"train/{name}", value, batch_size=bsz)
+        return out.loss
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen (check model.train_backbone)")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def trainable_keys(self) -> set[str]:
+        names = {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
+        names |= {f"net.{k}" for k in self.net.adapter_state_dict()}
+        return names
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["ft_train"] = {"stage": self.audio_mode, "audio_mode": self.net.audio_mode}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self.trainable_keys() - checkpoint["state_dict"].keys())
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors (first: {missing[0]})")
+
+
+class ClipStageModule(FantasyTalkingModule):
+    """Stage 1: clip-level audio attention, plain flow-matching loss (paper: ≈80k steps)."""
+
+    audio_mode = "clip"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.loss.lip_weighting:
+            log.warning("stage 1 (clip) with lip weighting on: the paper uses the lip loss only in stage 2")
+
+
+class FrameStageModule(FantasyTalkingModule):
+    """Stage 2: frame-level audio windows with the lip-tracing loss (paper: ≈20k steps).
+
+    Normally started from the stage-1 checkpoint (``stage.init_from``); without it this is the
+    paper's "frame-level only" ablation.
+    """
+
+    audio_mode = "frame"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not kwargs.get("init_from"):
+            log.warning("stage 2 (frame) without stage.init_from: training frame-level from scratch")

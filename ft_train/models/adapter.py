@@ -1,0 +1,195 @@
+"""The FantasyTalking audio branch inside every Wan cross-attention.
+
+Released maths (FantasyTalking ``model.py`` ``WanCrossAttentionProcessor``; paper §3.2–3.3): each
+block's cross-attention keeps its text and image branches and gains an audio branch that reuses
+the text query (after ``norm_q``) and the output projection, with its own bias-free, zero-
+initialised key/value projections and no key norm::
+
+    out = to_out(text_attn + image_attn + audio_scale * audio_attn)
+
+diffusers attention processors are plain callables, not modules, so the trainable key/value
+projections live in :class:`AudioKV` modules owned by the model (registered, so optimisers,
+DeepSpeed and checkpoints see them) and the processor only holds references to them. The
+per-forward audio tensors reach the processors through a shared :class:`AdapterContext` that the
+model fills at the start of each forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    _get_added_kv_projections,
+    _get_qkv_projections,
+)
+from torch import nn
+
+# diffusers' Wan I2V processor splits image from text tokens assuming exactly this many text
+# tokens; text embeddings must be padded to it (../shared/STACK.md).
+TEXT_TOKENS = 512
+
+
+class AudioKV(nn.Module):
+    """Per-block audio key/value projections ``Linear(context_dim → inner_dim, bias=False)``.
+
+    Zero-initialised so a fresh adapter leaves the backbone's output unchanged (the audio
+    attention output is a weighted sum of zero values).
+    """
+
+    def __init__(self, context_dim: int, inner_dim: int):
+        super().__init__()
+        self.k_proj = nn.Linear(context_dim, inner_dim, bias=False)
+        self.v_proj = nn.Linear(context_dim, inner_dim, bias=False)
+        nn.init.zeros_(self.k_proj.weight)
+        nn.init.zeros_(self.v_proj.weight)
+
+
+@dataclass
+class AdapterContext:
+    """Conditioning for the current forward pass, shared by all processors of one model.
+
+    It is deliberately left in place after the forward pass: activation checkpointing re-runs the
+    blocks during backward and must see the same tensors.
+
+    Attributes:
+        audio: ``(B, L, C)`` projected audio tokens of the clip, or None (branch off).
+        window_index: ``(F_lat, W)`` frame level: token indices of each latent frame's window
+            (:func:`~ft_train.models.audio.audio_window_index`); None = clip level.
+        window_lengths: ``(F_lat,)`` valid leading positions of each window (frame level).
+        audio_scale: ``(B,)`` weight of the audio branch per sample (0 = branch off).
+    """
+
+    audio: torch.Tensor | None = None
+    window_index: torch.Tensor | None = None
+    window_lengths: torch.Tensor | None = None
+    audio_scale: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.audio = self.window_index = self.window_lengths = self.audio_scale = None
+
+
+def audio_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    backend=None,
+) -> torch.Tensor:
+    """Attention of video queries over audio tokens, clip level or frame level.
+
+    Clip level (``key`` is ``(B, L, H, D)``): every query attends to all audio tokens.
+    Frame level (``key`` is ``(B, F, W, H, D)``): the frame-major query sequence is reshaped to
+    ``(B·F, S/F, H, D)`` so each latent frame's tokens attend only to that frame's window; padded
+    window positions (index ≥ ``lengths[f]``) are masked out with a ``(B·F, 1, 1, W)`` key mask,
+    never a dense ``S × F·W`` mask.
+
+    Args:
+        query: ``(B, S, H, D)`` with ``S = F·h·w`` tokens in frame-major order.
+        key, value: ``(B, L, H, D)`` or ``(B, F, W, H, D)``.
+        lengths: ``(F,)`` valid tokens per window (frame level).
+    Returns:
+        ``(B, S, H, D)``.
+    """
+    if key.ndim == 4:
+        return dispatch_attention_fn(query, key, value, attn_mask=None, backend=backend)
+    bsz, seq, heads, dim = query.shape
+    frames, width = key.shape[1], key.shape[2]
+    if seq % frames:
+        raise ValueError(f"{seq} video tokens do not split into {frames} latent frames")
+    q = query.reshape(bsz * frames, seq // frames, heads, dim)
+    k = key.reshape(bsz * frames, width, heads, dim)
+    v = value.reshape(bsz * frames, width, heads, dim)
+    mask = None
+    empty = None
+    if lengths is not None and bool((lengths < width).any()):
+        valid = torch.arange(width, device=key.device)[None, :] < lengths[:, None]  # (F, W)
+        empty = ~valid.any(dim=1)
+        if bool(empty.any()):
+            # A window with no audio at all: attend to its first (zero) slot and zero the output
+            # afterwards, rather than letting softmax over an empty set produce NaN.
+            valid = valid.clone()
+            valid[empty, 0] = True
+        mask = valid[None].expand(bsz, frames, width).reshape(bsz * frames, 1, 1, width)
+    out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend)
+    out = out.reshape(bsz, frames, seq // frames, heads, dim)
+    if empty is not None and bool(empty.any()):
+        out = out.masked_fill(empty[None, :, None, None, None], 0.0)
+    return out.reshape(bsz, seq, heads, dim)
+
+
+class FantasyTalkingAttnProcessor:
+    """Processor for a Wan I2V cross-attention (``attn2``) with the FantasyTalking audio branch.
+
+    The text and image branches follow diffusers' ``WanAttnProcessor`` step for step, so with the
+    audio branch off (or zero-initialised) the output is bit-identical to the plain model.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, audio_kv: AudioKV, context: AdapterContext):
+        self.audio_kv = audio_kv
+        self.context = context
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb=None,
+    ) -> torch.Tensor:
+        encoder_hidden_states_img = None
+        if attn.add_k_proj is not None:
+            image_context_length = encoder_hidden_states.shape[1] - TEXT_TOKENS
+            encoder_hidden_states_img = encoder_hidden_states[:, :image_context_length]
+            encoder_hidden_states = encoder_hidden_states[:, image_context_length:]
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        hidden_states_img = None
+        if encoder_hidden_states_img is not None:
+            key_img, value_img = _get_added_kv_projections(attn, encoder_hidden_states_img)
+            key_img = attn.norm_added_k(key_img)
+            key_img = key_img.unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            hidden_states_img = dispatch_attention_fn(
+                query, key_img, value_img, attn_mask=None, backend=self._attention_backend
+            )
+            hidden_states_img = hidden_states_img.flatten(2, 3).type_as(query)
+
+        hidden_states = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend
+        )
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        if hidden_states_img is not None:
+            hidden_states = hidden_states + hidden_states_img
+
+        ctx = self.context
+        if ctx.audio is not None and ctx.audio_scale is not None:
+            audio = ctx.audio.to(self.audio_kv.k_proj.weight.dtype)
+            # Project the L clip tokens once, then gather the frame windows from the keys/values:
+            # the projections are per-token and bias-free, so this equals projecting the
+            # (zero-padded) windows, at L instead of F·W tokens and with no padded copies.
+            a_key = self.audio_kv.k_proj(audio)
+            a_value = self.audio_kv.v_proj(audio)
+            if ctx.window_index is not None:
+                a_key, a_value = a_key[:, ctx.window_index], a_value[:, ctx.window_index]
+            a_key = a_key.to(query.dtype).unflatten(-1, (attn.heads, -1))
+            a_value = a_value.to(query.dtype).unflatten(-1, (attn.heads, -1))
+            audio_out = audio_attention(query, a_key, a_value, ctx.window_lengths, self._attention_backend)
+            audio_out = audio_out.flatten(2, 3).type_as(query)
+            scale = ctx.audio_scale.to(audio_out.dtype).view(-1, 1, 1)
+            hidden_states = hidden_states + audio_out * scale
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states

@@ -1,0 +1,237 @@
+"""FantasyTalking = the diffusers Wan2.1 I2V DiT + the trainable audio adapter.
+
+The backbone is diffusers' ``WanTransformer3DModel``, built from a config (tiny test sizes) or
+loaded from a local diffusers-format folder; it is never re-implemented here. The adapter adds
+``audio_proj`` (:class:`AudioProjModel`) and one :class:`AudioKV` per block, reached from the
+blocks' cross-attention processors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from torch import nn
+
+from .adapter import TEXT_TOKENS, AdapterContext, AudioKV, FantasyTalkingAttnProcessor
+from .audio import AudioProjModel, audio_window_index, num_video_frames
+
+AUDIO_MODES = ("clip", "frame")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def transformer_folder(path: str | Path) -> Path:
+    """The folder holding the transformer's ``config.json``: ``path/transformer`` or ``path``."""
+    root = Path(path).expanduser()
+    for candidate in (root / "transformer", root):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"model.pretrained: no diffusers Wan transformer at {root} "
+        "(expected transformer/config.json or config.json); point it at a local "
+        "Wan2.1-I2V diffusers folder"
+    )
+
+
+def cast_keeping_fp32_modules(model: WanTransformer3DModel, dtype: torch.dtype) -> None:
+    """Cast to ``dtype`` but keep the modules diffusers wants in float32 (norms, time embedder,
+    RoPE, modulation tables), as ``from_pretrained(torch_dtype=...)`` does for loaded weights."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if not any(k in name.split(".") for k in keep):
+            param.data = param.data.to(dtype)
+
+
+def load_transformer(
+    pretrained: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: str | torch.dtype = "float32",
+) -> WanTransformer3DModel:
+    """Build the Wan DiT from ``config`` or load it from a local diffusers folder (never a hub).
+
+    Raises a one-line error when the weights are not an image-to-video DiT (36 input channels and
+    an image embedder), since the adapter relies on the I2V cross-attention layout.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if pretrained:
+        folder = transformer_folder(pretrained)
+        model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+    elif config is not None:
+        model = WanTransformer3DModel(**dict(config))
+        if torch_dtype != torch.float32:
+            cast_keeping_fp32_modules(model, torch_dtype)
+    else:
+        raise ValueError("model: set model.pretrained (a local Wan2.1-I2V folder) or model.transformer (a config)")
+    cfg = model.config
+    where = pretrained or "model.transformer"
+    if cfg.in_channels != 36 or cfg.image_dim is None or cfg.added_kv_proj_dim is None:
+        raise ValueError(
+            f"{where}: not a Wan2.1 image-to-video DiT (in_channels={cfg.in_channels}, "
+            f"image_dim={cfg.image_dim}); FantasyTalking needs the I2V model (36 input channels, image_dim set)"
+        )
+    return model
+
+
+class FantasyTalkingDiT(nn.Module):
+    """Wan2.1 I2V transformer with the FantasyTalking audio adapter in every block.
+
+    Args:
+        transformer: a diffusers ``WanTransformer3DModel`` (I2V).
+        audio_mode: ``"clip"`` (every video token attends to all audio tokens, stage 1) or
+            ``"frame"`` (each latent frame attends to its own audio window, stage 2).
+        audio_in_dim: audio feature width (wav2vec2-base: 768).
+        audio_proj_dim: adapter context width (the release: 2048).
+        audio_expand: window widening per side in tokens (the release: 4).
+        train_backbone: if False (default) only adapter parameters require grad. The backbone
+            keeps the dtype it was loaded in (``model.dtype``); for a full fine-tune keep it
+            float32 or let DeepSpeed hold float32 master weights.
+        gradient_checkpointing: recompute each DiT block in backward (diffusers' own switch).
+    """
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        audio_mode: str = "clip",
+        audio_in_dim: int = 768,
+        audio_proj_dim: int = 2048,
+        audio_expand: int = 4,
+        train_backbone: bool = False,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.transformer = transformer
+        cfg = transformer.config
+        inner_dim = cfg.num_attention_heads * cfg.attention_head_dim
+        # Adapters are created in float32 whatever the backbone's dtype: they are the trained
+        # weights (optimiser master copies); autocast or DeepSpeed decide the compute dtype.
+        self.audio_proj = AudioProjModel(audio_in_dim, audio_proj_dim)
+        self.audio_kv = nn.ModuleList(AudioKV(audio_proj_dim, inner_dim) for _ in transformer.blocks)
+        self.audio_expand = audio_expand
+        self.audio_mode = audio_mode
+        self._context = AdapterContext()
+        for block, kv in zip(transformer.blocks, self.audio_kv):
+            block.attn2.set_processor(FantasyTalkingAttnProcessor(kv, self._context))
+        self.set_backbone_trainable(train_backbone)
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+
+    @property
+    def audio_mode(self) -> str:
+        return self._audio_mode
+
+    @audio_mode.setter
+    def audio_mode(self, mode: str) -> None:
+        if mode not in AUDIO_MODES:
+            raise ValueError(f"audio_mode must be one of {AUDIO_MODES}, got {mode!r}")
+        self._audio_mode = mode
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        self.transformer.requires_grad_(trainable)
+
+    def adapter_modules(self) -> dict[str, nn.Module]:
+        """The modules this project adds (trained, exported), by attribute name."""
+        return {"audio_proj": self.audio_proj, "audio_kv": self.audio_kv}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter weights only, keyed as in ``state_dict()`` (e.g. ``audio_kv.0.k_proj.weight``)."""
+        return {
+            f"{name}.{key}": value
+            for name, module in self.adapter_modules().items()
+            for key, value in module.state_dict().items()
+        }
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.blocks)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        image: torch.Tensor,
+        audio: torch.Tensor | None = None,
+        audio_scale: float | torch.Tensor = 1.0,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity.
+
+        Args:
+            hidden_states: ``(B, 36, F_lat, H, W)`` = noisy latents (16) + first-frame mask (4) +
+                first-frame condition latents (16).
+            timestep: ``(B,)`` in [0, 1000] (σ·1000).
+            text: ``(B, 512, text_dim)`` umT5 embeddings, zero-padded to 512 tokens.
+            image: ``(B, 257, image_dim)`` CLIP vision tokens (penultimate layer).
+            audio: ``(B, L, audio_in_dim)`` wav2vec2 features of the clip, or None (branch off).
+            audio_scale: weight of the audio branch, a float or ``(B,)`` per sample (0 = off).
+        Returns:
+            ``(B, 16, F_lat, H, W)``.
+        """
+        if text.shape[1] != TEXT_TOKENS:
+            raise ValueError(f"text embeddings must have {TEXT_TOKENS} tokens (zero-padded), got {text.shape[1]}")
+        bsz = hidden_states.shape[0]
+        ctx = self._context
+        ctx.clear()
+        scale = torch.as_tensor(audio_scale, dtype=torch.float32, device=hidden_states.device)
+        scale = scale.expand(bsz) if scale.ndim == 0 else scale
+        if audio is not None and bool((scale != 0).any()):
+            ctx.audio = self.audio_proj(audio.to(self.audio_proj.proj.weight.dtype))
+            if self.audio_mode == "frame":
+                num_frames = num_video_frames(hidden_states.shape[2])
+                ctx.window_index, ctx.window_lengths = audio_window_index(
+                    audio.shape[1], num_frames, self.audio_expand, device=audio.device
+                )
+            ctx.audio_scale = scale
+        dtype = self.transformer.dtype
+        out = self.transformer(
+            hidden_states=hidden_states.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=text.to(dtype),
+            encoder_hidden_states_image=image.to(dtype),
+            return_dict=False,
+        )[0]
+        return out
+
+
+def build_model(
+    pretrained: str | None = None,
+    transformer: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    audio_mode: str = "clip",
+    audio_in_dim: int = 768,
+    audio_proj_dim: int = 2048,
+    audio_expand: int = 4,
+    train_backbone: bool = False,
+    gradient_checkpointing: bool = False,
+) -> FantasyTalkingDiT:
+    """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter."""
+    dit = load_transformer(pretrained, transformer, dtype)
+    return FantasyTalkingDiT(
+        dit,
+        audio_mode=audio_mode,
+        audio_in_dim=audio_in_dim,
+        audio_proj_dim=audio_proj_dim,
+        audio_expand=audio_expand,
+        train_backbone=train_backbone,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
+    """Parameter counts (total, trainable, adapter) for logs and reports."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter = sum(p.numel() for m in model.adapter_modules().values() for p in m.parameters())
+    return {"params_total": total, "params_trainable": trainable, "params_adapter": adapter}
+
+
+__all__ = ["FantasyTalkingDiT", "build_model", "load_transformer", "model_summary"]

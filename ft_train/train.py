@@ -1,0 +1,138 @@
+"""``ft-train``: compose the Hydra config, build everything at the top, train one or more stages.
+
+Everything below this file receives objects, never the config (STYLE.md §2), so each part is
+testable without Hydra. ``train(cfg)`` runs one stage and returns its metrics and objects;
+``run(cfg, overrides)`` runs ``cfg.stages`` in sequence, each later stage starting from the
+previous stage's final checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+log = logging.getLogger("ft_train")
+
+
+def validate_config(cfg) -> None:
+    """Reject impossible settings before any weights or devices are touched (STYLE.md §5)."""
+    from omegaconf import OmegaConf
+
+
+    stage_names = ("clip", "frame")
+    if cfg.stage.name not in stage_names:
+        raise ValueError(f"stage.name must be one of {stage_names}, got {cfg.stage.name!r}")
+    frames = OmegaConf.select(cfg, "data.num_frames")
+    if frames is not None and (int(frames) - 1) % 4:
+        raise ValueError(f"data.num_frames = {frames}: must be 4k+1 (e.g. 81) for the Wan VAE's temporal stride 4")
+    if int(cfg.data.batch_size) < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if int(cfg.stage.max_steps) < 1:
+        raise ValueError(f"stage.max_steps must be >= 1, got {cfg.stage.max_steps}")
+    pretrained = OmegaConf.select(cfg, "model.pretrained", throw_on_missing=False)
+    if pretrained and not Path(str(pretrained)).expanduser().exists():
+        raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist; point it at a local Wan2.1-I2V diffusers folder")
+    init_from = cfg.stage.init_from
+    if init_from and not Path(str(init_from)).expanduser().is_file():
+        raise FileNotFoundError(f"stage.init_from: no checkpoint file at {init_from}")
+
+
+def _strategy(cfg):
+    from hydra.utils import instantiate
+
+    if cfg.strategy.get("_target_"):
+        return instantiate(cfg.strategy)
+    return cfg.strategy.get("name", "auto")
+
+
+def train(cfg) -> dict[str, Any]:
+    """Train one stage as configured. Returns ``metrics``, ``checkpoint`` (final), ``stage_dir``,
+    ``trainer``, ``module`` and ``datamodule``."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    validate_config(cfg)
+    stage_dir = Path(cfg.paths.stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    net = instantiate(cfg.model)
+    loss = instantiate(cfg.loss)
+    optimizer = instantiate(cfg.optim.optimizer)
+    scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None
+    module = instantiate(cfg.stage.module)(
+        net=net, loss=loss, optimizer=optimizer, scheduler=scheduler, seed=int(cfg.seed), init_from=cfg.stage.init_from
+    )
+    datamodule = instantiate(cfg.data)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=_strategy(cfg))
+
+    log.info("stage %s → %s", cfg.stage.name, stage_dir)
+    trainer.fit(module, datamodule=datamodule)
+
+    final = stage_dir / "checkpoints" / f"step-{trainer.global_step:08d}.ckpt"
+    if not final.is_file():
+        trainer.save_checkpoint(final)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return {
+        "metrics": metrics,
+        "checkpoint": str(final),
+        "stage_dir": str(stage_dir),
+        "trainer": trainer,
+        "module": module,
+        "datamodule": datamodule,
+    }
+
+
+def run(cfg, overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run ``cfg.stages`` in order (or just ``cfg.stage``), chaining checkpoints between stages.
+
+    Later stages are composed afresh from the same command-line ``overrides`` plus
+    ``stage=<name>`` and ``stage.init_from=<previous final checkpoint>``.
+    """
+    from hydra import compose
+
+    stages = list(cfg.get("stages") or [])
+    if not stages:
+        return [train(cfg)]
+    overrides = list(overrides or [])
+    if any(o.split("=")[0].lstrip("+~") == "stage" for o in overrides):
+        raise ValueError("set either `stages` (a sequence) or `stage` (one stage), not both")
+    results: list[dict[str, Any]] = []
+    for i, name in enumerate(stages):
+        extra = [f"stage={name}"]
+        if results:
+            extra.append(f"stage.init_from='{results[-1]['checkpoint']}'")
+        stage_cfg = cfg if (i == 0 and cfg.stage.name == name) else compose("train", overrides=overrides + extra)
+        results.append(train(stage_cfg))
+        log.info("stage %s done: %s", name, results[-1]["checkpoint"])
+    return results
+
+
+def main() -> None:
+    """Console entry point ``ft-train`` (Hydra CLI: ``ft-train experiment=tiny_cpu key=value``)."""
+    # Weights only ever come from local paths: make any accidental hub access fail fast.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+    def _main(cfg) -> None:
+        results = run(cfg, list(HydraConfig.get().overrides.task))
+        for r in results:
+            loss = r["metrics"].get("train/loss")
+            print(f"[ft-train] {r['stage_dir']}: final checkpoint {r['checkpoint']}"
+                  + (f", last train/loss {loss:.4f}" if loss is not None else ""))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

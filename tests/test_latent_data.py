@@ -1,0 +1,86 @@
+"""Latent shards: the synthetic writer, the schema decoder and the datamodule."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from ft_train.data import LatentShardDataModule, SchemaError, decode_sample, write_synthetic_shards
+from ft_train.data.schema import SCHEMA_VERSION
+
+
+def read_raw(shard):
+    return list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False).decode())
+
+
+def test_synthetic_shards_follow_the_schema(tmp_path):
+    shards = write_synthetic_shards(tmp_path, num_samples=5, samples_per_shard=2, num_frames=33, fps=25.0, latent_hw=(4, 6))
+    assert [s.name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    raw = read_raw(shards[0])
+    assert len(raw) == 2
+    sample = decode_sample(raw[0])
+    assert sample["latents"].shape == (16, 9, 4, 6)
+    assert sample["image_latents"].shape == (16, 9, 4, 6)
+    assert torch.equal(sample["image_latents"][:, 0], sample["latents"][:, 0])  # VAE(first frame, zeros...)
+    assert sample["image_latents"][:, 1:].abs().sum() == 0
+    assert sample["clip"].shape == (257, 1280)
+    assert sample["text"].shape == (512, 4096)
+    n = int(sample["text_len"])
+    assert sample["text"][n:].abs().sum() == 0 and sample["text"][:n].abs().sum() > 0
+    assert sample["audio"].shape == (65, 768)  # 33 frames at 25 fps = 1.32 s = 21,120 samples -> 65 tokens
+    assert sample["lip_mask"].shape == (9, 4, 6) and set(sample["lip_mask"].unique().tolist()) == {0.0, 1.0}
+    assert 0 <= sample["motion"].min() and sample["motion"].max() <= 1
+
+
+def test_rewriting_with_same_parameters_reuses_shards(tmp_path):
+    first = write_synthetic_shards(tmp_path, num_samples=2, samples_per_shard=2, num_frames=9)
+    mtime = first[0].stat().st_mtime_ns
+    again = write_synthetic_shards(tmp_path, num_samples=2, samples_per_shard=2, num_frames=9)
+    assert again == first and first[0].stat().st_mtime_ns == mtime
+
+
+def test_wrong_schema_version_is_a_clear_error(tmp_path):
+    shard = write_synthetic_shards(tmp_path, num_samples=1, samples_per_shard=1, num_frames=9)[0]
+    raw = read_raw(shard)[0]
+    raw["json"]["version"] = SCHEMA_VERSION + 1
+    with pytest.raises(SchemaError, match="schema version 2.*re-run the encode pass"):
+        decode_sample(raw)
+    raw["json"]["schema"] = "something-else"
+    with pytest.raises(SchemaError, match="not a latent shard"):
+        decode_sample(raw)
+
+
+def corrupt_one_sample(src, dst):
+    """Copy a shard, giving its second sample an unreadable latents.npy."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        members = tin.getmembers()
+        keys = sorted({m.name.split(".")[0] for m in members})
+        for m in members:
+            data = tin.extractfile(m).read()
+            if m.name.startswith(keys[1]) and m.name.endswith("latents.npy") and "image" not in m.name:
+                data = b"not a numpy file"
+                m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    return keys
+
+
+def test_datamodule_skips_and_counts_a_bad_sample(tmp_path):
+    src = write_synthetic_shards(tmp_path / "src", num_samples=3, samples_per_shard=3, num_frames=9)[0]
+    (tmp_path / "bad").mkdir()
+    keys = corrupt_one_sample(src, tmp_path / "bad" / "shard-000000.tar")
+    dm = LatentShardDataModule(str(tmp_path / "bad"), batch_size=1, num_workers=0, shuffle_buffer=0)
+    it = iter(dm.train_dataloader())
+    seen = [next(it)["__key__"][0] for _ in range(4)]
+    assert keys[1] not in seen
+    assert set(seen) == {keys[0], keys[2]}
+    assert dm.skips.skipped >= 1
+
+
+def test_missing_shards_name_the_key(tmp_path):
+    dm = LatentShardDataModule(str(tmp_path / "nothing-here"), num_workers=0)
+    with pytest.raises(FileNotFoundError, match="data.shards: no .tar shards"):
+        dm.train_dataloader()

@@ -1,0 +1,161 @@
+"""Config composition, learning, stage chaining and the ft-train command end to end."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ft_train.data import SyntheticLatentDataModule
+from ft_train.diffusion import FlowMatchingLoss, step_generator
+from ft_train.lit import read_metric
+from ft_train.models import build_model
+from ft_train.train import run, train, validate_config
+
+from .conftest import CONF
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_experiments_exist():
+    assert {"tiny_cpu", "stage1_14b", "stage2_14b"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name, tmp_path):
+    cfg = compose_train([f"experiment={name}", f"paths.output_dir={tmp_path}"])
+    # Everything resolves except the paths a user must give (marked ??? in the config).
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert cfg.name == name
+    assert (int(cfg.data.get("num_frames", 81)) - 1) % 4 == 0
+
+
+def test_paper_experiments_follow_the_paper():
+    s1 = compose_train(["experiment=stage1_14b"])
+    s2 = compose_train(["experiment=stage2_14b"])
+    for cfg in (s1, s2):
+        t = cfg.model.transformer
+        assert (t.num_attention_heads * t.attention_head_dim, t.ffn_dim, t.num_layers, t.in_channels) == (5120, 13824, 40, 36)
+        assert cfg.optim.optimizer.lr == 1e-4
+        assert (cfg.loss.drop_image, cfg.loss.drop_audio, cfg.loss.drop_text) == (0.1, 0.1, 0.1)
+        assert cfg.loss.shift == 5.0
+        assert OmegaConf.is_missing(cfg.model, "pretrained")
+    assert (s1.stage.name, s1.stage.max_steps, s1.loss.lip_weighting) == ("clip", 80000, False)
+    assert (s2.stage.name, s2.stage.max_steps, s2.loss.lip_weighting, s2.loss.eta) == ("frame", 20000, True, 0.2)
+
+
+def test_tiny_experiment_instantiates(tmp_path):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}"])
+    net = instantiate(cfg.model)
+    assert net.num_blocks == 2
+    assert isinstance(instantiate(cfg.loss), FlowMatchingLoss)
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, SyntheticLatentDataModule)
+    assert list(cfg.stages) == ["clip", "frame"]
+
+
+def test_run_folder_is_deterministic_and_settable(tmp_path, monkeypatch):
+    a = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}"])
+    b = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}"])
+    assert a.paths.stage_dir == b.paths.stage_dir == f"{tmp_path}/tiny_cpu/clip"
+    c = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "run_id=job-1234"])
+    assert c.paths.run_dir == f"{tmp_path}/job-1234"
+    monkeypatch.setenv("FT_RUN_ID", "slurm-99")
+    d = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}"])
+    assert d.paths.run_dir == f"{tmp_path}/slurm-99"
+
+
+def test_impossible_settings_fail_early_naming_the_key(tmp_path):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_frames=80"])
+    with pytest.raises(ValueError, match="data.num_frames = 80: must be 4k\\+1"):
+        validate_config(cfg)
+    cfg = compose_train(["experiment=stage1_14b", "model.pretrained=/no/such/folder", "data.shards=/x"])
+    with pytest.raises(FileNotFoundError, match="model.pretrained: /no/such/folder does not exist"):
+        validate_config(cfg)
+
+
+def test_overfitting_one_sample_halves_the_loss(tmp_path):
+    """The full step (DiT + adapter + flow-matching loss) can fit one sample with fixed draws."""
+    torch.manual_seed(0)
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}"])
+    net = build_model(**{k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "_target_"})
+    net.audio_mode = "frame"
+    dm = SyntheticLatentDataModule(str(tmp_path / "data"), num_samples=1, samples_per_shard=1, num_workers=0, shuffle_buffer=0)
+    dm.prepare_data()
+    batch = next(iter(dm.train_dataloader()))
+    loss = FlowMatchingLoss(drop_image=0, drop_audio=0, drop_text=0, lip_weighting=False)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(80):
+        out = loss(net, batch, step_generator(0, 0))  # the same σ and noise every step
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_stage_two_starts_from_the_stage_one_checkpoint(tmp_path):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stage.max_steps=3", "data.num_workers=0"])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        results = run(cfg, ["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stage.max_steps=3", "data.num_workers=0"])
+    clip, frame = results
+    assert Path(clip["checkpoint"]).name == "step-00000003.ckpt"
+    assert frame["module"].net.audio_mode == "frame"
+    frame_cfg = OmegaConf.load(Path(frame["stage_dir"]) / "config.yaml")
+    assert frame_cfg.stage.init_from == clip["checkpoint"]
+    # A fresh stage-2 module built from the stage-1 checkpoint holds exactly its adapter weights.
+    state = torch.load(clip["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    assert "net.audio_kv.0.k_proj.weight" in state
+    assert not any(k.startswith("net.transformer.") for k in state) or cfg.model.train_backbone
+    module = instantiate(frame_cfg.stage.module)(
+        net=instantiate(frame_cfg.model), loss=instantiate(frame_cfg.loss), init_from=clip["checkpoint"]
+    )
+    for key, value in module.net.adapter_state_dict().items():
+        assert torch.equal(value, state[f"net.{key}"]), key
+
+
+def test_adapter_only_checkpoint_holds_no_frozen_weights(tmp_path):
+    cfg = compose_train([
+        "experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stages=null", "stage.max_steps=2",
+        "model.train_backbone=false", "data.num_workers=0",
+    ])
+    result = train(cfg)
+    state = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all(k.startswith(("net.audio_proj.", "net.audio_kv.")) for k in state)
+    # The adapter-only checkpoint resumes into a module (non-strict, but checked).
+    module = result["module"]
+    module.on_load_checkpoint({"state_dict": state})
+    with pytest.raises(KeyError, match="lacks"):
+        module.on_load_checkpoint({"state_dict": {}})
+
+
+@pytest.mark.slow
+def test_ft_train_tiny_cpu_end_to_end(tmp_path):
+    """The README's first command: both stages train, checkpoints and falling-loss logs appear."""
+    env = dict(os.environ, FT_OUTPUT_DIR=str(tmp_path))
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ft-train"), "experiment=tiny_cpu"],  # the console script
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("clip", "frame"):
+        stage_dir = tmp_path / "tiny_cpu" / stage
+        assert (stage_dir / "checkpoints" / "step-00000200.ckpt").is_file()
+        assert (stage_dir / "loss_curve.png").stat().st_size > 1000
+        steps, losses = read_metric(stage_dir / "metrics.csv", "train/loss")
+        assert len(losses) >= 20
+        quarter = len(losses) // 4
+        first, last = sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
+        assert last < first, (stage, first, last)
+    assert "final checkpoint" in proc.stdout
