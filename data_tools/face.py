@@ -1,0 +1,250 @@
+"""mediapipe analysis of frames: face landmarks, face box/confidence, body joints, lip masks, motion.
+
+Uses the legacy ``mediapipe.solutions`` graphs of mediapipe 0.10.21, whose models ship inside the
+wheel (no download): face mesh with ``refine_landmarks`` (478 points), face detection (for a
+confidence score and the number of faces; the mesh reports neither) and pose (33 joints; only the
+"full" model, ``model_complexity=1``, is bundled — the lite/heavy ones would be downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# mediapipe logs through glog/TFLite straight to stderr; keep worker output readable.
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+NUM_FACE_LANDMARKS = 478
+NUM_POSE_JOINTS = 33
+
+# mediapipe face-mesh lip contours, each in drawing order (a closed polygon).
+# Outer: from the left mouth corner (61) along the lower lip to 17 (bottom), the right corner
+# (291), then back along the upper lip through 0 (top). Inner: same order through 14 and 13.
+LIP_OUTER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+LIP_INNER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191)
+#: The 40 lip landmarks (outer + inner contour); the mask must contain all of them.
+LIP_INDICES = tuple(sorted(LIP_OUTER + LIP_INNER))
+
+# Pose joints that a talking-head framing can show: face (0-10), shoulders, elbows, wrists,
+# hands (11-22). Hips and legs (23-32) are usually out of frame and mediapipe then guesses them.
+UPPER_BODY_JOINTS = tuple(range(23))
+
+
+@dataclass
+class FrameResult:
+    """mediapipe output for one (H, W, 3) frame.
+
+    Attributes:
+        face: (478, 3) float32 landmarks in pixels (x, y; z in the same scale as x), or None.
+        num_faces: faces found by the detector (score ≥ its minimum confidence).
+        confidence: best face-detection score in [0, 1]; 0.0 when none.
+        pose: (33, 4) float32 (x, y in [0, 1] of width/height, z, visibility), or None when pose
+            was not run on this frame (see ``pose_every``) or found no body.
+    """
+
+    face: np.ndarray | None
+    num_faces: int
+    confidence: float
+    pose: np.ndarray | None
+
+
+class FrameAnalyzer:
+    """Runs face mesh, face detection and pose on consecutive frames of ONE video.
+
+    Face mesh and pose run in tracking mode (``static_image_mode=False``): they follow the face
+    from frame to frame, which is faster and steadier than detecting anew; so make a new analyzer
+    for each video. Use as a context manager or call :meth:`close`.
+
+    Args:
+        pose_every: run pose on every n-th frame only. Pose costs ~19 ms/frame at 512 px, 4× face
+            mesh + detection together, and ω_b is a variance over a 3 s clip: 1 frame in 4 still
+            gives ~20 samples per 81-frame clip.
+        min_detection_confidence: detector score for a face to count (for ``num_faces``).
+    """
+
+    def __init__(self, pose_every: int = 4, min_detection_confidence: float = 0.5):
+        import mediapipe as mp
+
+        self.pose_every = pose_every
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=False, refine_landmarks=True, max_num_faces=1,
+            min_detection_confidence=0.5, min_tracking_confidence=0.5,
+        )  # fmt: skip
+        # model_selection=1 ("full range", faces up to ~5 m) so a second person in the
+        # background is still seen by the several-faces filter.
+        self._detector = mp.solutions.face_detection.FaceDetection(
+            model_selection=1, min_detection_confidence=min_detection_confidence
+        )
+        self._pose = (
+            mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1) if pose_every > 0 else None
+        )
+        self._index = 0
+
+    def __call__(self, frame: np.ndarray) -> FrameResult:
+        """Analyse one (H, W, 3) uint8 RGB frame."""
+        h, w = frame.shape[:2]
+        frame.flags.writeable = False  # lets mediapipe use the buffer without a copy
+        mesh = self._mesh.process(frame)
+        face = None
+        if mesh.multi_face_landmarks:
+            lm = mesh.multi_face_landmarks[0].landmark
+            face = np.array([(p.x * w, p.y * h, p.z * w) for p in lm], dtype=np.float32)
+        det = self._detector.process(frame)
+        scores = [d.score[0] for d in (det.detections or [])]
+        pose = None
+        if self._pose is not None and self._index % self.pose_every == 0:
+            res = self._pose.process(frame)
+            if res.pose_landmarks:
+                pose = np.array([(p.x, p.y, p.z, p.visibility) for p in res.pose_landmarks.landmark], dtype=np.float32)
+        self._index += 1
+        return FrameResult(face, len(scores), max(scores, default=0.0), pose)
+
+    def close(self) -> None:
+        for graph in (self._mesh, self._detector, self._pose):
+            if graph is not None:
+                graph.close()
+
+    def __enter__(self) -> FrameAnalyzer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stack_results(results: list[FrameResult]) -> dict[str, np.ndarray]:
+    """Per-frame results → arrays for one clip of F frames.
+
+    Frames where the mesh lost the face get the landmarks of the nearest frame that has them
+    (``face_found`` says which are real), so every frame has a lip mask: a clip passes the
+    face filter only when almost all frames have a face, and a gap of a frame or two is a
+    blink of the tracker, not a face that left.
+
+    Returns:
+        face (F, 478, 3) float32 pixels; face_found (F,) bool; face_box (F, 4) float32 pixels
+        (x0, y0, x1, y1, the landmarks' extent); face_conf (F,) float32; num_faces (F,) uint8;
+        pose (F, 33, 4) float32, NaN where pose was not run or found nothing.
+    """
+    n = len(results)
+    found = np.array([r.face is not None for r in results])
+    face = np.zeros((n, NUM_FACE_LANDMARKS, 3), dtype=np.float32)
+    if found.any():
+        idx = np.flatnonzero(found)
+        for i, r in enumerate(results):
+            src = r if r.face is not None else results[idx[np.argmin(np.abs(idx - i))]]
+            face[i] = src.face
+    box = np.concatenate([face[..., :2].min(axis=1), face[..., :2].max(axis=1)], axis=1)
+    pose = np.full((n, NUM_POSE_JOINTS, 4), np.nan, dtype=np.float32)
+    for i, r in enumerate(results):
+        if r.pose is not None:
+            pose[i] = r.pose
+    return {
+        "face": face,
+        "face_found": found,
+        "face_box": box.astype(np.float32),
+        "face_conf": np.array([r.confidence for r in results], dtype=np.float32),
+        "num_faces": np.array([min(r.num_faces, 255) for r in results], dtype=np.uint8),
+        "pose": pose,
+    }
+
+
+def lip_masks(face: np.ndarray, face_box: np.ndarray, height: int, width: int, dilation_frac: float) -> np.ndarray:
+    """Per-frame lip masks: (F, H, W) bool from (F, 478, 3) pixel landmarks and (F, 4) face boxes.
+
+    The mask is the filled outer-lip polygon (``LIP_OUTER``; the inner contour lies inside it),
+    dilated by ``dilation_frac × face width`` pixels with a round kernel, then cut to the face box.
+
+    Why dilate: the lip-tracing loss should weight every pixel that moves with speech — the
+    lips, but also the chin, the jaw line under the lips and the cheeks beside the mouth
+    corners. Scaling the dilation with face width keeps that region the same *part of the face*
+    whatever the face size. The default 0.15 reaches from the nose base to the chin on a frontal
+    face. Why cut to the face box: the loss weight must not spill onto hair, collar or
+    background, which do not move with the audio.
+    """
+    n = face.shape[0]
+    masks = np.zeros((n, height, width), dtype=bool)
+    for i in range(n):
+        x0, y0, x1, y1 = face_box[i]
+        radius = max(1, int(round(dilation_frac * (x1 - x0))))
+        poly = face[i, list(LIP_OUTER), :2]
+        # Work in a small window around the lips: dilating the whole frame would cost ~20× more.
+        lo = np.floor(poly.min(axis=0)).astype(int) - radius - 1
+        hi = np.ceil(poly.max(axis=0)).astype(int) + radius + 2
+        lo = np.maximum(lo, 0)
+        hi = np.minimum(hi, [width, height])
+        if (hi <= lo).any():
+            continue  # lips entirely outside the frame
+        window = np.zeros((hi[1] - lo[1], hi[0] - lo[0]), dtype=np.uint8)
+        pts = np.round((poly - lo) * 4).astype(np.int32)  # 2 fractional bits (shift=2)
+        cv2.fillPoly(window, [pts], 1, lineType=cv2.LINE_8, shift=2)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        window = cv2.dilate(window, kernel)
+        masks[i, lo[1] : hi[1], lo[0] : hi[0]] = window.astype(bool)
+        bx0, by0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+        bx1, by1 = int(np.ceil(x1)) + 1, int(np.ceil(y1)) + 1
+        masks[i, :by0] = False
+        masks[i, by1:] = False
+        masks[i, :, :bx0] = False
+        masks[i, :, bx1:] = False
+    return masks
+
+
+def landmark_motion(face: np.ndarray, found: np.ndarray) -> float | None:
+    """ω_l (raw): how much the face moves *within itself* over a clip. Dimensionless.
+
+    From the (F, 478, 3) pixel landmarks of frames where the face was found, per frame: subtract
+    the landmarks' centroid (head translation) and divide by their RMS distance to it (head
+    scale, i.e. moving towards the camera). Then take each landmark's variance over time (x and
+    y summed) and average over the 478 landmarks. Units: (fraction of the face's RMS radius)².
+    Head rotation is kept on purpose: nodding and turning are part of the expressiveness the
+    model is asked to control. z is left out: mediapipe's depth is a guess from one image.
+    Returns None with fewer than 2 frames with a face.
+    """
+    pts = face[found, :, :2].astype(np.float64)
+    if len(pts) < 2:
+        return None
+    centred = pts - pts.mean(axis=1, keepdims=True)
+    scale = np.sqrt(np.mean(np.sum(centred**2, axis=-1), axis=1))
+    norm = centred / scale[:, None, None]
+    return float(norm.var(axis=0).sum(axis=-1).mean())
+
+
+def body_motion(
+    pose: np.ndarray, width: int, height: int, min_visibility: float = 0.5, min_valid_frac: float = 0.5
+) -> float | None:
+    """ω_b (raw): variance of upper-body joints over a clip, in (shoulder widths)². Dimensionless.
+
+    ``pose`` is (F, 33, 4) (x, y in [0, 1] of width/height, z, visibility), NaN where not run.
+    Joints in ``UPPER_BODY_JOINTS`` visible (≥ ``min_visibility``) in at least
+    ``min_valid_frac`` of the frames where pose ran contribute the variance of their (x, y) in
+    pixels (frame ``width`` × ``height``) over time, summed over x and y, divided by the median
+    squared shoulder width in pixels (so a person near the camera does not count as moving
+    more); the mean over joints is returned.
+    Translation is kept: swaying and gesturing are body motion. Returns None when no body is
+    seen in most frames or the shoulders are not visible (the datamodule then uses the
+    dataset median).
+    """
+    ran = ~np.isnan(pose[:, 0, 0])
+    if ran.sum() < 2:
+        return None
+    p = pose[ran].astype(np.float64)
+    p[..., 0] *= width
+    p[..., 1] *= height
+    vis = p[..., 3] >= min_visibility
+    shoulders = vis[:, 11] & vis[:, 12]
+    if shoulders.mean() < min_valid_frac:
+        return None
+    shoulder = np.median(np.linalg.norm(p[shoulders, 11, :2] - p[shoulders, 12, :2], axis=-1))
+    if shoulder <= 0:
+        return None
+    variances = []
+    for j in UPPER_BODY_JOINTS:
+        ok = vis[:, j]
+        if ok.mean() >= min_valid_frac and ok.sum() >= 2:
+            variances.append(p[ok, j, :2].var(axis=0).sum())
+    if not variances:
+        return None
+    return float(np.mean(variances) / shoulder**2)

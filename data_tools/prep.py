@@ -1,0 +1,614 @@
+"""``ft-prep``: raw talking videos → WebDataset shards with lip masks, landmarks and motion.
+
+Usage::
+
+    ft-prep input=videos/ output=shards/ [num_workers=8] [fps=23] [num_frames=81] ...
+    ft-prep input=list.txt output=shards/ task_index=3 num_tasks=16   # one SLURM array task
+    ft-prep input=list.txt output=shards/ mode=merge                  # manifest/stats/report
+
+Options are the keys of ``conf/prep.yaml`` (Hydra override syntax). Output folder:
+
+    shard-000000.tar ...   WebDataset shards (sample layout: ``data_tools/sample_format.py``)
+    parts/shard-*.json     one record per finished shard: its sources, samples, rejects, timing
+    manifest.json          per shard: samples, bytes, sha256
+    stats.json             ω_l / ω_b quantiles, to normalise both to [0, 1] (:func:`normalise_motion`)
+    report.json/.txt       counts per reject reason, timing; every rejected file/clip with why
+    previews/*.jpg         a few clips with lip mask, landmarks and face box drawn
+
+Shard i holds the clips of input videos [i·videos_per_shard, (i+1)·videos_per_shard) of the
+sorted input list, so every process and every re-run agrees on what each shard contains. A shard
+is written to ``shard-XXXXXX.tar.tmp`` and renamed when complete, then its ``parts/`` record is
+written (also by rename): a shard is done only when its record exists and matches the tar, so a
+re-run skips finished shards and redoes any that a crash cut short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_tools import media
+from data_tools.media import AUDIO_RATE, MediaError
+from data_tools.sample_format import encode_lip_masks, encode_npz, sample_key
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+#: Every reason a file or clip is rejected; the report counts each.
+REJECT_REASONS = {
+    "unreadable": "file missing or FFmpeg cannot open/decode it",
+    "truncated": "file ends before the duration its header declares (cut-off download/copy)",
+    "no_video": "no video stream",
+    "no_audio": "no audio stream and no same-named .wav beside it",
+    "silent_audio": "audio quieter than silence_dbfs (whole file, or the clip's window)",
+    "too_short": "fewer than num_frames frames at the target fps",
+    "no_face": "face mesh found a face in fewer than min_face_frames_frac of the clip's frames",
+    "multiple_faces": "the detector saw several faces in more than max_multi_face_frac of frames",
+    "face_too_small": "median face-box width below min_face_px pixels",
+    "low_confidence": "mean face-detection score below min_face_confidence",
+}
+
+
+@dataclass
+class PrepConfig:
+    """All options of ``ft-prep``; documented in ``conf/prep.yaml``."""
+
+    input: str
+    output: str
+    fps: float = 25.0
+    num_frames: int = 81
+    stride: int = 81
+    max_side: int = 512
+    videos_per_shard: int = 16
+    num_workers: int = 0
+    decode_threads: int = 1
+    crf: int = 18
+    preset: str = "veryfast"
+    lip_dilation_frac: float = 0.15
+    pose_every: int = 4
+    min_face_frames_frac: float = 0.9
+    min_face_px: int = 64
+    max_multi_face_frac: float = 0.1
+    min_face_confidence: float = 0.8
+    silence_dbfs: float = -50.0
+    truncation_tolerance_s: float = 0.5
+    stats_quantiles: tuple[float, float] = (0.05, 0.95)
+    previews_per_shard: int = 1
+    extensions: tuple[str, ...] = ("mp4", "mov", "mkv", "avi", "webm")
+    task_index: int = 0
+    num_tasks: int = 1
+    mode: str = "run"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.stats_quantiles = tuple(self.stats_quantiles)
+        self.extensions = tuple(e.lower().lstrip(".") for e in self.extensions)
+        problems = []
+        if self.num_frames < 1 or self.num_frames % 4 != 1:
+            problems.append(f"num_frames={self.num_frames} must be 4k+1 (the VAE's time stride is 4); e.g. 81")
+        if self.stride < 1:
+            problems.append(f"stride={self.stride} must be ≥ 1")
+        if self.fps <= 0:
+            problems.append(f"fps={self.fps} must be > 0")
+        if self.max_side < 16:
+            problems.append(f"max_side={self.max_side} must be ≥ 16")
+        if self.videos_per_shard < 1:
+            problems.append("videos_per_shard must be ≥ 1")
+        if not 0 <= self.task_index < self.num_tasks:
+            problems.append(f"task_index={self.task_index} must be in [0, num_tasks={self.num_tasks})")
+        if self.mode not in ("run", "merge"):
+            problems.append(f"mode={self.mode!r} must be 'run' or 'merge'")
+        lo, hi = self.stats_quantiles
+        if not 0 <= lo < hi <= 1:
+            problems.append(f"stats_quantiles={self.stats_quantiles} must be two increasing values in [0, 1]")
+        if problems:
+            raise ValueError("conf/prep.yaml: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def list_inputs(cfg: PrepConfig) -> list[Path]:
+    """Input videos, sorted: every file with a video extension under a folder (recursively), or
+    the lines of a list file (blank lines and ``#`` comments skipped; relative paths are taken
+    from the list file's folder). Listed files that do not exist are kept: they are rejected
+    as ``unreadable`` and reported, not silently dropped."""
+    src = Path(cfg.input)
+    if src.is_dir():
+        files = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in cfg.extensions]
+        return sorted(files)
+    if src.is_file():
+        if src.suffix.lower().lstrip(".") in cfg.extensions:
+            return [src]
+        lines = [ln.strip() for ln in src.read_text().splitlines()]
+        paths = [Path(ln) for ln in lines if ln and not ln.startswith("#")]
+        return sorted(p if p.is_absolute() else src.parent / p for p in paths)
+    raise SystemExit(f"input={cfg.input}: no such folder or list file; pass a folder of videos or a text file of paths")
+
+
+def shard_sources(inputs: list[Path], cfg: PrepConfig) -> list[list[Path]]:
+    n = cfg.videos_per_shard
+    return [inputs[i : i + n] for i in range(0, len(inputs), n)]
+
+
+# --------------------------------------------------------------------------------------------
+# one video → clips
+
+
+@dataclass
+class Reject:
+    source: str
+    reason: str
+    detail: str
+    clip: int | None = None  # None: the whole file
+
+
+@dataclass
+class ShardRecord:
+    """What ``parts/shard-XXXXXX.json`` holds: enough to skip, merge and report."""
+
+    shard: str
+    sources: list[str]
+    tar: str | None  # None when every clip of these sources was rejected
+    samples: int = 0
+    frames: int = 0
+    bytes: int = 0
+    sha256: str | None = None
+    rejects: list[dict] = field(default_factory=list)
+    omega_l: list[float | None] = field(default_factory=list)
+    omega_b: list[float | None] = field(default_factory=list)
+    timing_s: dict[str, float] = field(default_factory=dict)
+
+
+def _clip_starts_frame(k: int, cfg: PrepConfig) -> bool:
+    """True if frame k is the last frame of a clip (clips start at multiples of stride)."""
+    first = k - (cfg.num_frames - 1)
+    return first >= 0 and first % cfg.stride == 0
+
+
+def _frame_used(k: int, cfg: PrepConfig) -> bool:
+    """False for frames between clips (stride > num_frames): they are decoded but not analysed."""
+    return cfg.stride <= cfg.num_frames or (k % cfg.stride) < cfg.num_frames
+
+
+def load_audio(source: Path, info: media.VideoInfo) -> tuple[np.ndarray, float]:
+    """The video's own audio track, else a same-named .wav beside it (assumed to start with the
+    first video frame). Returns (16 kHz mono samples, start time in the video's clock)."""
+    if info.has_audio:
+        return media.read_audio(source)
+    wav = source.with_suffix(".wav")
+    if wav.is_file():
+        audio, _ = media.read_audio(wav)
+        return audio, info.start_s
+    raise MediaError("no_audio", f"{source}: has no audio stream and no {wav.name} beside it; add one or drop the file")
+
+
+def process_video(source: Path, cfg: PrepConfig, timing: Counter):
+    """Yield, for each clip of ``source``, either a ``(sample dict, preview data)`` pair or a
+    :class:`Reject`; a whole-file problem yields one Reject and stops."""
+    from data_tools import face as facemod
+
+    t = time.perf_counter()
+    try:
+        if not source.is_file():
+            raise MediaError("unreadable", f"{source}: file not found; fix the input list")
+        info = media.probe(source, cfg.truncation_tolerance_s)
+        audio, audio_start = load_audio(source, info)
+        if media.loudness_dbfs(audio) < cfg.silence_dbfs:
+            raise MediaError("silent_audio", f"{source}: audio is silent (< {cfg.silence_dbfs} dBFS)")
+        if int(info.duration_s * cfg.fps + 1e-6) < cfg.num_frames:
+            raise MediaError(
+                "too_short", f"{source}: {info.duration_s:.2f}s is under {cfg.num_frames} frames at {cfg.fps} fps"
+            )
+    except MediaError as e:
+        timing["probe"] += time.perf_counter() - t
+        yield Reject(str(source), e.reason, str(e))
+        return
+    timing["probe"] += time.perf_counter() - t
+
+    window: deque = deque(maxlen=cfg.num_frames)
+    clip_index = 0
+    caption_file = source.with_suffix(".txt")
+    caption = caption_file.read_text().strip() if caption_file.is_file() else None
+    with facemod.FrameAnalyzer(pose_every=cfg.pose_every) as analyzer:
+        frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads)
+        k = 0
+        try:
+            while True:
+                t = time.perf_counter()
+                frame = next(frames, None)
+                timing["decode"] += time.perf_counter() - t
+                if frame is None:
+                    break
+                if _frame_used(k, cfg):
+                    t = time.perf_counter()
+                    window.append((frame, analyzer(frame)))
+                    timing["landmarks"] += time.perf_counter() - t
+                if _clip_starts_frame(k, cfg):
+                    start = k - cfg.num_frames + 1
+                    yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption, cfg, timing)
+                    clip_index += 1
+                k += 1
+        except MediaError as e:
+            yield Reject(str(source), e.reason, str(e))
+            return
+    if clip_index == 0:
+        yield Reject(str(source), "too_short", f"{source}: decoded {k} frames, fewer than num_frames={cfg.num_frames}")
+
+
+def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing):
+    """Filter one clip; return (sample, preview data) or a Reject."""
+    from data_tools import face as facemod
+
+    t = time.perf_counter()
+    frames = np.stack([f for f, _ in window])  # (F, H, W, 3)
+    arrays = facemod.stack_results([r for _, r in window])
+    n, h, w = frames.shape[:3]
+    t0, t1 = start / cfg.fps, (start + n) / cfg.fps
+    clip_audio = media.audio_segment(audio, audio_start, info.start_s, t0, t1)
+
+    found = arrays["face_found"]
+    widths = arrays["face_box"][:, 2] - arrays["face_box"][:, 0]
+    reason = detail = None
+    # Several faces first: the mesh tracks one face only, and often none when two are small.
+    if (arrays["num_faces"] > 1).mean() > cfg.max_multi_face_frac:
+        reason, detail = "multiple_faces", f"several faces in {(arrays['num_faces'] > 1).mean():.0%} of frames"
+    elif found.mean() < cfg.min_face_frames_frac:
+        reason, detail = "no_face", f"face in {found.mean():.0%} of frames (< {cfg.min_face_frames_frac:.0%})"
+    elif np.median(widths[found]) < cfg.min_face_px:
+        reason, detail = "face_too_small", f"median face width {np.median(widths[found]):.0f}px < {cfg.min_face_px}px"
+    elif arrays["face_conf"][found].mean() < cfg.min_face_confidence:
+        reason = "low_confidence"
+        detail = f"mean detector score {arrays['face_conf'][found].mean():.2f} < {cfg.min_face_confidence}"
+    elif media.loudness_dbfs(clip_audio) < cfg.silence_dbfs:
+        reason, detail = "silent_audio", f"clip audio {media.loudness_dbfs(clip_audio):.0f} dBFS < {cfg.silence_dbfs}"
+    if reason is not None:
+        timing["filter"] += time.perf_counter() - t
+        return Reject(str(source), reason, f"{source} clip {clip_index} ({t0:.2f}-{t1:.2f}s): {detail}", clip_index)
+
+    masks = facemod.lip_masks(arrays["face"], arrays["face_box"], h, w, cfg.lip_dilation_frac)
+    omega_l = facemod.landmark_motion(arrays["face"], found)
+    omega_b = facemod.body_motion(arrays["pose"], w, h)
+    timing["masks"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    conf = arrays["face_conf"][found]
+    meta = {
+        "source": str(source),
+        "clip_index": clip_index,
+        "start_frame": start,
+        "start_s": t0,
+        "end_s": t1,
+        "fps": cfg.fps,
+        "num_frames": n,
+        "width": w,
+        "height": h,
+        "source_fps": info.fps,
+        "source_size": [info.width, info.height],
+        "audio_rate": AUDIO_RATE,
+        "audio_samples": int(clip_audio.shape[0]),
+        "face_box": [float(v) for v in np.median(arrays["face_box"][found], axis=0)],  # x0 y0 x1 y1 px
+        "face_confidence": float(conf.mean()),
+        "face_frames_frac": float(found.mean()),
+        "audio_dbfs": media.loudness_dbfs(clip_audio),
+        "omega_l_raw": omega_l,
+        "omega_b_raw": omega_b,
+        "lip_dilation_frac": cfg.lip_dilation_frac,
+        "caption": caption,
+    }
+    sample = {
+        "__key__": sample_key(source, clip_index),
+        "mp4": media.encode_mp4(frames, cfg.fps, cfg.crf, cfg.preset),
+        "flac": media.encode_flac(clip_audio),
+        "landmarks.npz": encode_npz(**arrays),
+        "lipmask.npz": encode_lip_masks(masks),
+        "json": json.dumps(meta).encode(),
+    }
+    timing["encode"] += time.perf_counter() - t
+    return sample, (frames, arrays, masks)
+
+
+# --------------------------------------------------------------------------------------------
+# one shard
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def shard_is_done(out: Path, index: int, sources: list[Path]) -> bool:
+    """A shard is finished if its record exists, lists the same sources and its tar (if any)
+    has the recorded size. Anything else (no record, a ``.tmp`` left by a crash, another input
+    list) means: do it again."""
+    record = out / "parts" / f"{shard_name(index)}.json"
+    if not record.is_file():
+        return False
+    try:
+        rec = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return False
+    if rec.get("sources") != [str(s) for s in sources]:
+        return False
+    if rec.get("tar") is None:
+        return True
+    tar = out / rec["tar"]
+    return tar.is_file() and tar.stat().st_size == rec.get("bytes")
+
+
+def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
+    """Process the videos of one shard; write ``shard-XXXXXX.tar`` and its ``parts/`` record.
+    Returns the record (a dict, see :class:`ShardRecord`)."""
+    import webdataset as wds
+
+    from data_tools.preview import save_preview
+
+    out = Path(cfg.output)
+    name = shard_name(index)
+    tmp = out / f"{name}.tar.tmp"
+    final = out / f"{name}.tar"
+    rec = ShardRecord(shard=name, sources=[str(s) for s in sources], tar=None)
+    timing: Counter = Counter()
+    t_start = time.perf_counter()
+    previews = 0
+    with wds.TarWriter(str(tmp)) as writer:
+        for source in sources:
+            for item in process_video(source, cfg, timing):
+                if isinstance(item, Reject):
+                    rec.rejects.append(asdict(item))
+                    continue
+                sample, (frames, arrays, masks) = item
+                t = time.perf_counter()
+                writer.write(sample)
+                timing["write"] += time.perf_counter() - t
+                rec.samples += 1
+                rec.frames += len(frames)
+                meta = json.loads(sample["json"])
+                rec.omega_l.append(meta["omega_l_raw"])
+                rec.omega_b.append(meta["omega_b_raw"])
+                if previews < cfg.previews_per_shard:
+                    save_preview(out / "previews" / f"{sample['__key__']}.jpg", frames, arrays["face"], arrays["face_box"], masks)
+                    previews += 1
+    if rec.samples:
+        rec.bytes = tmp.stat().st_size
+        rec.sha256 = _sha256(tmp)
+        rec.tar = final.name
+        os.replace(tmp, final)
+    else:
+        tmp.unlink()
+        final.unlink(missing_ok=True)  # an old shard from another input list must not linger
+    timing["total"] = time.perf_counter() - t_start
+    rec.timing_s = {k: round(v, 4) for k, v in timing.items()}
+    _write_json_atomic(out / "parts" / f"{name}.json", asdict(rec))
+    return asdict(rec)
+
+
+def _process_shard_task(args) -> dict:
+    return process_shard(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# merge: manifest, statistics, report
+
+
+def normalise_motion(raw: float | None, stats: dict) -> float:
+    """Raw ω (``omega_l_raw``/``omega_b_raw``) → [0, 1] with one entry of ``stats.json``
+    (``stats["omega_l"]`` or ``stats["omega_b"]``): ``clip((raw - low) / (high - low), 0, 1)``.
+    A missing value (no body seen) becomes the dataset median, normalised the same way."""
+    value = stats["median"] if raw is None else raw
+    span = stats["high"] - stats["low"]
+    return float(np.clip((value - stats["low"]) / span, 0.0, 1.0)) if span > 0 else 0.5
+
+
+def motion_stats(values: list[float | None], quantiles: tuple[float, float]) -> dict:
+    """Quantiles of raw motion values (None dropped): ``low``/``high`` map to 0/1."""
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"count": 0, "low": 0.0, "high": 0.0, "median": 0.0, "quantiles": {}}
+    qs = sorted({0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, *quantiles})
+    return {
+        "count": int(v.size),
+        "low": float(np.quantile(v, quantiles[0])),
+        "high": float(np.quantile(v, quantiles[1])),
+        "median": float(np.median(v)),
+        "quantiles": {f"{q:g}": float(np.quantile(v, q)) for q in qs},
+    }
+
+
+def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dict:
+    """Build ``manifest.json``, ``stats.json`` and ``report.json``/``report.txt`` from every
+    ``parts/`` record. Safe to run any number of times (e.g. after each SLURM array task)."""
+    out = Path(cfg.output)
+    records = []
+    missing = []
+    for i in range(num_shards):
+        p = out / "parts" / f"{shard_name(i)}.json"
+        if p.is_file():
+            records.append(json.loads(p.read_text()))
+        else:
+            missing.append(shard_name(i))
+    manifest = {
+        "shards": [
+            {"shard": r["tar"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+            for r in records
+            if r["tar"]
+        ]
+    }
+    manifest["total_samples"] = sum(s["samples"] for s in manifest["shards"])
+    _write_json_atomic(out / "manifest.json", manifest)
+
+    omega_l = [v for r in records for v in r["omega_l"]]
+    omega_b = [v for r in records for v in r["omega_b"]]
+    stats = {
+        "omega_l": motion_stats(omega_l, cfg.stats_quantiles),
+        "omega_b": motion_stats(omega_b, cfg.stats_quantiles),
+        "normalisation": "omega = clip((raw - low) / (high - low), 0, 1); raw None -> median",
+        "omega_l_definition": "data_tools.face.landmark_motion",
+        "omega_b_definition": "data_tools.face.body_motion",
+    }
+    _write_json_atomic(out / "stats.json", stats)
+
+    rejects = [x for r in records for x in r["rejects"]]
+    counts = Counter(x["reason"] for x in rejects)
+    timing: Counter = Counter()
+    for r in records:
+        timing.update(r["timing_s"])
+    frames = sum(r["frames"] for r in records)
+    report = {
+        "shards_total": num_shards,
+        "shards_done": len(records),
+        "shards_missing": missing,
+        "videos": sum(len(r["sources"]) for r in records),
+        "samples": manifest["total_samples"],
+        "frames": frames,
+        "rejected": {reason: counts.get(reason, 0) for reason in REJECT_REASONS},
+        "rejected_files": sum(1 for x in rejects if x["clip"] is None),
+        "rejected_clips": sum(1 for x in rejects if x["clip"] is not None),
+        "rejects": rejects,
+        "timing_s": {k: round(v, 3) for k, v in sorted(timing.items())},
+        "frames_per_s_per_process": round(frames / timing["total"], 2) if timing["total"] else None,
+        "this_run": run_info or {},
+    }
+    _write_json_atomic(out / "report.json", report)
+    (out / "report.txt").write_text(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The human-readable summary of ``report.json``."""
+    lines = [
+        f"shards: {report['shards_done']}/{report['shards_total']} done"
+        + (f" (missing: {', '.join(report['shards_missing'][:5])}...)" if report["shards_missing"] else ""),
+        f"videos: {report['videos']}   samples (clips): {report['samples']}   frames: {report['frames']}",
+        f"rejected: {report['rejected_files']} files, {report['rejected_clips']} clips",
+    ]
+    for reason, n in report["rejected"].items():
+        if n:
+            lines.append(f"  {reason:<16} {n:>6}   {REJECT_REASONS[reason]}")
+    lines.append("time in each step, summed over processes (s):")
+    for step, s in report["timing_s"].items():
+        lines.append(f"  {step:<16} {s:>10.1f}")
+    if report["frames_per_s_per_process"]:
+        lines.append(f"throughput: {report['frames_per_s_per_process']} frames/s per process")
+    run = report.get("this_run") or {}
+    if run:
+        lines.append(f"this run: {run.get('shards_written', 0)} shards written, "
+                     f"{run.get('shards_skipped', 0)} already done, {run.get('wall_s', 0):.1f}s wall")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def run_prep(cfg: PrepConfig) -> dict:
+    """Process this task's unfinished shards (in ``num_workers`` processes), then merge.
+
+    Returns the report dict (also written to ``output/report.json``)."""
+    out = Path(cfg.output)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    inputs = list_inputs(cfg)
+    groups = shard_sources(inputs, cfg)
+    if cfg.mode == "merge":
+        return merge(cfg, len(groups))
+    mine = [i for i in range(len(groups)) if i % cfg.num_tasks == cfg.task_index]
+    todo = [i for i in mine if not shard_is_done(out, i, groups[i])]
+    t0 = time.perf_counter()
+    tasks = [(i, groups[i], cfg) for i in todo]
+    with _progress(total=len(todo), disable=not cfg.progress) as bar:
+        if cfg.num_workers > 0 and len(tasks) > 1:
+            # spawn, not fork: mediapipe's graphs start threads that a forked child must not inherit.
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(min(cfg.num_workers, len(tasks))) as pool:
+                for rec in pool.imap_unordered(_process_shard_task, tasks):
+                    bar.update(1, rec)
+        else:
+            for task in tasks:
+                bar.update(1, _process_shard_task(task))
+    run_info = {
+        "shards_written": len(todo),
+        "shards_skipped": len(mine) - len(todo),
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+    return merge(cfg, len(groups), run_info)
+
+
+class _progress:
+    """tqdm bar over shards showing samples written and clips/files rejected so far."""
+
+    def __init__(self, total: int, disable: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="shard", disable=disable, dynamic_ncols=True)
+        self.samples = self.rejects = 0
+
+    def update(self, n: int, rec: dict) -> None:
+        self.samples += rec["samples"]
+        self.rejects += len(rec["rejects"])
+        self._bar.set_postfix(samples=self.samples, rejected=self.rejects)
+        self._bar.update(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._bar.close()
+
+
+def load_config(overrides: list[str]) -> PrepConfig:
+    """Compose ``conf/prep.yaml`` with Hydra override strings into a :class:`PrepConfig`."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="prep", overrides=overrides)
+    except Exception as e:  # hydra's own errors: bad override syntax, unknown key
+        raise SystemExit(f"ft-prep: {e} (options are the keys of {CONF_DIR / 'prep.yaml'})") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SystemExit(f"ft-prep: set {', '.join(missing)} (e.g. ft-prep input=videos/ output=shards/)")
+    return PrepConfig(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: ``ft-prep key=value ...`` (keys of ``conf/prep.yaml``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print((CONF_DIR / "prep.yaml").read_text())
+        return 0
+    try:
+        cfg = load_config(argv)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    report = run_prep(cfg)
+    print(format_report(report), end="")
+    print(f"output: {Path(cfg.output).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
