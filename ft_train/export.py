@@ -1,0 +1,357 @@
+"""``ft-export``: a trained checkpoint → the official FantasyTalking file or an ft_train bundle.
+
+Usage::
+
+    ft-export ckpt=<stage_dir>/checkpoints/step-00020000 out=fantasytalking_model.ckpt
+    ft-export ckpt=... out=fantasytalking_fp16.safetensors dtype=fp16
+    ft-export ckpt=... out=exports/my-run format=bundle
+
+Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the checkpoint is loaded
+(no backbone weights, no model is built). Formats:
+
+``official``
+    Exactly the released ``fantasytalking_model.ckpt`` layout (../shared/research/paper.md §3.3),
+    so the official inference code and ComfyUI ports load it: a ``torch.save``d dict
+    ``{"proj_model": {"proj.weight" [2048, 768], "norm.weight", "norm.bias"}, "audio_processor":
+    {"blocks.{i}.cross_attn.processor.{k,v}_proj.weight" [dim, 2048] for every block}}`` with the
+    original Wan name ``cross_attn`` (diffusers: ``attn2``); fp32 like the release unless
+    ``dtype`` says otherwise. An ``out`` ending in ``.safetensors`` gives the flat second form
+    (``proj_model.…``, ``audio_processor.…``). It carries the audio adapter only: trained backbone
+    or other modules in the checkpoint are reported and left out.
+``bundle``
+    A folder with ``adapter.safetensors`` (every adapter tensor, this project's naming) and
+    ``adapter.json`` (:func:`bundle_info`), read back by ``stage.init_from`` and ``ft-infer``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models.weights import (
+    AUDIO_PROJ_PREFIX,
+    BUNDLE_CONFIG,
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    BUNDLE_WEIGHTS,
+    AdapterCheckpoint,
+    audio_block_count,
+    flatten_official,
+    is_audio_key,
+    read_checkpoint,
+    to_official,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+FORMATS = ("official", "bundle")
+EXPORT_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+OFFICIAL_NAME = "fantasytalking_model.ckpt"  # the released file's name, used when `out` is a folder
+BACKBONE_PREFIX = "transformer."
+# wav2vec2-base at 16 kHz: one token per 320 samples (ft_train/models/audio.py).
+AUDIO_SAMPLE_RATE = 16000
+AUDIO_TOKENS_PER_SECOND = 50
+
+log = logging.getLogger("ft_train.export")
+
+
+def export_dtype(name: str) -> torch.dtype:
+    if name not in EXPORT_DTYPES:
+        raise ValueError(f"dtype: unknown {name!r}; use fp32, fp16 or bf16")
+    return EXPORT_DTYPES[name]
+
+
+def cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors in ``dtype``, each contiguous and owning exactly its storage (a view of a
+    larger buffer would otherwise be saved whole)."""
+    out = {}
+    for name, value in tensors.items():
+        value = value.detach().to(dtype=dtype if value.is_floating_point() else value.dtype).contiguous()
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            value = value.clone()
+        out[name] = value
+    return out
+
+
+def audio_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The complete audio adapter in ``tensors``: projector + k/v of blocks 0…N−1; one-line
+    error naming the file ``path`` when any of it is missing."""
+    audio = {k: v for k, v in tensors.items() if is_audio_key(k)}
+    blocks = audio_block_count(audio)
+    if not audio or not blocks:
+        raise ValueError(f"ckpt: {path} holds no audio adapter (no audio_proj / audio_kv tensors)")
+    expected = {f"{AUDIO_PROJ_PREFIX}{n}" for n in ("proj.weight", "norm.weight", "norm.bias")}
+    expected |= {f"audio_kv.{i}.{kv}_proj.weight" for i in range(blocks) for kv in "kv"}
+    missing = sorted(expected - audio.keys())
+    if missing:
+        raise KeyError(f"ckpt: {path} has an incomplete audio adapter: {len(missing)} tensors missing (first: {missing[0]})")
+    return audio
+
+
+def non_audio_summary(ckpt: AdapterCheckpoint) -> tuple[int, int, list[str]]:
+    """(backbone tensors, other non-audio tensors, their names) held by ``ckpt``."""
+    names = sorted(k for k in ckpt.tensors if not is_audio_key(k))
+    backbone = sum(k.startswith(BACKBONE_PREFIX) for k in names)
+    return backbone, len(names) - backbone, names
+
+
+def export_official(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Write the released layout to ``out`` (``.safetensors`` = flat form). Returns the path and
+    the flat tensors written."""
+    nested = to_official(cast(audio_tensors(ckpt.tensors, ckpt.path), dtype))
+    flat = flatten_official(nested)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        _atomic(out, lambda tmp: save_file(flat, str(tmp), metadata={"format": "pt"}))
+    else:
+        _atomic(out, lambda tmp: torch.save(nested, tmp))
+    return out, flat
+
+
+def find_run_config(ckpt_path: Path) -> Path | None:
+    """The run's ``config.yaml``: in the stage folder above ``<stage_dir>/checkpoints/step-XXXXXXXX[/model.ckpt|.ckpt]``."""
+    here = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+    for folder in [here, *here.parents][:4]:
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def bundle_info(ckpt: AdapterCheckpoint, run_cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
+                dtype: torch.dtype, data_stats: dict[str, Any] | None) -> dict[str, Any]:
+    """``adapter.json``: what ``ft-infer`` needs to rebuild the model and feed it audio.
+
+    Keys: ``format``/``format_version``; ``stage``, ``audio_mode``, ``global_step``; ``model``
+    (the run's resolved ``model`` config: backbone shape, adapter widths); ``audio`` (mode,
+    widths, ``expand`` = window widening per side in tokens, training ``fps`` and ``num_frames``
+    when the data config fixes them, 16 kHz / 50 tokens/s); ``modules`` (parameters per adapter
+    module); ``data_stats`` (ft-prep's ``stats.json``, normalises the motion intensities) or null;
+    ``source``.
+    """
+    model_cfg = dict(run_cfg.get("model") or {})
+    data_cfg = dict(run_cfg.get("data") or {})
+    stage = ckpt.meta.get("stage") or (run_cfg.get("stage") or {}).get("name")
+    audio_mode = ckpt.meta.get("audio_mode") or stage  # the stages are named after their audio mode
+    modules: dict[str, int] = {}
+    for name, value in tensors.items():
+        modules[name.split(".", 1)[0]] = modules.get(name.split(".", 1)[0], 0) + value.numel()
+    try:
+        version = metadata.version("ft_train")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        version = "unknown"
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "weights": BUNDLE_WEIGHTS,
+        "dtype": str(dtype).removeprefix("torch."),
+        "stage": stage,
+        "audio_mode": audio_mode,
+        "global_step": ckpt.meta.get("global_step"),
+        "num_blocks": audio_block_count(tensors),
+        "modules": modules,
+        "model": model_cfg,
+        "audio": {
+            "mode": audio_mode,
+            "in_dim": model_cfg.get("audio_in_dim"),
+            "proj_dim": model_cfg.get("audio_proj_dim"),
+            "expand": model_cfg.get("audio_expand"),
+            "fps": data_cfg.get("fps"),
+            "num_frames": data_cfg.get("num_frames"),
+            "sample_rate": AUDIO_SAMPLE_RATE,
+            "tokens_per_second": AUDIO_TOKENS_PER_SECOND,
+        },
+        "data_stats": data_stats,
+        "run": {k: run_cfg.get(k) for k in ("name", "run_id", "seed")},
+        "source": {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "ft_train": version},
+    }
+
+
+def export_bundle(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, run_cfg: dict[str, Any],
+                  data_stats: dict[str, Any] | None) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """Write ``out/adapter.safetensors`` + ``out/adapter.json``. Returns the folder, tensors, info."""
+    from safetensors.torch import save_file
+
+    tensors = cast({k: v for k, v in ckpt.tensors.items() if not k.startswith(BACKBONE_PREFIX)}, dtype)
+    if not tensors:
+        raise ValueError(f"ckpt: {ckpt.path} holds no adapter tensors (only backbone weights)")
+    audio_tensors(tensors, ckpt.path)  # fail early if the audio adapter is incomplete
+    info = bundle_info(ckpt, run_cfg, tensors, dtype, data_stats)
+    layers = (info["model"].get("transformer") or {}).get("num_layers")
+    if layers is not None and layers != info["num_blocks"]:
+        log.warning("config says model.transformer.num_layers=%s but %s has %d blocks: is it this run's config?",
+                    layers, ckpt.path, info["num_blocks"])
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / BUNDLE_WEIGHTS), metadata={"format": "pt", "ft_train": BUNDLE_FORMAT})
+        (tmp / BUNDLE_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+
+    _atomic(out, write)
+    return out, tensors, info
+
+
+def _atomic(out: Path, write) -> None:
+    """Write to a temporary sibling, then rename: a crash never leaves a half-written export."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    _remove(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    if out.is_dir() or (out.exists() and tmp.is_dir()):
+        _remove(out)  # os.replace swaps files atomically but cannot replace a folder
+    os.replace(tmp, out)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _run_config(checkpoint: AdapterCheckpoint, config: str | Path | None) -> dict[str, Any]:
+    """The training config a bundle describes: ``config``, else the run's own ``config.yaml``
+    next to the checkpoint, else (re-exporting a bundle, e.g. to fp16) the bundle's JSON."""
+    if config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no file at {path}")
+        return _load_run_config(path)
+    if checkpoint.layout == "bundle":
+        info = checkpoint.meta["bundle"]
+        return {"model": info.get("model") or {}, "data": dict(info.get("audio") or {}), **(info.get("run") or {})}
+    path = find_run_config(checkpoint.path)
+    if path is None:
+        raise FileNotFoundError(
+            f"config: no config.yaml in the folders above {checkpoint.path}; pass config=<stage_dir>/config.yaml "
+            "(the run's resolved config, written by ft-train)"
+        )
+    return _load_run_config(path)
+
+
+def _load_run_config(path: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:
+        raise ValueError(f"config: cannot read {path} as YAML ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise ValueError(f"config: {path} has no `model` section; pass the run's config.yaml (written by ft-train)")
+    return cfg
+
+
+def _data_stats(stats: str | None, run_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    path = stats or (run_cfg.get("data") or {}).get("stats")
+    if not path:
+        return None
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"stats: no file at {path} (ft-prep writes stats.json next to the shards)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"stats: {path} is not valid JSON ({exc})") from exc
+
+
+def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: str = "fp32",
+           config: str | Path | None = None, stats: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Export ``ckpt`` (any layout :func:`~ft_train.models.weights.read_checkpoint` reads) as
+    ``format`` into ``out``. Returns ``out`` (the path written), ``format``, ``layout`` (of the
+    source), ``tensors``, ``params``, ``bytes``, ``dtype``, ``warnings`` (also logged)."""
+    if format not in FORMATS:
+        raise ValueError(f"format: unknown {format!r}; use official or bundle")
+    torch_dtype = export_dtype(dtype)
+    out = Path(out).expanduser()
+    target = out / OFFICIAL_NAME if format == "official" and out.is_dir() else out
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"out: {target} exists; choose another path or set overwrite=true")
+    checkpoint = read_checkpoint(ckpt, key="ckpt")
+
+    warnings: list[str] = []
+    backbone, other, names = non_audio_summary(checkpoint)
+    if format == "official" and names:
+        warnings.append(
+            f"{checkpoint.path} holds {len(names)} trained tensors outside the audio adapter ({backbone} backbone, "
+            f"{other} other modules; first: {names[0]}); the official format and code use the audio adapter only, "
+            "so they are left out" + (" (format=bundle keeps the other adapters)" if other else "")
+        )
+    if format == "bundle" and backbone:
+        warnings.append(
+            f"{checkpoint.path} holds {backbone} trained backbone tensors (first: "
+            f"{next(n for n in names if n.startswith(BACKBONE_PREFIX))}); a bundle holds adapters only, so they are left out"
+        )
+    for message in warnings:
+        log.warning(message)
+
+    if format == "official":
+        written, tensors = export_official(checkpoint, target, torch_dtype)
+    else:
+        run_cfg = _run_config(checkpoint, config)
+        data_stats = _data_stats(str(stats) if stats else None, run_cfg)
+        if data_stats is None and checkpoint.layout == "bundle":
+            data_stats = checkpoint.meta["bundle"].get("data_stats")
+        written, tensors, _ = export_bundle(checkpoint, out, torch_dtype, run_cfg, data_stats)
+    size = sum(p.stat().st_size for p in ([written] if written.is_file() else written.rglob("*")) if p.is_file())
+    return {
+        "out": str(written),
+        "format": format,
+        "layout": checkpoint.layout,
+        "tensors": len(tensors),
+        "params": sum(v.numel() for v in tensors.values()),
+        "bytes": size,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "warnings": warnings,
+    }
+
+
+def load_config(overrides: list[str]) -> dict[str, Any]:
+    """Compose ``conf/export.yaml`` with Hydra override strings."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="export", overrides=overrides)
+    except Exception as exc:  # hydra's own errors: bad override syntax, unknown key
+        raise SystemExit(f"ft-export: {exc} (options are the keys of {CONF_DIR / 'export.yaml'})") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        example = "ft-export ckpt=<stage_dir>/checkpoints/step-00001000 out=fantasytalking_model.ckpt"
+        raise SystemExit(f"ft-export: set {', '.join(missing)} (e.g. {example})")
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: ``ft-export key=value ...`` (keys of ``conf/export.yaml``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print((CONF_DIR / "export.yaml").read_text())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="ft-export: %(levelname)s: %(message)s")
+    cfg = load_config(argv)
+    try:
+        result = export(**cfg)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
+        raise SystemExit(f"ft-export: {exc.args[0] if exc.args else exc}") from None
+    print(
+        f"ft-export: wrote {result['out']} ({result['format']}, {result['tensors']} tensors, "
+        f"{result['params']:,} parameters, {result['dtype']}, {result['bytes'] / 2**20:.1f} MiB)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
