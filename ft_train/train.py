@@ -35,9 +35,44 @@ def validate_config(cfg) -> None:
     pretrained = OmegaConf.select(cfg, "model.pretrained", throw_on_missing=False)
     if pretrained and not Path(str(pretrained)).expanduser().exists():
         raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist; point it at a local Wan2.1-I2V diffusers folder")
+    check_slurm(cfg)
     init_from = cfg.stage.init_from
-    if init_from and not Path(str(init_from)).expanduser().is_file():
-        raise FileNotFoundError(f"stage.init_from: no checkpoint file at {init_from}")
+    if init_from and not Path(str(init_from)).expanduser().exists():
+        raise FileNotFoundError(f"stage.init_from: nothing at {init_from}; give a checkpoint, step folder or bundle")
+
+
+def check_slurm(cfg) -> None:
+    """Under SLURM, tasks per node and nodes must equal trainer.devices and trainer.num_nodes
+    (Lightning needs `--ntasks-per-node`, reliability.md §3)."""
+    if "SLURM_JOB_ID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
+    if per_node is None:
+        raise ValueError("SLURM job without --ntasks-per-node: set it to the GPUs per node (Lightning rejects --ntasks alone)")
+    per_node = int(per_node.split("(")[0])
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+    devices, num_nodes = cfg.trainer.devices, int(cfg.trainer.num_nodes)
+    if devices not in ("auto", -1) and int(devices) != per_node:
+        raise ValueError(f"trainer.devices={devices} but SLURM runs {per_node} tasks per node; make them equal")
+    if num_nodes != nodes:
+        raise ValueError(f"trainer.num_nodes={num_nodes} but the SLURM job has {nodes} nodes; make them equal")
+
+
+def resume_path(resume, dirpath) -> str | None:
+    """``resume``: ``auto`` (newest complete step folder in this stage's checkpoints, if any),
+    ``never``, or the path of a step folder."""
+    from .lit.checkpointing import find_resume_checkpoint, lightning_path, verify
+
+    if resume in (None, "never", False):
+        return None
+    if resume == "auto":
+        found = find_resume_checkpoint(dirpath)
+        return str(lightning_path(found)) if found else None
+    folder = Path(str(resume)).expanduser()
+    problem = verify(folder)
+    if problem:
+        raise FileNotFoundError(f"resume: {folder} is not a complete checkpoint folder ({problem})")
+    return str(lightning_path(folder))
 
 
 def _strategy(cfg):
@@ -49,11 +84,14 @@ def _strategy(cfg):
 
 
 def train(cfg) -> dict[str, Any]:
-    """Train one stage as configured. Returns ``metrics``, ``checkpoint`` (final), ``stage_dir``,
-    ``trainer``, ``module`` and ``datamodule``."""
+    """Train one stage as configured (resuming per ``cfg.resume``). Returns ``metrics``,
+    ``checkpoint`` (the final Lightning checkpoint), ``checkpoint_dir`` (its step folder),
+    ``stage_dir``, ``trainer``, ``module`` and ``datamodule``."""
     import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from .lit.checkpointing import StepCheckpoint, find_resume_checkpoint, lightning_path
 
     validate_config(cfg)
     stage_dir = Path(cfg.paths.stage_dir)
@@ -66,23 +104,34 @@ def train(cfg) -> dict[str, Any]:
     optimizer = instantiate(cfg.optim.optimizer)
     scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None
     module = instantiate(cfg.stage.module)(
-        net=net, loss=loss, optimizer=optimizer, scheduler=scheduler, seed=int(cfg.seed), init_from=cfg.stage.init_from
+        net=net, loss=loss, optimizer=optimizer, scheduler=scheduler, seed=int(cfg.seed),
+        init_from=cfg.stage.init_from, max_nonfinite_steps=int(cfg.faults.max_nonfinite_steps),
     )
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [instantiate(c) for c in cfg.logger.values() if c]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=_strategy(cfg))
+    plugins = []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    log.info("stage %s → %s", cfg.stage.name, stage_dir)
-    trainer.fit(module, datamodule=datamodule)
+    if SLURMEnvironment.detect():
+        # Preemption is handled by callbacks.preemption (flag, agree, save together, requeue);
+        # Lightning's own requeue saves inside the signal handler and can deadlock (#21406).
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=_strategy(cfg), plugins=plugins)
 
-    final = stage_dir / "checkpoints" / f"step-{trainer.global_step:08d}.ckpt"
-    if not final.is_file():
-        trainer.save_checkpoint(final)
+    checkpointer = next((c for c in callbacks if isinstance(c, StepCheckpoint)), None)
+    if checkpointer is None:
+        raise ValueError("callbacks: a StepCheckpoint (callbacks.checkpoint) is required; it saves and finds resume points")
+    ckpt_path = resume_path(cfg.resume, checkpointer.dirpath)
+    log.info("stage %s → %s%s", cfg.stage.name, stage_dir, f" (resuming from {ckpt_path})" if ckpt_path else "")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    final = checkpointer.last_path or find_resume_checkpoint(checkpointer.dirpath)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {
         "metrics": metrics,
-        "checkpoint": str(final),
+        "checkpoint": str(lightning_path(final)),
+        "checkpoint_dir": str(final),
         "stage_dir": str(stage_dir),
         "trainer": trainer,
         "module": module,

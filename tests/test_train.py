@@ -110,7 +110,7 @@ def test_stage_two_starts_from_the_stage_one_checkpoint(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         results = run(cfg, ["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stage.max_steps=3", "data.num_workers=0"])
     clip, frame = results
-    assert Path(clip["checkpoint"]).name == "step-00000003.ckpt"
+    assert Path(clip["checkpoint"]).parent.name == "step-00000003"
     assert frame["module"].net.audio_mode == "frame"
     frame_cfg = OmegaConf.load(Path(frame["stage_dir"]) / "config.yaml")
     assert frame_cfg.stage.init_from == clip["checkpoint"]
@@ -151,7 +151,8 @@ def test_ft_train_tiny_cpu_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("clip", "frame"):
         stage_dir = tmp_path / "tiny_cpu" / stage
-        assert (stage_dir / "checkpoints" / "step-00000200.ckpt").is_file()
+        assert (stage_dir / "checkpoints" / "step-00000200" / "model.ckpt").is_file()
+        assert (stage_dir / "checkpoints" / "step-00000200" / "COMMITTED.json").is_file()
         assert (stage_dir / "loss_curve.png").stat().st_size > 1000
         steps, losses = read_metric(stage_dir / "metrics.csv", "train/loss")
         assert len(losses) >= 20
@@ -159,3 +160,24 @@ def test_ft_train_tiny_cpu_end_to_end(tmp_path):
         first, last = sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
         assert last < first, (stage, first, last)
     assert "final checkpoint" in proc.stdout
+
+
+def test_slurm_task_layout_must_match_the_trainer(tmp_path, monkeypatch):
+    from ft_train.train import check_slurm
+
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "trainer.devices=8"])
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    check_slurm(cfg)  # consistent: no error
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    with pytest.raises(ValueError, match="trainer.devices=8 but SLURM runs 4 tasks per node"):
+        check_slurm(cfg)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    with pytest.raises(ValueError, match="trainer.num_nodes=1 but the SLURM job has 2 nodes"):
+        check_slurm(cfg)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    with pytest.raises(ValueError, match="--ntasks-per-node"):
+        check_slurm(cfg)

@@ -55,11 +55,68 @@ class SkipCounter:
         return True
 
 
+def virtual_worker(batches_consumed: int) -> tuple[int, int]:
+    """(stream index, number of workers) of the current loader worker after a resume.
+
+    A ``DataLoader`` over an endless ``IterableDataset`` takes batch ``i`` from worker
+    ``i mod W``, and a fresh loader starts again at worker 0. After ``k`` batches, the batch the
+    uninterrupted run would take next came from stream ``k mod W``; so real worker ``r`` of the
+    resumed loader continues stream ``(r + k) mod W``.
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return 0, 1
+    return (info.id + batches_consumed) % info.num_workers, info.num_workers
+
+
+class WorkerSplit:
+    """WebDataset worker splitter: stream ``v`` of ``W`` reads shards ``v, v+W, …`` (see
+    :func:`virtual_worker`)."""
+
+    def __init__(self, batches_consumed: int = 0):
+        self.batches_consumed = batches_consumed
+
+    def __call__(self, urls):
+        stream, streams = virtual_worker(self.batches_consumed)
+        for i, url in enumerate(urls):
+            if i % streams == stream:
+                yield url
+
+
+class ResumeSkip:
+    """Pipeline stage that drops the samples this worker's stream delivered before a resume.
+
+    The sample stream is a pure function of (seed, epoch, rank, stream). After ``k`` batches,
+    stream ``v`` of ``W`` has produced ``ceil((k − v) / W)`` batches; dropping exactly those
+    samples puts every stream where the uninterrupted run was. It runs after decoding, so samples
+    that were skipped as unreadable are not counted.
+    """
+
+    def __init__(self, batches_consumed: int, batch_size: int):
+        self.batches_consumed = batches_consumed
+        self.batch_size = batch_size
+        self.remaining: int | None = None  # per worker process (each worker has its own copy)
+
+    def __call__(self, src):
+        if self.remaining is None:
+            stream, streams = virtual_worker(self.batches_consumed)
+            mine = max(0, -(-(self.batches_consumed - stream) // streams))
+            self.remaining = mine * self.batch_size
+        for sample in src:
+            if self.remaining > 0:
+                self.remaining -= 1
+                continue
+            yield sample
+
+
 class LatentShardDataModule(L.LightningDataModule):
     """Training batches from latent shards.
 
     Each rank reads a disjoint subset of shards (``split_by_node``), each loader worker a subset of
-    those; the stream repeats forever and training length is set by ``trainer.max_steps``.
+    those; the stream repeats forever and training length is set by ``trainer.max_steps``. The
+    order is a pure function of the seed, the epoch and the (rank, worker), and on resume the
+    samples already trained on are skipped (:class:`ResumeSkip`), so a resumed run sees exactly
+    the batches the uninterrupted run would have (with the same ``num_workers`` and batch size).
 
     Args:
         shards: directory, brace pattern, glob, or list of them.
@@ -93,7 +150,7 @@ class LatentShardDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def dataset(self) -> wds.WebDataset:
+    def dataset(self, batches_consumed: int = 0) -> wds.WebDataset:
         urls = resolve_shards(self.shards)
         null = Path(urls[0]).parent / "null_text.npy"
         if null.is_file():
@@ -110,16 +167,27 @@ class LatentShardDataModule(L.LightningDataModule):
             detshuffle=True,
             seed=self.seed,
             nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
+            workersplitter=WorkerSplit(batches_consumed),
             empty_check=False,
         )
         if self.shuffle_buffer:
             ds = ds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=self.seed)
+        ds = ds.decode(handler=self.skips).map(decode_sample, handler=self.skips)
+        if batches_consumed:
+            ds = ds.compose(ResumeSkip(batches_consumed, self.batch_size))
         # Repeat forever (each pass reshuffles shards by epoch); run length is trainer.max_steps.
-        return ds.decode(handler=self.skips).map(decode_sample, handler=self.skips).repeat()
+        return ds.repeat()
+
+    def batches_consumed(self) -> int:
+        """Batches this rank trained on before now: non-zero when resuming from a checkpoint."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        seen = getattr(trainer.lightning_module, "batches_seen", None)  # counts skipped steps too
+        return int(seen) if seen is not None else trainer.global_step * max(1, trainer.accumulate_grad_batches)
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.dataset()
+        ds = self.dataset(self.batches_consumed())
         _, world = self._world()
         shards_per_rank = len(resolve_shards(self.shards)) // world
         workers = min(self.num_workers, shards_per_rank)

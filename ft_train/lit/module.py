@@ -17,6 +17,7 @@ import torch
 from ..diffusion import FlowMatchingLoss, step_generator
 from ..models import FantasyTalkingDiT, model_summary
 from ..models.weights import load_adapter_weights
+from .loggers import ResumableCSVLogger
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class FantasyTalkingModule(L.LightningModule):
         seed: base seed of the per-step generators.
         init_from: optional checkpoint whose adapter (and any backbone) weights start this run,
             e.g. the stage-1 result for stage 2.
+        max_nonfinite_steps: a step whose loss is NaN/inf on any rank is skipped on every rank
+            (logged as NaN, no weight update); this many in a row stop the run.
     """
 
     audio_mode: str | None = None  # set by the stage subclasses
@@ -44,6 +47,7 @@ class FantasyTalkingModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         seed: int = 0,
         init_from: str | None = None,
+        max_nonfinite_steps: int = 5,
     ):
         super().__init__()
         self.net = net
@@ -60,6 +64,12 @@ class FantasyTalkingModule(L.LightningModule):
         # folder), so loading is non-strict; on_load_checkpoint checks nothing trainable is missing.
         self.strict_loading = False
         self._batch_checked = False
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        # Batches taken from the loader, skipped steps included: the data position for resume.
+        self.batches_seen = 0
+        self._skip_update = False
 
     # -- steps ---------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -69,6 +79,12 @@ class FantasyTalkingModule(L.LightningModule):
             self.loss.null_text = null_text.to(self.device)
         summary = model_summary(self.net)
         log.info("params: %s", summary)
+
+    def on_train_start(self) -> None:
+        if self.global_step > 0:  # resumed: forget what the interrupted run logged after its checkpoint
+            for logger in self.loggers:
+                if isinstance(logger, ResumableCSVLogger):
+                    logger.truncate_from(self.global_step)
 
     def check_batch(self, batch: dict[str, torch.Tensor]) -> None:
         """Fail once, clearly, when the data's widths do not match the model config."""
@@ -86,17 +102,51 @@ class FantasyTalkingModule(L.LightningModule):
             raise ValueError(f"data gives latents with {lat.shape[1]} channels; the Wan VAE has 16")
         self._batch_checked = True
 
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """True when the loss is finite on every rank (all ranks must take the same branch)."""
+        finite = torch.isfinite(loss.detach()).float().reshape(())
+        return bool(self.trainer.strategy.reduce(finite, reduce_op="min") > 0)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batches_seen += 1
         if not self._batch_checked:
             self.check_batch(batch)
         accumulate = max(1, self.trainer.accumulate_grad_batches)
         generator = step_generator(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
         out = self.loss(self.net, batch, generator)
         bsz = batch["latents"].shape[0]
+        if not self.all_finite(out.loss):
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"loss was NaN/inf for {self.nonfinite_in_a_row} steps in a row (at step {self.global_step}); "
+                    "lower optim.optimizer.lr, check the data, or resume from an earlier checkpoint"
+                )
+            log.warning("non-finite loss at step %d: step skipped (%d in a row, %d in total)",
+                        self.global_step, self.nonfinite_in_a_row, self.nonfinite_total)
+            # Log it as such (Lightning would otherwise repeat the previous step's value).
+            self.log("train/loss", float("nan"), prog_bar=True, batch_size=bsz)
+            self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=bsz)
+            # Lightning forbids skipping a step in distributed runs, and every rank must run the
+            # same backward collectives: backpropagate zero through the same graph, then drop the
+            # gradients (on_after_backward) so the optimiser leaves every weight untouched.
+            self._skip_update = True
+            return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+        self._skip_update = False
+        self.nonfinite_in_a_row = 0
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=bsz)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bsz)
         for name, value in out.logs.items():
             self.log(f"train/{name}", value, batch_size=bsz)
         return out.loss
+
+    def on_after_backward(self) -> None:
+        # A skipped step: no gradient at all, so AdamW neither moves the weights nor its moments.
+        # (Under DeepSpeed the engine owns the gradients and applies a zero-gradient step.)
+        if self._skip_update:
+            for p in self.net.parameters():
+                p.grad = None
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -118,9 +168,19 @@ class FantasyTalkingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["ft_train"] = {"stage": self.audio_mode, "audio_mode": self.net.audio_mode}
+        checkpoint["ft_train"] = {
+            "stage": self.audio_mode,
+            "audio_mode": self.net.audio_mode,
+            "batches_seen": self.batches_seen,
+            "nonfinite_total": self.nonfinite_total,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("ft_train", {})
+        self.batches_seen = int(state.get("batches_seen", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        if "state_dict" not in checkpoint:  # DeepSpeed restores the weights itself
+            return
         missing = sorted(self.trainable_keys() - checkpoint["state_dict"].keys())
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors (first: {missing[0]})")

@@ -183,7 +183,10 @@ class FantasyTalkingDiT(nn.Module):
         ctx.clear()
         scale = torch.as_tensor(audio_scale, dtype=torch.float32, device=hidden_states.device)
         scale = scale.expand(bsz) if scale.ndim == 0 else scale
-        if audio is not None and bool((scale != 0).any()):
+        # With grad enabled the branch runs even when every sample's audio is dropped (scale 0):
+        # its weights then get zero gradients instead of none, so every rank reduces the same
+        # gradients under DDP/ZeRO and the loss always depends on a trainable tensor.
+        if audio is not None and (torch.is_grad_enabled() or bool((scale != 0).any())):
             ctx.audio = self.audio_proj(audio.to(self.audio_proj.proj.weight.dtype))
             if self.audio_mode == "frame":
                 num_frames = num_video_frames(hidden_states.shape[2])

@@ -1,0 +1,115 @@
+"""Exact resume, atomic/pruned checkpoints with fallback, and non-finite loss handling (1 process)."""
+
+import json
+import logging
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ft_train.lit import read_metric
+from ft_train.lit.checkpointing import committed_steps, find_resume_checkpoint, verify
+from ft_train.train import train
+
+from .conftest import CONF
+
+
+def config(out, run, steps, *extra):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[
+            "experiment=tiny_cpu", f"paths.output_dir={out}", f"run_id={run}", "stages=null",
+            f"stage.max_steps={steps}", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=2",
+            "callbacks.checkpoint.keep_last=10", *extra,
+        ])
+
+
+def losses(out, run, stage="clip"):
+    return read_metric(out / run / stage / "metrics.csv", "train/loss")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume")
+    train(config(out, "full", 7, "data.num_workers=2"))
+    return out, losses(out, "full")
+
+
+@pytest.mark.parametrize("stop_at", [2, 3, 5])
+def test_interrupted_and_resumed_run_matches_uninterrupted(uninterrupted, stop_at):
+    out, expected = uninterrupted
+    run = f"cut{stop_at}"
+    train(config(out, run, stop_at, "data.num_workers=2"))  # "killed" right after step stop_at's checkpoint
+    resumed = train(config(out, run, 7, "data.num_workers=2"))
+    assert resumed["trainer"].global_step == 7
+    assert losses(out, run) == expected  # same steps, bit-identical losses
+
+
+def test_damaged_latest_checkpoint_falls_back_to_previous(uninterrupted, caplog):
+    out, expected = uninterrupted
+    train(config(out, "dmg", 4, "data.num_workers=2"))  # folders step-2 and step-4 (final)
+    ckpt_dir = out / "dmg" / "clip" / "checkpoints"
+    damaged = ckpt_dir / "step-00000004" / "model.ckpt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # truncated by a crash mid-copy
+    assert "model.ckpt has 1000 bytes" in verify(damaged.parent)
+    with caplog.at_level(logging.WARNING):
+        assert find_resume_checkpoint(ckpt_dir).name == "step-00000002"
+    assert "falling back" in caplog.text
+    train(config(out, "dmg", 7, "data.num_workers=2"))
+    assert losses(out, "dmg") == expected
+
+
+def test_unfinished_folder_is_never_used_and_old_ones_are_pruned(tmp_path):
+    train(config(tmp_path, "prune", 6, "data.num_workers=0", "callbacks.checkpoint.every_n_steps=1",
+                 "callbacks.checkpoint.keep_last=2"))
+    ckpt_dir = tmp_path / "prune" / "clip" / "checkpoints"
+    assert [p.name for _, p in committed_steps(ckpt_dir)] == ["step-00000006", "step-00000005"]
+    marker = json.loads((ckpt_dir / "step-00000006" / "COMMITTED.json").read_text())
+    assert marker["step"] == 6 and "model.ckpt" in marker["files"]
+    # A folder without the marker (a save cut short) is ignored.
+    (ckpt_dir / "step-00000009").mkdir()
+    assert find_resume_checkpoint(ckpt_dir).name == "step-00000006"
+
+
+def test_nonfinite_loss_skips_the_step_and_training_continues(tmp_path):
+    result = train(config(tmp_path, "nan", 5, "data.num_workers=0", "loss._target_=tests.faults.NaNLoss",
+                          "+loss.nan_calls=[2,3]"))
+    module = result["module"]
+    # A skipped step still counts as a step (Lightning's global step): 5 batches, 3 weight updates.
+    assert result["trainer"].global_step == 5
+    assert module.nonfinite_total == 2 and module.batches_seen == 5
+    steps, values = losses(tmp_path, "nan")
+    assert steps == [0, 1, 2, 3, 4]
+    skipped = [s for s, v in zip(steps, values) if v != v]
+    assert skipped == [1, 2]  # logged as NaN, not as a repeat of the previous value
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
+    with pytest.raises(RuntimeError, match="NaN/inf for 3 steps in a row"):
+        train(config(tmp_path, "nan3", 6, "data.num_workers=0", "loss._target_=tests.faults.NaNLoss",
+                     "+loss.nan_calls=[1,2,3,4]", "faults.max_nonfinite_steps=3"))
+
+
+def test_skipped_steps_leave_the_weights_untouched(tmp_path):
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    cfg = config(tmp_path, "nan2", 2, "data.num_workers=0", "loss._target_=tests.faults.NaNLoss", "+loss.nan_calls=[1,2]")
+    result = train(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # as train() does before building
+    fresh = instantiate(cfg.model)
+    trained = result["module"].net
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], value), name  # no update, no weight decay
+
+
+def test_preemption_signal_saves_requeues_and_the_resumed_run_matches(uninterrupted, tmp_path, monkeypatch):
+    out, expected = uninterrupted
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    marker = tmp_path / "requeued-{job_id}"
+    first = train(config(out, "preempt", 7, "data.num_workers=2", "+callbacks.signal._target_=tests.faults.SignalAt",
+                         "+callbacks.signal.step=3", f"callbacks.preemption.requeue_command='touch {marker}'"))
+    assert first["trainer"].global_step == 4  # the step in flight finished, then everyone stopped
+    assert (tmp_path / "requeued-4242").is_file()  # rank 0 asked SLURM to requeue this job
+    assert find_resume_checkpoint(out / "preempt" / "clip" / "checkpoints").name == "step-00000004"
+    train(config(out, "preempt", 7, "data.num_workers=2"))  # the requeued job: same command
+    assert losses(out, "preempt") == expected

@@ -1,0 +1,76 @@
+"""Multi-process training on CPU: DeepSpeed ZeRO-2/3 (train, save, exact resume) and DDP faults.
+
+These launch ``ft-train`` with ``trainer.devices=2``: Lightning starts the second process itself,
+exactly as on a GPU node. DeepSpeed JIT-compiles a communication op on first use (~30 s, cached
+in TORCH_EXTENSIONS_DIR).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ft_train.lit import read_metric
+from ft_train.models import build_model
+from ft_train.models.weights import load_adapter_weights, read_checkpoint
+
+from .conftest import REPO
+
+FT_TRAIN = str(Path(sys.executable).parent / "ft-train")
+
+
+def ft_train(out, run, steps, *extra, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    cmd = [
+        FT_TRAIN, "experiment=tiny_cpu", "stages=null", f"stage.max_steps={steps}", "trainer.devices=2",
+        "data.num_workers=0", "data.num_samples=16", "trainer.log_every_n_steps=1",
+        "callbacks.checkpoint.every_n_steps=3", f"paths.output_dir={out}", f"run_id={run}", *extra,
+    ]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return read_metric(Path(out) / run / "clip" / "metrics.csv", "train/loss")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_two_processes_train_save_and_resume_exactly(tmp_path, strategy):
+    expected = ft_train(tmp_path, "full", 6, f"strategy={strategy}")
+    assert len(expected[1]) == 6
+    ft_train(tmp_path, "cut", 4, f"strategy={strategy}")
+    ckpt_dir = tmp_path / "cut" / "clip" / "checkpoints"
+    step3 = ckpt_dir / "step-00000003" / "model.ckpt"
+    assert step3.is_dir() and (step3 / "checkpoint").is_dir()  # DeepSpeed's sharded layout
+    assert len(list((step3 / "checkpoint").glob("*optim_states.pt"))) == 2  # one shard per rank
+    shutil.rmtree(ckpt_dir / "step-00000004")  # the job died before its final save
+    assert ft_train(tmp_path, "cut", 6, f"strategy={strategy}") == expected
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoint_excludes_the_frozen_backbone(tmp_path, tiny_transformer_config):
+    ft_train(tmp_path, "frozen", 3, "strategy=deepspeed_zero2", "model.train_backbone=false")
+    states = tmp_path / "frozen" / "clip" / "checkpoints" / "step-00000003" / "model.ckpt" / "checkpoint"
+    module = torch.load(states / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert module and all(".audio_proj." in k or ".audio_kv." in k for k in module), sorted(module)[:5]
+    # The sharded checkpoint reads back (stage chaining, export) as the adapter's fp32 weights.
+    ckpt = read_checkpoint(states.parents[1])
+    assert ckpt.layout == "deepspeed" and ckpt.meta["global_step"] == 3
+    net = build_model(transformer=tiny_transformer_config)
+    assert set(ckpt.tensors) == set(net.adapter_state_dict())
+    load_adapter_weights(net, states.parents[1])
+    for name, value in net.adapter_state_dict().items():
+        assert torch.equal(value, ckpt.tensors[name].float()), name
+    assert net.audio_kv[0].v_proj.weight.abs().sum() > 0  # trained away from the zero init
+
+
+@pytest.mark.slow
+def test_ddp_nan_on_one_rank_is_skipped_on_both(tmp_path):
+    steps, losses = ft_train(
+        tmp_path, "nan", 4, "strategy=ddp", "loss._target_=tests.faults.NaNLoss", "+loss.nan_calls=[2]",
+        "+loss.nan_rank=1",
+    )
+    assert steps == [0, 1, 2, 3]
+    assert [s for s, v in zip(steps, losses) if v != v] == [1]  # rank 1's NaN made every rank skip step 1
