@@ -5,6 +5,8 @@ Usage::
     ft-prep input=videos/ output=shards/ [num_workers=8] [fps=23] [num_frames=81] ...
     ft-prep input=list.txt output=shards/ task_index=3 num_tasks=16   # one SLURM array task
     ft-prep input=list.txt output=shards/ mode=merge                  # manifest/stats/report
+    ft-prep task=encode input=shards/ output=latents/ encoders.wan=... encoders.wav2vec=...
+                                      # latent-cache pass: data_tools/encode.py, conf/encode.yaml
 
 Options are the keys of ``conf/prep.yaml`` (Hydra override syntax). Output folder:
 
@@ -596,6 +598,15 @@ def load_config(overrides: list[str]) -> PrepConfig:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``ft-prep key=value ...`` (keys of ``conf/prep.yaml``)."""
     argv = sys.argv[1:] if argv is None else argv
+    tasks = [a.split("=", 1)[1] for a in argv if a.startswith("task=")]
+    task = tasks[-1] if tasks else "prep"
+    if task == "encode":  # the latent-cache pass has its own options (conf/encode.yaml)
+        from data_tools.encode import main as encode_main
+
+        return encode_main([a for a in argv if not a.startswith("task=")])
+    if task != "prep":
+        raise SystemExit(f"ft-prep: task={task} is not a task; use task=prep (default) or task=encode")
+    argv = [a for a in argv if not a.startswith("task=")]
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         print((CONF_DIR / "prep.yaml").read_text())

@@ -9,9 +9,23 @@ from .audio import (
     split_audio_windows,
     wav2vec_num_tokens,
 )
+from .encoders import (
+    EncoderWeightsError,
+    FrozenEncoders,
+    encode_clips,
+    load_encoders,
+    lip_mask_to_latent,
+    save_tiny_encoders,
+)
 from .fantasytalking import FantasyTalkingDiT, build_model, load_transformer, model_summary
 
 __all__ = [
+    "EncoderWeightsError",
+    "FrozenEncoders",
+    "encode_clips",
+    "load_encoders",
+    "lip_mask_to_latent",
+    "save_tiny_encoders",
     "AdapterContext",
     "AudioKV",
     "AudioProjModel",

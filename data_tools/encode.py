@@ -1,0 +1,517 @@
+"""``ft-prep task=encode``: raw shards → latent shards (the latent-cache pass).
+
+Usage::
+
+    ft-prep task=encode input=shards/ output=latents/ encoders.wan=Wan2.1-I2V-14B-720P-Diffusers/ \\
+        encoders.wav2vec=wav2vec2-base-960h/ [batch_size=4] [task_index=3 num_tasks=16]
+
+Options are the keys of ``conf/encode.yaml``. For every raw shard ``input/shard-XXXXXX.tar``
+(sample layout: ``data_tools/sample_format.py``) it writes ``output/shard-XXXXXX.tar`` with the same
+sample keys in the latent-shard schema (``ft_train/data/schema.py``): the frozen encoders
+(``ft_train/models/encoders.py``) run once here, so training reads tensors instead of videos.
+Per clip: VAE latents of the whole clip; the I2V condition ``VAE([frame 0, zeros × (F−1)])``;
+CLIP tokens of frame 0; umT5 tokens of the caption; wav2vec2 features of exactly the clip's
+audio (``int(F / fps · 16000)`` samples); the pixel lip masks resized to the latent grid; ω_l, ω_b
+normalised with the raw folder's ``stats.json``. Frames are centre-cropped to multiples of
+``size_multiple`` first (the VAE needs multiples of 8, the DiT's 2×2 patches multiples of 16).
+
+Output folder:
+
+    shard-000000.tar ...  latent shards (a raw shard whose clips were all rejected gets none)
+    null_text.npy         umT5 embedding of the empty prompt (L, D), for text dropout
+    stats.json            copy of the raw folder's ω statistics (to normalise ω at inference)
+    parts/shard-*.json    one record per finished shard: source size, samples, rejects, timing
+    report.json/.txt      counts per reject reason, encoder widths, timing
+
+Like ``ft-prep``, a shard is written to ``.tar.tmp`` and renamed when complete, then its record;
+a re-run skips shards whose record matches (same raw shard size, tar present) and redoes the rest.
+Unreadable samples are skipped and counted by reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+RAW_MEMBERS = ("mp4", "flac", "lipmask.npz", "json")
+
+#: Every reason a raw sample is skipped; the report counts each.
+REJECT_REASONS = {
+    "unreadable_shard": "the tar itself cannot be read past some point (cut-off or corrupt shard)",
+    "missing_member": "the sample lacks one of mp4, flac, lipmask.npz, json",
+    "bad_metadata": "json unreadable or without fps / num_frames",
+    "unreadable_video": "the mp4 cannot be decoded",
+    "unreadable_audio": "the flac cannot be decoded",
+    "unreadable_mask": "lipmask.npz cannot be decoded",
+    "frame_count": "decoded frames differ from json num_frames or the lip masks, or are not 4k+1",
+    "short_audio": "fewer audio samples than the clip lasts",
+    "too_small": "a side is below size_multiple pixels",
+}
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class EncodeConfig:
+    """All options of ``ft-prep task=encode``; documented in ``conf/encode.yaml``."""
+
+    input: str
+    output: str
+    encoders: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    vae_dtype: str = "float32"
+    batch_size: int = 1
+    storage_dtype: str = "float16"
+    size_multiple: int = 16
+    lip_mask_resize: str = "trilinear"
+    default_caption: str = ""
+    task_index: int = 0
+    num_tasks: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from ft_train.models.encoders import LIP_MASK_RESIZE
+
+        self.encoders = dict(self.encoders)
+        problems = []
+        unknown = set(self.encoders) - {"wan", "wav2vec"}
+        if unknown:
+            problems.append(f"encoders.{sorted(unknown)[0]} is not an option (encoders.wan, encoders.wav2vec)")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} must be ≥ 1")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            problems.append(f"storage_dtype={self.storage_dtype!r} must be one of {sorted(STORAGE_DTYPES)}")
+        for key in ("dtype", "vae_dtype"):
+            if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):
+                problems.append(f"{key}={getattr(self, key)!r} must be auto, float32, bfloat16 or float16")
+        if self.size_multiple < 8 or self.size_multiple % 8:
+            problems.append(f"size_multiple={self.size_multiple} must be a multiple of 8 (the VAE stride)")
+        if self.lip_mask_resize not in LIP_MASK_RESIZE:
+            problems.append(f"lip_mask_resize={self.lip_mask_resize!r} must be one of {LIP_MASK_RESIZE}")
+        if not 0 <= self.task_index < self.num_tasks:
+            problems.append(f"task_index={self.task_index} must be in [0, num_tasks={self.num_tasks})")
+        if problems:
+            raise ValueError("conf/encode.yaml: " + "; ".join(problems))
+
+
+class SampleError(Exception):
+    """A raw sample that cannot be encoded; ``reason`` is a key of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class Clip:
+    """One raw sample, decoded and checked, ready for the encoders."""
+
+    key: str
+    frames: np.ndarray  # (F, H, W, 3) uint8, cropped
+    audio: np.ndarray  # (int(F / fps · 16000),) float32, 16 kHz
+    masks: np.ndarray  # (F, H, W) bool, cropped like the frames
+    caption: str
+    meta: dict[str, Any]  # the latent sample's json
+
+
+# --------------------------------------------------------------------------------------------
+# one raw sample → a checked Clip
+
+
+def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
+    """Decode and check one raw WebDataset sample (members as bytes). Raises :class:`SampleError`."""
+    from data_tools import media
+    from data_tools.prep import normalise_motion
+    from data_tools.sample_format import decode_lip_masks
+    from ft_train.data.schema import SCHEMA_NAME, SCHEMA_VERSION
+    from ft_train.models.encoders import clip_audio_samples
+
+    key = raw.get("__key__", "?")
+    missing = [m for m in RAW_MEMBERS if m not in raw]
+    if missing:
+        raise SampleError("missing_member", f"{key}: no {', '.join(missing)}")
+    try:
+        meta = json.loads(raw["json"])
+        fps, num_frames = float(meta["fps"]), int(meta["num_frames"])
+    except Exception as e:
+        raise SampleError("bad_metadata", f"{key}: json unreadable or without fps/num_frames ({e})") from None
+    try:
+        frames = media.decode_mp4(raw["mp4"])
+    except Exception as e:
+        raise SampleError("unreadable_video", f"{key}: mp4 cannot be decoded ({e.__class__.__name__}: {e})") from None
+    try:
+        audio = media.decode_flac(raw["flac"])
+    except Exception as e:
+        raise SampleError("unreadable_audio", f"{key}: flac cannot be decoded ({e.__class__.__name__}: {e})") from None
+    try:
+        masks = decode_lip_masks(raw["lipmask.npz"])
+    except Exception as e:
+        raise SampleError("unreadable_mask", f"{key}: lipmask.npz cannot be decoded ({e.__class__.__name__}: {e})") from None
+    f, h, w = frames.shape[:3]
+    if f != num_frames or (f - 1) % 4 or masks.shape != (f, h, w):
+        raise SampleError(
+            "frame_count", f"{key}: {f} decoded frames of {h}×{w}, json num_frames={num_frames}, lip masks "
+            f"{masks.shape}; frames must be 4k+1 and agree"
+        )
+    n_audio = clip_audio_samples(f, fps)
+    if audio.ndim != 1 or audio.shape[0] < n_audio:
+        raise SampleError("short_audio", f"{key}: {audio.shape} audio samples, the clip needs {n_audio}")
+    m = cfg.size_multiple
+    h2, w2 = h // m * m, w // m * m
+    if h2 == 0 or w2 == 0:
+        raise SampleError("too_small", f"{key}: {h}×{w} frames are smaller than size_multiple={m}")
+    top, left = (h - h2) // 2, (w - w2) // 2
+    caption = meta.get("caption") or cfg.default_caption
+    out_meta = {
+        "schema": SCHEMA_NAME,
+        "version": SCHEMA_VERSION,
+        "fps": fps,
+        "num_frames": f,
+        "height": h2,
+        "width": w2,
+        "omega_l": normalise_motion(meta.get("omega_l_raw"), stats["omega_l"]),
+        "omega_b": normalise_motion(meta.get("omega_b_raw"), stats["omega_b"]),
+        "caption": caption,
+        "source": meta.get("source"),
+        # Kept for tracing a sample back and for re-normalising ω with other statistics.
+        "omega_l_raw": meta.get("omega_l_raw"),
+        "omega_b_raw": meta.get("omega_b_raw"),
+        "clip_index": meta.get("clip_index"),
+        "start_s": meta.get("start_s"),
+        "crop": [top, left],  # pixel offset of the cropped frame in the raw clip
+        "lip_mask_resize": cfg.lip_mask_resize,
+    }
+    if "face_box" in meta:
+        x0, y0, x1, y1 = meta["face_box"]
+        out_meta["face_box"] = [x0 - left, y0 - top, x1 - left, y1 - top]
+    return Clip(
+        key=key,
+        frames=frames[:, top : top + h2, left : left + w2],
+        audio=audio[:n_audio].astype(np.float32),
+        masks=masks[:, top : top + h2, left : left + w2],
+        caption=caption,
+        meta=out_meta,
+    )
+
+
+def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[str, Any]]:
+    """Encode clips (any sizes; equal sizes share encoder calls) → latent WebDataset samples."""
+    import torch
+
+    from ft_train.models.encoders import encode_clips
+
+    dtype = STORAGE_DTYPES[cfg.storage_dtype]
+    groups: dict[tuple, list[Clip]] = {}
+    for clip in clips:
+        groups.setdefault(clip.frames.shape, []).append(clip)
+    samples = {}
+    for group in groups.values():
+        out = encode_clips(
+            encoders,
+            torch.from_numpy(np.stack([c.frames for c in group])),
+            [c.audio for c in group],
+            torch.from_numpy(np.stack([c.masks for c in group])),
+            [c.caption for c in group],
+            cfg.lip_mask_resize,
+        )
+        for i, clip in enumerate(group):
+            arrays = {name: (out[name][i]).cpu().numpy().astype(dtype) for name in out}
+            samples[clip.key] = {"__key__": clip.key, **{f"{k}.npy": v for k, v in arrays.items()}, "json": clip.meta}
+    return [samples[c.key] for c in clips]
+
+
+# --------------------------------------------------------------------------------------------
+# one shard
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def shard_is_done(out: Path, raw_shard: Path) -> bool:
+    """Finished = a record exists for this raw shard at its current size and the tar (if any)
+    has the recorded size; anything else (no record, a crash's ``.tmp``, a re-prepped raw shard)
+    means encode it again."""
+    record = out / "parts" / f"{raw_shard.stem}.json"
+    if not record.is_file():
+        return False
+    try:
+        rec = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return False
+    if rec.get("source_bytes") != raw_shard.stat().st_size:
+        return False
+    if rec.get("tar") is None:
+        return not (out / raw_shard.name).exists()
+    tar = out / rec["tar"]
+    return tar.is_file() and tar.stat().st_size == rec.get("bytes")
+
+
+def encode_shard(raw_shard: Path, out: Path, encoders, cfg: EncodeConfig, stats: dict, bar=None) -> dict:
+    """Encode one raw shard into ``out/<same name>``; returns (and writes) its record."""
+    import webdataset as wds
+
+    t_start = time.perf_counter()
+    timing: Counter = Counter()
+    rejects: list[dict] = []
+
+    def reject(key: str | None, reason: str, detail: str) -> None:
+        rejects.append({"shard": raw_shard.name, "key": key, "reason": reason, "detail": detail})
+        if bar is not None:
+            bar.skipped += 1
+
+    def on_tar_error(exn: Exception) -> bool:
+        # WebDataset reports one cut-off tar from several pipeline stages: count it once.
+        if not any(r["reason"] == "unreadable_shard" for r in rejects):
+            reject(None, "unreadable_shard", f"{raw_shard}: {exn.__class__.__name__}: {exn}")
+        return True
+
+    final = out / raw_shard.name
+    tmp = out / (raw_shard.name + ".tmp")
+    written = 0
+    pending: list[Clip] = []
+
+    def flush(sink) -> None:
+        nonlocal written
+        if not pending:
+            return
+        t = time.perf_counter()
+        for sample in encode_batch(pending, encoders, cfg):
+            sink.write(sample)
+            written += 1
+        timing["encode"] += time.perf_counter() - t
+        if bar is not None:
+            bar.update(len(pending))
+        pending.clear()
+
+    source = wds.WebDataset([str(raw_shard)], shardshuffle=False, empty_check=False, handler=on_tar_error)
+    with wds.TarWriter(str(tmp)) as sink:
+        t = time.perf_counter()
+        for raw in source:
+            try:
+                pending.append(prepare_sample(raw, stats, cfg))
+            except SampleError as e:
+                reject(raw.get("__key__"), e.reason, str(e))
+                if bar is not None:
+                    bar.update(1)
+            timing["decode"] += time.perf_counter() - t
+            if len(pending) >= cfg.batch_size:
+                flush(sink)
+            t = time.perf_counter()
+        flush(sink)
+    rec = {"shard": raw_shard.stem, "source": str(raw_shard), "source_bytes": raw_shard.stat().st_size,
+           "tar": None, "samples": written, "bytes": 0, "rejects": rejects}
+    if written:
+        os.replace(tmp, final)
+        rec["tar"], rec["bytes"] = final.name, final.stat().st_size
+    else:
+        tmp.unlink()
+        final.unlink(missing_ok=True)
+    timing["total"] = time.perf_counter() - t_start
+    rec["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
+    _write_json_atomic(out / "parts" / f"{raw_shard.stem}.json", rec)
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def raw_shards(cfg: EncodeConfig) -> tuple[list[Path], dict]:
+    """The raw shards (sorted) and ``stats.json`` of ``cfg.input``; one-line errors naming ``input``."""
+    src = Path(cfg.input).expanduser()
+    if not src.is_dir():
+        raise SystemExit(f"input={cfg.input}: no such folder; point it at an ft-prep output folder")
+    shards = sorted(p for p in src.glob("*.tar") if p.is_file())
+    if not shards:
+        raise SystemExit(f"input={cfg.input}: no .tar shards; run ft-prep on your videos first")
+    stats_file = src / "stats.json"
+    if not stats_file.is_file():
+        raise SystemExit(f"input={cfg.input}: no stats.json (ω statistics); run ft-prep input=... output={cfg.input} mode=merge")
+    return shards, json.loads(stats_file.read_text())
+
+
+def write_null_text(out: Path, encoders, dtype) -> None:
+    """``null_text.npy``: the empty prompt's umT5 embedding (L, D), written once, atomically."""
+    target = out / "null_text.npy"
+    tmp = out / "null_text.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, encoders.text([""])[0].cpu().numpy().astype(dtype))
+    os.replace(tmp, target)
+
+
+def merge(out: Path, shards: list[Path], run_info: dict, widths: dict | None) -> dict:
+    """``report.json``/``report.txt`` from every ``parts/`` record of these shards."""
+    records = [json.loads(p.read_text()) for s in shards if (p := out / "parts" / f"{s.stem}.json").is_file()]
+    rejects = [x for r in records for x in r["rejects"]]
+    counts = Counter(x["reason"] for x in rejects)
+    timing: Counter = Counter()
+    for r in records:
+        timing.update(r["timing_s"])
+    old = out / "report.json"
+    if widths is None and old.is_file():  # nothing loaded this run: keep what the last run saw
+        widths = json.loads(old.read_text()).get("widths")
+    report = {
+        "shards_total": len(shards),
+        "shards_done": len(records),
+        "shards_missing": sorted(set(s.stem for s in shards) - {r["shard"] for r in records}),
+        "samples": sum(r["samples"] for r in records),
+        "skipped": {reason: counts.get(reason, 0) for reason in REJECT_REASONS},
+        "skipped_total": len(rejects),
+        "rejects": rejects,
+        "widths": widths,
+        "timing_s": {k: round(v, 3) for k, v in sorted(timing.items())},
+        "this_run": run_info,
+    }
+    _write_json_atomic(out / "report.json", report)
+    (out / "report.txt").write_text(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"latent shards: {report['shards_done']}/{report['shards_total']} done",
+        f"samples: {report['samples']}   skipped: {report['skipped_total']}",
+    ]
+    for reason, n in report["skipped"].items():
+        if n:
+            lines.append(f"  {reason:<17} {n:>6}   {REJECT_REASONS[reason]}")
+    if report.get("widths"):
+        lines.append("encoder widths: " + ", ".join(f"{k} {v}" for k, v in report["widths"].items()))
+    run = report.get("this_run") or {}
+    if run:
+        lines.append(f"this run: {run.get('shards_written', 0)} shards written, "
+                     f"{run.get('shards_skipped', 0)} already done, {run.get('wall_s', 0):.1f}s wall"
+                     + (f" on {run['device']}" if run.get("device") else ""))
+    return "\n".join(lines) + "\n"
+
+
+class _Progress:
+    """tqdm bar over clips, showing how many were skipped."""
+
+    def __init__(self, total: int | None, disable: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="clip", disable=disable, dynamic_ncols=True, desc="encode")
+        self.skipped = 0
+
+    def update(self, n: int) -> None:
+        self._bar.set_postfix(skipped=self.skipped)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def run_encode(cfg: EncodeConfig, encoders=None) -> dict:
+    """Encode this task's unfinished raw shards, then write the report (returned).
+
+    ``encoders`` (a :class:`ft_train.models.encoders.FrozenEncoders`) may be passed in, e.g. by
+    tests; otherwise they are loaded from ``cfg.encoders`` — only when there is work to do, but
+    their folders are checked first in any case.
+    """
+    from ft_train.models.encoders import check_encoder_paths, load_encoders
+
+    shards, stats = raw_shards(cfg)
+    if encoders is None:
+        check_encoder_paths(cfg.encoders.get("wan"), cfg.encoders.get("wav2vec"))
+    out = Path(cfg.output).expanduser()
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    if not (out / "stats.json").is_file():
+        shutil.copyfile(Path(cfg.input) / "stats.json", out / "stats.json")
+    mine = [s for i, s in enumerate(shards) if i % cfg.num_tasks == cfg.task_index]
+    todo = [s for s in mine if not shard_is_done(out, s)]
+    need_null = not (out / "null_text.npy").is_file()
+    t0 = time.perf_counter()
+    device = None
+    if (todo or need_null) and encoders is None:
+        device = resolve_device(cfg.device)
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        encoders = load_encoders(cfg.encoders["wan"], cfg.encoders["wav2vec"], device=device, dtype=dtype,
+                                 vae_dtype=cfg.vae_dtype)
+    if need_null:
+        write_null_text(out, encoders, STORAGE_DTYPES[cfg.storage_dtype])
+    bar = _Progress(_clip_count(Path(cfg.input), todo), disable=not cfg.progress)
+    try:
+        for shard in todo:
+            encode_shard(shard, out, encoders, cfg, stats, bar)
+    finally:
+        bar.close()
+    run_info = {"shards_written": len(todo), "shards_skipped": len(mine) - len(todo),
+                "wall_s": round(time.perf_counter() - t0, 3), "device": device}
+    return merge(out, shards, run_info, encoders.widths() if encoders is not None else None)
+
+
+def _clip_count(raw_dir: Path, shards: list[Path]) -> int | None:
+    """Clips in these shards according to the raw manifest (for the progress bar), if known."""
+    manifest = raw_dir / "manifest.json"
+    if not manifest.is_file():
+        return None
+    counts = {e["shard"]: e["samples"] for e in json.loads(manifest.read_text()).get("shards", [])}
+    return sum(counts.get(s.name, 0) for s in shards)
+
+
+def load_config(overrides: list[str]) -> EncodeConfig:
+    """Compose ``conf/encode.yaml`` with Hydra override strings into an :class:`EncodeConfig`."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="encode", overrides=overrides)
+    except Exception as e:  # hydra's own errors: bad override syntax, unknown key
+        raise SystemExit(f"ft-prep task=encode: {e} (options are the keys of {CONF_DIR / 'encode.yaml'})") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SystemExit(
+            f"ft-prep task=encode: set {', '.join(missing)} "
+            "(e.g. input=shards/ output=latents/ encoders.wan=Wan2.1-I2V-14B-720P-Diffusers/ encoders.wav2vec=wav2vec2-base-960h/)"
+        )
+    return EncodeConfig(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ft-prep task=encode key=value ...`` (keys of ``conf/encode.yaml``); ``task=`` already removed."""
+    from ft_train.models.encoders import EncoderWeightsError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print((CONF_DIR / "encode.yaml").read_text())
+        return 0
+    try:
+        cfg = load_config(argv)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        report = run_encode(cfg)
+    except EncoderWeightsError as e:
+        raise SystemExit(str(e)) from None
+    print(format_report(report), end="")
+    print(f"output: {Path(cfg.output).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

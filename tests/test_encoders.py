@@ -1,0 +1,144 @@
+"""Frozen encoders: tiny random models saved in the real folder layouts load back through the real
+loaders, give the documented shapes, and missing/broken folders fail with the config key named."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ft_train.models.audio import wav2vec_num_tokens
+from ft_train.models.encoders import (
+    EncoderWeightsError,
+    encode_clips,
+    lip_mask_to_latent,
+    load_encoders,
+    save_tiny_encoders,
+)
+
+# Deliberately not the real widths (1280/4096/768): every width must come from the loaded model.
+WIDTHS = dict(image_dim=48, text_dim=40, audio_dim=24, image_size=32, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoders")
+    save_tiny_encoders(root / "wan", root / "wav2vec", **WIDTHS)
+    return root / "wan", root / "wav2vec"
+
+
+@pytest.fixture(scope="module")
+def encoders(folders):
+    return load_encoders(*folders)
+
+
+def test_round_trip_loads_the_saved_weights(folders, encoders):
+    wan, wav2vec = folders
+    saved = {
+        "vae": (load_file(wan / "vae" / "diffusion_pytorch_model.safetensors"), encoders.vae.vae),
+        "image": (load_file(wan / "image_encoder" / "model.safetensors"), encoders.image.model),
+        "text": (load_file(wan / "text_encoder" / "model.safetensors"), encoders.text.model),
+        "audio": (load_file(wav2vec / "model.safetensors"), encoders.audio.model),
+    }
+    for name, (tensors, module) in saved.items():
+        state = module.state_dict()
+        for key, value in tensors.items():
+            assert key in state, f"{name}: {key} not loaded"
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
+        assert not any(p.requires_grad for p in module.parameters()), f"{name} is not frozen"
+        assert not module.training, f"{name} is not in eval mode"
+    assert encoders.widths() == {"image": 48, "text": 40, "audio": 24}
+    assert encoders.audio.feature_extractor is not None  # preprocessor_config.json was found
+
+
+def test_vae_shapes_normalisation_and_condition(encoders):
+    vae = encoders.vae
+    torch.manual_seed(0)
+    video = torch.rand(2, 3, 9, 16, 32) * 2 - 1
+    latents = vae(video)
+    assert latents.shape == (2, 16, 3, 2, 4) and latents.dtype == torch.float32
+    cfg = vae.vae.config
+    mu = vae.vae.encode(video).latent_dist.mode()
+    expect = (mu - torch.tensor(cfg.latents_mean).view(1, 16, 1, 1, 1)) / torch.tensor(cfg.latents_std).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(latents, expect)
+    cond = vae.encode_condition(video[:, :, 0], 9)
+    assert cond.shape == latents.shape
+    # The VAE is causal: latent frame 0 sees frame 0 only, so the condition shares it with the clip.
+    torch.testing.assert_close(cond[:, :, 0], latents[:, :, 0])
+    assert not torch.allclose(cond[:, :, 1:], latents[:, :, 1:])
+    with pytest.raises(ValueError, match="4k\\+1"):
+        vae(torch.zeros(1, 3, 8, 16, 16))
+
+
+def test_clip_text_audio_shapes(encoders):
+    images = torch.rand(3, 3, 50, 70) * 2 - 1  # any size: resized to the model's image_size
+    assert encoders.image(images).shape == (3, (32 // 8) ** 2 + 1, 48)
+
+    long, short, empty = encoders.text(["a person is talking to the camera", "a man", ""])
+    assert long.shape == (8, 40) and short.shape == (3, 40) and empty.shape == (1, 40)  # words + </s>
+    # Padding is masked out: a prompt encodes the same alone or beside a longer one.
+    torch.testing.assert_close(encoders.text(["a man"])[0], short)
+
+    waves = [np.random.default_rng(i).standard_normal(n).astype(np.float32) * 0.1 for i, n in enumerate((16000, 16000, 10880))]
+    feats = encoders.audio(waves)
+    assert [tuple(f.shape) for f in feats] == [(wav2vec_num_tokens(16000), 24)] * 2 + [(wav2vec_num_tokens(10880), 24)]
+    assert wav2vec_num_tokens(16000) == 49  # 50 tokens/s
+    # The feature extractor normalises each waveform: loudness does not change the features.
+    torch.testing.assert_close(encoders.audio([waves[2] * 3])[0], feats[2], atol=1e-4, rtol=1e-4)
+    # Batch neighbours of another length do not change a clip's features.
+    torch.testing.assert_close(encoders.audio([waves[2]])[0], feats[2])
+
+
+def test_encode_clips_one_call_gives_every_condition(encoders):
+    frames = torch.randint(0, 256, (2, 9, 16, 32, 3), dtype=torch.uint8)
+    masks = torch.zeros(2, 9, 16, 32, dtype=torch.bool)
+    masks[:, :, 8:16, 8:24] = True
+    out = encode_clips(encoders, frames, [np.zeros(5760, np.float32)] * 2, masks, ["a man", ""])
+    assert out["latents"].shape == out["image_latents"].shape == (2, 16, 3, 2, 4)
+    assert out["clip"].shape == (2, 17, 48) and out["lip_mask"].shape == (2, 3, 2, 4)
+    assert [t.shape[0] for t in out["text"]] == [3, 1] and out["audio"][0].shape[1] == 24
+    # The I2V condition is VAE([frame 0, zeros...]) of exactly these frames.
+    video = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    torch.testing.assert_close(out["image_latents"], encoders.vae.encode_condition(video[:, :, 0], 9))
+
+
+@pytest.mark.parametrize("mode", ["trilinear", "area"])
+def test_lip_mask_to_latent(mode):
+    masks = torch.zeros(1, 17, 64, 64)
+    masks[:, :, 40:56, 16:32] = 1  # latent rows 5-6, cols 2-3
+    lat = lip_mask_to_latent(masks, (5, 8, 8), mode)
+    assert lat.shape == (1, 5, 8, 8) and 0 <= lat.min() and lat.max() <= 1
+    assert torch.equal(lat[0, :, 5:7, 2:4], torch.ones(5, 2, 2))
+    lat[0, :, 5:7, 2:4] = 0
+    assert lat.abs().sum() == 0
+    # area = exact coverage: a mask on frame 0 only lands in latent frame 0 only.
+    first = torch.zeros(1, 17, 64, 64)
+    first[:, 0] = 1
+    assert lip_mask_to_latent(first, (5, 8, 8), "area")[0, :, 0, 0].tolist() == [1, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="lip_mask_resize"):
+        lip_mask_to_latent(masks, (5, 8, 8), "nearest")
+
+
+def test_missing_or_broken_folders_name_the_key(folders, tmp_path):
+    wan, wav2vec = folders
+    with pytest.raises(EncoderWeightsError, match=r"^encoders\.wan: no folder .*nope"):
+        load_encoders(tmp_path / "nope", wav2vec)
+    with pytest.raises(EncoderWeightsError, match=r"^encoders\.wav2vec: no wav2vec2 model"):
+        load_encoders(wan, tmp_path / "nope")
+    with pytest.raises(EncoderWeightsError, match=r"^encoders\.wan: not set"):
+        load_encoders(None, wav2vec, encoders=("vae",))
+    # Only the encoders asked for need their folders.
+    assert load_encoders(None, wav2vec, encoders=("audio",)).vae is None
+
+    partial = tmp_path / "partial"
+    shutil.copytree(wan, partial, ignore=shutil.ignore_patterns("text_encoder"))
+    with pytest.raises(EncoderWeightsError, match=r"^encoders\.wan: no text_encoder/ at .*partial"):
+        load_encoders(partial, wav2vec)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(wan, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(EncoderWeightsError, match=r"^encoders\.wan: cannot load AutoencoderKLWan from .*broken"):
+        load_encoders(broken, wav2vec, encoders=("vae",))
+    assert "\n" not in str(pytest.raises(EncoderWeightsError, load_encoders, broken, wav2vec).value)
