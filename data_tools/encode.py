@@ -43,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from ft_train.config import CONF_DIR, compose_tool_config
+
 RAW_MEMBERS = ("mp4", "flac", "lipmask.npz", "json")
 
 #: Every reason a raw sample is skipped; the report counts each.
@@ -474,21 +475,8 @@ def _clip_count(raw_dir: Path, shards: list[Path]) -> int | None:
 
 def load_config(overrides: list[str]) -> EncodeConfig:
     """Compose ``conf/encode.yaml`` with Hydra override strings into an :class:`EncodeConfig`."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="encode", overrides=overrides)
-    except Exception as e:  # hydra's own errors: bad override syntax, unknown key
-        raise SystemExit(f"ft-prep task=encode: {e} (options are the keys of {CONF_DIR / 'encode.yaml'})") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise SystemExit(
-            f"ft-prep task=encode: set {', '.join(missing)} "
-            "(e.g. input=shards/ output=latents/ encoders.wan=Wan2.1-I2V-14B-720P-Diffusers/ encoders.wav2vec=wav2vec2-base-960h/)"
-        )
-    return EncodeConfig(**OmegaConf.to_container(cfg, resolve=True))
+    example = "input=shards/ output=latents/ encoders.wan=Wan2.1-I2V-14B-720P-Diffusers/ encoders.wav2vec=wav2vec2-base-960h/"
+    return EncodeConfig(**compose_tool_config("encode", overrides, "ft-prep task=encode", example))
 
 
 def main(argv: list[str] | None = None) -> int:

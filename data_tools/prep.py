@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from data_tools import media
+from ft_train.config import CONF_DIR, compose_tool_config
 from data_tools.media import AUDIO_RATE, MediaError
 from data_tools.sample_format import encode_lip_masks, encode_npz, sample_key
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 #: Every reason a file or clip is rejected; the report counts each.
 REJECT_REASONS = {
@@ -581,18 +581,7 @@ class _progress:
 
 def load_config(overrides: list[str]) -> PrepConfig:
     """Compose ``conf/prep.yaml`` with Hydra override strings into a :class:`PrepConfig`."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="prep", overrides=overrides)
-    except Exception as e:  # hydra's own errors: bad override syntax, unknown key
-        raise SystemExit(f"ft-prep: {e} (options are the keys of {CONF_DIR / 'prep.yaml'})") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise SystemExit(f"ft-prep: set {', '.join(missing)} (e.g. ft-prep input=videos/ output=shards/)")
-    return PrepConfig(**OmegaConf.to_container(cfg, resolve=True))
+    return PrepConfig(**compose_tool_config("prep", overrides, "ft-prep", "ft-prep input=videos/ output=shards/"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .config import CONF_DIR, compose_tool_config
 from .models.weights import (
     AUDIO_PROJ_PREFIX,
     BUNDLE_CONFIG,
@@ -50,7 +51,6 @@ from .models.weights import (
     to_official,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FORMATS = ("official", "bundle")
 EXPORT_DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -318,19 +318,8 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
 
 def load_config(overrides: list[str]) -> dict[str, Any]:
     """Compose ``conf/export.yaml`` with Hydra override strings."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="export", overrides=overrides)
-    except Exception as exc:  # hydra's own errors: bad override syntax, unknown key
-        raise SystemExit(f"ft-export: {exc} (options are the keys of {CONF_DIR / 'export.yaml'})") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        example = "ft-export ckpt=<stage_dir>/checkpoints/step-00001000 out=fantasytalking_model.ckpt"
-        raise SystemExit(f"ft-export: set {', '.join(missing)} (e.g. {example})")
-    return OmegaConf.to_container(cfg, resolve=True)
+    example = "ft-export ckpt=<stage_dir>/checkpoints/step-00001000 out=fantasytalking_model.ckpt"
+    return compose_tool_config("export", overrides, "ft-export", example)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from .config import CONF_DIR
+
 log = logging.getLogger("ft_train")
 
 
@@ -172,7 +173,7 @@ def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
     def _main(cfg) -> None:
         results = run(cfg, list(HydraConfig.get().overrides.task))
         for r in results:
