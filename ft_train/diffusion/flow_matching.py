@@ -134,7 +134,8 @@ class FlowMatchingLoss:
 
         ``batch`` keys (see ``ft_train/data/schema.py``): ``latents (B,16,F,H,W)``,
         ``image_latents (B,16,F,H,W)``, ``clip (B,257,Di)``, ``text (B,512,Dt)``,
-        ``audio (B,L,768)``, and for lip weighting ``lip_mask (B,F,H,W)`` in [0, 1].
+        ``audio (B,L,768)``, and for lip weighting ``lip_mask (B,F,H,W)`` in [0, 1]; optional
+        ``motion (B,2)`` = (ω_l, ω_b) and ``face (B,N_face,D_face)`` for the identity/motion modules.
         """
         x0 = batch["latents"]
         device = x0.device
@@ -153,6 +154,15 @@ class FlowMatchingLoss:
         mask = first_frame_mask(x0.shape[2], x0.shape[3], x0.shape[4], batch=bsz, device=device, dtype=x0.dtype)
         hidden = torch.cat([x_t, mask, y], dim=1)
 
+        # Identity / motion inputs go to the model only when the batch has them (models without
+        # those modules ignore them). The face features belong to the reference image and are
+        # dropped with it; without `face` the model falls back to the (dropped) CLIP tokens.
+        extra = {}
+        if "motion" in batch:
+            extra["motion"] = batch["motion"]
+        if "face" in batch:
+            face = batch["face"]
+            extra["face"] = face * keep_image.view(-1, *([1] * (face.ndim - 1))).to(face.dtype)
         pred = model(
             hidden,
             sigma * self.num_train_timesteps,
@@ -160,6 +170,7 @@ class FlowMatchingLoss:
             clip,
             batch.get("audio"),
             audio_scale=r["keep_audio"].to(device=device, dtype=torch.float32),
+            **extra,
         )
         err = (pred.float() - target.float()).square()  # (B, C, F, H, W)
         per_sample = err.mean(dim=(1, 2, 3, 4))

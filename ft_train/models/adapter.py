@@ -60,15 +60,24 @@ class AdapterContext:
             (:func:`~ft_train.models.audio.audio_window_index`); None = clip level.
         window_lengths: ``(F_lat,)`` valid leading positions of each window (frame level).
         audio_scale: ``(B,)`` weight of the audio branch per sample (0 = branch off).
+        identity: ``(B, Q, C_id)`` ID tokens from the Q-Former (:mod:`.identity`), or None.
+        identity_scale: λ2, weight of the face branch (paper: 0.5).
+        motion_emb: ``(B, dim)`` motion embedding added to the time embedding
+            (:class:`~.motion.MotionHook`), or None.
     """
 
     audio: torch.Tensor | None = None
     window_index: torch.Tensor | None = None
     window_lengths: torch.Tensor | None = None
     audio_scale: torch.Tensor | None = None
+    identity: torch.Tensor | None = None
+    identity_scale: float = 0.0
+    motion_emb: torch.Tensor | None = None
 
     def clear(self) -> None:
         self.audio = self.window_index = self.window_lengths = self.audio_scale = None
+        self.identity = self.motion_emb = None
+        self.identity_scale = 0.0
 
 
 def audio_attention(
@@ -125,14 +134,20 @@ class FantasyTalkingAttnProcessor:
 
     The text and image branches follow diffusers' ``WanAttnProcessor`` step for step, so with the
     audio branch off (or zero-initialised) the output is bit-identical to the plain model.
+
+    With ``face_kv`` (the identity branch, paper Eq. 4) the same query also attends to the ID
+    tokens through the block's own zero-initialised face k/v, added with weight λ2:
+    ``out = to_out(text + image + audio_scale·audio + λ2·face)``. Every video token sees all ID
+    tokens (one identity for the whole clip), and a zero-initialised branch adds exactly 0.
     """
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, audio_kv: AudioKV, context: AdapterContext):
+    def __init__(self, audio_kv: AudioKV, context: AdapterContext, face_kv: nn.Module | None = None):
         self.audio_kv = audio_kv
         self.context = context
+        self.face_kv = face_kv
 
     def __call__(
         self,
@@ -189,6 +204,13 @@ class FantasyTalkingAttnProcessor:
             audio_out = audio_out.flatten(2, 3).type_as(query)
             scale = ctx.audio_scale.to(audio_out.dtype).view(-1, 1, 1)
             hidden_states = hidden_states + audio_out * scale
+
+        if self.face_kv is not None and ctx.identity is not None:
+            ids = ctx.identity.to(self.face_kv.k_proj.weight.dtype)
+            f_key = self.face_kv.k_proj(ids).to(query.dtype).unflatten(-1, (attn.heads, -1))
+            f_value = self.face_kv.v_proj(ids).to(query.dtype).unflatten(-1, (attn.heads, -1))
+            face_out = dispatch_attention_fn(query, f_key, f_value, attn_mask=None, backend=self._attention_backend)
+            hidden_states = hidden_states + face_out.flatten(2, 3).type_as(query) * ctx.identity_scale
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -3,7 +3,12 @@
 The backbone is diffusers' ``WanTransformer3DModel``, built from a config (tiny test sizes) or
 loaded from a local diffusers-format folder; it is never re-implemented here. The adapter adds
 ``audio_proj`` (:class:`AudioProjModel`) and one :class:`AudioKV` per block, reached from the
-blocks' cross-attention processors.
+blocks' cross-attention processors. Two optional modules the paper describes but never released
+are switched on by config: the facial identity branch (``model.identity``, :mod:`.identity`: a
+Q-Former and one zero-initialised face k/v per block, in the same processors) and motion-intensity
+modulation (``model.motion``, :mod:`.motion`: an embedding of (ω_l, ω_b) added to the time
+embedding through a forward hook). Both start as exact no-ops, so enabling them on a trained
+audio adapter changes nothing until they are trained.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from torch import nn
 
 from .adapter import TEXT_TOKENS, AdapterContext, AudioKV, FantasyTalkingAttnProcessor
 from .audio import AudioProjModel, audio_window_index, num_video_frames
+from .identity import FaceKV, IdentityConfig, IdentityModel
+from .motion import MotionConfig, MotionHook, MotionModel, check_motion
 
 AUDIO_MODES = ("clip", "frame")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,6 +103,9 @@ class FantasyTalkingDiT(nn.Module):
             keeps the dtype it was loaded in (``model.dtype``); for a full fine-tune keep it
             float32 or let DeepSpeed hold float32 master weights.
         gradient_checkpointing: recompute each DiT block in backward (diffusers' own switch).
+        identity: ``model.identity`` (:class:`~.identity.IdentityConfig` or its dict); disabled
+            by default = no parameters.
+        motion: ``model.motion`` (:class:`~.motion.MotionConfig` or its dict); disabled by default.
     """
 
     def __init__(
@@ -107,6 +117,8 @@ class FantasyTalkingDiT(nn.Module):
         audio_expand: int = 4,
         train_backbone: bool = False,
         gradient_checkpointing: bool = False,
+        identity: IdentityConfig | dict[str, Any] | None = None,
+        motion: MotionConfig | dict[str, Any] | None = None,
     ):
         super().__init__()
         self.transformer = transformer
@@ -119,8 +131,22 @@ class FantasyTalkingDiT(nn.Module):
         self.audio_expand = audio_expand
         self.audio_mode = audio_mode
         self._context = AdapterContext()
-        for block, kv in zip(transformer.blocks, self.audio_kv):
-            block.attn2.set_processor(FantasyTalkingAttnProcessor(kv, self._context))
+        self.identity_config = identity if isinstance(identity, IdentityConfig) else IdentityConfig.from_dict(identity)
+        self.motion_config = motion if isinstance(motion, MotionConfig) else MotionConfig.from_dict(motion)
+        # Disabled modules are not created at all (no parameters, no checkpoint keys).
+        self.identity = self.face_kv = self.motion = None
+        if self.identity_config.enabled:
+            self.identity = IdentityModel(self.identity_config)
+            self.face_kv = nn.ModuleList(FaceKV(self.identity_config.out_dim, inner_dim) for _ in transformer.blocks)
+        for i, (block, kv) in enumerate(zip(transformer.blocks, self.audio_kv)):
+            face_kv = self.face_kv[i] if self.face_kv is not None else None
+            block.attn2.set_processor(FantasyTalkingAttnProcessor(kv, self._context, face_kv))
+        if self.motion_config.enabled:
+            self.motion = MotionModel(inner_dim, self.motion_config.hidden_dim, self.motion_config.freq_dim)
+            # Not a module attribute: the handle is plain state, removed with the model.
+            self._motion_hook = transformer.condition_embedder.time_embedder.register_forward_hook(
+                MotionHook(self._context)
+            )
         self.set_backbone_trainable(train_backbone)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -139,8 +165,16 @@ class FantasyTalkingDiT(nn.Module):
         self.transformer.requires_grad_(trainable)
 
     def adapter_modules(self) -> dict[str, nn.Module]:
-        """The modules this project adds (trained, exported), by attribute name."""
-        return {"audio_proj": self.audio_proj, "audio_kv": self.audio_kv}
+        """The modules this project adds (trained, exported), by attribute name. The identity
+        branch contributes its Q-Former (``identity.qformer``) and per-block ``face_kv``, not the
+        face encoder (frozen, loaded from its own weights); motion contributes ``motion``."""
+        modules: dict[str, nn.Module] = {"audio_proj": self.audio_proj, "audio_kv": self.audio_kv}
+        if self.identity is not None:
+            modules["identity.qformer"] = self.identity.qformer
+            modules["face_kv"] = self.face_kv
+        if self.motion is not None:
+            modules["motion"] = self.motion
+        return modules
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter weights only, keyed as in ``state_dict()`` (e.g. ``audio_kv.0.k_proj.weight``)."""
@@ -162,6 +196,8 @@ class FantasyTalkingDiT(nn.Module):
         image: torch.Tensor,
         audio: torch.Tensor | None = None,
         audio_scale: float | torch.Tensor = 1.0,
+        motion: torch.Tensor | None = None,
+        face: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity.
 
@@ -173,6 +209,10 @@ class FantasyTalkingDiT(nn.Module):
             image: ``(B, 257, image_dim)`` CLIP vision tokens (penultimate layer).
             audio: ``(B, L, audio_in_dim)`` wav2vec2 features of the clip, or None (branch off).
             audio_scale: weight of the audio branch, a float or ``(B,)`` per sample (0 = off).
+            motion: ``(B, 2)`` (ω_l, ω_b) in [0, 1], or a pair for the whole batch; None =
+                ``model.motion.default`` (0.5). Ignored when motion is disabled.
+            face: ``(B, N_face, face_dim)`` face features for the identity branch; None = the CLIP
+                image tokens ``image`` (see :mod:`.identity`). Ignored when identity is disabled.
         Returns:
             ``(B, 16, F_lat, H, W)``.
         """
@@ -194,6 +234,12 @@ class FantasyTalkingDiT(nn.Module):
                     audio.shape[1], num_frames, self.audio_expand, device=audio.device
                 )
             ctx.audio_scale = scale
+        if self.identity is not None:
+            ctx.identity = self.identity(image if face is None else face)
+            ctx.identity_scale = self.identity_config.scale
+        if self.motion is not None:
+            omega = check_motion(motion, bsz, hidden_states.device, self.motion_config.default)
+            ctx.motion_emb = self.motion(omega)
         dtype = self.transformer.dtype
         out = self.transformer(
             hidden_states=hidden_states.to(dtype),
@@ -215,8 +261,11 @@ def build_model(
     audio_expand: int = 4,
     train_backbone: bool = False,
     gradient_checkpointing: bool = False,
+    identity: dict[str, Any] | None = None,
+    motion: dict[str, Any] | None = None,
 ) -> FantasyTalkingDiT:
-    """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter."""
+    """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
+    (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``)."""
     dit = load_transformer(pretrained, transformer, dtype)
     return FantasyTalkingDiT(
         dit,
@@ -226,6 +275,8 @@ def build_model(
         audio_expand=audio_expand,
         train_backbone=train_backbone,
         gradient_checkpointing=gradient_checkpointing,
+        identity=dict(identity) if identity is not None else None,
+        motion=dict(motion) if motion is not None else None,
     )
 
 
