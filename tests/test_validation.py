@@ -1,0 +1,200 @@
+"""The validation callback in a tiny training run, and ft-eval on folders of videos.
+
+Stand-ins (random or hand-made networks, as in the metric tests) check the plumbing: the FVD one
+goes through its weight path (TorchScript), FID and Sync are handed in as ready Metrics through
+the same Hydra config keys a user sets to weight paths.
+"""
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from ft_train.eval import evaluate, main
+from ft_train.media import read_video, write_video
+from ft_train.metrics import FrechetFeatureDistance, SyncMetric
+from ft_train.metrics.callback import ValidationCallback
+from ft_train.models.encoders import save_tiny_encoders
+from ft_train.train import train
+
+from .conftest import CONF
+from .test_metrics_fid import TinyExtractor
+from .test_metrics_fvd import StandInI3D
+from .test_metrics_sync import BrightnessEnergyEncoder
+
+TINY_FID = {"_target_": "ft_train.metrics.FrechetFeatureDistance", "num_features": 16,
+            "reset_real_features": False, "feature_net": {"_target_": "tests.test_metrics_fid.TinyExtractor"}}
+TINY_SYNC = {"_target_": "ft_train.metrics.SyncMetric",
+             "net": {"_target_": "tests.test_metrics_sync.BrightnessEnergyEncoder"}}
+
+
+@pytest.fixture(scope="module")
+def i3d_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fvd") / "i3d_torchscript.pt"
+    torch.jit.script(StandInI3D()).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    save_tiny_encoders(root / "wan", root / "wav2vec", image_dim=32, text_dim=32, audio_dim=32, image_size=28)
+    return root / "wan"
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+# -- the callback ------------------------------------------------------------------------------------
+
+def test_training_run_logs_all_metrics_and_writes_videos(tmp_path, tiny_wan, i3d_file):
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):  # the clips' speech (latent shards hold only wav2vec features)
+        wave = (0.3 * np.sin(np.arange(int(33 / 23 * 16000)) * 0.05) * rng.uniform(0.2, 1.0)).astype(np.float32)
+        scipy.io.wavfile.write(audio_dir / f"synthetic-{i:06d}.wav", 16000, (wave * 32767).astype(np.int16))
+    cfg = compose_train([
+        "experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stage.max_steps=4", "data.num_workers=0",
+        "data.num_samples=4", "data.samples_per_shard=2", "data.shuffle_buffer=0",
+        "data.num_frames=33",  # the tiny Wan VAE decodes ~0.1 s per frame on CPU
+        "+callbacks@callbacks.validation=validation",
+        "callbacks.validation.shards=${data.root}", "callbacks.validation.num_samples=2",
+        "callbacks.validation.every_n_steps=2", "callbacks.validation.sampler.steps=2",
+        f"callbacks.validation.vae={tiny_wan}", f"callbacks.validation.fvd={i3d_file}",
+        f"callbacks.validation.audio_dir={audio_dir}", "callbacks.validation.fid_frames=8",
+    ])
+    with open_dict(cfg):
+        cfg.callbacks.validation.fid = TINY_FID
+        cfg.callbacks.validation.sync = TINY_SYNC
+    result = train(cfg)
+
+    callback = next(c for c in result["trainer"].callbacks if isinstance(c, ValidationCallback))
+    assert [h["step"] for h in callback.history] == [2, 4]  # at_train_end: step 4 was already done
+    for h in callback.history:
+        for name in ("val/fid", "val/fvd", "val/sync_c", "val/sync_d"):
+            assert math.isfinite(h.get(name, float("nan"))), (name, h)
+    assert all(math.isfinite(result["metrics"][k]) for k in ("val/fid", "val/fvd", "val/sync_c", "val/sync_d"))
+    with open(Path(result["stage_dir"]) / "metrics.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/fvd")]
+    assert [int(r["step"]) for r in rows] == [2, 4]
+
+    for step in (2, 4):
+        videos = sorted((Path(result["stage_dir"]) / "samples" / f"step-{step:08d}").glob("*.mp4"))
+        assert [v.name for v in videos] == ["000_synthetic-000000.mp4", "001_synthetic-000001.mp4"]
+        frames, fps, audio = read_video(videos[0])
+        assert frames.shape == (33, 64, 64, 3) and fps == pytest.approx(23.0)
+        assert audio is not None and len(audio) > 16000 * 1.4
+
+    ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and all(k.startswith("net.") for k in ckpt["state_dict"])
+    saved = [k for k in ckpt["callbacks"] if "ValidationCallback" in k]
+    assert saved and ckpt["callbacks"][saved[0]] == {"last_step": 4}  # no metric networks
+
+
+def test_sampling_is_deterministic_and_restores_train_mode(tmp_path, tiny_wan):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_workers=0",
+                         "data.num_samples=2", "data.samples_per_shard=2", "data.num_frames=17"])
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    net = instantiate(cfg.model).train()
+
+    decoded = []
+    cb = ValidationCallback(shards=cfg.data.root, num_samples=2, every_n_steps=0, vae=str(tiny_wan),
+                            sampler=instantiate({"_target_": "ft_train.diffusion.FlowMatchSampler", "steps": 2}),
+                            decode=lambda z: decoded.append(z.clone()) or torch.zeros(1, 9, 8, 8, 3, dtype=torch.uint8),
+                            samples_dir=None)
+
+    class Trainer:
+        global_step, global_rank, world_size, loggers, callback_metrics = 7, 0, 1, [], {}
+        strategy = None
+
+    class Module:
+        device = torch.device("cpu")
+
+    Module.net = net
+    cb.validate(Trainer(), Module())
+    cb.validate(Trainer(), Module())
+    assert len(decoded) == 4 and torch.equal(decoded[0], decoded[2]) and not torch.equal(decoded[0], decoded[1])
+    assert net.training and all(m.training for m in net.modules())
+    assert cb.history[0] == {"step": 7}  # no metric configured: nothing logged, noted in the log
+
+
+def test_config_errors_name_the_key(tmp_path):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}",
+                         "+callbacks@callbacks.validation=validation", "callbacks.validation.shards=/x"])
+    # Hydra wraps constructor errors (InstantiationException); the one-line message is kept
+    with pytest.raises(Exception, match=r"callbacks\.validation\.vae: set a local Wan2\.1"):
+        instantiate(cfg.callbacks.validation)
+    with open_dict(cfg):
+        cfg.callbacks.validation.vae = str(tmp_path)
+        cfg.callbacks.validation.fvd = str(tmp_path / "missing_i3d.pt")
+    with pytest.raises(Exception, match=r"callbacks\.validation\.fvd: .*missing_i3d\.pt"):
+        instantiate(cfg.callbacks.validation)
+
+
+# -- ft-eval -----------------------------------------------------------------------------------------
+
+def _video_folder(folder: Path, shift: int = 0, names=("a", "b", "c")) -> Path:
+    folder.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        level = g.uniform(40, 160, 32)[:, None, None, None]
+        pattern = g.uniform(-30, 30, (1, 32, 32, 3))
+        frames = np.clip(level + pattern + shift, 0, 255).astype(np.uint8)
+        audio = (0.4 * np.sin(np.arange(32 * 640) * 0.07) * np.repeat(level[:, 0, 0, 0] / 160, 640)).astype(np.float32)
+        write_video(folder / f"{name}.mp4", frames, 25.0, audio=audio)
+    return folder
+
+
+def _metrics():
+    return dict(fid=FrechetFeatureDistance(TinyExtractor(), 16), sync=SyncMetric(net=BrightnessEnergyEncoder()))
+
+
+def test_ft_eval_identical_folders_score_zero_and_different_ones_do_not(tmp_path, i3d_file):
+    gen = _video_folder(tmp_path / "gen")
+    same = tmp_path / "same"
+    shutil.copytree(gen, same)
+    (gen / "only_here.mp4").write_bytes((gen / "a.mp4").read_bytes())
+    (gen / "broken.mp4").write_bytes(b"not a video")
+    (same / "broken.mp4").write_bytes(b"not a video")
+    other = _video_folder(tmp_path / "other", shift=70)
+
+    res = evaluate(gen, same, fvd=str(i3d_file), **_metrics())
+    m = res["metrics"]
+    assert abs(m["fid"]) < 1e-6 and abs(m["fvd"]) < 1e-6
+    assert math.isfinite(m["sync_c"]) and math.isfinite(m["sync_d"])
+    assert res["pairs"] == 3 and res["unpaired_generated"] == ["only_here.mp4"] and list(res["skipped"]) == ["broken.mp4"]
+    assert (gen / "metrics.json").is_file()
+
+    diff = evaluate(gen, other, fvd=str(i3d_file), out=tmp_path / "diff.json", **_metrics())["metrics"]
+    assert diff["fid"] > 1e-3 and diff["fvd"] > 1.0
+    assert (tmp_path / "diff.json").is_file()
+
+
+def test_ft_eval_command_and_its_errors(tmp_path, i3d_file, capsys):
+    gen = _video_folder(tmp_path / "gen")
+    ref = tmp_path / "ref"
+    shutil.copytree(gen, ref)
+    assert main([f"generated={gen}", f"reference={ref}", f"fvd={i3d_file}", f"out={tmp_path / 'r.json'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "fvd" in printed and "pairs scored" in printed and (tmp_path / "r.json").is_file()
+
+    with pytest.raises(SystemExit, match=r"ft-eval: generated: no folder at .*nowhere"):
+        main([f"generated={tmp_path / 'nowhere'}", f"reference={ref}", f"fvd={i3d_file}"])
+    with pytest.raises(SystemExit, match="ft-eval: give the weights of at least one metric"):
+        main([f"generated={gen}", f"reference={ref}"])
+    with pytest.raises(SystemExit, match=r"ft-eval: fid: .*no file at .*missing\.pth"):
+        main([f"generated={gen}", f"reference={ref}", f"fid={tmp_path / 'missing.pth'}"])
+    with pytest.raises(SystemExit, match="ft-eval: set generated"):
+        main([f"reference={ref}"])
