@@ -17,10 +17,15 @@ Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the check
     original Wan name ``cross_attn`` (diffusers: ``attn2``); fp32 like the release unless
     ``dtype`` says otherwise. An ``out`` ending in ``.safetensors`` gives the flat second form
     (``proj_model.…``, ``audio_processor.…``). It carries the audio adapter only: trained backbone
-    or other modules in the checkpoint are reported and left out.
+    or other modules in the checkpoint are reported and left out — the official code has no
+    identity or motion module, so those weights are reported by name with a pointer to
+    ``format=bundle``.
 ``bundle``
-    A folder with ``adapter.safetensors`` (every adapter tensor, this project's naming) and
-    ``adapter.json`` (:func:`bundle_info`), read back by ``stage.init_from`` and ``ft-infer``.
+    A folder with ``adapter.safetensors`` (every adapter tensor, this project's naming: audio,
+    identity Q-Former + ``face_kv``, motion) and ``adapter.json`` (:func:`bundle_info`; its
+    ``model.identity`` / ``model.motion`` say how to rebuild those modules), read back by
+    ``stage.init_from`` and ``ft-infer``. Frozen encoders (an ArcFace network) are not adapter
+    weights and stay out; ``model.identity.arcface_path`` records where they came from.
 """
 
 from __future__ import annotations
@@ -37,12 +42,15 @@ from typing import Any
 import torch
 
 from .config import CONF_DIR, compose_tool_config
+from .models.identity import IdentityConfig
+from .models.motion import MotionConfig
 from .models.weights import (
     AUDIO_PROJ_PREFIX,
     BUNDLE_CONFIG,
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     BUNDLE_WEIGHTS,
+    OPTIONAL_MODULES,
     AdapterCheckpoint,
     audio_block_count,
     flatten_official,
@@ -106,6 +114,38 @@ def non_audio_summary(ckpt: AdapterCheckpoint) -> tuple[int, int, list[str]]:
     return backbone, len(names) - backbone, names
 
 
+def optional_module_tensors(tensors: dict[str, Any]) -> dict[str, list[str]]:
+    """Names of the identity / motion tensors in ``tensors``, by config section
+    (``model.identity``, ``model.motion``); sections without tensors are left out."""
+    found = {section: sorted(k for k in tensors if k.startswith(prefixes)) for section, prefixes in OPTIONAL_MODULES.items()}
+    return {section: names for section, names in found.items() if names}
+
+
+def module_configs(model_cfg: dict[str, Any], tensors: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str]]:
+    """``model_cfg`` with complete ``identity`` / ``motion`` sections (every key, defaults filled
+    for runs whose config predates them), and warnings where the config and the weights disagree:
+    a bundle is rebuilt from its config, so trained weights of a module the config disables would
+    be ignored, and an enabled module without weights would run at its zero-initialised no-op."""
+    model_cfg = dict(model_cfg)
+    held = optional_module_tensors(tensors)
+    warnings = []
+    for name, cls in (("identity", IdentityConfig), ("motion", MotionConfig)):
+        section = f"model.{name}"
+        model_cfg[name] = cls.from_dict(model_cfg.get(name)).to_dict()
+        enabled = model_cfg[name]["enabled"]
+        if section in held and not enabled:
+            warnings.append(
+                f"{path} holds {len(held[section])} trained {section} tensors but the config says {section}.enabled=false, "
+                "so a model rebuilt from this bundle ignores them; pass config=<the run's config.yaml>"
+            )
+        elif enabled and section not in held:
+            warnings.append(
+                f"the config enables {section} but {path} holds no weights for it; "
+                "a model rebuilt from this bundle runs it at its zero-initialised state (no effect)"
+            )
+    return model_cfg, warnings
+
+
 def export_official(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype) -> tuple[Path, dict[str, torch.Tensor]]:
     """Write the released layout to ``out`` (``.safetensors`` = flat form). Returns the path and
     the flat tensors written."""
@@ -138,9 +178,10 @@ def bundle_info(ckpt: AdapterCheckpoint, run_cfg: dict[str, Any], tensors: dict[
     widths, ``expand`` = window widening per side in tokens, training ``fps`` and ``num_frames``
     when the data config fixes them, 16 kHz / 50 tokens/s); ``modules`` (parameters per adapter
     module); ``data_stats`` (ft-prep's ``stats.json``, normalises the motion intensities) or null;
-    ``source``.
+    ``source``. ``model.identity`` / ``model.motion`` are always complete sections
+    (:func:`module_configs`).
     """
-    model_cfg = dict(run_cfg.get("model") or {})
+    model_cfg, _ = module_configs(dict(run_cfg.get("model") or {}), tensors, ckpt.path)
     data_cfg = dict(run_cfg.get("data") or {})
     stage = ckpt.meta.get("stage") or (run_cfg.get("stage") or {}).get("name")
     audio_mode = ckpt.meta.get("audio_mode") or stage  # the stages are named after their audio mode
@@ -282,10 +323,15 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
     warnings: list[str] = []
     backbone, other, names = non_audio_summary(checkpoint)
     if format == "official" and names:
+        held = optional_module_tensors(checkpoint.tensors)
+        modules = ", ".join(f"{section} ({len(keys)})" for section, keys in held.items())
         warnings.append(
             f"{checkpoint.path} holds {len(names)} trained tensors outside the audio adapter ({backbone} backbone, "
             f"{other} other modules; first: {names[0]}); the official format and code use the audio adapter only, "
-            "so they are left out" + (" (format=bundle keeps the other adapters)" if other else "")
+            "so they are left out"
+            + (f"; the official code has no identity or motion module and cannot use the {modules} weights"
+               if held else "")
+            + (" (format=bundle keeps the other adapters)" if other else "")
         )
     if format == "bundle" and backbone:
         warnings.append(
@@ -299,6 +345,10 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
         written, tensors = export_official(checkpoint, target, torch_dtype)
     else:
         run_cfg = _run_config(checkpoint, config)
+        bundle_tensors = {k: v for k, v in checkpoint.tensors.items() if not k.startswith(BACKBONE_PREFIX)}
+        for message in module_configs(dict(run_cfg.get("model") or {}), bundle_tensors, checkpoint.path)[1]:
+            log.warning(message)
+            warnings.append(message)
         data_stats = _data_stats(str(stats) if stats else None, run_cfg)
         if data_stats is None and checkpoint.layout == "bundle":
             data_stats = checkpoint.meta["bundle"].get("data_stats")

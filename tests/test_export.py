@@ -5,6 +5,7 @@ provides the checkpoint; a fresh model loaded from the same folder receives the 
 """
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from ft_train.diffusion import FlowMatchingLoss
 from ft_train.export import export, main
+from hydra.utils import instantiate
+
 from ft_train.lit import ClipStageModule
 from ft_train.models import build_model
 from ft_train.models.weights import (
@@ -247,12 +250,16 @@ def test_export_reports_what_the_official_format_cannot_carry(run, fresh, tmp_pa
     ckpt = save(state, tmp_path / "full.ckpt")
     result = export(ckpt, tmp_path / "ft.ckpt")
     assert len(result["warnings"]) == 1 and "2 trained tensors outside the audio adapter (1 backbone, 1 other" in result["warnings"][0]
+    assert "cannot use the model.identity (1) weights" in result["warnings"][0]
     assert "outside the audio adapter" in caplog.text
     sd = torch.load(tmp_path / "ft.ckpt", map_location="cpu", weights_only=True)
     assert set(sd["audio_processor"]) == released_keys(2)
     # The bundle keeps every adapter (identity too) but not the backbone, and says so.
     result = export(ckpt, tmp_path / "bundle", format="bundle", config=str(run["stage_dir"]) + "/config.yaml")
     assert "backbone tensors" in result["warnings"][0]
+    # The run's config disables identity: a model rebuilt from the bundle would ignore that tensor.
+    assert "model.identity.enabled=false" in result["warnings"][1] and len(result["warnings"]) == 2
+    assert json.loads((tmp_path / "bundle" / BUNDLE_CONFIG).read_text())["model"]["identity"]["enabled"] is False
     assert "identity.queries" in load_file(tmp_path / "bundle" / BUNDLE_WEIGHTS)
     caplog.clear()
     load_adapter_weights(fresh, tmp_path / "bundle")  # a model without that module: loads, warns
@@ -286,3 +293,135 @@ def test_ft_export_command(run, tmp_path):
         main(["ckpt=/no/such", f"out={tmp_path / 'x.ckpt'}"])
     with pytest.raises(SystemExit, match="set ckpt"):
         main([f"out={tmp_path / 'x.ckpt'}"])
+
+
+# -- identity and motion modules ---------------------------------------------------------------
+NEW_PREFIXES = ("identity.", "face_kv.", "motion.")
+
+
+@pytest.fixture(scope="module")
+def run_both(tmp_path_factory, tiny_pretrained):
+    """A real ft-train checkpoint with the identity and motion modules: 2 steps of stage 1."""
+    out = tmp_path_factory.mktemp("export_run_both")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=tiny_cpu", "stages=null", "stage.max_steps=2", "data.num_workers=0",
+            f"paths.output_dir={out}", f"model.pretrained={tiny_pretrained}", "model.train_backbone=false",
+            "model.identity.enabled=true", "model.motion.enabled=true",
+        ])
+    result = train(cfg)
+    result["net"] = result["module"].net.eval()
+    return result
+
+
+def both_fresh(tiny_pretrained):
+    """A new model with both modules at the sizes of conf/model/tiny.yaml (what run_both trained)."""
+    cfg = yaml.safe_load((CONF / "model" / "tiny.yaml").read_text())
+    identity, motion = dict(cfg["identity"], enabled=True), dict(cfg["motion"], enabled=True)
+    return build_model(pretrained=str(tiny_pretrained), identity=identity, motion=motion).eval()
+
+
+def new_module_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items() if k.startswith(NEW_PREFIXES)}
+
+
+def test_lightning_checkpoint_holds_identity_and_motion(run_both):
+    state = torch.load(run_both["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    trained = run_both["net"].adapter_state_dict()
+    new = {k for k in trained if k.startswith(NEW_PREFIXES)}
+    assert {k for k in state if k.startswith(tuple("net." + p for p in NEW_PREFIXES))} == {f"net.{k}" for k in new}
+    for key in new:
+        assert torch.equal(state[f"net.{key}"], trained[key]), key
+    assert state["net.face_kv.0.v_proj.weight"].abs().sum() > 0 and state["net.motion.proj_out.weight"].abs().sum() > 0
+
+
+def test_bundle_with_identity_and_motion_round_trips_through_init_from(run_both, tiny_pretrained, inputs, tmp_path):
+    out = tmp_path / "bundle"
+    result = export(run_both["checkpoint"], out, format="bundle")
+    assert result["warnings"] == []
+    info = json.loads((out / BUNDLE_CONFIG).read_text())
+    assert info["model"]["identity"] == dict(run_both["net"].identity_config.to_dict())
+    assert info["model"]["identity"]["enabled"] and info["model"]["identity"]["num_queries"] == 4
+    assert info["model"]["motion"] == run_both["net"].motion_config.to_dict() and info["model"]["motion"]["enabled"]
+    assert {"audio_proj", "audio_kv", "identity", "face_kv", "motion"} == set(info["modules"])
+    assert set(load_file(out / BUNDLE_WEIGHTS)) == set(run_both["net"].adapter_state_dict())
+    # ft-infer's way back: rebuild the model from the bundle's own config, start it from the bundle.
+    net = instantiate(info["model"])
+    module = ClipStageModule(net=net, loss=FlowMatchingLoss(), init_from=str(out))
+    fresh = module.net.eval()
+    assert_same_adapter(fresh, run_both["net"])
+    face = torch.randn(1, 5, 1280, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for extra in ({}, {"motion": (0.2, 0.9), "face": face}):
+            assert torch.equal(fresh(**inputs, **extra), run_both["net"](**inputs, **extra))
+        # The modules are trained: they change the output, so the equality above tests them.
+        assert not torch.equal(fresh(**inputs, motion=(0.0, 0.0)), fresh(**inputs, motion=(1.0, 1.0)))
+        assert not torch.equal(fresh(**inputs, face=face), fresh(**inputs))
+
+
+def test_official_export_warns_that_identity_and_motion_are_left_out(run_both, tmp_path, caplog):
+    result = export(run_both["checkpoint"], tmp_path / "fantasytalking_model.ckpt")
+    (warning,) = result["warnings"]
+    assert "the official code has no identity or motion module and cannot use" in warning
+    assert "model.identity (" in warning and "model.motion (" in warning and "format=bundle" in warning
+    assert warning in caplog.text
+    sd = torch.load(tmp_path / "fantasytalking_model.ckpt", map_location="cpu", weights_only=True)
+    assert set(sd["audio_processor"]) == released_keys(2) and set(sd["proj_model"]) == set(PROJ_SHAPES)
+
+
+def test_released_file_initialises_a_model_with_identity_and_motion(tiny_pretrained, inputs, tmp_path, caplog):
+    """The released file (audio only) starts a model with both modules: the audio adapter loads,
+    the new modules stay exactly at their zero-initialised start, so the output is the audio-only
+    model's whatever ω and face say."""
+    torch.save(released_style(), tmp_path / "fantasytalking_model.ckpt")
+    net = both_fresh(tiny_pretrained)
+    before = new_module_state(net)
+    module = ClipStageModule(net=net, loss=FlowMatchingLoss(), init_from=str(tmp_path / "fantasytalking_model.ckpt"))
+    assert module.net is net
+    for key, value in new_module_state(net).items():
+        assert torch.equal(value, before[key]), key
+    assert net.face_kv[0].k_proj.weight.abs().sum() == 0 and net.motion.proj_out.weight.abs().sum() == 0
+    audio_only = build_model(pretrained=str(tiny_pretrained)).eval()
+    load_adapter_weights(audio_only, tmp_path / "fantasytalking_model.ckpt")
+    with torch.no_grad():
+        want = audio_only(**inputs)
+        assert torch.equal(net(**inputs), want)
+        assert torch.equal(net(**inputs, motion=(1.0, 0.0), face=torch.randn(1, 3, 1280)), want)
+    # Said at INFO level: the released file cannot hold those modules, so nothing is amiss.
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="ft_train.models.weights")
+    load_adapter_weights(net, tmp_path / "fantasytalking_model.ckpt")
+    (record,) = [r for r in caplog.records if "has no model.identity / model.motion weights" in r.getMessage()]
+    assert record.levelno == logging.INFO
+
+
+def test_partial_or_mismatched_identity_motion_weights_fail(run_both, tiny_pretrained, run, tmp_path, caplog):
+    trained = run_both["net"].adapter_state_dict()
+    partial = {k: v for k, v in trained.items() if k != "face_kv.1.k_proj.weight"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(KeyError, match=r"lacks 1 adapter tensors .*first: face_kv.1.k_proj.weight\) \(a partial model.identity"):
+        load_adapter_weights(both_fresh(tiny_pretrained), tmp_path / "partial.pt", key="stage.init_from")
+    # A whole module missing is fine (stays fresh), but the audio adapter never may be.
+    no_motion = {k: v for k, v in trained.items() if not k.startswith("motion.")}
+    torch.save(no_motion, tmp_path / "no_motion.pt")
+    net = both_fresh(tiny_pretrained)
+    loaded = load_adapter_weights(net, tmp_path / "no_motion.pt")
+    assert any(k.startswith("face_kv.") for k in loaded) and not any(k.startswith("motion.") for k in loaded)
+    assert net.motion.proj_out.weight.abs().sum() == 0
+    no_audio = {k: v for k, v in trained.items() if not k.startswith("audio_kv.0.")}
+    torch.save(no_audio, tmp_path / "no_audio.pt")
+    with pytest.raises(KeyError, match="first: audio_kv.0.k_proj.weight"):
+        load_adapter_weights(both_fresh(tiny_pretrained), tmp_path / "no_audio.pt")
+    bigger = yaml.safe_load((CONF / "model" / "tiny.yaml").read_text())["identity"]
+    wide = build_model(pretrained=str(tiny_pretrained), identity=dict(bigger, enabled=True, num_queries=6))
+    with pytest.raises(ValueError, match=r"identity.qformer.queries of shape \(4, 32\), the model expects \(6, 32\) \(model.identity settings differ"):
+        load_adapter_weights(wide, run_both["checkpoint"], key="stage.init_from")
+    # An audio-only ft-train checkpoint starts a model with both modules, which stay fresh.
+    caplog.clear()
+    net = both_fresh(tiny_pretrained)
+    before = new_module_state(net)
+    load_adapter_weights(net, run["checkpoint"])
+    assert "has no model.identity / model.motion weights" in caplog.text
+    assert all(torch.equal(v, before[k]) for k, v in new_module_state(net).items())
+    for key, value in run["net"].adapter_state_dict().items():
+        assert torch.equal(net.adapter_state_dict()[key], value), key

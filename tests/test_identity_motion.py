@@ -8,8 +8,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from ft_train.diffusion import FlowMatchingLoss, step_generator
-from ft_train.models import build_model
-from ft_train.models.identity import IdentityConfig, IdentityModel
+from ft_train.lit import ClipStageModule
+from ft_train.models import ArcFaceEncoder, IResNet, build_model, load_iresnet
+from ft_train.models.identity import IdentityConfig, IdentityModel, build_face_encoder
 from ft_train.models.motion import check_motion
 from ft_train.models.weights import load_adapter_weights
 
@@ -90,8 +91,12 @@ def test_bad_identity_configs_name_the_key():
         IdentityConfig.from_dict({"queries": 3})
     with pytest.raises(ValueError, match="divisible"):
         IdentityConfig.from_dict({"dim": 30, "heads": 4})
-    with pytest.raises(ValueError, match="model.identity.encoder"):
-        IdentityModel(IdentityConfig.from_dict({"encoder": "arcface"}))
+    with pytest.raises(ValueError, match="model.identity.encoder: unknown face encoder 'facenet'"):
+        IdentityModel(IdentityConfig.from_dict({"encoder": "facenet"}))
+    with pytest.raises(ValueError, match="model.identity.arcface_path: required with model.identity.encoder=arcface"):
+        IdentityConfig.from_dict({"encoder": "arcface"})
+    with pytest.raises(ValueError, match="model.identity.arcface_arch: unknown 'resnet50'"):
+        IdentityConfig.from_dict({"encoder": "arcface", "arcface_path": "x.pth", "arcface_arch": "resnet50"})
 
 
 def test_omega_outside_unit_interval_is_rejected(tiny_pretrained):
@@ -178,16 +183,147 @@ def test_config_switches_compose_and_instantiate(tmp_path):
     assert instantiate(off.model).identity is None
 
 
-def test_tiny_training_with_both_modules_checkpoints_them(tmp_path):
-    from ft_train.train import train
+def test_ft_train_tiny_cpu_trains_both_stages_with_identity_and_motion(tmp_path):
+    """`ft-train experiment=tiny_cpu model.identity.enabled=true model.motion.enabled=true`
+    (shortened): both stages train, every checkpoint holds the new modules, trained away from their
+    zero start, and after training ω changes the output."""
+    from ft_train.train import run
 
+    overrides = ["experiment=tiny_cpu", "model.identity.enabled=true", "model.motion.enabled=true",
+                 f"paths.output_dir={tmp_path}", "stage.max_steps=6", "data.num_workers=0"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stages=null", "stage.max_steps=2",
-            "data.num_workers=0", "model.train_backbone=false", "model.identity.enabled=true", "model.motion.enabled=true",
-        ])
-    result = train(cfg)
-    state = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
-    assert any(k.startswith("net.identity.qformer.") for k in state)
-    assert any(k.startswith("net.face_kv.") for k in state) and any(k.startswith("net.motion.") for k in state)
-    assert not any(k.startswith("net.transformer.") for k in state)
+        results = run(compose("train", overrides=overrides), overrides)
+    assert [r["module"].net.audio_mode for r in results] == ["clip", "frame"]
+    batch = next(iter(results[0]["datamodule"].train_dataloader()))
+    assert batch["motion"].shape == (batch["latents"].shape[0], 2)  # the synthetic ω_l, ω_b reach the model
+    assert ((batch["motion"] >= 0) & (batch["motion"] <= 1)).all() and batch["motion"].std() > 0
+    for result in results:
+        state = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+        assert any(k.startswith("net.identity.qformer.") for k in state)
+        assert not any(k.startswith("net.identity.encoder.") for k in state)  # frozen encoders stay out
+        for key in ["net.face_kv.0.k_proj.weight", "net.face_kv.1.v_proj.weight", "net.motion.proj_out.weight"]:
+            assert state[key].abs().sum() > 0, (result["stage_dir"], key)  # moved from the zero init
+    net = results[-1]["module"].net.eval()
+    x = random_inputs()
+    with torch.no_grad():
+        subtle, intense = call(net, x, motion=(0.1, 0.1)), call(net, x, motion=(1.0, 1.0))
+    assert not torch.allclose(subtle, intense, atol=1e-6)
+
+
+# -- ArcFace (model.identity.encoder=arcface) ----------------------------------------------------
+TINY_IRESNET = dict(layers=(1, 1, 2, 1), widths=(8, 8, 16, 16))
+
+
+def random_iresnet(seed=0) -> IResNet:
+    """A tiny IResNet with random weights *and* BatchNorm statistics (so loading them is tested)."""
+    torch.manual_seed(seed)
+    net = IResNet(**TINY_IRESNET)
+    for name, buf in net.named_buffers():
+        if name.endswith("running_mean"):
+            buf.normal_()
+        elif name.endswith("running_var"):
+            buf.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.fixture
+def arcface_file(tmp_path):
+    net = random_iresnet()
+    path = tmp_path / "backbone.pth"
+    torch.save(net.state_dict(), path)
+    return path, net
+
+
+def test_arcface_loads_from_a_local_file_and_embeds_face_crops(arcface_file):
+    path, saved = arcface_file
+    net = load_iresnet(path)
+    assert net.layers_per_stage == TINY_IRESNET["layers"] and net.widths == TINY_IRESNET["widths"]
+    for key, value in saved.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value), key
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+
+    encoder = build_face_encoder(IdentityConfig.from_dict({"encoder": "arcface", "arcface_path": str(path), "face_dim": 512}))
+    assert isinstance(encoder, ArcFaceEncoder) and encoder.input_kind == "pixels" and encoder.out_dim == 512
+    crops = torch.rand(3, 3, 112, 112) * 2 - 1
+    emb = encoder(crops)
+    assert emb.shape == (3, 1, 512)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(emb[:, 0], torch.nn.functional.normalize(saved(crops), dim=-1))
+    # uint8 crops are read as x/127.5 - 1; other sizes are resized to 112×112.
+    as_uint8 = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    torch.testing.assert_close(encoder(as_uint8), encoder(as_uint8.float() / 127.5 - 1))
+    assert encoder(torch.rand(2, 3, 160, 128) * 2 - 1).shape == (2, 1, 512)
+    # Training mode never reaches the frozen network (BatchNorm keeps its statistics).
+    encoder.train()
+    assert not encoder.training and not encoder.net.training
+    before = encoder(crops)
+    assert torch.equal(before, emb)
+    with pytest.raises(ValueError, match=r"takes face crops \(B, 3, H, W\)"):
+        encoder(torch.randn(2, 6, 512))
+
+
+def test_arcface_identity_branch_in_the_model(tiny_pretrained, arcface_file):
+    path, _ = arcface_file
+    identity = dict(TINY_ID, encoder="arcface", arcface_path=str(path), face_dim=512)
+    model = build_model(pretrained=str(tiny_pretrained), identity=identity, motion=TINY_MOTION)
+    plain = WanTransformer3DModel.from_pretrained(tiny_pretrained, subfolder="transformer")
+    x = random_inputs()
+    crops = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(call(model, x, face=crops), plain_forward(plain, x))  # zero-init: no effect
+    # The encoder is frozen: not trained, not an adapter module, not in Lightning checkpoints.
+    assert not any(n.startswith("identity.encoder.") for n in model.adapter_state_dict())
+    module = ClipStageModule(net=model, loss=FlowMatchingLoss())
+    assert not any(k.startswith("net.identity.encoder.") for k in module.trainable_keys())
+    assert any(k.startswith("net.identity.qformer.") for k in module.trainable_keys())
+    model.train()
+    assert not model.identity.encoder.net.training
+    batch = make_batch(face=False)
+    batch["face"] = torch.rand(2, 3, 112, 112) * 2 - 1
+    train_steps(model, 2, batch)
+    assert model.identity.qformer.proj_in.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.identity.encoder.parameters())
+    other = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        assert not torch.allclose(call(model, x, face=crops), call(model, x, face=other), atol=1e-6)
+    # Without face crops there is no fallback for a pixel encoder: say what is missing.
+    with pytest.raises(ValueError, match=r"model.identity.encoder=arcface needs face crops \(B, 3, H, W\) in the batch's `face`"):
+        call(model, x)
+    with pytest.raises(ValueError, match="set model.identity.face_dim=512"):
+        build_model(pretrained=str(tiny_pretrained), identity=dict(identity, face_dim=1280))
+
+
+def test_arcface_file_errors_name_the_key_and_the_tensor(arcface_file, tmp_path):
+    path, saved = arcface_file
+    key = "model.identity.arcface_path"
+
+    def write(state, name):
+        torch.save(state, tmp_path / name)
+        return tmp_path / name
+
+    state = saved.state_dict()
+    cases = [
+        (tmp_path / "nope.pth", "auto", FileNotFoundError, "no file at .*nope.pth"),
+        (path, "iresnet50", KeyError, r"lacks layer1.1.bn1.weight \(.* for iresnet50\)"),
+        (write({k: v for k, v in state.items() if k != "layer3.1.conv2.weight"}, "missing.pth"), "auto", KeyError,
+         "lacks layer3.1.conv2.weight"),
+        (write({**state, "fc.weight": torch.zeros(512, 100)}, "shape.pth"), "auto", ValueError,
+         r"has fc.weight of shape \(512, 100\), .* expects \(512, 784\)"),
+        (write({**state, "head.kernel": torch.zeros(512, 10)}, "extra.pth"), "auto", ValueError, "has head.kernel .* no place for"),
+        (write({"conv.weight": torch.zeros(1)}, "other.pth"), "auto", ValueError, "not an arcface_torch IResNet state dict"),
+        (write([1, 2, 3], "list.pth"), "auto", ValueError, "not a state dict of tensors"),
+        (tmp_path / "garbage.pth", "auto", ValueError, "cannot read .* as PyTorch weights"),
+        (tmp_path / "glintr100.onnx", "auto", ValueError, "ONNX files are not read"),
+    ]
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint" * 8)
+    (tmp_path / "glintr100.onnx").write_bytes(b"onnx")
+    for file, arch, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            load_iresnet(file, arch)
+        text = info.value.args[0]
+        assert text.startswith(f"{key}: ") and "\n" not in text, text
+    # Wrappers insightface writes load too: DDP prefixes, a training checkpoint's backbone entry,
+    # and files without BatchNorm's unused counters.
+    ddp = write({"state_dict_backbone": {f"module.{k}": v for k, v in state.items() if "num_batches" not in k}}, "ckpt.pt")
+    assert torch.equal(load_iresnet(ddp).fc.weight, saved.fc.weight)

@@ -21,6 +21,8 @@ What the released inference code does (FantasyTalking ``diffsynth/pipelines/wan_
 
 The passes of a step either share one forward (concatenated along the batch, per-sample
 ``audio_scale``) or run one after another to save activation memory; both give the same result.
+Conditions that are the same in every pass (the motion intensities ω, face features of the
+identity branch) go to the model unchanged through ``model_kwargs``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from ..models.adapter import TEXT_TOKENS
 from ..models.audio import num_latent_frames
 from .flow_matching import LATENT_CHANNELS, first_frame_mask, shift_sigma
 
-# model(hidden (B,36,F,H,W), timestep (B,), text, image, audio | None, audio_scale=(B,)) -> (B,16,F,H,W)
+# model(hidden (B,36,F,H,W), timestep (B,), text, image, audio | None, audio_scale=(B,), **model_kwargs)
+#   -> (B,16,F,H,W)
 VelocityModel = Callable[..., torch.Tensor]
 
 
@@ -138,6 +141,7 @@ class FlowMatchSampler:
         noise: torch.Tensor | None = None,
         num_frames: int | None = None,
         progress: bool = False,
+        model_kwargs: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Sample latents for a batch of clips.
 
@@ -158,6 +162,10 @@ class FlowMatchSampler:
             noise: ``(B, 16, F, H, W)`` initial noise to use instead of drawing it.
             num_frames: video frames (4k+1), only checked against ``F`` when given.
             progress: show a tqdm bar over the steps.
+            model_kwargs: extra keyword arguments of every model call, each a per-sample tensor
+                ``(B or 1, …)`` that is the same in every guidance pass, e.g. ``motion`` ``(B, 2)``
+                (ω_l, ω_b) or ``face`` ``(B, N, face_dim)`` for
+                :class:`~ft_train.models.FantasyTalkingDiT`; None values are passed as None.
         Returns:
             ``(B, 16, F, H, W)`` float32 denoised latents (still VAE-normalised).
         """
@@ -177,6 +185,7 @@ class FlowMatchSampler:
             )
         if audio is not None:
             audio = _batch(audio, bsz, "audio", ndim=3)
+        extra = _model_kwargs(model_kwargs, bsz)
 
         x = self._initial_noise(noise, generator, (bsz, LATENT_CHANNELS, f_lat, h, w), device)
         y = image_latents.float()
@@ -191,9 +200,9 @@ class FlowMatchSampler:
                 hidden = torch.cat([x, mask, y], dim=1)
                 timestep = torch.full((bsz,), sigma * self.num_train_timesteps, device=device, dtype=torch.float32)
                 if self.batch_passes and len(passes) > 1:
-                    outs = self._batched(model, passes, hidden, timestep, texts, image, audio)
+                    outs = self._batched(model, passes, hidden, timestep, texts, image, audio, extra)
                 else:
-                    outs = [self._single(model, p, hidden, timestep, texts, image, audio) for p in passes]
+                    outs = [self._single(model, p, hidden, timestep, texts, image, audio, extra) for p in passes]
                 velocity = _combine(passes, outs)
                 x = x + (sigma_next - sigma) * velocity
                 bar.update(1)
@@ -215,7 +224,7 @@ class FlowMatchSampler:
             [torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generator]
         )
 
-    def _single(self, model, p: GuidancePass, hidden, timestep, texts, image, audio) -> torch.Tensor:
+    def _single(self, model, p: GuidancePass, hidden, timestep, texts, image, audio, extra) -> torch.Tensor:
         on = p.audio and audio is not None
         return model(
             hidden,
@@ -224,9 +233,10 @@ class FlowMatchSampler:
             image,
             audio if on else None,
             audio_scale=self.audio_scale if on else 0.0,
+            **extra,
         )
 
-    def _batched(self, model, passes, hidden, timestep, texts, image, audio) -> list[torch.Tensor]:
+    def _batched(self, model, passes, hidden, timestep, texts, image, audio, extra) -> list[torch.Tensor]:
         n = len(passes)
         bsz = hidden.shape[0]
         use_audio = audio is not None and any(p.audio for p in passes)
@@ -240,8 +250,32 @@ class FlowMatchSampler:
             image.repeat(n, 1, 1),
             audio.repeat(n, 1, 1) if use_audio else None,
             audio_scale=scale,
+            **{k: None if v is None else v.repeat(n, *([1] * (v.ndim - 1))) for k, v in extra.items()},
         )
         return list(out.chunk(n))
+
+
+def _model_kwargs(kwargs: dict[str, torch.Tensor | None] | None, bsz: int) -> dict[str, torch.Tensor | None]:
+    """``model_kwargs`` with every tensor broadcast from a batch of 1 to ``bsz`` (so the batched
+    passes can repeat them pass by pass); other batch sizes are rejected."""
+    out: dict[str, torch.Tensor | None] = {}
+    for name, value in (kwargs or {}).items():
+        if value is None:
+            out[name] = None
+            continue
+        if not isinstance(value, torch.Tensor) or value.ndim < 1:
+            raise ValueError(
+                f"model_kwargs[{name!r}] must be a tensor with a batch dimension (B or 1, ...), got {value!r}"
+            )
+        if value.shape[0] == bsz:
+            out[name] = value
+        elif value.shape[0] == 1:
+            out[name] = value.expand(bsz, *value.shape[1:])
+        else:
+            raise ValueError(
+                f"model_kwargs[{name!r}] has batch {value.shape[0]} but image_latents has batch {bsz} (use {bsz} or 1)"
+            )
+    return out
 
 
 def _combine(passes: list[GuidancePass], outs: list[torch.Tensor]) -> torch.Tensor:

@@ -17,9 +17,40 @@ from .encoders import (
     lip_mask_to_latent,
     save_tiny_encoders,
 )
+from .arcface import IResNet, load_iresnet
 from .fantasytalking import FantasyTalkingDiT, build_model, load_transformer, model_summary
+from .identity import (
+    FACE_ENCODERS,
+    ArcFaceEncoder,
+    FaceEncoder,
+    FaceKV,
+    IdentityConfig,
+    IdentityModel,
+    PrecomputedFaceFeatures,
+    QFormer,
+    build_face_encoder,
+    register_face_encoder,
+)
+from .motion import DEFAULT_OMEGA, MotionConfig, MotionHook, MotionModel, check_motion
 
 __all__ = [
+    "DEFAULT_OMEGA",
+    "FACE_ENCODERS",
+    "ArcFaceEncoder",
+    "FaceEncoder",
+    "FaceKV",
+    "IResNet",
+    "IdentityConfig",
+    "IdentityModel",
+    "MotionConfig",
+    "MotionHook",
+    "MotionModel",
+    "PrecomputedFaceFeatures",
+    "QFormer",
+    "build_face_encoder",
+    "check_motion",
+    "load_iresnet",
+    "register_face_encoder",
     "EncoderWeightsError",
     "FrozenEncoders",
     "encode_clips",

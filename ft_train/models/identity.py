@@ -1,4 +1,4 @@
-"""Facial identity branch (paper §3.3, never released): face features → Q-Former → ID tokens.
+"""Facial identity branch (paper §3.3, never released): face input → face encoder → Q-Former → ID tokens.
 
 The paper replaces a reference network with "face crop → face encoder (ArcFace) → Q-Former →
 face cross-attention in every block", added with weight λ2 = 0.5 beside the text, image and audio
@@ -7,21 +7,36 @@ here are in :class:`IdentityConfig`, each with its reason.
 
 Pieces:
 
-* :class:`FaceEncoder` — the pluggable interface: ``(B, …) face input → (B, N_face, D_face)``.
-  This slice ships :class:`PrecomputedFaceFeatures` (features computed offline, e.g. CLIP vision
-  tokens of the face crop written into the latent shard under ``face``, or ArcFace embeddings as
-  ``(B, 1, 512)``). An online CLIP/ArcFace encoder registers itself with
-  :func:`register_face_encoder` and is chosen by ``model.identity.encoder``.
+* :class:`FaceEncoder` — the pluggable interface: ``face input → (B, N_face, D_face)``, chosen by
+  ``model.identity.encoder`` from the encoders registered with :func:`register_face_encoder`:
+
+  - ``precomputed`` (:class:`PrecomputedFaceFeatures`, the default): features computed offline,
+    e.g. CLIP vision tokens of the face crop written into the latent shard under ``face``
+    (needs no extra weights), or ArcFace embeddings as ``(B, 1, 512)``;
+  - ``arcface`` (:class:`ArcFaceEncoder`): the insightface IResNet (:mod:`.arcface`) loaded from
+    ``model.identity.arcface_path``, run online on face-crop pixels; 512-d, L2-normalised.
 * :class:`QFormer` — BLIP-2-style learned queries; each layer = self-attention among the queries,
   cross-attention to the face features, FFN (pre-norm, residual) → ``(B, num_queries, out_dim)``.
 * :class:`FaceKV` — per-block zero-initialised key/value projections of the ID tokens; the
   processor in :mod:`.adapter` reuses the block's text query, exactly like the audio branch.
 
+The batch's ``face`` (and the model's ``face=`` argument) has one of two forms, fixed by the
+encoder's :attr:`FaceEncoder.input_kind`, so one key serves both without a second config switch:
+
+* ``features`` encoders (``precomputed``): ``(B, N, face_dim)`` tokens or ``(B, face_dim)``
+  embeddings;
+* ``pixels`` encoders (``arcface``): ``(B, 3, H, W)`` RGB face crops, float in [-1, 1]
+  (``uint8`` in [0, 255] is also accepted), ideally aligned 112×112 (other sizes are resized).
+
+Condition dropout zeroes ``face`` with the reference image (float pixels: a mid-grey crop), so
+the dropped case is a constant input the Q-Former learns to map to "no particular identity".
+
 Fallback when a batch has no ``face`` key: the reference image's CLIP tokens ``(B, 257, 1280)``
 (already in every latent shard) stand in for the face features. They describe the whole frame,
 not only the face crop, so identity is weaker than with a crop, but it lets the branch train on
 existing shards; the default ``face_dim`` = 1280 matches them, so a later ``face`` member with
-CLIP tokens of the crop drops in without changing the model.
+CLIP tokens of the crop drops in without changing the model. A ``pixels`` encoder has no such
+fallback (CLIP tokens are not pixels): it needs ``face`` crops and says so.
 """
 
 from __future__ import annotations
@@ -31,8 +46,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .adapter import AudioKV
+from .arcface import ARCFACE_INPUT, ARCHS, load_iresnet
 
 
 @dataclass
@@ -43,9 +60,14 @@ class IdentityConfig:
         enabled: build the branch at all (disabled = no parameters, no compute).
         scale: λ2, weight of the face attention in every block (paper §4.1: 0.5).
         encoder: registered :class:`FaceEncoder` name; ``precomputed`` takes ``(B, N, face_dim)``
-            features from the batch (``face``, else the CLIP image tokens).
+            features from the batch (``face``, else the CLIP image tokens); ``arcface`` runs the
+            ArcFace network of ``arcface_path`` on ``(B, 3, H, W)`` face crops.
         face_dim: width of the face features: 1280 = CLIP ViT-H penultimate tokens, the default
             encoder and the fallback; 512 for ArcFace embeddings.
+        arcface_path: ``encoder=arcface``: a local insightface arcface_torch backbone
+            (``backbone.pth``, or ``.safetensors``); required then, unused otherwise.
+        arcface_arch: ``auto`` reads the IResNet depth and widths from the file; naming the
+            variant (``iresnet50``, ``iresnet100``, ...) rejects a file of another one.
         num_queries: ID tokens per sample. 16, as in the IP-Adapter-Plus / InstantID face
             resamplers: enough for an identity (ArcFace is a single 512-d vector) while each
             block's face attention stays negligible (16 keys vs. 257 image and 512 text keys).
@@ -70,6 +92,8 @@ class IdentityConfig:
     heads: int = 16
     ffn_mult: int = 4
     out_dim: int = 1024
+    arcface_path: str | None = None
+    arcface_arch: str = "auto"
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None) -> "IdentityConfig":
@@ -84,6 +108,13 @@ class IdentityConfig:
         for name in ("face_dim", "num_queries", "dim", "depth", "heads", "ffn_mult", "out_dim"):
             if getattr(out, name) < 1:
                 raise ValueError(f"model.identity.{name} must be >= 1, got {getattr(out, name)}")
+        if out.arcface_arch not in ARCHS:
+            raise ValueError(f"model.identity.arcface_arch: unknown {out.arcface_arch!r}; use one of {list(ARCHS)}")
+        if out.encoder == "arcface" and not out.arcface_path:
+            raise ValueError(
+                "model.identity.arcface_path: required with model.identity.encoder=arcface "
+                "(a local insightface arcface_torch backbone.pth)"
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,12 +124,15 @@ class IdentityConfig:
 class FaceEncoder(nn.Module):
     """Interface of a face encoder: ``forward(face) → (B, N_face, out_dim)`` features.
 
-    Implementations set ``out_dim``. Frozen encoders (ArcFace, CLIP vision) should keep their
-    parameters ``requires_grad=False``: they are loaded from a user path, not trained, and are not
-    part of :meth:`FantasyTalkingDiT.adapter_modules`.
+    Implementations set ``out_dim`` and ``input_kind``: ``"features"`` (``face`` is ``(B, N, D)``
+    / ``(B, D)``) or ``"pixels"`` (``face`` is ``(B, 3, H, W)`` crops), see the module docstring.
+    Frozen encoders (ArcFace, CLIP vision) should keep their parameters ``requires_grad=False``:
+    they are loaded from a user path, not trained, and are not part of
+    :meth:`FantasyTalkingDiT.adapter_modules` (so not in checkpoints or exports either).
     """
 
     out_dim: int
+    input_kind: str = "features"
 
     def forward(self, face: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -121,8 +155,46 @@ class PrecomputedFaceFeatures(FaceEncoder):
         if face.ndim != 3 or face.shape[-1] != self.out_dim:
             raise ValueError(
                 f"face features must be (B, N, {self.out_dim}) (model.identity.face_dim), got {tuple(face.shape)}"
+                + (" (pixel crops need an image encoder, e.g. model.identity.encoder=arcface)" if face.ndim == 4 else "")
             )
         return face
+
+
+class ArcFaceEncoder(FaceEncoder):
+    """ArcFace on face-crop pixels: ``(B, 3, H, W)`` → ``(B, 1, 512)`` L2-normalised embeddings.
+
+    The network (:class:`~.arcface.IResNet`) comes from ``model.identity.arcface_path`` and is
+    frozen. It stays in eval mode even when the model is put in training mode: its BatchNorm
+    layers must use the statistics it was trained with (batch statistics of a few crops would
+    change the embedding with the batch and overwrite the running averages), and its dropout
+    belongs to face-recognition training, not ours. Runs without autograd (nothing before it
+    is trained), in the dtype its weights have.
+
+    Input: RGB crops, float in [-1, 1] (insightface's ``(x/255 − 0.5)/0.5``) or ``uint8``;
+    resized to 112×112 (bilinear, antialiased) when they are another size. Crops aligned like
+    insightface's (eyes, nose, mouth at fixed points) give the best embeddings; a loose box crop
+    still works, with a weaker identity signal.
+    """
+
+    input_kind = "pixels"
+
+    def __init__(self, path: str, arch: str = "auto"):
+        super().__init__()
+        self.net = load_iresnet(path, arch)
+        self.out_dim = self.net.num_features
+
+    def train(self, mode: bool = True) -> "ArcFaceEncoder":
+        return super().train(False)
+
+    def forward(self, face: torch.Tensor) -> torch.Tensor:
+        if face.ndim != 4 or face.shape[1] != 3:
+            raise ValueError(f"model.identity.encoder=arcface takes face crops (B, 3, H, W), got {tuple(face.shape)}")
+        x = face.float() / 127.5 - 1.0 if face.dtype == torch.uint8 else face.float()
+        if tuple(x.shape[-2:]) != (ARCFACE_INPUT, ARCFACE_INPUT):
+            x = F.interpolate(x, size=(ARCFACE_INPUT, ARCFACE_INPUT), mode="bilinear", align_corners=False, antialias=True)
+        with torch.no_grad():
+            emb = self.net(x.to(self.net.conv1.weight.dtype))
+        return F.normalize(emb.float(), dim=-1)[:, None]
 
 
 FACE_ENCODERS: dict[str, Callable[[IdentityConfig], FaceEncoder]] = {
@@ -141,8 +213,14 @@ def build_face_encoder(cfg: IdentityConfig) -> FaceEncoder:
         raise ValueError(f"model.identity.encoder: unknown face encoder {cfg.encoder!r}; available: {sorted(FACE_ENCODERS)}")
     encoder = FACE_ENCODERS[cfg.encoder](cfg)
     if encoder.out_dim != cfg.face_dim:
-        raise ValueError(f"model.identity.face_dim={cfg.face_dim} but encoder {cfg.encoder!r} gives {encoder.out_dim}-d features")
+        raise ValueError(
+            f"model.identity.face_dim={cfg.face_dim} but encoder {cfg.encoder!r} gives {encoder.out_dim}-d features; "
+            f"set model.identity.face_dim={encoder.out_dim}"
+        )
     return encoder
+
+
+register_face_encoder("arcface", lambda cfg: ArcFaceEncoder(cfg.arcface_path, cfg.arcface_arch))
 
 
 class QFormerLayer(nn.Module):
@@ -210,6 +288,13 @@ class IdentityModel(nn.Module):
         self.qformer = QFormer(cfg.face_dim, cfg.num_queries, cfg.dim, cfg.depth, cfg.heads, cfg.ffn_mult, cfg.out_dim)
 
     def forward(self, face: torch.Tensor) -> torch.Tensor:
+        """``face`` in the encoder's form (module docstring) → ``(B, num_queries, out_dim)``."""
+        if self.encoder.input_kind == "pixels" and face.ndim != 4:
+            raise ValueError(
+                f"model.identity.encoder={self.config.encoder} needs face crops (B, 3, H, W) in the batch's `face`, "
+                f"got {tuple(face.shape)} (without `face` the CLIP image tokens stand in, which only "
+                "model.identity.encoder=precomputed can read): write face crops into the data"
+            )
         return self.qformer(self.encoder(face))
 
 
@@ -220,6 +305,7 @@ class FaceKV(AudioKV):
 
 __all__ = [
     "FACE_ENCODERS",
+    "ArcFaceEncoder",
     "FaceEncoder",
     "FaceKV",
     "IdentityConfig",

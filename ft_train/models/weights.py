@@ -48,6 +48,10 @@ OFFICIAL_AUDIO = "audio_processor"
 AUDIO_PROJ_PREFIX = "audio_proj."
 AUDIO_KV_KEY = re.compile(r"^audio_kv\.(\d+)\.([kv])_proj\.weight$")
 OFFICIAL_KV_KEY = re.compile(r"^blocks\.(\d+)\.cross_attn\.processor\.([kv])_proj\.weight$")
+# Optional modules (FantasyTalkingDiT.adapter_modules) by the config section that switches them,
+# with the prefixes of their tensors. A checkpoint without any tensor of one (the released file,
+# or a run trained without it) leaves that module at its zero-initialised start.
+OPTIONAL_MODULES = {"model.identity": ("identity.", "face_kv."), "model.motion": ("motion.",)}
 # Bundle folder (ft-export format=bundle).
 BUNDLE_FORMAT = "ft_train.adapter"
 BUNDLE_VERSION = 1
@@ -299,8 +303,12 @@ def check_compatible(model: FantasyTalkingDiT, ckpt: AdapterCheckpoint, key: str
     """Names of ``ckpt``'s tensors that ``model`` has; raise one line naming the file otherwise.
 
     Checked in this order, so the message names the cause: the number of blocks with audio
-    layers (a 14B checkpoint has 40, the 1.3B shape 30), missing adapter tensors (only the audio
-    adapter for the official layout, which cannot hold anything else), shapes.
+    layers (a 14B checkpoint has 40, the 1.3B shape 30), missing adapter tensors, shapes.
+
+    The audio adapter must be complete. An optional module the model has (identity: Q-Former +
+    ``face_kv``; motion) may be absent from the checkpoint *as a whole* — the released file never
+    has them, and a run trained without them is a valid start — and then keeps its fresh,
+    zero-initialised state (logged); a checkpoint holding only part of one is an error.
     """
     path = ckpt.path
     own = model.state_dict()
@@ -311,21 +319,36 @@ def check_compatible(model: FantasyTalkingDiT, ckpt: AdapterCheckpoint, key: str
             "(a checkpoint of another model size? Wan2.1-14B has 40 blocks)"
         )
     required = set(model.adapter_state_dict())
-    if ckpt.layout == "official":
-        required = {k for k in required if is_audio_key(k)}
+    fresh = []
+    for section, prefixes in OPTIONAL_MODULES.items():
+        keys = {k for k in required if k.startswith(prefixes)}
+        if keys and not any(k.startswith(prefixes) for k in ckpt.tensors):
+            required -= keys
+            fresh.append(section)
     missing = sorted(required - ckpt.tensors.keys())
     if missing:
+        section = next((s for s, p in OPTIONAL_MODULES.items() if missing[0].startswith(p)), None)
+        hint = f" (a partial {section} module: was it trained with other {section} settings?)" if section else ""
         raise KeyError(
-            f"{key}: {path} ({ckpt.layout} layout) lacks {len(missing)} adapter tensors the model has (first: {missing[0]})"
+            f"{key}: {path} ({ckpt.layout} layout) lacks {len(missing)} adapter tensors the model has "
+            f"(first: {missing[0]}){hint}"
+        )
+    if fresh:
+        log.log(
+            logging.INFO if ckpt.layout == "official" else logging.WARNING,
+            "%s: %s has no %s weights; %s start%s from the zero-initialised state (no effect until trained)",
+            key, path, " / ".join(fresh), " and ".join(fresh), "" if len(fresh) > 1 else "s",
         )
     usable = []
     for name, value in ckpt.tensors.items():
         if name not in own:
             continue
         if own[name].shape != value.shape:
+            section = next((s for s, p in OPTIONAL_MODULES.items() if name.startswith(p)), None)
+            cause = f"{section} settings differ?" if section else "checkpoint from another model size?"
             raise ValueError(
                 f"{key}: {path} has {name} of shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)} "
-                "(checkpoint from another model size?)"
+                f"({cause})"
             )
         usable.append(name)
     unused = sorted(ckpt.tensors.keys() - own.keys())

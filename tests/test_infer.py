@@ -1,0 +1,275 @@
+"""ft-infer end to end on tiny random weights: a Wan folder in the real diffusers layout (tiny DiT
+saved with ``save_pretrained`` + the tiny encoders), adapter bundles / the released layout written
+by ft-export's own functions, a photo and a 1 s wav → an mp4 with the speech, checked by reading
+it back. The adapters are random rather than zero-initialised, so audio and motion change the
+output and the paths that carry them are really exercised."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import yaml
+from PIL import Image
+
+from ft_train.diffusion import FlowMatchSampler
+from ft_train.export import export_bundle, export_official
+from ft_train.infer import (
+    TalkingPortraitPipeline,
+    frames_for_audio,
+    infer,
+    load_config,
+    main,
+    read_adapters,
+    read_image,
+    read_speech,
+    target_size,
+)
+from ft_train.media import read_video
+from ft_train.models import build_model
+from ft_train.models.encoders import save_tiny_encoders
+from ft_train.models.weights import AdapterCheckpoint
+
+from .conftest import CONF
+
+FPS = 25.0          # the bundle's training fps: 1.0 s of speech is exactly 25 = 4·6+1 frames
+SECONDS = 1.0
+SIZE = 64           # longest edge; the 3:4 photo becomes 48×64 px (a 3×4 token grid per frame)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors on a shared CPU: extra intra-op threads cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_adapters(net, seed):
+    """Trained-looking adapter weights (zero-initialised k/v and motion output would be no-ops)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for value in net.adapter_state_dict().values():
+            value.copy_(torch.randn(value.shape, generator=g) * 0.05)
+    return net
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_transformer_config):
+    """Base weights, a motion bundle, an audio-only released-layout file, a photo and a wav."""
+    from diffusers import WanTransformer3DModel
+    from skimage.data import astronaut
+
+    root = tmp_path_factory.mktemp("infer")
+    wan, wav2vec = root / "wan", root / "wav2vec"
+    torch.manual_seed(0)
+    WanTransformer3DModel(**tiny_transformer_config).save_pretrained(wan / "transformer")
+    save_tiny_encoders(wan, wav2vec)
+
+    model_cfg = yaml.safe_load((CONF / "model" / "tiny.yaml").read_text())
+    model_cfg.pop("_target_")
+    model_cfg["pretrained"] = str(wan)
+    model_cfg["motion"]["enabled"] = True
+    net = random_adapters(build_model(**model_cfg, audio_mode="frame"), seed=1)
+    trained = AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(),
+                                {"stage": "frame", "audio_mode": "frame", "global_step": 100})
+    export_bundle(trained, root / "bundle", torch.float32,
+                  {"model": model_cfg, "data": {"fps": FPS, "num_frames": 17}}, None)
+    audio_only = {k: v for k, v in net.adapter_state_dict().items() if not k.startswith("motion.")}
+    export_official(AdapterCheckpoint(root / "run", "state_dict", audio_only), root / "fantasytalking_model.ckpt",
+                    torch.float32)
+
+    identity_cfg = {**model_cfg, "motion": {**model_cfg["motion"], "enabled": False}}
+    identity_cfg["identity"] = {**identity_cfg["identity"], "enabled": True}
+    net = random_adapters(build_model(**identity_cfg, audio_mode="clip"), seed=2)
+    export_bundle(AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(), {"audio_mode": "clip"}),
+                  root / "identity_bundle", torch.float32, {"model": identity_cfg, "data": {"fps": FPS}}, None)
+
+    Image.fromarray(astronaut()[:, 64:448]).save(root / "face.png")  # 384×512 (w×h), a 3:4 portrait
+    t = np.arange(int(SECONDS * 16000)) / 16000
+    speech = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    soundfile.write(root / "speech.wav", speech.astype(np.float32), 16000)
+    return {"root": root, "wan": wan, "wav2vec": wav2vec, "bundle": root / "bundle",
+            "official": root / "fantasytalking_model.ckpt", "identity": root / "identity_bundle",
+            "image": root / "face.png", "audio": root / "speech.wav"}
+
+
+def args(files, out, **overrides):
+    base = {"image": files["image"], "audio": files["audio"], "adapters": files["bundle"],
+            "wav2vec": files["wav2vec"], "out": out, "max_side": SIZE, "sampler.steps": 2,
+            "device": "cpu", "progress": "false"}
+    base.update(overrides)
+    return [f"{k}={v}" for k, v in base.items() if v is not None]
+
+
+def check_video(path, frames, fps, size=(SIZE, 48)):
+    video, got_fps, audio = read_video(path)
+    assert video.shape == (frames, *size, 3)
+    assert got_fps == pytest.approx(fps)
+    assert (frames - 1) % 4 == 0 and abs(frames / fps - SECONDS) <= 1 / fps  # 4k+1, covers the speech
+    assert audio is not None  # AAC pads its last 1024-sample frame: 64 ms at most
+    assert abs(len(audio) / 16000 - SECONDS) < 0.07
+    return video
+
+
+def test_frames_cover_the_speech_as_4k_plus_1():
+    assert frames_for_audio(1.0, 25) == 25            # exactly covered
+    assert frames_for_audio(1.0, 23) == 25            # 23 frames needed → next 4k+1
+    assert frames_for_audio(1.0 + 1e-5, 25) == 25     # a few samples over a boundary cost nothing
+    assert frames_for_audio(1.05, 25) == 29
+    assert frames_for_audio(0.01, 23) == 5            # at least one latent frame after the reference
+    assert frames_for_audio(12.0, 23) == 81           # capped by max_frames
+    assert frames_for_audio(12.0, 23, max_frames=49) == 49
+    for seconds in np.linspace(0.2, 3.5, 40):
+        n = frames_for_audio(seconds, 23, max_frames=10_001)
+        assert (n - 1) % 4 == 0 and n / 23 >= seconds - 1e-3 and (n - 4) / 23 < seconds
+
+
+def test_image_size_follows_the_release():
+    assert target_size(512, 512, 512, 16) == (512, 512)
+    assert target_size(1920, 1080, 512, 16) == (512, 288)
+    assert target_size(1000, 750, 512, 16) == (512, 384)
+    assert target_size(600, 1000, 512, 16) == (320, 512)  # 307 px rounded up to the grid
+    assert target_size(384, 512, 64, 16) == (48, 64)
+
+
+def test_adapter_settings_come_from_each_layout(files, tmp_path):
+    """Bundle JSON, the released file (frame mode, audio only), an ft-train step folder with its
+    run's config.yaml, and bare tensors (motion rebuilt from its shapes; identity refused)."""
+    bundle = read_adapters(files["bundle"])
+    assert (bundle.audio_mode, bundle.audio_expand, bundle.fps, bundle.num_frames) == ("frame", 4, FPS, 17)
+    assert bundle.has_motion and not bundle.has_identity and bundle.pretrained == str(files["wan"])
+    assert (bundle.audio_in_dim, bundle.audio_proj_dim) == (768, 2048)
+    official = read_adapters(files["official"])
+    assert (official.audio_mode, official.audio_expand, official.fps, official.pretrained) == ("frame", 4, None, None)
+    assert not official.has_motion and official.checkpoint.layout == "official"
+    assert read_adapters(files["official"], audio_mode="clip", audio_expand=2).audio_mode == "clip"
+
+    tensors = bundle.checkpoint.tensors
+    stage = tmp_path / "run" / "clip"
+    step = stage / "checkpoints" / "step-00000005"
+    step.mkdir(parents=True)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in tensors.items()}, "global_step": 5,
+                "ft_train": {"stage": "clip", "audio_mode": "clip"}}, step / "model.ckpt")
+    motion = {"enabled": True, "hidden_dim": 32}
+    run_cfg = {"model": {"pretrained": "/elsewhere/wan", "audio_expand": 3, "motion": motion},
+               "data": {"fps": 24.0, "num_frames": 49}}
+    (stage / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    lightning = read_adapters(step)
+    assert (lightning.audio_mode, lightning.audio_expand, lightning.fps, lightning.num_frames) == ("clip", 3, 24.0, 49)
+    assert lightning.motion == run_cfg["model"]["motion"] and lightning.pretrained == "/elsewhere/wan"
+
+    torch.save(dict(tensors), tmp_path / "bare.pt")
+    bare = read_adapters(tmp_path / "bare.pt")
+    assert bare.motion == {"enabled": True, "hidden_dim": 32, "freq_dim": 256}
+    torch.save({**tensors, "identity.qformer.queries": torch.zeros(4, 32)}, tmp_path / "face.pt")
+    with pytest.raises(ValueError, match=r"^adapters: .*face.pt holds identity-branch tensors but no model.identity"):
+        read_adapters(tmp_path / "face.pt")
+
+
+def test_ft_infer_writes_the_talking_video_with_its_speech(files, tmp_path, capsys):
+    """The bundle gives the base folder (wan unset), the fps (25) and the motion module (ω used)."""
+    out = tmp_path / "talk.mp4"
+    assert main(args(files, out, omega_l=0.2, omega_b=0.9)) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "ω_l 0.2 ω_b 0.9" in printed and "frame-level audio" in printed
+    video = check_video(out, frames=25, fps=FPS)
+    assert video.std() > 1  # a picture, not a flat frame
+
+
+def test_motion_and_audio_reach_the_model(files):
+    """Same seed → same video; other ω → another video; batched and one-by-one guidance passes agree."""
+    spec = read_adapters(files["bundle"])
+    assert spec.has_motion and spec.audio_mode == "frame" and spec.fps == FPS
+    pipe = TalkingPortraitPipeline.load(spec, files["wan"], files["wav2vec"],
+                                        sampler=FlowMatchSampler(steps=2), device="cpu")
+    picture = read_image(files["image"]).resize(target_size(384, 512, SIZE, pipe.grid))
+    speech = read_speech(files["audio"])
+
+    def run(omega, speech=speech):
+        return pipe(picture, speech, 9, FPS, prompt="a woman is talking", omega=omega, seed=3).int()
+
+    calm = run((0.1, 0.1))
+    assert calm.shape == (9, SIZE, 48, 3)
+    assert torch.equal(calm, run((0.1, 0.1)))
+    assert not torch.equal(calm, run((0.9, 0.9)))
+    assert not torch.equal(calm, run((0.1, 0.1), speech=np.zeros_like(speech)))
+    pipe.sampler = FlowMatchSampler(steps=2, batch_passes=False)
+    assert (calm - run((0.1, 0.1))).abs().max() <= 1  # float reassociation may move a rounding
+
+
+def test_identity_branch_reads_the_clip_tokens(files, tmp_path):
+    """A bundle with the identity branch (precomputed features) runs on the CLIP image tokens; one
+    whose branch reads face crops (arcface) is refused before anything loads."""
+    result = infer(**load_config(args(files, tmp_path / "id.mp4", adapters=files["identity"])))
+    assert result["identity"] and result["motion"] is None and result["audio_mode"] == "clip"
+    assert (result["num_frames"], result["fps"], result["width"], result["height"]) == (25, FPS, 48, SIZE)
+    check_video(tmp_path / "id.mp4", frames=25, fps=FPS)
+
+    crops = shutil.copytree(files["identity"], tmp_path / "arcface_bundle")
+    info = json.loads((crops / "adapter.json").read_text())
+    info["model"]["identity"].update(encoder="arcface", arcface_path="/train/backbone.pth", face_dim=512)
+    (crops / "adapter.json").write_text(json.dumps(info))
+    with pytest.raises(SystemExit, match="ft-infer: adapters: the identity branch was trained with "
+                                         "model.identity.encoder=arcface, which reads face crops"):
+        main(args(files, tmp_path / "x.mp4", adapters=crops))
+
+
+def test_installed_command_with_the_released_file(files, tmp_path):
+    """The ft-infer script; the released layout runs frame-level, has no motion module (ω warned
+    about and ignored) and no base path (wan given); fps given explicitly."""
+    out = tmp_path / "official.mp4"
+    command = shutil.which("ft-infer") or os.path.join(os.path.dirname(sys.executable), "ft-infer")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [command, *args(files, out, adapters=files["official"], wan=files["wan"], fps=25, omega_l=0.3)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "frame-level audio" in proc.stdout and "adapters: official" in proc.stdout
+    assert "no motion module" in proc.stderr and "ignored" in proc.stderr
+    check_video(out, frames=25, fps=25.0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"omega_l": 1.5}, "omega_l: 1.5 is outside [0, 1]"),
+    ({"omega_b": -0.1}, "omega_b: -0.1 is outside [0, 1]"),
+    ({"omega_l": "fast"}, "omega_l: must be a number in [0, 1]"),
+    ({"max_frames": 80}, "max_frames: must be 4k+1"),
+    ({"device": "tpu"}, "device: "),
+    ({"dtype": "int8"}, "dtype: unknown 'int8'"),
+    ({"sampler.steps": 0}, "sampler.steps must be a positive integer"),
+])
+def test_bad_settings_fail_in_one_line_naming_the_key(files, tmp_path, override, message):
+    with pytest.raises(SystemExit) as info:
+        main(args(files, tmp_path / "x.mp4", **override))
+    text = str(info.value)
+    assert text.startswith("ft-infer: ") and message in text and "\n" not in text
+    assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("key", ["image", "audio", "adapters", "wav2vec", "wan"])
+def test_missing_paths_fail_naming_the_key(files, tmp_path, key):
+    missing = tmp_path / f"no_{key}"
+    with pytest.raises(SystemExit) as info:
+        main(args(files, tmp_path / "x.mp4", **{key: missing}))
+    text = str(info.value)
+    assert text.startswith(f"ft-infer: {key}: ") and str(missing) in text and "\n" not in text
+
+
+def test_unreadable_inputs_and_unset_keys(files, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(SystemExit, match=r"ft-infer: image: cannot read .*notes.txt as an image"):
+        main(args(files, tmp_path / "x.mp4", image=tmp_path / "notes.txt"))
+    with pytest.raises(SystemExit, match=r"ft-infer: audio: .*notes.txt"):
+        main(args(files, tmp_path / "x.mp4", audio=tmp_path / "notes.txt"))
+    with pytest.raises(SystemExit, match="wan: not set"):  # the released file names no base folder
+        main(args(files, tmp_path / "x.mp4", adapters=files["official"]))
+    with pytest.raises(SystemExit, match=r"ft-infer: set image \(e.g. ft-infer "):
+        main([a for a in args(files, tmp_path / "x.mp4") if not a.startswith("image=")])
