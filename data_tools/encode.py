@@ -12,8 +12,14 @@ sample keys in the latent-shard schema (``ft_train/data/schema.py``): the frozen
 Per clip: VAE latents of the whole clip; the I2V condition ``VAE([frame 0, zeros × (F−1)])``;
 CLIP tokens of frame 0; umT5 tokens of the caption; wav2vec2 features of exactly the clip's
 audio (``int(F / fps · 16000)`` samples); the pixel lip masks resized to the latent grid; ω_l, ω_b
-normalised with the raw folder's ``stats.json``. Frames are centre-cropped to multiples of
-``size_multiple`` first (the VAE needs multiples of 8, the DiT's 2×2 patches multiples of 16).
+normalised with the raw folder's ``stats.json``; with ``face=true`` (default) the CLIP tokens of a
+square crop around frame 0's face (``face.npy``, for the identity branch). Frames are
+centre-cropped to multiples of ``size_multiple`` first (the VAE needs multiples of 8, the DiT's
+2×2 patches multiples of 16).
+
+A raw sample is decoded by :func:`ft_train.data.raw.load_clip` and encoded by
+:func:`ft_train.models.encoders.encode_clips`, the very functions raw-mode training
+(``data=raw``) uses on its random windows, so the two paths cannot drift apart.
 
 Output folder:
 
@@ -30,7 +36,6 @@ Unreadable samples are skipped and counted by reason, never a crash.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -44,20 +49,13 @@ from typing import Any
 import numpy as np
 
 from ft_train.config import CONF_DIR, compose_tool_config
+from ft_train.data.raw import RAW_REJECT_REASONS, SampleError
 
-RAW_MEMBERS = ("mp4", "flac", "lipmask.npz", "json")
-
-#: Every reason a raw sample is skipped; the report counts each.
+#: Every reason a raw sample is skipped; the report counts each. ``too_short`` is raw-mode
+#: training's (a clip shorter than its window): the encode pass always takes the whole clip.
 REJECT_REASONS = {
     "unreadable_shard": "the tar itself cannot be read past some point (cut-off or corrupt shard)",
-    "missing_member": "the sample lacks one of mp4, flac, lipmask.npz, json",
-    "bad_metadata": "json unreadable or without fps / num_frames",
-    "unreadable_video": "the mp4 cannot be decoded",
-    "unreadable_audio": "the flac cannot be decoded",
-    "unreadable_mask": "lipmask.npz cannot be decoded",
-    "frame_count": "decoded frames differ from json num_frames or the lip masks, or are not 4k+1",
-    "short_audio": "fewer audio samples than the clip lasts",
-    "too_small": "a side is below size_multiple pixels",
+    **{k: v for k, v in RAW_REJECT_REASONS.items() if k != "too_short"},
 }
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -76,6 +74,8 @@ class EncodeConfig:
     storage_dtype: str = "float16"
     size_multiple: int = 16
     lip_mask_resize: str = "trilinear"
+    face: bool = True
+    face_margin: float = 0.2
     default_caption: str = ""
     task_index: int = 0
     num_tasks: int = 1
@@ -100,18 +100,12 @@ class EncodeConfig:
             problems.append(f"size_multiple={self.size_multiple} must be a multiple of 8 (the VAE stride)")
         if self.lip_mask_resize not in LIP_MASK_RESIZE:
             problems.append(f"lip_mask_resize={self.lip_mask_resize!r} must be one of {LIP_MASK_RESIZE}")
+        if self.face_margin < 0:
+            problems.append(f"face_margin={self.face_margin} must be >= 0")
         if not 0 <= self.task_index < self.num_tasks:
             problems.append(f"task_index={self.task_index} must be in [0, num_tasks={self.num_tasks})")
         if problems:
             raise ValueError("conf/encode.yaml: " + "; ".join(problems))
-
-
-class SampleError(Exception):
-    """A raw sample that cannot be encoded; ``reason`` is a key of :data:`REJECT_REASONS`."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass
@@ -121,8 +115,9 @@ class Clip:
     key: str
     frames: np.ndarray  # (F, H, W, 3) uint8, cropped
     audio: np.ndarray  # (int(F / fps · 16000),) float32, 16 kHz
-    masks: np.ndarray  # (F, H, W) bool, cropped like the frames
+    masks: np.ndarray  # (F, H, W) uint8 0/255, cropped like the frames
     caption: str
+    face_box: list[float] | None  # frame 0's face box in cropped pixels (None: unknown)
     meta: dict[str, Any]  # the latent sample's json
 
 
@@ -131,79 +126,41 @@ class Clip:
 
 
 def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
-    """Decode and check one raw WebDataset sample (members as bytes). Raises :class:`SampleError`."""
-    from data_tools import media
-    from data_tools.prep import normalise_motion
-    from data_tools.sample_format import decode_lip_masks
+    """Decode and check one raw WebDataset sample (members as bytes): the whole clip, centre-cut
+    to multiples of ``size_multiple`` (:func:`ft_train.data.raw.load_clip`). Raises
+    :class:`~ft_train.data.raw.SampleError`."""
+    from ft_train.data.raw import load_clip
     from ft_train.data.schema import SCHEMA_NAME, SCHEMA_VERSION
-    from ft_train.models.encoders import clip_audio_samples
 
-    key = raw.get("__key__", "?")
-    missing = [m for m in RAW_MEMBERS if m not in raw]
-    if missing:
-        raise SampleError("missing_member", f"{key}: no {', '.join(missing)}")
-    try:
-        meta = json.loads(raw["json"])
-        fps, num_frames = float(meta["fps"]), int(meta["num_frames"])
-    except Exception as e:
-        raise SampleError("bad_metadata", f"{key}: json unreadable or without fps/num_frames ({e})") from None
-    try:
-        frames = media.decode_mp4(raw["mp4"])
-    except Exception as e:
-        raise SampleError("unreadable_video", f"{key}: mp4 cannot be decoded ({e.__class__.__name__}: {e})") from None
-    try:
-        audio = media.decode_flac(raw["flac"])
-    except Exception as e:
-        raise SampleError("unreadable_audio", f"{key}: flac cannot be decoded ({e.__class__.__name__}: {e})") from None
-    try:
-        masks = decode_lip_masks(raw["lipmask.npz"])
-    except Exception as e:
-        raise SampleError("unreadable_mask", f"{key}: lipmask.npz cannot be decoded ({e.__class__.__name__}: {e})") from None
-    f, h, w = frames.shape[:3]
-    if f != num_frames or (f - 1) % 4 or masks.shape != (f, h, w):
-        raise SampleError(
-            "frame_count", f"{key}: {f} decoded frames of {h}×{w}, json num_frames={num_frames}, lip masks "
-            f"{masks.shape}; frames must be 4k+1 and agree"
-        )
-    n_audio = clip_audio_samples(f, fps)
-    if audio.ndim != 1 or audio.shape[0] < n_audio:
-        raise SampleError("short_audio", f"{key}: {audio.shape} audio samples, the clip needs {n_audio}")
-    m = cfg.size_multiple
-    h2, w2 = h // m * m, w // m * m
-    if h2 == 0 or w2 == 0:
-        raise SampleError("too_small", f"{key}: {h}×{w} frames are smaller than size_multiple={m}")
-    top, left = (h - h2) // 2, (w - w2) // 2
-    caption = meta.get("caption") or cfg.default_caption
+    clip = load_clip(raw, stats, size_multiple=cfg.size_multiple, crop="center", motion_from="clip",
+                     default_caption=cfg.default_caption)
+    m = clip.meta
     out_meta = {
         "schema": SCHEMA_NAME,
         "version": SCHEMA_VERSION,
-        "fps": fps,
-        "num_frames": f,
-        "height": h2,
-        "width": w2,
-        "omega_l": normalise_motion(meta.get("omega_l_raw"), stats["omega_l"]),
-        "omega_b": normalise_motion(meta.get("omega_b_raw"), stats["omega_b"]),
-        "caption": caption,
-        "source": meta.get("source"),
+        "fps": clip.fps,
+        "num_frames": m["num_frames"],
+        "height": m["height"],
+        "width": m["width"],
+        "omega_l": clip.omega_l,
+        "omega_b": clip.omega_b,
+        "caption": clip.caption,
+        "source": m["source"],
         # Kept for tracing a sample back and for re-normalising ω with other statistics.
-        "omega_l_raw": meta.get("omega_l_raw"),
-        "omega_b_raw": meta.get("omega_b_raw"),
-        "clip_index": meta.get("clip_index"),
-        "start_s": meta.get("start_s"),
-        "crop": [top, left],  # pixel offset of the cropped frame in the raw clip
+        "omega_l_raw": m["omega_l_raw"],
+        "omega_b_raw": m["omega_b_raw"],
+        "clip_index": m["clip_index"],
+        "start_s": m["start_s"],
+        "crop": m["crop"],  # pixel offset of the cropped frame in the raw clip
         "lip_mask_resize": cfg.lip_mask_resize,
     }
-    if "face_box" in meta:
-        x0, y0, x1, y1 = meta["face_box"]
-        out_meta["face_box"] = [x0 - left, y0 - top, x1 - left, y1 - top]
-    return Clip(
-        key=key,
-        frames=frames[:, top : top + h2, left : left + w2],
-        audio=audio[:n_audio].astype(np.float32),
-        masks=masks[:, top : top + h2, left : left + w2],
-        caption=caption,
-        meta=out_meta,
-    )
+    if "face_box" in m:
+        out_meta["face_box"] = m["face_box"]
+    if cfg.face:
+        out_meta["face_margin"] = cfg.face_margin
+        out_meta["face_ref_box"] = clip.face_box  # the box face.npy was cropped around (None: whole frame)
+    return Clip(key=clip.key, frames=clip.frames, audio=clip.audio, masks=clip.masks, caption=clip.caption,
+                face_box=clip.face_box, meta=out_meta)
 
 
 def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[str, Any]]:
@@ -225,6 +182,8 @@ def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[st
             torch.from_numpy(np.stack([c.masks for c in group])),
             [c.caption for c in group],
             cfg.lip_mask_resize,
+            face_boxes=[c.face_box for c in group] if cfg.face else None,
+            face_margin=cfg.face_margin,
         )
         for i, clip in enumerate(group):
             arrays = {name: (out[name][i]).cpu().numpy().astype(dtype) for name in out}

@@ -15,10 +15,10 @@ import webdataset as wds
 from data_tools import media
 from data_tools.encode import REJECT_REASONS, EncodeConfig, run_encode
 from data_tools.prep import PrepConfig, main, normalise_motion, run_prep
-from data_tools.sample_format import decode_lip_masks
+from data_tools.sample_format import decode_lip_masks, decode_npz
 from ft_train.data import decode_sample
 from ft_train.models.audio import clip_audio_tokens
-from ft_train.models.encoders import load_encoders, save_tiny_encoders
+from ft_train.models.encoders import crop_face, load_encoders, save_tiny_encoders
 
 SAMPLE = Path(__file__).parent / "assets" / "sample_talking.mp4"
 # 3 clips of 17 frames (5 latent frames) at 96×96 px (12×12 latent): small enough for CPU.
@@ -66,6 +66,7 @@ def test_latent_shards_follow_the_schema(setup):
         assert s["text"][5:].abs().sum() == 0
         assert s["audio"].shape == (clip_audio_tokens(FRAMES, FPS), 768)
         assert s["lip_mask"].shape == (f_lat, h_lat, h_lat)
+        assert s["face"].shape == (257, 1280) and not torch.allclose(s["face"], s["clip"])  # encode.face=true
         assert float(s["fps"]) == FPS
         # Latent frame 0 of the clip is VAE(frame 0), as is the condition's (causal VAE).
         torch.testing.assert_close(s["image_latents"][:, 0], s["latents"][:, 0], atol=2e-3, rtol=0)
@@ -86,10 +87,16 @@ def test_latents_match_the_raw_clip(setup):
     meta = json.loads(raw["json"])
     frames = torch.from_numpy(media.decode_mp4(raw["mp4"]))
     video = frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    stored = {k: torch.from_numpy(np.load(io.BytesIO(lat[f"{k}.npy"]))).float() for k in ("latents", "image_latents", "clip", "text", "audio")}
+    stored = {k: torch.from_numpy(np.load(io.BytesIO(lat[f"{k}.npy"]))).float()
+              for k in ("latents", "image_latents", "clip", "text", "audio", "face")}
     torch.testing.assert_close(stored["latents"], enc.vae(video)[0], atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(stored["image_latents"], enc.vae.encode_condition(video[:, :, 0], FRAMES)[0], atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(stored["clip"], enc.image(video[:, :, 0])[0], atol=2e-2, rtol=1e-2)
+    # face: CLIP tokens of the square crop around frame 0's own face box (landmarks.npz).
+    box = decode_npz(raw["landmarks.npz"])["face_box"][0]
+    crop = torch.from_numpy(crop_face(frames[0].numpy(), box)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    torch.testing.assert_close(stored["face"], enc.image(crop)[0], atol=2e-2, rtol=1e-2)
+    assert json.loads(lat["json"])["face_ref_box"] == pytest.approx(box.tolist())
     torch.testing.assert_close(stored["text"], enc.text(["an astronaut is talking"])[0], atol=2e-2, rtol=1e-2)
     # Exactly the clip's audio: F / fps seconds from frame 0.
     audio = media.decode_flac(raw["flac"])[: int(FRAMES / FPS * 16000)]
@@ -159,6 +166,15 @@ def test_corrupt_samples_are_skipped_and_counted(setup, tmp_path):
     assert not (tmp_path / "latent" / "shard-000001.tar").exists()
     assert "unreadable_video" in (tmp_path / "latent" / "report.txt").read_text()
     assert [s["__key__"] for s in read(tmp_path / "latent")] == [samples[2]["__key__"]]
+
+
+def test_face_tokens_can_be_switched_off(setup, tmp_path):
+    """encode.face=false: no face.npy (the identity branch then falls back to the CLIP tokens)."""
+    root, args = setup
+    assert main(["task=encode", args[0], f"output={tmp_path / 'latent'}", *args[2:], "face=false"]) == 0
+    samples = read(tmp_path / "latent", decode=False)
+    assert len(samples) == 3 and all("face.npy" not in s and "clip.npy" in s for s in samples)
+    assert all("face" not in s for s in read(tmp_path / "latent"))
 
 
 def test_config_errors_name_the_key(setup, tmp_path):

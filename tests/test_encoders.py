@@ -10,8 +10,12 @@ from safetensors.torch import load_file
 
 from ft_train.models.audio import wav2vec_num_tokens
 from ft_train.models.encoders import (
+    FACE_CROP_SIZE,
     EncoderWeightsError,
+    clip_audio_window,
+    crop_face,
     encode_clips,
+    face_crop_box,
     lip_mask_to_latent,
     load_encoders,
     save_tiny_encoders,
@@ -101,6 +105,59 @@ def test_encode_clips_one_call_gives_every_condition(encoders):
     # The I2V condition is VAE([frame 0, zeros...]) of exactly these frames.
     video = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
     torch.testing.assert_close(out["image_latents"], encoders.vae.encode_condition(video[:, :, 0], 9))
+
+
+def test_face_crop_is_a_square_holding_the_face_box():
+    h, w = 120, 200
+    frame = np.zeros((h, w, 3), np.uint8)
+    box = (120.0, 30.0, 160.0, 80.0)  # 40×50 face box
+    frame[30:80, 120:160] = (255, 0, 0)
+    x0, y0, x1, y1 = face_crop_box(box, h, w, margin=0.2)
+    assert x1 - x0 == y1 - y0 == 70  # (1 + 2·0.2) × the longer side
+    assert x0 <= 120 and y0 <= 30 and x1 >= 160 and y1 >= 80  # holds the face box
+    assert abs((x0 + x1) / 2 - 140) <= 1 and abs((y0 + y1) / 2 - 55) <= 1  # centred on it
+    crop = crop_face(frame, box, margin=0.2)
+    assert crop.shape == (FACE_CROP_SIZE, FACE_CROP_SIZE, 3) and crop.dtype == np.uint8
+    red = crop[..., 0] > 127
+    ys, xs = np.nonzero(red)
+    scale = FACE_CROP_SIZE / 70
+    assert abs(ys.min() - (30 - y0) * scale) <= 2 and abs(ys.max() + 1 - (80 - y0) * scale) <= 2
+    assert abs(xs.min() - (120 - x0) * scale) <= 2 and abs(xs.max() + 1 - (160 - x0) * scale) <= 2
+    # Near the border the square shifts into the frame instead of padding...
+    x0, y0, x1, y1 = face_crop_box((180, 0, 200, 30), h, w, margin=0.5)
+    assert (x1, y0, x1 - x0, y1 - y0) == (200, 0, 60, 60)
+    # ...and only a square larger than the frame reaches outside it (padded black).
+    big = crop_face(np.full((40, 60, 3), 200, np.uint8), (10, 5, 50, 35), margin=0.5, size=60)
+    assert big.shape == (60, 60, 3) and big[0].max() == 0 and big[30, 30, 0] == 200
+    # No box: the whole frame, resized.
+    whole = crop_face(frame, None, size=50)
+    assert whole.shape == (50, 50, 3) and whole[..., 0].max() == 255
+
+
+def test_encode_clips_face_tokens(encoders):
+    frames = torch.randint(0, 256, (2, 9, 32, 32, 3), dtype=torch.uint8)
+    masks = torch.zeros(2, 9, 32, 32, dtype=torch.bool)
+    boxes = [(8.0, 8.0, 20.0, 24.0), None]
+    out = encode_clips(encoders, frames, [np.zeros(5760, np.float32)] * 2, masks, ["a man", ""], face_boxes=boxes)
+    assert out["face"].shape == out["clip"].shape == (2, 17, 48)
+    crop = torch.from_numpy(crop_face(frames[0, 0].numpy(), boxes[0]))
+    torch.testing.assert_close(out["face"][0], encoders.image(crop.permute(2, 0, 1)[None].float() / 127.5 - 1)[0])
+    torch.testing.assert_close(out["face"][1], out["clip"][1])  # no box: the CLIP tokens (the fallback)
+    assert "face" not in encode_clips(encoders, frames, [np.zeros(5760, np.float32)] * 2, masks, ["a", "b"])
+    # uint8 masks are coverage /255: 255 = a fully covered cell, as True is.
+    full = encode_clips(encoders, frames[:1], [np.zeros(5760, np.float32)], masks[:1] | True, ["a"])
+    coverage = encode_clips(encoders, frames[:1], [np.zeros(5760, np.float32)],
+                        torch.full((1, 9, 32, 32), 255, dtype=torch.uint8), ["a"])
+    torch.testing.assert_close(full["lip_mask"], coverage["lip_mask"])
+
+
+def test_clip_audio_window_is_frame_aligned():
+    audio = np.arange(16000, dtype=np.float32)
+    window = clip_audio_window(audio, start_frame=5, num_frames=9, fps=25.0)
+    assert window.shape == (5760,) and window[0] == 5 * 640  # 640 samples per frame at 25 fps
+    assert clip_audio_window(audio[: 5 * 640 + 5759], 5, 9, 25.0)[-1] == 0  # one sample short: padded
+    with pytest.raises(ValueError, match="need"):
+        clip_audio_window(audio[:8000], 5, 9, 25.0)
 
 
 @pytest.mark.parametrize("mode", ["trilinear", "area"])

@@ -1,6 +1,7 @@
 """Latent shards: the synthetic writer, the schema decoder and the datamodule."""
 
 import io
+import itertools
 import json
 import tarfile
 
@@ -10,6 +11,7 @@ import torch
 import webdataset as wds
 
 from ft_train.data import LatentShardDataModule, SchemaError, decode_sample, write_synthetic_shards
+from ft_train.data.datamodule import collate_samples
 from ft_train.data.schema import SCHEMA_VERSION
 
 
@@ -84,3 +86,44 @@ def test_missing_shards_name_the_key(tmp_path):
     dm = LatentShardDataModule(str(tmp_path / "nothing-here"), num_workers=0)
     with pytest.raises(FileNotFoundError, match="data.shards: no .tar shards"):
         dm.train_dataloader()
+
+
+def test_face_member_is_optional(tmp_path):
+    """Shards with the identity branch's ``face.npy`` give ``face``; older shards without it still
+    load (same schema version), and a batch mixing both leaves ``face`` out."""
+    src = write_synthetic_shards(tmp_path / "src", num_samples=4, samples_per_shard=2, num_frames=9)
+    out = tmp_path / "mixed"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    for i, shard in enumerate(src):
+        with wds.TarWriter(str(out / shard.name)) as sink:
+            for s in read_raw(shard):
+                s = {k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+                if i == 0:
+                    s["face.npy"] = rng.standard_normal((257, s["clip.npy"].shape[1])).astype(np.float16)
+                sink.write(s)
+    with_face = [decode_sample(r) for r in read_raw(out / src[0].name)]
+    without = [decode_sample(r) for r in read_raw(out / src[1].name)]
+    assert all(x["face"].shape == (257, 1280) and x["face"].dtype == torch.float32 for x in with_face)
+    assert all("face" not in x for x in without)
+    dm = LatentShardDataModule(str(out), batch_size=2, num_workers=0, shuffle_buffer=0)
+    first, second = itertools.islice(iter(dm.train_dataloader()), 2)
+    assert first["face"].shape == (2, 257, 1280) and "face" not in second
+    assert "face" not in collate_samples([with_face[0], without[0]])
+    bad = read_raw(out / src[0].name)[0]
+    bad["face.npy"] = np.zeros((2, 257, 4), np.float16)
+    with pytest.raises(SchemaError, match="face must be"):
+        decode_sample(bad)
+
+
+def test_resume_past_whole_passes_over_the_data(tmp_path):
+    """A resume that skips more samples than one pass over the shards holds (a small dataset, many
+    epochs in) continues the stream where the uninterrupted run was, rather than ending it."""
+    write_synthetic_shards(tmp_path, num_samples=3, samples_per_shard=3, num_frames=9)
+    dm = LatentShardDataModule(str(tmp_path), batch_size=1, num_workers=0, shuffle_buffer=2)
+
+    def keys(ds, n):
+        return [s["__key__"] for s in itertools.islice(iter(ds), n)]
+
+    full = keys(dm.dataset(0), 10)
+    assert keys(dm.dataset(7), 3) == full[7:10]

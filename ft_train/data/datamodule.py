@@ -1,4 +1,4 @@
-"""WebDataset datamodule over latent shards (schema in ``schema.py``)."""
+"""WebDataset datamodule over latent shards (schema in ``schema.py``); raw shards: ``raw.py``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from .schema import decode_sample
 from .synthetic import write_synthetic_shards
@@ -96,6 +96,7 @@ class ResumeSkip:
         self.batches_consumed = batches_consumed
         self.batch_size = batch_size
         self.remaining: int | None = None  # per worker process (each worker has its own copy)
+        self.dropped = 0
 
     def __call__(self, src):
         if self.remaining is None:
@@ -105,8 +106,51 @@ class ResumeSkip:
         for sample in src:
             if self.remaining > 0:
                 self.remaining -= 1
+                self.dropped += 1
                 continue
             yield sample
+
+
+class Endless(torch.utils.data.IterableDataset):
+    """Pass over a one-epoch WebDataset pipeline again and again (each pass reshuffles the shards
+    by epoch); the run length is ``trainer.max_steps``.
+
+    WebDataset's own ``repeat()`` ends the stream at the first pass that yields nothing, meant
+    for an empty dataset; but a resume that skips more samples than one pass holds (a small
+    dataset, many epochs in) empties whole passes on purpose. Here a pass only ends the stream
+    when it yielded nothing and :class:`ResumeSkip` dropped nothing either: no usable sample at
+    all in this worker's shards (logged, as the skipped samples were).
+    """
+
+    def __init__(self, pipeline: wds.WebDataset, resume_skip: ResumeSkip | None = None):
+        super().__init__()
+        self.pipeline = pipeline
+        self.resume_skip = resume_skip  # the very stage inside `pipeline` (pickled together)
+
+    def __iter__(self):
+        while True:
+            dropped = self.resume_skip.dropped if self.resume_skip is not None else 0
+            yielded = 0
+            for sample in self.pipeline:
+                yielded += 1
+                yield sample
+            if not yielded and (self.resume_skip is None or self.resume_skip.dropped == dropped):
+                log.warning("data: a whole pass over this loader's shards gave no usable sample; its stream ends")
+                return
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` over the keys every sample has.
+
+    Optional members (``face``) may be present in some shards and not in others (shards written
+    before the member existed); a batch mixing both drops the key, so the model falls back for
+    that batch (the identity branch to the CLIP tokens) instead of the loader crashing.
+    """
+    keys = set(samples[0]).intersection(*samples[1:])
+    dropped = set(samples[0]).union(*samples[1:]) - keys
+    if dropped:
+        log.debug("batch mixes samples with and without %s: dropped for this batch", sorted(dropped))
+    return default_collate([{k: s[k] for k in keys} for s in samples])
 
 
 class LatentShardDataModule(L.LightningDataModule):
@@ -150,11 +194,20 @@ class LatentShardDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def dataset(self, batches_consumed: int = 0) -> wds.WebDataset:
-        urls = resolve_shards(self.shards)
+    def setup(self, stage: str | None = None) -> None:
+        # Before the LightningModule's on_fit_start, which hands null_text to the loss; the
+        # loader (and dataset()) may only be built after it.
+        self.load_null_text(resolve_shards(self.shards))
+
+    def load_null_text(self, urls: list[str]) -> None:
+        """``null_text.npy`` beside the shards (the encode pass writes it): the empty prompt's
+        embedding that text dropout substitutes."""
         null = Path(urls[0]).parent / "null_text.npy"
         if null.is_file():
             self.null_text = torch.from_numpy(np.load(null)).float()
+
+    def shard_stream(self, urls: list[str], batches_consumed: int) -> wds.WebDataset:
+        """The samples of this rank's share of the shards, as undecoded tar members, shuffled."""
         _, world = self._world()
         if len(urls) < world:
             raise ValueError(
@@ -172,11 +225,18 @@ class LatentShardDataModule(L.LightningDataModule):
         )
         if self.shuffle_buffer:
             ds = ds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=self.seed)
+        return ds
+
+    def samples(self, ds: wds.WebDataset, skip: ResumeSkip | None) -> wds.WebDataset:
+        """Tar members → training samples, minus those trained on before a resume (``skip``)."""
         ds = ds.decode(handler=self.skips).map(decode_sample, handler=self.skips)
-        if batches_consumed:
-            ds = ds.compose(ResumeSkip(batches_consumed, self.batch_size))
-        # Repeat forever (each pass reshuffles shards by epoch); run length is trainer.max_steps.
-        return ds.repeat()
+        return ds.compose(skip) if skip is not None else ds
+
+    def dataset(self, batches_consumed: int = 0) -> Endless:
+        urls = resolve_shards(self.shards)
+        self.load_null_text(urls)
+        skip = ResumeSkip(batches_consumed, self.batch_size) if batches_consumed else None
+        return Endless(self.samples(self.shard_stream(urls, batches_consumed), skip), skip)
 
     def batches_consumed(self) -> int:
         """Batches this rank trained on before now: non-zero when resuming from a checkpoint."""
@@ -193,7 +253,8 @@ class LatentShardDataModule(L.LightningDataModule):
         workers = min(self.num_workers, shards_per_rank)
         if workers < self.num_workers:
             log.info("data.num_workers reduced to %d: only %d shards per rank", workers, shards_per_rank)
-        return DataLoader(ds, batch_size=self.batch_size, num_workers=workers, persistent_workers=workers > 0)
+        return DataLoader(ds, batch_size=self.batch_size, num_workers=workers, persistent_workers=workers > 0,
+                          collate_fn=collate_samples)
 
     def state(self) -> dict[str, Any]:
         return {"skipped": self.skips.skipped}

@@ -23,13 +23,27 @@ member              dtype         shape                      content
                                                              of exactly the clip's audio
 ``lip_mask.npy``    float16/uint8 (F, H, W)                  lip mask on the latent grid, in [0, 1]
                                                              (uint8 is read as /255)
+``face.npy``        float16/32    (257, 1280)                optional: CLIP tokens (as ``clip.npy``) of
+                                                             a square crop around the first frame's
+                                                             face (``ft_train.models.encoders.crop_face``),
+                                                             the identity branch's face features
 ``json``            —             —                          metadata, below
 ==================  ============  =========================  ==========================================
+
+``face.npy`` was added without a version bump: it is optional, so shards written before it (or
+with ``encode.face=false``) still load, and the identity branch then falls back to ``clip``. A
+version bump is for changes an older reader would misread, not for new optional members (an
+older reader ignores ``face.npy``: it reads only the members it knows).
 
 ``json`` keys: ``schema`` ("ft-latent"), ``version`` (1), ``fps`` (video frames per second),
 ``num_frames`` (video frames, 4k+1), ``height``/``width`` (pixels), ``omega_l``/``omega_b``
 (motion intensities, normalised to [0, 1] with the data tools' statistics), ``caption``,
-``source`` (where the clip came from). Unknown extra keys are kept and ignored.
+``source`` (where the clip came from); with ``face.npy`` also ``face_ref_box`` (the face box it
+was cropped around, in the stored frames' pixels; null = no box known, the whole frame) and
+``face_margin``. Unknown extra keys are kept and ignored.
+
+Raw-mode training (``ft_train/data/raw.py``) builds the very same training sample from a raw
+shard on the fly, through :func:`training_sample`.
 
 Widths 1280/4096/768 are those of the real encoders; tiny test models may use other widths,
 which the datamodule checks against the model config before training.
@@ -46,6 +60,8 @@ SCHEMA_NAME = "ft-latent"
 SCHEMA_VERSION = 1
 TEXT_TOKENS = 512
 ARRAY_FIELDS = ("latents", "image_latents", "clip", "text", "audio", "lip_mask")
+#: Members a sample may lack (older shards, or written with ``encode.face=false``).
+OPTIONAL_FIELDS = ("face",)
 
 
 class SchemaError(ValueError):
@@ -71,9 +87,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     """WebDataset sample (already ``.npy``/``.json``-decoded) → training sample of tensors.
 
-    Returns float32 tensors ``latents, image_latents (16,F,H,W)``, ``clip (257,Di)``,
-    ``text (512,Dt)`` zero-padded, ``text_len`` (), ``audio (L_a,768)``, ``lip_mask (F,H,W)``,
-    ``motion (2,)`` = (ω_l, ω_b) and ``fps``; WebDataset keeps ``__key__``.
+    Returns the dict of :func:`training_sample`; WebDataset keeps ``__key__``.
     """
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
     meta = raw.get("json")
@@ -83,15 +97,39 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     missing = [f for f in ARRAY_FIELDS if f"{f}.npy" not in raw]
     if missing:
         raise SchemaError(f"{where}: missing members {', '.join(m + '.npy' for m in missing)}")
-    latents = to_tensor(raw["latents.npy"])
-    image_latents = to_tensor(raw["image_latents.npy"])
+    arrays = {f: raw[f"{f}.npy"] for f in (*ARRAY_FIELDS, *OPTIONAL_FIELDS) if f"{f}.npy" in raw}
+    lip = arrays["lip_mask"]
+    arrays = {k: to_tensor(v) for k, v in arrays.items()}
+    if lip.dtype == np.uint8:
+        arrays["lip_mask"] = arrays["lip_mask"] / 255.0
+    return training_sample(arrays, meta, where)
+
+
+def training_sample(arrays: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """Encoder outputs of one clip + its metadata → the training sample (the batch layout).
+
+    Both data paths end here — latent shards (:func:`decode_sample`) and raw-mode training
+    (``ft_train.data.raw``) — so a model cannot tell which one fed it.
+
+    Args:
+        arrays: float tensors ``latents``, ``image_latents`` (16, F, H, W), ``clip`` (257, Di),
+            ``text`` (L_t ≤ 512, Dt) real tokens only, ``audio`` (L_a, Da), ``lip_mask`` (F, H, W)
+            in [0, 1], optionally ``face`` (N_face, Di).
+        meta: ``num_frames``, ``fps``, ``omega_l``, ``omega_b`` (normalised), as in the schema json.
+        where: names the sample in errors (shard:key).
+    Returns:
+        float32 tensors ``latents, image_latents (16,F,H,W)``, ``clip (257,Di)``, ``text (512,Dt)``
+        zero-padded, ``text_len`` (), ``audio (L_a,Da)``, ``lip_mask (F,H,W)``, ``motion (2,)`` =
+        (ω_l, ω_b), ``fps`` (), and ``face (N_face,Di)`` when the sample has one.
+    """
+    latents = arrays["latents"].float()
+    image_latents = arrays["image_latents"].float()
     if latents.ndim != 4 or latents.shape != image_latents.shape:
         raise SchemaError(f"{where}: latents {tuple(latents.shape)} / image_latents {tuple(image_latents.shape)} must both be (16, F, H, W)")
-    lip = raw["lip_mask.npy"]
-    lip = to_tensor(lip) / 255.0 if lip.dtype == np.uint8 else to_tensor(lip)
+    lip = arrays["lip_mask"].float()
     if tuple(lip.shape) != tuple(latents.shape[1:]):
         raise SchemaError(f"{where}: lip_mask {tuple(lip.shape)} does not match latent grid {tuple(latents.shape[1:])}")
-    text = to_tensor(raw["text.npy"])
+    text = arrays["text"].float()
     if text.ndim != 2 or text.shape[0] > TEXT_TOKENS:
         raise SchemaError(f"{where}: text must be (L<=512, D), got {tuple(text.shape)}")
     padded = text.new_zeros(TEXT_TOKENS, text.shape[1])
@@ -99,14 +137,21 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     num_frames = int(meta.get("num_frames", 4 * (latents.shape[1] - 1) + 1))
     if (num_frames - 1) // 4 + 1 != latents.shape[1]:
         raise SchemaError(f"{where}: num_frames={num_frames} does not give {latents.shape[1]} latent frames")
-    return {
+    clip = arrays["clip"].float()
+    sample = {
         "latents": latents,
         "image_latents": image_latents,
-        "clip": to_tensor(raw["clip.npy"]),
+        "clip": clip,
         "text": padded,
         "text_len": torch.tensor(text.shape[0]),
-        "audio": to_tensor(raw["audio.npy"]),
+        "audio": arrays["audio"].float(),
         "lip_mask": lip,
         "motion": torch.tensor([float(meta.get("omega_l", 0.5)), float(meta.get("omega_b", 0.5))]),
         "fps": torch.tensor(float(meta.get("fps", 0.0))),
     }
+    if "face" in arrays:
+        face = arrays["face"].float()
+        if face.ndim != 2:
+            raise SchemaError(f"{where}: face must be (N_face, D), got {tuple(face.shape)}")
+        sample["face"] = face
+    return sample
