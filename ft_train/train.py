@@ -107,6 +107,7 @@ def train(cfg) -> dict[str, Any]:
     module = instantiate(cfg.stage.module)(
         net=net, loss=loss, optimizer=optimizer, scheduler=scheduler, seed=int(cfg.seed),
         init_from=cfg.stage.init_from, max_nonfinite_steps=int(cfg.faults.max_nonfinite_steps),
+        max_skipped_fraction=float(cfg.faults.max_skipped_fraction), skip_check_after=int(cfg.faults.skip_check_after),
     )
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]

@@ -127,3 +127,43 @@ def test_resume_past_whole_passes_over_the_data(tmp_path):
 
     full = keys(dm.dataset(0), 10)
     assert keys(dm.dataset(7), 3) == full[7:10]
+
+
+def test_skip_counts_cross_from_loader_workers(tmp_path):
+    """Workers are processes: their skips reach the training loop inside the batches."""
+    src = write_synthetic_shards(tmp_path / "src", num_samples=3, samples_per_shard=3, num_frames=9)[0]
+    (tmp_path / "bad").mkdir()
+    corrupt_one_sample(src, tmp_path / "bad" / "shard-000000.tar")
+    dm = LatentShardDataModule(str(tmp_path / "bad"), batch_size=1, num_workers=1, shuffle_buffer=0)
+    batches = list(itertools.islice(iter(dm.train_dataloader()), 6))  # three passes over 2 good samples
+    assert [int(b["skipped"].sum()) for b in batches] == [0, 1, 0, 1, 0, 1]
+    assert dm.skips.skipped == 0  # the main process's own counter never sees them
+
+
+def _train_on(shards, out, *extra):
+    from hydra import compose, initialize_config_dir
+
+    from ft_train.train import train
+
+    from .conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=tiny_cpu", "stages=null", "stage.max_steps=6", "data=latent", f"data.shards={shards}",
+            "data.num_workers=1", "data.shuffle_buffer=0", f"paths.output_dir={out}", "trainer.log_every_n_steps=1",
+            *extra])
+    return train(cfg)
+
+
+def test_training_counts_skipped_samples_and_stops_when_too_many(tmp_path):
+    src = write_synthetic_shards(tmp_path / "src", num_samples=3, samples_per_shard=3, num_frames=9)[0]
+    (tmp_path / "bad").mkdir()
+    corrupt_one_sample(src, tmp_path / "bad" / "shard-000000.tar")  # 1 of every 3 samples is unreadable
+
+    result = _train_on(tmp_path / "bad", tmp_path / "ok", "faults.max_skipped_fraction=0.5", "faults.skip_check_after=2")
+    # 6 steps read 6 good samples and skipped the bad one 3 times (the sixth good one ends pass 3)
+    assert result["module"].samples_used == 6 and result["module"].samples_skipped == 3
+    assert result["metrics"]["data/skipped"] == 3.0
+
+    with pytest.raises(RuntimeError, match=r"1 of 3 samples.*faults.max_skipped_fraction=0.2"):
+        _train_on(tmp_path / "bad", tmp_path / "stop", "faults.max_skipped_fraction=0.2", "faults.skip_check_after=3")

@@ -120,19 +120,30 @@ class Endless(torch.utils.data.IterableDataset):
     dataset, many epochs in) empties whole passes on purpose. Here a pass only ends the stream
     when it yielded nothing and :class:`ResumeSkip` dropped nothing either: no usable sample at
     all in this worker's shards (logged, as the skipped samples were).
+
+    Each sample also gets ``skipped``: how many unreadable samples this worker skipped since its
+    previous sample. Workers are separate processes, so this is how their skip counts reach the
+    training loop, which sums them (``data/skipped``) and stops a run whose data is mostly broken
+    (``faults.max_skipped_fraction``).
     """
 
-    def __init__(self, pipeline: wds.WebDataset, resume_skip: ResumeSkip | None = None):
+    def __init__(self, pipeline: wds.WebDataset, resume_skip: ResumeSkip | None = None,
+                 skips: SkipCounter | None = None):
         super().__init__()
         self.pipeline = pipeline
         self.resume_skip = resume_skip  # the very stage inside `pipeline` (pickled together)
+        self.skips = skips  # the pipeline's own error handler (pickled together, so the same object)
 
     def __iter__(self):
+        reported = self.skips.skipped if self.skips is not None else 0
         while True:
             dropped = self.resume_skip.dropped if self.resume_skip is not None else 0
             yielded = 0
             for sample in self.pipeline:
                 yielded += 1
+                if self.skips is not None:
+                    sample["skipped"] = self.skips.skipped - reported
+                    reported = self.skips.skipped
                 yield sample
             if not yielded and (self.resume_skip is None or self.resume_skip.dropped == dropped):
                 log.warning("data: a whole pass over this loader's shards gave no usable sample; its stream ends")
@@ -236,7 +247,7 @@ class LatentShardDataModule(L.LightningDataModule):
         urls = resolve_shards(self.shards)
         self.load_null_text(urls)
         skip = ResumeSkip(batches_consumed, self.batch_size) if batches_consumed else None
-        return Endless(self.samples(self.shard_stream(urls, batches_consumed), skip), skip)
+        return Endless(self.samples(self.shard_stream(urls, batches_consumed), skip), skip, self.skips)
 
     def batches_consumed(self) -> int:
         """Batches this rank trained on before now: non-zero when resuming from a checkpoint."""

@@ -638,6 +638,8 @@ class RawShardDataModule(LatentShardDataModule):
         samples = encode_raw_clips(self.encoders, batch, self.lip_mask_resize, self.face, self.face_margin)
         device = batch["frames"].device
         out = collate_samples(samples)
+        if "skipped" in batch:  # the loader workers' skip counts (Endless), for the training loop
+            out["skipped"] = batch["skipped"]
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
 
 

@@ -35,6 +35,11 @@ class FantasyTalkingModule(L.LightningModule):
             e.g. the stage-1 result for stage 2.
         max_nonfinite_steps: a step whose loss is NaN/inf on any rank is skipped on every rank
             (logged as NaN, no weight update); this many in a row stop the run.
+        max_skipped_fraction: unreadable samples are skipped by the loader and counted
+            (``data/skipped``, summed over ranks); once ``skip_check_after`` samples have been
+            read, a skipped share above this stops the run (broken shards, wrong paths, a full
+            disk while writing them).
+        skip_check_after: samples (all ranks) read before the skipped share is judged.
     """
 
     audio_mode: str | None = None  # set by the stage subclasses
@@ -48,6 +53,8 @@ class FantasyTalkingModule(L.LightningModule):
         seed: int = 0,
         init_from: str | None = None,
         max_nonfinite_steps: int = 5,
+        max_skipped_fraction: float = 0.1,
+        skip_check_after: int = 100,
     ):
         super().__init__()
         self.net = net
@@ -65,6 +72,14 @@ class FantasyTalkingModule(L.LightningModule):
         self.strict_loading = False
         self._batch_checked = False
         self.max_nonfinite_steps = max_nonfinite_steps
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise ValueError(f"faults.max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
+        self.max_skipped_fraction = max_skipped_fraction
+        self.skip_check_after = skip_check_after
+        # Summed over ranks. Not checkpointed: a resumed loader re-reads (and re-skips) the
+        # samples before its position while it fast-forwards, so the count rebuilds itself.
+        self.samples_skipped = 0
+        self.samples_used = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         # Batches taken from the loader, skipped steps included: the data position for resume.
@@ -102,20 +117,45 @@ class FantasyTalkingModule(L.LightningModule):
             raise ValueError(f"data gives latents with {lat.shape[1]} channels; the Wan VAE has 16")
         self._batch_checked = True
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """True when the loss is finite on every rank (all ranks must take the same branch)."""
-        finite = torch.isfinite(loss.detach()).float().reshape(())
-        return bool(self.trainer.strategy.reduce(finite, reduce_op="min") > 0)
+    def all_finite(self, loss: torch.Tensor, skipped: int = 0, used: int = 0) -> bool:
+        """True when the loss is finite on every rank (all ranks must take the same branch).
+
+        The same all-reduce sums this step's skipped and used sample counts over the ranks (into
+        ``samples_skipped`` / ``samples_used``), so counting costs no extra collective.
+        """
+        local = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(skipped), float(used)],
+                             device=loss.device, dtype=torch.float64)
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        self.samples_skipped += int(total[1].item())
+        self.samples_used += int(total[2].item())
+        return bool(total[0].item() == 0)
+
+    def check_skipped(self, bsz: int) -> None:
+        """Stop when too much of the data is unreadable (the same decision on every rank)."""
+        seen = self.samples_skipped + self.samples_used
+        if self.samples_skipped:
+            self.log("data/skipped", float(self.samples_skipped), batch_size=bsz)
+            self.log("data/skipped_fraction", self.samples_skipped / max(seen, 1), batch_size=bsz)
+        if seen >= self.skip_check_after and self.samples_skipped > self.max_skipped_fraction * seen:
+            raise RuntimeError(
+                f"{self.samples_skipped} of {seen} samples read so far were unreadable and skipped "
+                f"(more than faults.max_skipped_fraction={self.max_skipped_fraction}); the warnings above name "
+                "the shards — fix or remove them (or raise faults.max_skipped_fraction)"
+            )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.batches_seen += 1
+        skipped = batch.pop("skipped", None)
+        skipped = int(skipped.sum()) if skipped is not None else 0
         if not self._batch_checked:
             self.check_batch(batch)
         accumulate = max(1, self.trainer.accumulate_grad_batches)
         generator = step_generator(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
         out = self.loss(self.net, batch, generator)
         bsz = batch["latents"].shape[0]
-        if not self.all_finite(out.loss):
+        finite = self.all_finite(out.loss, skipped, bsz)
+        self.check_skipped(bsz)
+        if not finite:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
