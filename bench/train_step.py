@@ -1,0 +1,802 @@
+"""Time one training step and one guided sampling step: plain diffusers Wan I2V vs ft_train's stage 2.
+
+Every case runs in one process, on one device, on random inputs of the real shapes, so the
+baseline and our step are measured side by side on the same card (issue 10):
+
+  train_baseline   diffusers ``WanTransformer3DModel`` as shipped: weights in the model yaml's
+                   dtype (bf16), SDPA, full activation checkpointing (diffusers'
+                   ``enable_gradient_checkpointing``), MSE against a random target, backward,
+                   ``torch.optim.AdamW`` (default, foreach). Trainable: every weight for a full
+                   fine-tune config; otherwise the backbone is frozen except each block's
+                   cross-attention value projection ``attn2.to_v`` (a d×d weight per block —
+                   1.05B for 14B, the "~1B trainable" of the issue's baseline, like our adapter
+                   a per-block projection that needs gradients through every block).
+  train_ours       ft_train's stage-2 step: the model built by the model yaml's ``_target_``
+                   (``ft_train.models.build_model``, audio_mode ``frame``), the flow-matching loss of
+                   ``conf/loss/flow_matching.yaml`` with stage 2's lip weighting, under bf16
+                   autocast on CUDA (the trainer's ``precision: bf16-mixed``), backward, gradient
+                   clipping at 1.0 (``trainer.gradient_clip_val``) and fused AdamW
+                   (``conf/optim/adamw.yaml``) on the trainable set (adapters; + backbone for a
+                   full fine-tune).
+  sample_baseline  three plain forward passes without grad (the three-pass guidance step), one
+                   after another.
+  sample_ours      one Euler step of ``ft_train.diffusion.FlowMatchSampler`` (defaults: text
+                   cfg 5, audio cfg 4.5 → three passes) with our model.
+
+Configs: ``14b`` (conf/model/wan2.1_i2v_14b.yaml, random init built on the device directly in
+bf16, frozen backbone, 512×512×81 → latents (1,16,21,64,64), 21,504 tokens), ``1.3b``
+(conf/model/wan_i2v_1.3b.yaml, full fine-tune, 480×832×81, 32,760 tokens), ``14b-720``
+(720×1280×81, 75,600 tokens; only when named, the plain step runs out of memory on 80 GB),
+``tiny`` / ``tiny-full`` (conf/model/tiny.yaml, CPU smoke test). Inputs: audio = wav2vec
+features (1, L, 768) with L = frames / 25 fps × 50 Hz, CLIP tokens (1, 257, 1280), text
+(1, 512, 4096) (120 real tokens, zero padding), lip mask (1, F, H, W) (a mouth box).
+
+Timing: median of ``--iters`` steps after ``--warmup`` steps, CUDA events (``perf_counter`` on
+CPU). Peak memory: ``torch.cuda.max_memory_allocated`` since the case started (weights included).
+MFU: analytic model FLOPs (the formula is printed and saved) / step time / the card's dense bf16
+peak from :data:`PEAK_TFLOPS` (``--peak-tflops`` overrides).
+
+Safety: a case that runs out of memory is recorded as ``OOM`` and the run goes on; a case that
+would start after ``--budget`` seconds is recorded as ``skipped: time budget``; results are
+written after every case, and a watchdog dumps every thread's stack and exits at
+``--budget + --grace`` seconds so a hung kernel cannot eat the device lease.
+
+Usage::
+
+    python bench/train_step.py --cases all --budget 420 --out $OUT     # GPU: the whole set
+    python bench/train_step.py --cases 14b:train_baseline,14b:train_ours
+    python bench/train_step.py --tiny --out /tmp/bench                  # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import faulthandler
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+if str(REPO) not in sys.path:  # the GPU image runs the checkout without installing the project
+    sys.path.insert(0, str(REPO))
+
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name;
+# first match wins, so the more specific names come first. H200 has the H100 SXM's compute.
+PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+]
+
+KINDS = ("train_baseline", "sample_baseline", "train_ours", "sample_ours")
+RUNNING = "running (the watchdog stopped the run here)"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One model size and clip shape. ``full_finetune``: every backbone weight trains."""
+
+    name: str
+    model_yaml: str
+    height: int  # pixels
+    width: int
+    frames: int  # video frames, 4k+1
+    full_finetune: bool
+    fps: float = 25.0
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        """(B, 16, F, H/8, W/8) Wan VAE latents."""
+        return (1, 16, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+    @property
+    def audio_tokens(self) -> int:
+        """wav2vec2 tokens of the clip: frames / fps seconds at 50 tokens/s."""
+        return round(self.frames / self.fps * 50)
+
+
+CONFIGS = {
+    c.name: c
+    for c in (
+        BenchConfig("14b", "wan2.1_i2v_14b.yaml", 512, 512, 81, full_finetune=False),
+        BenchConfig("14b-720", "wan2.1_i2v_14b.yaml", 720, 1280, 81, full_finetune=False),
+        BenchConfig("1.3b", "wan_i2v_1.3b.yaml", 480, 832, 81, full_finetune=True),
+        BenchConfig("tiny", "tiny.yaml", 128, 128, 17, full_finetune=False),
+        BenchConfig("tiny-full", "tiny.yaml", 128, 128, 17, full_finetune=True),
+    )
+}
+ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ours"]
+TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
+
+FLOP_FORMULA = (
+    "fwd = B·N·[12·S·d² + 4·S²·d + 4·(T+I)·d² + 4·S·(T+I)·d + 4·S·d·f] "
+    "+ 2·B·S·d·(C_in·p + C_out·p) + 2·B·T·(C_t·d + d²) + 2·B·I·(C_i² + C_i·d); "
+    "ours adds B·N·[4·L·C_a·d + 4·S·W·d] + 2·B·L·768·C_a "
+    "(S video tokens, d = heads·head_dim, f ffn width, N blocks, T = 512 text / I = 257 image tokens, "
+    "p = patch volume, L audio tokens, W frame-window width, C_a = 2048; "
+    "every matmul and attention product counted as 2 FLOPs per multiply-add; norms, softmax, RoPE not counted). "
+    "Model FLOPs per step: full fine-tune 3·fwd; frozen backbone 2·fwd + 2·n·|trainable weights| "
+    "(n = tokens each trainable weight sees: 512 text tokens for attn2.to_v, L for the audio adapter); "
+    "sampling 3 passes·fwd. HFU also counts the blocks' forward that activation checkpointing recomputes. "
+    "MFU = model FLOPs / step time / peak."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs and models
+
+
+def read_yaml(*parts: str) -> dict[str, Any]:
+    return yaml.safe_load((CONF.joinpath(*parts)).read_text())
+
+
+def resolve_target(path: str) -> Callable[..., Any]:
+    """The callable a config's ``_target_`` names (what ``hydra.utils.instantiate`` would call;
+    Hydra is not on the GPU image and these configs are flat data)."""
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def instantiate(cfg: dict[str, Any], **overrides: Any) -> Any:
+    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    kwargs.update(overrides)
+    return resolve_target(cfg["_target_"])(**kwargs)
+
+
+@contextlib.contextmanager
+def building(device: torch.device, dtype: torch.dtype):
+    """Create modules directly on ``device`` in ``dtype`` (a 14B model never exists in fp32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def keep_fp32(transformer) -> None:
+    """Put back in fp32 the modules diffusers keeps in fp32 (``_keep_in_fp32_modules``), as
+    ``from_pretrained(torch_dtype=bf16)`` would have left them."""
+    keep = tuple(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+    for name, param in transformer.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            param.data = param.data.float()
+
+
+def model_dtype(model_cfg: dict[str, Any]) -> torch.dtype:
+    from ft_train.models.fantasytalking import resolve_dtype
+
+    return resolve_dtype(model_cfg.get("dtype", "float32"))
+
+
+def build_baseline(cfg: BenchConfig, model_cfg: dict[str, Any], device: torch.device):
+    """Plain diffusers Wan I2V DiT, random init, activation checkpointing on."""
+    from diffusers import WanTransformer3DModel
+
+    with building(device, model_dtype(model_cfg)):
+        transformer = WanTransformer3DModel(**model_cfg["transformer"])
+    keep_fp32(transformer)
+    transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def build_ours(cfg: BenchConfig, model_cfg: dict[str, Any], device: torch.device):
+    """ft_train's model through the model yaml's ``_target_``, random backbone, stage 2 (frame)."""
+    with building(device, model_dtype(model_cfg)):
+        model = instantiate(model_cfg, pretrained=None, audio_mode="frame", train_backbone=cfg.full_finetune)
+    keep_fp32(model.transformer)
+    # Adapters are fp32 by design (optimiser master weights); the dtype context made them bf16.
+    for module in model.adapter_modules().values():
+        module.float()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_batch(cfg: BenchConfig, tcfg: dict[str, Any], device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """A training batch as the latent-shard loader gives it (float32, ``ft_train/data/schema.py``)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = cfg.latent_shape
+    _, _, f, h, w = shape
+    latents = torch.randn(shape, generator=g)
+    image_latents = torch.zeros(shape)
+    image_latents[:, :, 0] = latents[:, :, 0]
+    text = torch.zeros(1, 512, tcfg["text_dim"])
+    text[:, :120] = torch.randn(1, 120, tcfg["text_dim"], generator=g) * 0.1
+    lip = torch.zeros(1, f, h, w)
+    lip[:, :, h * 5 // 8 : h * 7 // 8, w // 4 : 3 * w // 4] = 1.0  # mouth box, as the synthetic shards
+    batch = {
+        "latents": latents,
+        "image_latents": image_latents,
+        "clip": torch.randn(1, 257, tcfg["image_dim"], generator=g) * 0.5,
+        "text": text,
+        "audio": torch.randn(1, cfg.audio_tokens, 768, generator=g),
+        "lip_mask": lip,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def forward_flops(cfg: BenchConfig, tcfg: dict[str, Any], batch: int = 1, adapter: dict[str, int] | None = None) -> dict[str, float]:
+    """Analytic matmul + attention FLOPs of one DiT forward (:data:`FLOP_FORMULA`).
+
+    Returns ``blocks`` (what checkpointing recomputes), ``embed`` (patch/text/image embedders and
+    head) and ``adapter`` (audio projector, per-block audio k/v and window attention), in FLOPs;
+    ``attention`` is the part of ``blocks`` + ``adapter`` spent in attention products (QKᵀ, PV),
+    and ``tokens`` the video tokens S.
+    """
+    _, _, f, h, w = cfg.latent_shape
+    pt, ph, pw = tcfg["patch_size"]
+    s = (f // pt) * (h // ph) * (w // pw)
+    d = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    ffn, n = tcfg["ffn_dim"], tcfg["num_layers"]
+    t, i = 512, 257
+    ct, ci = tcfg["text_dim"], tcfg["image_dim"]
+    p = pt * ph * pw
+    per_block = 12 * s * d * d + 4 * s * s * d + 4 * (t + i) * d * d + 4 * s * (t + i) * d + 4 * s * d * ffn
+    embed = 2 * s * d * (tcfg["in_channels"] * p + tcfg["out_channels"] * p) + 2 * t * (ct * d + d * d) + 2 * i * (ci * ci + ci * d)
+    attention = batch * n * (4 * s * s * d + 4 * s * (t + i) * d)
+    out = {"tokens": s, "blocks": batch * n * per_block, "embed": batch * embed, "adapter": 0.0, "attention": attention}
+    if adapter:
+        ell, ca, win = adapter["audio_tokens"], adapter["audio_proj_dim"], adapter["window"]
+        out["adapter"] = batch * (n * (4 * ell * ca * d + 4 * s * win * d) + 2 * ell * adapter["audio_in_dim"] * ca)
+        out["attention"] += batch * n * 4 * s * win * d
+    return out
+
+
+def train_flops(fwd: dict[str, float], full: bool, trainable_weight_grad: float, checkpointing: bool) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one training step, see :data:`FLOP_FORMULA`."""
+    total = fwd["blocks"] + fwd["embed"] + fwd["adapter"]
+    model = 3 * total if full else 2 * total + trainable_weight_grad
+    recompute = fwd["blocks"] + fwd["adapter"] if checkpointing else 0.0
+    return model, model + recompute
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+class Clock:
+    """CUDA events on a GPU, ``perf_counter`` on CPU; ``seconds`` synchronises."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+
+class Budget:
+    """Seconds left of ``--budget`` since the script started."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+def time_steps(step: Callable[[int], Any], clock: Clock, warmup: int, iters: int, budget: Budget) -> dict[str, Any]:
+    """Run ``warmup`` then up to ``iters`` timed calls of ``step(i)``; stop early when the next step
+    would overrun the budget. ``step`` returns (loss or None, a mark after backward or None)."""
+    warm, times, phases, loss = [], [], [], None
+    for i in range(warmup + iters):
+        if i >= warmup and times and budget.left() < times[-1] * 1.2:
+            break
+        if i >= warmup and not times and budget.left() < (warm[-1] if warm else 0.0) * 1.2:
+            break
+        start = clock.mark()
+        loss, mid = step(i)
+        end = clock.mark()
+        total = clock.seconds(start, end)
+        if i < warmup:
+            warm.append(total)
+        else:
+            times.append(total)
+            if mid is not None:
+                phases.append(clock.seconds(start, mid))
+    out: dict[str, Any] = {"warmup_s": [round(t, 4) for t in warm], "iters": len(times)}
+    if times:
+        out["step_s"] = statistics.median(times)
+        out["step_s_all"] = [round(t, 4) for t in times]
+        if phases:
+            out["fwd_bwd_s"] = statistics.median(phases)
+            out["optim_s"] = out["step_s"] - out["fwd_bwd_s"]
+    if loss is not None:
+        value = float(loss)
+        out["loss"] = value
+        out["loss_finite"] = math.isfinite(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def case_train_baseline(ctx: dict[str, Any]) -> dict[str, Any]:
+    cfg, tr, batch, device = ctx["cfg"], ctx["model"], ctx["batch"], ctx["device"]
+    dtype = model_dtype(ctx["model_cfg"])
+    tr.train()
+    tr.requires_grad_(cfg.full_finetune)
+    if not cfg.full_finetune:
+        for block in tr.blocks:
+            block.attn2.to_v.weight.requires_grad_(True)
+    params = [p for p in tr.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    mask = torch.zeros_like(batch["latents"][:, :4])
+    mask[:, :, 0] = 1
+    noisy = 0.5 * batch["latents"] + 0.5 * torch.randn_like(batch["latents"])
+    hidden = torch.cat([noisy, mask, batch["image_latents"]], dim=1).to(dtype)
+    target = torch.randn_like(batch["latents"])
+    timestep = torch.tensor([500.0], device=device)
+    text, clip = batch["text"].to(dtype), batch["clip"].to(dtype)
+    clock = ctx["clock"]
+
+    def step(i):
+        out = tr(hidden_states=hidden, timestep=timestep, encoder_hidden_states=text,
+                 encoder_hidden_states_image=clip, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        mid = clock.mark()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach(), mid
+
+    try:
+        res = time_steps(step, clock, ctx["warmup"], ctx["iters"], ctx["budget"])
+    finally:
+        opt.zero_grad(set_to_none=True)
+        tr.requires_grad_(False)
+    fwd = forward_flops(cfg, ctx["tcfg"])
+    trainable = count(params)
+    model, hw = train_flops(fwd, cfg.full_finetune, 2 * 512 * trainable, tr.gradient_checkpointing)
+    res.update(params_total=count(tr.parameters()), params_trainable=trainable, tokens=fwd["tokens"],
+               flops_model=model, flops_hardware=hw, checkpointing=bool(tr.gradient_checkpointing),
+               optimizer="torch.optim.AdamW (foreach)", autocast=False)
+    return res
+
+
+def case_sample_baseline(ctx: dict[str, Any]) -> dict[str, Any]:
+    cfg, tr, batch, device = ctx["cfg"], ctx["model"], ctx["batch"], ctx["device"]
+    dtype = model_dtype(ctx["model_cfg"])
+    tr.eval()
+    mask = torch.zeros_like(batch["latents"][:, :4])
+    mask[:, :, 0] = 1
+    hidden = torch.cat([torch.randn_like(batch["latents"]), mask, batch["image_latents"]], dim=1).to(dtype)
+    timestep = torch.tensor([999.0], device=device)
+    text, clip = batch["text"].to(dtype), batch["clip"].to(dtype)
+    texts = (text, text, torch.zeros_like(text))  # (pos, ∅a), (pos, a) — the same to a plain model — (neg, ∅a)
+
+    @torch.no_grad()
+    def step(i):
+        out = None
+        for prompt in texts:
+            out = tr(hidden_states=hidden, timestep=timestep, encoder_hidden_states=prompt,
+                     encoder_hidden_states_image=clip, return_dict=False)[0]
+        return out.float().square().mean(), None
+
+    res = time_steps(step, ctx["clock"], ctx["sample_warmup"], ctx["sample_iters"], ctx["budget"])
+    fwd = forward_flops(cfg, ctx["tcfg"])
+    flops = 3 * (fwd["blocks"] + fwd["embed"])
+    res.update(params_total=count(tr.parameters()), params_trainable=0, tokens=fwd["tokens"], passes=3,
+               batched_passes=False, flops_model=flops, flops_hardware=flops, autocast=False)
+    return res
+
+
+def adapter_shape(cfg: BenchConfig, model) -> dict[str, int]:
+    from ft_train.models.audio import audio_window_index
+
+    index, _ = audio_window_index(cfg.audio_tokens, cfg.frames, model.audio_expand)
+    return {"audio_tokens": cfg.audio_tokens, "audio_proj_dim": model.audio_proj.proj.out_features,
+            "audio_in_dim": model.audio_proj.proj.in_features, "window": index.shape[1]}
+
+
+def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
+    from ft_train.diffusion import step_generator
+    from ft_train.models import model_summary
+
+    cfg, model, batch, device = ctx["cfg"], ctx["model"], ctx["batch"], ctx["device"]
+    model.train()
+    loss_cfg = read_yaml("loss", "flow_matching.yaml")
+    lip = read_yaml("stage", "frame.yaml")["lip_weighting"]
+    loss_fn = instantiate(loss_cfg, lip_weighting=lip)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cfg = read_yaml("optim", "adamw.yaml")["optimizer"]
+    opt = instantiate(opt_cfg, params=params, fused=True)
+    clip_val = read_yaml("trainer", "default.yaml").get("gradient_clip_val")
+    # The trainer's precision: bf16-mixed on a GPU (conf/trainer/default.yaml), fp32 on CPU.
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    clock, seed = ctx["clock"], ctx["seed"]
+
+    def step(i):
+        generator = step_generator(seed, i)
+        with autocast:
+            out = loss_fn(model, batch, generator)
+        out.loss.backward()
+        mid = clock.mark()
+        if clip_val:
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach(), mid
+
+    try:
+        res = time_steps(step, clock, ctx["warmup"], ctx["iters"], ctx["budget"])
+    finally:
+        opt.zero_grad(set_to_none=True)
+    fwd = forward_flops(cfg, ctx["tcfg"], adapter=adapter_shape(cfg, model))
+    summary = model_summary(model)
+    adapter_grad = 2 * cfg.audio_tokens * summary["params_adapter"]
+    ckpt = bool(model.transformer.gradient_checkpointing)
+    flops, hw = train_flops(fwd, cfg.full_finetune, adapter_grad, ckpt)
+    res.update(params_total=summary["params_total"], params_trainable=summary["params_trainable"],
+               params_adapter=summary["params_adapter"], tokens=fwd["tokens"], flops_model=flops,
+               flops_hardware=hw, checkpointing=ckpt, optimizer="AdamW fused (conf/optim/adamw.yaml)",
+               grad_clip=clip_val, autocast=device.type == "cuda", lip_weighting=lip)
+    return res
+
+
+def case_sample_ours(ctx: dict[str, Any]) -> dict[str, Any]:
+    from ft_train.diffusion import FlowMatchSampler
+
+    cfg, model, batch = ctx["cfg"], ctx["model"], ctx["batch"]
+    model.eval()
+    sampler = FlowMatchSampler(steps=1)
+    passes = len(sampler.passes(has_audio=True))
+
+    def step(i):
+        x = sampler(model, batch["image_latents"], batch["clip"], batch["text"], batch["audio"],
+                    generator=torch.Generator().manual_seed(i))
+        return x.square().mean(), None
+
+    res = time_steps(step, ctx["clock"], ctx["sample_warmup"], ctx["sample_iters"], ctx["budget"])
+    fwd = forward_flops(cfg, ctx["tcfg"], batch=passes, adapter=adapter_shape(cfg, model))
+    flops = fwd["blocks"] + fwd["embed"] + fwd["adapter"]
+    res.update(params_total=count(model.parameters()), params_trainable=0, tokens=fwd["tokens"], passes=passes,
+               batched_passes=sampler.batch_passes, flops_model=flops, flops_hardware=flops, autocast=False)
+    return res
+
+
+CASE_FUNCS = {
+    "train_baseline": case_train_baseline,
+    "sample_baseline": case_sample_baseline,
+    "train_ours": case_train_ours,
+    "sample_ours": case_sample_ours,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def parse_cases(spec: str, tiny: bool) -> list[str]:
+    """``all`` | a config name (its four kinds) | ``config:kind``, comma-separated, in run order."""
+    if not spec:
+        return list(TINY_CASES if tiny else ALL_CASES)
+    out: list[str] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item == "all":
+            out += ALL_CASES
+        elif item in CONFIGS:
+            out += [f"{item}:{k}" for k in KINDS]
+        elif item.partition(":")[0] in CONFIGS and item.partition(":")[2] in KINDS:
+            out.append(item)
+        else:
+            raise SystemExit(
+                f"--cases: unknown case {item!r}; use all, a config ({', '.join(CONFIGS)}) or config:kind "
+                f"with kind one of {', '.join(KINDS)}"
+            )
+    return list(dict.fromkeys(out))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import diffusers
+
+    env: dict[str, Any] = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "time_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "attention_backend": os.environ.get("DIFFUSERS_ATTN_BACKEND", "native (torch SDPA)"),
+    }
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                           timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(card=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(), gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   sdpa_flash=torch.backends.cuda.flash_sdp_enabled(),
+                   sdpa_cudnn=torch.backends.cuda.cudnn_sdp_enabled())
+    else:
+        env["card"] = "cpu"
+        cpu = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+        env.update(cpu=cpu, threads=torch.get_num_threads())
+    return env
+
+
+def peak_tflops(card: str, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "--peak-tflops"
+    for key, value in PEAK_TFLOPS:
+        if key in card:
+            return value, f"table: '{key}' dense bf16"
+    return None, f"unknown card {card!r}: pass --peak-tflops for MFU"
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        f"# bench/train_step.py on {env['card']} ({env['date']})",
+        "",
+        f"command: `{env['command']}`  ",
+        f"torch {env['torch']}, diffusers {env['diffusers']}"
+        + (f", CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}" if env["device"] == "cuda" else f", CPU {env.get('cpu')}")
+        + f", commit {env.get('git_commit') or '?'}  ",
+        f"peak: {fmt(report['peak_tflops'], '.0f')} TFLOP/s ({report['peak_source']}); "
+        f"wall {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget",
+        "",
+        "| case | status | step s | fwd+bwd s | optim s | peak GiB | trainable | total | TFLOP/step | MFU | HFU | iters |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['case']} | {r['status']} | {fmt(r.get('step_s'), '.3f')} | {fmt(r.get('fwd_bwd_s'), '.3f')} | "
+            f"{fmt(r.get('optim_s'), '.3f')} | {fmt(r.get('peak_mem_gib'), '.1f')} | "
+            f"{fmt(r.get('params_trainable'), ',')} | {fmt(r.get('params_total'), ',')} | "
+            f"{fmt(r['flops_model'] / 1e12 if r.get('flops_model') else None, '.4g')} | "
+            f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('hfu'), '.1%')} | {r.get('iters', 0)} |"
+        )
+    if report.get("comparisons"):
+        lines += ["", "| config | ours / baseline step time | ours / baseline peak memory |", "| --- | --- | --- |"]
+        for c in report["comparisons"]:
+            lines.append(f"| {c['what']} | {fmt(c.get('time_ratio'), '.3f')} | {fmt(c.get('memory_ratio'), '.3f')} |")
+    lines += ["", "Cases: train_baseline = plain diffusers step; train_ours = ft_train stage 2; "
+              "sample_* = one three-pass guidance step.", "", f"FLOPs: {report['flop_formula']}", ""]
+    return "\n".join(lines)
+
+
+def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by = {r["case"]: r for r in results if r["status"] == "ok"}
+    out = []
+    for name in CONFIGS:
+        for kind in ("train", "sample"):
+            base, ours = by.get(f"{name}:{kind}_baseline"), by.get(f"{name}:{kind}_ours")
+            if base and ours:
+                mem = (ours["peak_mem_gib"] / base["peak_mem_gib"]) if base.get("peak_mem_gib") and ours.get("peak_mem_gib") else None
+                out.append({"what": f"{name} {kind}", "time_ratio": ours["step_s"] / base["step_s"], "memory_ratio": mem})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="", help="comma-separated: all | CONFIG | CONFIG:KIND (default: all, or the tiny set with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny configs, --device cpu, 1 warm-up + 2 steps")
+    ap.add_argument("--device", default=None, help="cuda (default) or cpu")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed training steps per case (default 2; tiny 1)")
+    ap.add_argument("--iters", type=int, default=None, help="timed training steps per case (default 5; tiny 2)")
+    ap.add_argument("--sample-warmup", type=int, default=1)
+    ap.add_argument("--sample-iters", type=int, default=None, help="timed sampling steps (default 3; tiny 2)")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds: no case starts after this (default 420)")
+    ap.add_argument("--grace", type=float, default=45.0, help="seconds after the budget when the watchdog kills the run")
+    ap.add_argument("--min-case-s", type=float, default=20.0, help="a case needs at least this many budget seconds left to start")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: from the card's name)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON and markdown")
+    args = ap.parse_args(argv)
+
+    budget = Budget(args.budget)
+    # A hung kernel must not outlive the device lease: dump every thread's stack and exit.
+    faulthandler.dump_traceback_later(args.budget + args.grace, exit=True)
+    try:
+        return run(args, budget)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run(args: argparse.Namespace, budget: Budget) -> int:
+    tiny = args.tiny
+    device = torch.device(args.device or ("cpu" if tiny else "cuda"))
+    warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
+    iters = args.iters if args.iters is not None else (2 if tiny else 5)
+    sample_iters = args.sample_iters if args.sample_iters is not None else (2 if tiny else 3)
+    cases = parse_cases(args.cases, tiny)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench/train_step.py: no CUDA device visible to torch {torch.__version__}; "
+                         "run it on the GPU machine, or pass --tiny (--device cpu) for the CPU smoke test")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"bench/train_step.py: diffusers cannot be imported ({e}); on the GPU machine "
+                         "carry its wheel (bench/README.md, 'GPU run')") from None
+    if device.type == "cuda":
+        torch.cuda.init()
+
+    env = environment(device)
+    peak, peak_source = peak_tflops(env["card"], args.peak_tflops) if device.type == "cuda" else (args.peak_tflops, "--peak-tflops" if args.peak_tflops else "no peak on CPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"train_step-{slug(env['card'])}-{env['date']}" + ("-tiny" if tiny else "")
+    json_path, md_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
+    report: dict[str, Any] = {"environment": env, "peak_tflops": peak, "peak_source": peak_source,
+                              "budget_s": args.budget, "flop_formula": FLOP_FORMULA, "cases_requested": cases,
+                              "results": [], "wall_s": 0.0}
+    print(f"[bench] {env['card']} torch {env['torch']} diffusers {env['diffusers']}; cases: {', '.join(cases)}; "
+          f"budget {args.budget:.0f} s (hard stop at {args.budget + args.grace:.0f} s)", flush=True)
+
+    def save() -> None:
+        report["wall_s"] = budget.elapsed()
+        report["comparisons"] = comparisons(report["results"])
+        json_path.write_text(json.dumps(report, indent=1))
+        md_path.write_text(markdown(report))
+
+    save()
+
+    # Group the cases by (config, model family) so each model is built once, in request order.
+    groups: dict[tuple[str, str], list[str]] = {}
+    for case in cases:
+        name, kind = case.split(":")
+        groups.setdefault((name, kind.split("_")[1]), []).append(kind)
+
+    clock = Clock(device)
+    for (name, family), kinds in groups.items():
+        cfg = CONFIGS[name]
+        model_cfg = read_yaml("model", cfg.model_yaml)
+        base = {"config": name, "latent_shape": list(cfg.latent_shape), "audio_tokens": cfg.audio_tokens,
+                "pixels": [cfg.height, cfg.width, cfg.frames], "model_yaml": f"conf/model/{cfg.model_yaml}"}
+
+        def record(kind: str, status: str, **extra: Any) -> None:
+            row = {"case": f"{name}:{kind}", "kind": kind, **base, "status": status, **extra}
+            results = report["results"]
+            if results and results[-1]["case"] == row["case"] and results[-1]["status"] == RUNNING:
+                results.pop()
+            results.append(row)
+            save()
+            if status == RUNNING:
+                return
+            shown = f"{row.get('step_s', float('nan')):.3f} s/step" if "step_s" in row else ""
+            mem = f", peak {row['peak_mem_gib']:.1f} GiB" if row.get("peak_mem_gib") else ""
+            print(f"[bench] {row['case']}: {status} {shown}{mem} (t={budget.elapsed():.0f} s)", flush=True)
+
+        if budget.left() < args.min_case_s:
+            for kind in kinds:
+                record(kind, "skipped: time budget")
+            continue
+        model = batch = failed = None
+        t_build = time.perf_counter()
+        try:
+            build = build_baseline if family == "baseline" else build_ours
+            torch.manual_seed(args.seed)
+            model = build(cfg, model_cfg, device)
+            batch = make_batch(cfg, model_cfg["transformer"], device, args.seed)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - one failed build must not end the run
+            failed = "OOM" if is_oom(exc) else f"error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if not is_oom(exc):
+                traceback.print_exc()
+        if failed:  # outside the except block, so the traceback no longer pins the half-built model
+            model = batch = None
+            free_memory(device)
+            for kind in kinds:
+                record(kind, failed, note="model build failed")
+            continue
+        build_s = time.perf_counter() - t_build
+        print(f"[bench] built {name} {family} in {build_s:.1f} s", flush=True)
+
+        for kind in kinds:
+            if budget.left() < args.min_case_s:
+                record(kind, "skipped: time budget")
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            # Saved before the case runs: if the watchdog has to kill a hung case, the JSON says which.
+            record(kind, RUNNING)
+            ctx = {"cfg": cfg, "model": model, "model_cfg": model_cfg, "tcfg": model_cfg["transformer"],
+                   "batch": batch, "device": device, "clock": clock, "budget": budget, "seed": args.seed,
+                   "warmup": warmup, "iters": iters, "sample_warmup": args.sample_warmup, "sample_iters": sample_iters}
+            try:
+                res = CASE_FUNCS[kind](ctx)
+                status = "ok" if res.get("iters") else "skipped: time budget"
+            except Exception as exc:  # noqa: BLE001 - record OOM (or any failure) and go on
+                oom = is_oom(exc)
+                if not oom:
+                    traceback.print_exc()
+                res = {"error": str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__}
+                status = "OOM" if oom else f"error: {exc.__class__.__name__}"
+            for p in model.parameters():
+                p.grad = None
+            if device.type == "cuda":
+                res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                res["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+            if res.get("step_s") and res.get("flops_model"):
+                res["tflops_per_s"] = res["flops_model"] / res["step_s"] / 1e12
+                if peak:
+                    res["mfu"] = res["flops_model"] / res["step_s"] / (peak * 1e12)
+                    res["hfu"] = res["flops_hardware"] / res["step_s"] / (peak * 1e12)
+            res["build_s"] = round(build_s, 2)
+            record(kind, status, **res)
+            ctx = res = None  # the context holds the model: drop it before the next build
+            free_memory(device)
+        del model, batch
+        free_memory(device)
+
+    save()
+    print(markdown(report))
+    print(f"[bench] wrote {json_path} and {md_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

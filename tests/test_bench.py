@@ -1,0 +1,157 @@
+"""The benchmarks in bench/: the GPU step bench in its tiny CPU mode, its FLOP count, OOM and
+time-budget handling, and the loader bench in its tiny mode."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def load_bench(name: str):
+    """Import a bench script (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ts():
+    return load_bench("train_step")
+
+
+def only_json(folder: Path, prefix: str) -> dict:
+    files = sorted(folder.glob(f"{prefix}*.json"))
+    assert len(files) == 1, files
+    assert files[0].with_suffix(".md").is_file()
+    return json.loads(files[0].read_text())
+
+
+@pytest.mark.slow
+def test_train_step_tiny_runs_every_case(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = only_json(tmp_path, "train_step-cpu-")
+    rows = {r["case"]: r for r in report["results"]}
+    assert set(rows) == {"tiny:train_baseline", "tiny:sample_baseline", "tiny:train_ours", "tiny:sample_ours",
+                         "tiny-full:train_baseline", "tiny-full:train_ours"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["step_s"]) and row["step_s"] > 0
+        assert row["iters"] >= 1 and row["flops_model"] > 0
+    for case in ("tiny:train_baseline", "tiny:train_ours", "tiny-full:train_ours"):
+        assert rows[case]["loss_finite"], rows[case]
+    ours, full = rows["tiny:train_ours"], rows["tiny-full:train_ours"]
+    assert ours["params_trainable"] == ours["params_adapter"] < ours["params_total"]  # adapter only
+    assert full["params_trainable"] == full["params_total"] == ours["params_total"]  # full fine-tune
+    assert rows["tiny:train_baseline"]["params_trainable"] < rows["tiny-full:train_baseline"]["params_trainable"]
+    assert rows["tiny:sample_ours"]["passes"] == 3
+    assert {c["what"] for c in report["comparisons"]} == {"tiny train", "tiny sample", "tiny-full train"}
+    assert report["environment"]["torch"] == torch.__version__
+
+
+def test_flop_formula_matches_torch_flop_counter(ts):
+    """The analytic matmul count equals torch's FlopCounterMode on the tiny model (attention may
+    or may not be counted by it, depending on the SDPA kernel torch picks on this machine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ts.CONFIGS["tiny"]
+    model_cfg = ts.read_yaml("model", cfg.model_yaml)
+    tcfg = model_cfg["transformer"]
+    cpu = torch.device("cpu")
+    batch = ts.make_batch(cfg, tcfg, cpu, seed=0)
+    hidden = torch.cat([batch["latents"], torch.zeros_like(batch["latents"][:, :4]), batch["image_latents"]], dim=1)
+    timestep = torch.tensor([500.0])
+
+    plain = ts.build_baseline(cfg, model_cfg, cpu)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        plain(hidden_states=hidden, timestep=timestep, encoder_hidden_states=batch["text"],
+              encoder_hidden_states_image=batch["clip"], return_dict=False)
+    fwd = ts.forward_flops(cfg, tcfg)
+    total = fwd["blocks"] + fwd["embed"]
+    assert counter.get_total_flops() in (pytest.approx(total, rel=1e-3), pytest.approx(total - fwd["attention"], rel=1e-3))
+
+    ours = ts.build_ours(cfg, model_cfg, cpu)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ours(hidden, timestep, batch["text"], batch["clip"], batch["audio"])
+    fwd = ts.forward_flops(cfg, tcfg, adapter=ts.adapter_shape(cfg, ours))
+    total = fwd["blocks"] + fwd["embed"] + fwd["adapter"]
+    assert counter.get_total_flops() in (pytest.approx(total, rel=1e-3), pytest.approx(total - fwd["attention"], rel=1e-3))
+
+
+def test_real_shapes_and_flops(ts):
+    """The GPU configs have the issue's token counts; 14B forward ≈ 0.91 PFLOP at 512×512×81."""
+    expect = {"14b": 21504, "1.3b": 32760, "14b-720": 75600}
+    for name, tokens in expect.items():
+        cfg = ts.CONFIGS[name]
+        fwd = ts.forward_flops(cfg, ts.read_yaml("model", cfg.model_yaml)["transformer"])
+        assert fwd["tokens"] == tokens
+    assert ts.CONFIGS["14b"].latent_shape == (1, 16, 21, 64, 64)
+    assert ts.CONFIGS["14b"].audio_tokens == 162
+    fwd = ts.forward_flops(ts.CONFIGS["14b"], ts.read_yaml("model", "wan2.1_i2v_14b.yaml")["transformer"])
+    assert 0.90e15 < fwd["blocks"] + fwd["embed"] < 0.92e15
+
+
+def test_oom_is_recorded_and_the_run_goes_on(ts, tmp_path, monkeypatch):
+    def oom(ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setitem(ts.CASE_FUNCS, "train_baseline", oom)
+    rc = ts.main(["--tiny", "--cases", "tiny:train_baseline,tiny:sample_baseline", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = {r["case"]: r for r in only_json(tmp_path, "train_step-")["results"]}
+    assert rows["tiny:train_baseline"]["status"] == "OOM"
+    assert rows["tiny:sample_baseline"]["status"] == "ok"
+
+
+def test_time_budget_skips_cases_and_bad_cases_fail_fast(ts, tmp_path):
+    assert ts.main(["--tiny", "--cases", "tiny:train_ours", "--budget", "0", "--out", str(tmp_path)]) == 0
+    rows = only_json(tmp_path, "train_step-")["results"]
+    assert [r["status"] for r in rows] == ["skipped: time budget"]
+    with pytest.raises(SystemExit, match="unknown case"):
+        ts.main(["--tiny", "--cases", "tiny:train_everything", "--out", str(tmp_path)])
+
+
+def test_watchdog_stops_a_run_that_overruns(ts, tmp_path):
+    """Past --budget + --grace the run exits (stacks dumped) instead of holding the GPU; the JSON
+    written so far names the case that was running."""
+    proc = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--tiny", "--cases", "tiny:train_baseline",
+                           "--budget", "4", "--grace", "3", "--min-case-s", "0", "--warmup", "1000",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    assert "Timeout" in proc.stderr
+    rows = only_json(tmp_path, "train_step-")["results"]
+    assert all(r["status"] == ts.RUNNING for r in rows)
+
+
+def test_peak_table_picks_the_card(ts):
+    assert ts.peak_tflops("NVIDIA H100 80GB HBM3", None)[0] == 989.0
+    assert ts.peak_tflops("NVIDIA H100 PCIe", None)[0] == 756.0
+    assert ts.peak_tflops("NVIDIA H200", None)[0] == 989.0
+    assert ts.peak_tflops("NVIDIA GeForce RTX 3060", None)[0] is None
+    assert ts.peak_tflops("anything", 100.0)[0] == 100.0
+
+
+@pytest.mark.slow
+def test_loader_throughput_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "loader_throughput.py"), "--tiny", "--out", str(tmp_path),
+                           "--work-dir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = only_json(tmp_path, "loader_throughput-")
+    assert [r["workers"] for r in report["latent"]["runs"]] == [2, 0]
+    assert all(r["samples_per_s"] > 0 for r in report["latent"]["runs"])
+    assert report["latent"]["runs"][0]["latent_shape"] == [16, 5, 8, 8]
+    assert report["raw"]["clips"] > 0 and report["raw"]["clips_per_s_per_core"] > 0
+    assert report["raw"]["frames_per_s_per_core"] > 0
+    assert len(report["loadavg_before"]) == 3 and report["machine"]["cores"] >= 1
