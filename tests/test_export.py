@@ -168,6 +168,22 @@ def released_style(blocks=2, dim=64, seed=0):
     return {"proj_model": proj, "audio_processor": audio}
 
 
+def test_model_init_from_starts_any_stage_from_the_released_file(tmp_path):
+    """`model.init_from=fantasytalking_model.ckpt` (the issue's import key) loads the released
+    adapter while the model is built; a wrong file names that key."""
+    sd = released_style()
+    torch.save(sd, tmp_path / "fantasytalking_model.ckpt")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=tiny_cpu", "stage=frame",
+                                          f"model.init_from={tmp_path / 'fantasytalking_model.ckpt'}"])
+    net = instantiate(cfg.model)
+    assert torch.equal(net.audio_proj.proj.weight, sd["proj_model"]["proj.weight"])
+    assert torch.equal(net.audio_kv[1].v_proj.weight, sd["audio_processor"]["blocks.1.cross_attn.processor.v_proj.weight"])
+    torch.save(released_style(blocks=3), tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=r"^model.init_from: "):
+        build_model(transformer=dict(cfg.model.transformer), init_from=str(tmp_path / "other.ckpt"))
+
+
 def test_a_released_style_file_imports(fresh, tmp_path):
     sd = released_style()
     torch.save(sd, tmp_path / "fantasytalking_model.ckpt")

@@ -263,11 +263,18 @@ def build_model(
     gradient_checkpointing: bool = False,
     identity: dict[str, Any] | None = None,
     motion: dict[str, Any] | None = None,
+    init_from: str | None = None,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
-    (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``)."""
+    (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``).
+
+    ``init_from`` starts the adapters from trained weights: the released
+    ``fantasytalking_model.ckpt`` (audio only; identity / motion stay at their zero start), an
+    ``ft-export`` bundle or an ft-train checkpoint. It belongs to the network, whatever the stage;
+    ``stage.init_from`` (the previous stage's result) is loaded after it when both are set.
+    """
     dit = load_transformer(pretrained, transformer, dtype)
-    return FantasyTalkingDiT(
+    net = FantasyTalkingDiT(
         dit,
         audio_mode=audio_mode,
         audio_in_dim=audio_in_dim,
@@ -278,6 +285,11 @@ def build_model(
         identity=dict(identity) if identity is not None else None,
         motion=dict(motion) if motion is not None else None,
     )
+    if init_from:
+        from .weights import load_adapter_weights  # weights.py imports this module
+
+        load_adapter_weights(net, init_from, key="model.init_from")
+    return net
 
 
 def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
