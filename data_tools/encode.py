@@ -12,10 +12,12 @@ sample keys in the latent-shard schema (``ft_train/data/schema.py``): the frozen
 Per clip: VAE latents of the whole clip; the I2V condition ``VAE([frame 0, zeros × (F−1)])``;
 CLIP tokens of frame 0; umT5 tokens of the caption; wav2vec2 features of exactly the clip's
 audio (``int(F / fps · 16000)`` samples); the pixel lip masks resized to the latent grid; ω_l, ω_b
-normalised with the raw folder's ``stats.json``; with ``face=true`` (default) the CLIP tokens of a
-square crop around frame 0's face (``face.npy``, for the identity branch). Frames are
-centre-cropped to multiples of ``size_multiple`` first (the VAE needs multiples of 8, the DiT's
-2×2 patches multiples of 16).
+normalised with the raw folder's ``stats.json``; and the identity branch's input from a square crop
+around frame 0's face, as ``face`` says: ``clip`` (default) its CLIP tokens (``face.npy``, for
+``model.identity.encoder=precomputed``), ``pixels`` the 112×112 crop itself (``face_pixels.npy``
+uint8, for ``model.identity.encoder=arcface``), ``none`` neither. Frames are centre-cropped to
+multiples of ``size_multiple`` first (the VAE needs multiples of 8, the DiT's 2×2 patches
+multiples of 16).
 
 A raw sample is decoded by :func:`ft_train.data.raw.load_clip` and encoded by
 :func:`ft_train.models.encoders.encode_clips`, the very functions raw-mode training
@@ -74,7 +76,7 @@ class EncodeConfig:
     storage_dtype: str = "float16"
     size_multiple: int = 16
     lip_mask_resize: str = "trilinear"
-    face: bool = True
+    face: str = "clip"
     face_margin: float = 0.2
     default_caption: str = ""
     task_index: int = 0
@@ -82,10 +84,14 @@ class EncodeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from ft_train.models.encoders import LIP_MASK_RESIZE
+        from ft_train.models.encoders import LIP_MASK_RESIZE, face_form
 
         self.encoders = dict(self.encoders)
         problems = []
+        try:
+            self.face = face_form(self.face, "face")
+        except ValueError as e:
+            problems.append(str(e))
         unknown = set(self.encoders) - {"wan", "wav2vec"}
         if unknown:
             problems.append(f"encoders.{sorted(unknown)[0]} is not an option (encoders.wan, encoders.wav2vec)")
@@ -156,9 +162,9 @@ def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
     }
     if "face_box" in m:
         out_meta["face_box"] = m["face_box"]
-    if cfg.face:
+    if cfg.face != "none":
         out_meta["face_margin"] = cfg.face_margin
-        out_meta["face_ref_box"] = clip.face_box  # the box face.npy was cropped around (None: whole frame)
+        out_meta["face_ref_box"] = clip.face_box  # the box the face crop was cut around (None: whole frame)
     return Clip(key=clip.key, frames=clip.frames, audio=clip.audio, masks=clip.masks, caption=clip.caption,
                 face_box=clip.face_box, meta=out_meta)
 
@@ -182,13 +188,20 @@ def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[st
             torch.from_numpy(np.stack([c.masks for c in group])),
             [c.caption for c in group],
             cfg.lip_mask_resize,
-            face_boxes=[c.face_box for c in group] if cfg.face else None,
+            face_boxes=[c.face_box for c in group] if cfg.face != "none" else None,
             face_margin=cfg.face_margin,
+            face=cfg.face,
         )
         for i, clip in enumerate(group):
-            arrays = {name: (out[name][i]).cpu().numpy().astype(dtype) for name in out}
+            arrays = {name: _stored(out[name][i], dtype) for name in out}
             samples[clip.key] = {"__key__": clip.key, **{f"{k}.npy": v for k, v in arrays.items()}, "json": clip.meta}
     return [samples[c.key] for c in clips]
+
+
+def _stored(tensor, dtype) -> np.ndarray:
+    """An encoder output as stored: floats in ``storage_dtype``; uint8 (the face crop) as is."""
+    array = tensor.cpu().numpy()
+    return array if array.dtype == np.uint8 else array.astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import av.video.reformatter
 import numpy as np
 import soundfile as sf
 
@@ -146,16 +147,21 @@ def iter_frames(
 
     Output frame k shows the source frame nearest to time k / fps (seconds after the first
     frame), so speeding up duplicates frames and slowing down drops them, without drift.
-    Frames are resized (area filter, inside FFmpeg's swscale) by :func:`output_size`.
+    Frames are resized (area filter) by :func:`output_size` in the same swscale pass that
+    converts them to RGB, and only frames that are yielded are converted.
     """
     width, height = output_size(info.width, info.height, max_side)
     step = 1.0 / fps
     k = 0
     prev_frame = prev_t = None
     prev_rgb = None
+    # One reformatter for the whole video keeps its swscale context (filters, tables) instead
+    # of building one per frame as VideoFrame.to_ndarray(width=...) does.
+    reformatter = av.video.reformatter.VideoReformatter()
 
     def rgb(frame: av.VideoFrame) -> np.ndarray:
-        return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+        out = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA")
+        return out.to_ndarray()
 
     try:
         with av.open(str(info.path)) as container:

@@ -76,6 +76,7 @@ class PrepConfig:
     preset: str = "veryfast"
     lip_dilation_frac: float = 0.15
     pose_every: int = 4
+    detect_every: int = 5
     min_face_frames_frac: float = 0.9
     min_face_px: int = 64
     max_multi_face_frac: float = 0.1
@@ -102,6 +103,10 @@ class PrepConfig:
             problems.append(f"fps={self.fps} must be > 0")
         if self.max_side < 16:
             problems.append(f"max_side={self.max_side} must be ≥ 16")
+        if self.detect_every < 1:
+            problems.append(f"detect_every={self.detect_every} must be ≥ 1 (1 = the face detector on every frame)")
+        if self.pose_every < 0:
+            problems.append(f"pose_every={self.pose_every} must be ≥ 0 (0 = never run pose; ω_b is then missing)")
         if self.videos_per_shard < 1:
             problems.append("videos_per_shard must be ≥ 1")
         if not 0 <= self.task_index < self.num_tasks:
@@ -221,7 +226,8 @@ def process_video(source: Path, cfg: PrepConfig, timing: Counter):
     clip_index = 0
     caption_file = source.with_suffix(".txt")
     caption = caption_file.read_text().strip() if caption_file.is_file() else None
-    with facemod.FrameAnalyzer(pose_every=cfg.pose_every) as analyzer:
+    # The analyzer adds its graphs' seconds to timing["face_mesh"/"face_detect"/"pose"].
+    with facemod.FrameAnalyzer(pose_every=cfg.pose_every, detect_every=cfg.detect_every, timing=timing) as analyzer:
         frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads)
         k = 0
         try:
@@ -232,9 +238,8 @@ def process_video(source: Path, cfg: PrepConfig, timing: Counter):
                 if frame is None:
                     break
                 if _frame_used(k, cfg):
-                    t = time.perf_counter()
-                    window.append((frame, analyzer(frame)))
-                    timing["landmarks"] += time.perf_counter() - t
+                    # Detector at each clip's first frame: a clip's face scores are its own.
+                    window.append((frame, analyzer(frame, detect=k % cfg.stride == 0)))
                 if _clip_starts_frame(k, cfg):
                     start = k - cfg.num_frames + 1
                     yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption, cfg, timing)

@@ -6,6 +6,7 @@ Usage::
         wan=weights/Wan2.1-I2V-14B-720P-Diffusers wav2vec=weights/wav2vec2-base-960h out=talk.mp4
     ft-infer ... adapters=fantasytalking_model.ckpt 'prompt="A woman is talking."'
     ft-infer ... omega_l=0.1 omega_b=0.1 sampler.steps=20 offload=true
+    ft-infer ... adapters=exports/run-arcface arcface=weights/ms1mv3_arcface_r100/backbone.pth
 
 Options are the keys of ``conf/infer.yaml`` (a prompt with a comma must be quoted as above, or
 Hydra reads it as a list). ``adapters`` is an ``ft-export format=bundle`` folder, the released
@@ -38,9 +39,15 @@ What runs, in the released ``infer.py``'s order (../shared/research/paper.md §3
 6. **Decoding** with the Wan VAE, and the mp4 (H.264 + AAC, :func:`ft_train.media.write_video`)
    carries the original speech.
 
-The identity branch, when the adapters have one, is conditioned on the reference image's CLIP
-tokens — the fallback the branch was built with (:mod:`ft_train.models.identity`) — because no
-face crop is taken here; feeding it features of a detected face crop is a later addition.
+**The identity branch**, when the adapters have one, reads the face of the photo as training did
+(``face=auto``): the face is found with the data tools' own mediapipe face mesh
+(:class:`data_tools.face.FrameAnalyzer`), its box is the landmarks' extent (the box ``ft-prep``
+stores), and the square crop around it is cut from the resized first frame by
+:func:`ft_train.models.encoders.crop_face` with ``face_margin``. A ``precomputed`` branch gets the
+crop's CLIP tokens, an ``arcface`` one the 112×112 crop itself (its ArcFace network comes from
+``arcface``, default the path it was trained with). Without a face in the photo (or with
+``face=none``) a ``precomputed`` branch reads the whole image's CLIP tokens, the fallback it was
+built with, and says so; an ``arcface`` branch has no fallback and stops with one line.
 
 Memory on one GPU: ``dtype`` (bfloat16 on CUDA by default) sets the DiT and the CLIP / umT5 /
 wav2vec2 weights, ``vae_dtype`` the VAE's; ``offload=true`` keeps the encoders and the VAE on the
@@ -87,6 +94,8 @@ WAN_NEEDS = {
     "tokenizer": ("tokenizer_config.json", "tokenizer.json", "spiece.model"),
 }
 WAN_HINT = "a local Wan2.1-I2V diffusers folder (transformer/, vae/, image_encoder/, text_encoder/, tokenizer/)"
+FACE_MODES = ("auto", "none")  # the `face` key
+FACE_ENCODERS_READ = ("precomputed", "arcface")  # identity encoders whose input ft-infer can make
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,23 +317,62 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
 
 
 def check_identity(identity: dict[str, Any] | None, clip_width: int | None) -> None:
-    """The identity branch must read what ft-infer gives it: the reference image's CLIP tokens
-    (``clip_width``-d), i.e. ``model.identity.encoder=precomputed`` with ``face_dim`` = that width.
-    An encoder of face-crop pixels (``arcface``) has nothing to read here and is refused."""
+    """The identity branch must read what ft-infer gives it: CLIP tokens (``clip_width``-d) of
+    the face crop or of the whole image (``model.identity.encoder=precomputed`` with ``face_dim``
+    = that width), or the face crop's pixels (``arcface``). Other encoders are refused."""
     if identity is None:
         return
     encoder = identity.get("encoder", "precomputed")
-    if encoder != "precomputed":
+    if encoder not in FACE_ENCODERS_READ:
         raise ValueError(
-            f"adapters: the identity branch was trained with model.identity.encoder={encoder}, which reads face "
-            "crops; ft-infer conditions it on the reference image's CLIP tokens, which only encoder=precomputed reads"
+            f"adapters: the identity branch was trained with model.identity.encoder={encoder}; ft-infer gives it "
+            "CLIP tokens of the face crop (encoder=precomputed) or the crop's pixels (encoder=arcface) only"
         )
     face_dim = identity.get("face_dim")
-    if clip_width is not None and face_dim is not None and int(face_dim) != int(clip_width):
+    if encoder == "precomputed" and clip_width is not None and face_dim is not None and int(face_dim) != int(clip_width):
         raise ValueError(
-            f"adapters: the identity branch takes {face_dim}-d face features, but ft-infer feeds it the reference "
-            f"image's CLIP tokens ({clip_width}-d)"
+            f"adapters: the identity branch takes {face_dim}-d face features, but ft-infer feeds it CLIP tokens "
+            f"({clip_width}-d)"
         )
+
+
+def resolve_arcface(identity: dict[str, Any], arcface: str | Path | None) -> dict[str, Any]:
+    """``model.identity`` of an ``arcface`` branch with its network at ``arcface`` (None = the path
+    it was trained with); one line naming ``arcface`` when that file is not here."""
+    path = arcface or identity.get("arcface_path")
+    hint = "point arcface at the insightface backbone.pth the adapters were trained with"
+    if not path:
+        raise FileNotFoundError(f"arcface: not set and the adapters name no model.identity.arcface_path; {hint}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        given = "" if arcface else " (the adapters' model.identity.arcface_path)"
+        raise FileNotFoundError(f"arcface: no file at {path}{given}; {hint}")
+    return {**identity, "arcface_path": str(path)}
+
+
+def detect_face_box(image) -> list[float] | None:
+    """The face box ``(x0, y0, x1, y1)`` in px of an RGB ``PIL.Image``: the extent of mediapipe's
+    478 face-mesh landmarks, found by the data tools' :class:`~data_tools.face.FrameAnalyzer` —
+    the box ``ft-prep`` stores for training clips, so the crop around it matches training's.
+    None when no face is found; several faces log a warning (the mesh takes the most prominent)."""
+    from data_tools.face import FrameAnalyzer, stack_results
+
+    frame = np.array(image.convert("RGB"), dtype=np.uint8)
+    with FrameAnalyzer(pose_every=0) as analyze:
+        result = analyze(frame, detect=True)
+    if result.face is None:
+        return None
+    if result.num_faces > 1:
+        log.warning("face: %d faces in the image; the identity branch reads the most prominent one", result.num_faces)
+    return [float(v) for v in stack_results([result])["face_box"][0]]
+
+
+def scale_box(box: Sequence[float] | None, size: tuple[int, int], new_size: tuple[int, int]) -> list[float] | None:
+    """A pixel box of an image of ``size`` (w, h) in the pixels of its resized copy of ``new_size``."""
+    if box is None:
+        return None
+    sx, sy = new_size[0] / size[0], new_size[1] / size[1]
+    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
 
 
 def clip_width(wan: Path) -> int | None:
@@ -433,10 +481,13 @@ class TalkingPortraitPipeline:
         sampler: :class:`~ft_train.diffusion.FlowMatchSampler`.
         device: where the DiT runs (and the encoders while they run).
         offload: the encoders and VAE live on the CPU between uses.
+        face_margin: context around the face box in the identity branch's crop
+            (:func:`~ft_train.models.encoders.face_crop_box`); the training data's ``face_margin``.
     """
 
     def __init__(self, model, image_encoder, text_encoder, audio_encoder, vae, sampler,
-                 device: torch.device, offload: bool = False):
+                 device: torch.device, offload: bool = False, face_margin: float = 0.2):
+        self.face_margin = float(face_margin)
         self.model = model
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -449,7 +500,7 @@ class TalkingPortraitPipeline:
     @classmethod
     def load(cls, spec: AdapterSpec, wan: str | Path, wav2vec: str | Path, sampler=None, device="auto",
              dtype: str = "auto", vae_dtype: str = "float32", vae_tiling: bool = False,
-             offload: bool = False) -> "TalkingPortraitPipeline":
+             offload: bool = False, face_margin: float = 0.2) -> "TalkingPortraitPipeline":
         """Load the DiT from ``<wan>/transformer``, put ``spec``'s adapters in it, and load the
         encoders and the VAE (on the CPU when ``offload``)."""
         from .diffusion import FlowMatchSampler
@@ -480,7 +531,7 @@ class TalkingPortraitPipeline:
         text_encoder = load_text_encoder(wan, device=home, dtype=dtype, key="wan")
         audio_encoder = load_audio_encoder(wav2vec, device=home, dtype=dtype, key="wav2vec")
         return cls(model, image_encoder, text_encoder, audio_encoder, vae, sampler or FlowMatchSampler(),
-                   device, offload)
+                   device, offload, face_margin)
 
     @property
     def grid(self) -> int:
@@ -515,10 +566,34 @@ class TalkingPortraitPipeline:
             out.append(padded.to(self.device))
         return out
 
+    def _face(self, image, face_box: Sequence[float] | None) -> torch.Tensor | None:
+        """The identity branch's ``face`` for ``image`` (see the module docstring): CLIP tokens
+        ``(1, N, D)`` or pixels ``(1, 3, 112, 112)`` in [-1, 1] of the crop around ``face_box``;
+        None = no face (a ``precomputed`` branch then reads the CLIP image tokens)."""
+        from .models.encoders import FACE_PIXELS_SIZE, face_crops
+
+        identity = self.model.identity
+        if identity is None:
+            return None
+        frame = np.asarray(image, dtype=np.uint8)[None]
+        if identity.encoder.input_kind == "pixels":
+            if face_box is None:
+                raise ValueError(
+                    f"face: the identity branch (model.identity.encoder={identity.config.encoder}) reads a face crop, "
+                    "and no face box was given"
+                )
+            crop = face_crops(frame, [face_box], self.face_margin, FACE_PIXELS_SIZE)
+            return crop.float().div(127.5).sub(1.0).to(self.device)
+        if face_box is None:
+            return None
+        crop = face_crops(frame, [face_box], self.face_margin)
+        with self._resident(self.image_encoder) as enc:
+            return enc(crop.float().div(127.5).sub(1.0)).to(self.device)
+
     @torch.no_grad()
     def __call__(self, image, speech: np.ndarray, num_frames: int, fps: float, prompt: str = "",
                  negative_prompt: str = "", omega: tuple[float | None, float | None] = (None, None),
-                 seed: int = 0, progress: bool = False) -> torch.Tensor:
+                 seed: int = 0, progress: bool = False, face_box: Sequence[float] | None = None) -> torch.Tensor:
         """Generate a clip.
 
         Args:
@@ -531,6 +606,9 @@ class TalkingPortraitPipeline:
             omega: (ω_l, ω_b) in [0, 1] for the motion module; None entries = its default.
             seed: initial-noise seed (CPU generator: the same noise on every device).
             progress: a bar over the sampling steps.
+            face_box: the face's box (x0, y0, x1, y1) in ``image``'s px (:func:`detect_face_box`,
+                scaled), for the identity branch; None = no face (whole-image CLIP tokens for a
+                ``precomputed`` branch; an ``arcface`` branch needs a box).
         Returns:
             uint8 RGB frames ``(num_frames, H, W, 3)`` on the CPU.
         """
@@ -557,6 +635,9 @@ class TalkingPortraitPipeline:
             default = self.model.motion_config.default
             pair = [default if w is None else float(w) for w in omega]
             extra["motion"] = torch.tensor([pair], dtype=torch.float32, device=self.device)
+        face = self._face(image, face_box)
+        if face is not None:
+            extra["face"] = face
         latents = self.sampler(
             self.model, image_latents, clip, texts[0], audio,
             negative_text=texts[1] if wants_negative else None,
@@ -587,6 +668,9 @@ def infer(
     omega_l: float | None = None,
     omega_b: float | None = None,
     seed: int = 1111,
+    face: str = "auto",
+    face_margin: float = 0.2,
+    arcface: str | Path | None = None,
     audio_mode: str | None = None,
     audio_expand: int | None = None,
     sampler=None,
@@ -604,7 +688,9 @@ def infer(
 
     Returns ``out``, ``num_frames``, ``fps``, ``width``, ``height``, ``duration`` (video, s),
     ``audio_duration`` (s), ``audio_mode``, ``motion`` (the (ω_l, ω_b) used, or None),
-    ``identity`` (bool), ``layout`` (of the adapters), ``seconds`` (wall time).
+    ``identity`` (bool), ``face_box`` (the face crop's box in the video's px, None when the
+    identity branch read the whole image or is absent), ``layout`` (of the adapters),
+    ``seconds`` (wall time).
     """
     from PIL import Image
 
@@ -621,6 +707,10 @@ def infer(
         raise ValueError(f"max_side: must be a whole number of px >= 16, got {max_side!r}")
     if fps is not None and not (isinstance(fps, (int, float)) and fps > 0):
         raise ValueError(f"fps: must be > 0 (or null for the adapters' own), got {fps!r}")
+    if face not in FACE_MODES:
+        raise ValueError(f"face: must be auto (find the face in the image) or none (the whole image), got {face!r}")
+    if isinstance(face_margin, bool) or not isinstance(face_margin, (int, float)) or not face_margin >= 0:
+        raise ValueError(f"face_margin: must be a number >= 0 (the training data's face_margin), got {face_margin!r}")
     torch_device = resolve_device(device)
     resolve_dtype_name(dtype, torch_device)
     resolve_dtype_name(vae_dtype, torch_device, key="vae_dtype")
@@ -633,12 +723,31 @@ def infer(
     spec = read_adapters(adapters, audio_mode, audio_expand)
     wan_dir = check_wan_folder(wan, spec)
     check_identity(spec.identity, clip_width(wan_dir))
+    face_box = None
+    if spec.has_identity:
+        encoder = spec.identity.get("encoder", "precomputed")
+        if encoder == "arcface":
+            spec.identity = resolve_arcface(spec.identity, arcface)
+            if face == "none":
+                raise ValueError("face: none, but the adapters' identity branch (model.identity.encoder=arcface) "
+                                 "reads a face crop; use face=auto")
+        if face == "auto":
+            face_box = detect_face_box(picture)
+            if face_box is None and encoder == "arcface":
+                raise ValueError(f"face: no face found in {image}; the identity branch (model.identity.encoder=arcface) "
+                                 "needs a face crop: use a photo with the face clearly visible")
+            if face_box is None:
+                log.warning("face: no face found in %s; the identity branch reads the whole image's CLIP tokens "
+                            "instead (as with face=none)", image)
+            else:
+                log.info("identity branch: conditioned on the face crop (%s)",
+                         "its CLIP tokens" if encoder == "precomputed" else "ArcFace on its pixels")
+        else:
+            log.info("identity branch: conditioned on the whole image's CLIP tokens (face=none)")
 
     if not spec.has_motion and any(w is not None for w in omega):
         log.warning("omega_l/omega_b: the adapters have no motion module (model.motion), "
                     "so the motion intensities are ignored")
-    if spec.has_identity:
-        log.info("identity branch: conditioned on the reference image's CLIP tokens (no face crop)")
     fps = float(fps) if fps is not None else (spec.fps or RELEASE_FPS)
     duration = speech.shape[0] / AUDIO_RATE
     num_frames = frames_for_audio(duration, fps, max_frames)
@@ -650,14 +759,17 @@ def infer(
                  num_frames, spec.num_frames)
 
     pipe = TalkingPortraitPipeline.load(spec, wan_dir, wav2vec_dir, sampler=sampler, device=torch_device,
-                                        dtype=dtype, vae_dtype=vae_dtype, vae_tiling=vae_tiling, offload=offload)
+                                        dtype=dtype, vae_dtype=vae_dtype, vae_tiling=vae_tiling, offload=offload,
+                                        face_margin=face_margin)
     spec.checkpoint.tensors.clear()  # copied into the model; drop the (possibly memory-mapped) originals
     width, height = target_size(*picture.size, max_side, pipe.grid)
+    # Found in the full-resolution photo (a sharper face for the mesh), cropped from the first frame.
+    face_box = scale_box(face_box, picture.size, (width, height))
     picture = picture.resize((width, height), Image.LANCZOS)
     log.info("%d×%d px, %d frames at %g fps (%.2f s), %s-level audio, %d steps on %s",
              width, height, num_frames, fps, num_frames / fps, spec.audio_mode, pipe.sampler.steps, torch_device)
     frames = pipe(picture, speech, num_frames, fps, prompt=prompt, negative_prompt=negative_prompt,
-                  omega=omega, seed=seed, progress=progress)
+                  omega=omega, seed=seed, progress=progress, face_box=face_box)
     write_video(out, frames.numpy(), fps, audio=speech)
     used = None
     if pipe.model.motion is not None:
@@ -673,6 +785,7 @@ def infer(
         "audio_mode": spec.audio_mode,
         "motion": used,
         "identity": spec.has_identity,
+        "face_box": face_box,
         "layout": spec.checkpoint.layout,
         "seconds": time.perf_counter() - started,
     }
@@ -708,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, EncoderWeightsError, KeyError, ValueError) as exc:
         raise SystemExit(f"ft-infer: {exc.args[0] if exc.args else exc}") from None
     motion = "" if result["motion"] is None else ", ω_l {:g} ω_b {:g}".format(*result["motion"])
+    if result["identity"]:
+        motion += ", identity: " + ("face crop" if result["face_box"] is not None else "whole image")
     print(
         f"ft-infer: wrote {result['out']} ({result['width']}×{result['height']}, {result['num_frames']} frames at "
         f"{result['fps']:g} fps = {result['duration']:.2f} s, {result['audio_mode']}-level audio{motion}, "

@@ -169,12 +169,34 @@ def test_corrupt_samples_are_skipped_and_counted(setup, tmp_path):
 
 
 def test_face_tokens_can_be_switched_off(setup, tmp_path):
-    """encode.face=false: no face.npy (the identity branch then falls back to the CLIP tokens)."""
+    """encode.face=none: no face member (a precomputed identity branch then falls back to the CLIP tokens)."""
     root, args = setup
-    assert main(["task=encode", args[0], f"output={tmp_path / 'latent'}", *args[2:], "face=false"]) == 0
+    assert main(["task=encode", args[0], f"output={tmp_path / 'latent'}", *args[2:], "face=none"]) == 0
     samples = read(tmp_path / "latent", decode=False)
     assert len(samples) == 3 and all("face.npy" not in s and "clip.npy" in s for s in samples)
+    assert all("face_pixels.npy" not in s and "face_ref_box" not in json.loads(s["json"]) for s in samples)
     assert all("face" not in s for s in read(tmp_path / "latent"))
+
+
+def test_face_pixels_for_the_arcface_encoder(setup, tmp_path):
+    """encode.face=pixels: face_pixels.npy = frame 0's face crop at 112×112, uint8 (for
+    model.identity.encoder=arcface), and no face.npy; training reads it as ``face`` in [-1, 1]."""
+    root, args = setup
+    assert main(["task=encode", args[0], f"output={tmp_path / 'latent'}", *args[2:], "face=pixels"]) == 0
+    raw = {s["__key__"]: s for s in read(root / "raw", decode=False)}
+    stored = read(tmp_path / "latent", decode=False)
+    assert len(stored) == 3
+    for lat in stored:
+        assert "face.npy" not in lat
+        crop = np.load(io.BytesIO(lat["face_pixels.npy"]))
+        assert crop.dtype == np.uint8 and crop.shape == (3, 112, 112)
+        source = raw[lat["__key__"]]
+        box = decode_npz(source["landmarks.npz"])["face_box"][0]
+        frame0 = media.decode_mp4(source["mp4"])[0]
+        np.testing.assert_array_equal(crop, crop_face(frame0, box, size=112).transpose(2, 0, 1))
+        assert json.loads(lat["json"])["face_ref_box"] == pytest.approx(box.tolist())
+    for s in read(tmp_path / "latent"):
+        assert s["face"].shape == (3, 112, 112) and -1 <= s["face"].min() and s["face"].max() <= 1
 
 
 def test_config_errors_name_the_key(setup, tmp_path):
@@ -187,5 +209,7 @@ def test_config_errors_name_the_key(setup, tmp_path):
         main(["task=encode", f"input={tmp_path / 'nope'}", *args[1:]])
     with pytest.raises(SystemExit, match="batch_size=0 must be"):
         main(["task=encode", *args, "batch_size=0"])
+    with pytest.raises(SystemExit, match="face='arcface' must be one of clip, pixels, none"):
+        main(["task=encode", *args, "face=arcface"])
     with pytest.raises(SystemExit, match="task=decode is not a task"):
         main(["task=decode"])

@@ -16,6 +16,7 @@ from ft_train.models.encoders import (
     crop_face,
     encode_clips,
     face_crop_box,
+    face_form,
     lip_mask_to_latent,
     load_encoders,
     save_tiny_encoders,
@@ -149,6 +150,28 @@ def test_encode_clips_face_tokens(encoders):
     coverage = encode_clips(encoders, frames[:1], [np.zeros(5760, np.float32)],
                         torch.full((1, 9, 32, 32), 255, dtype=torch.uint8), ["a"])
     torch.testing.assert_close(full["lip_mask"], coverage["lip_mask"])
+
+
+def test_encode_clips_face_pixels(encoders):
+    """face=pixels: the crop itself at ArcFace's 112×112, uint8 (a clip without a box: the whole
+    frame); face=none: no face output at all."""
+    frames = torch.randint(0, 256, (2, 9, 32, 32, 3), dtype=torch.uint8)
+    masks = torch.zeros(2, 9, 32, 32, dtype=torch.bool)
+    boxes = [(8.0, 8.0, 20.0, 24.0), None]
+    audio = [np.zeros(5760, np.float32)] * 2
+    out = encode_clips(encoders, frames, audio, masks, ["a", "b"], face_boxes=boxes, face="pixels")
+    assert "face" not in out and out["face_pixels"].shape == (2, 3, 112, 112) and out["face_pixels"].dtype == torch.uint8
+    for i in range(2):
+        expected = torch.from_numpy(crop_face(frames[i, 0].numpy(), boxes[i], size=112)).permute(2, 0, 1)
+        assert torch.equal(out["face_pixels"][i], expected)
+    none = encode_clips(encoders, frames, audio, masks, ["a", "b"], face_boxes=boxes, face="none")
+    assert "face" not in none and "face_pixels" not in none
+
+
+def test_face_setting_reads_old_booleans_and_names_the_key():
+    assert [face_form(v) for v in ("clip", "pixels", "none", True, False)] == ["clip", "pixels", "none", "clip", "none"]
+    with pytest.raises(ValueError, match=r"data.face='arcface' must be one of clip, pixels, none"):
+        face_form("arcface", "data.face")
 
 
 def test_clip_audio_window_is_frame_aligned():

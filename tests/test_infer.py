@@ -21,6 +21,7 @@ from ft_train.diffusion import FlowMatchSampler
 from ft_train.export import export_bundle, export_official
 from ft_train.infer import (
     TalkingPortraitPipeline,
+    detect_face_box,
     frames_for_audio,
     infer,
     load_config,
@@ -28,11 +29,13 @@ from ft_train.infer import (
     read_adapters,
     read_image,
     read_speech,
+    resolve_arcface,
+    scale_box,
     target_size,
 )
 from ft_train.media import read_video
 from ft_train.models import build_model
-from ft_train.models.encoders import save_tiny_encoders
+from ft_train.models.encoders import face_crops, save_tiny_encoders
 from ft_train.models.weights import AdapterCheckpoint
 
 from .conftest import CONF
@@ -204,21 +207,118 @@ def test_motion_and_audio_reach_the_model(files):
     assert (calm - run((0.1, 0.1))).abs().max() <= 1  # float reassociation may move a rounding
 
 
-def test_identity_branch_reads_the_clip_tokens(files, tmp_path):
-    """A bundle with the identity branch (precomputed features) runs on the CLIP image tokens; one
-    whose branch reads face crops (arcface) is refused before anything loads."""
-    result = infer(**load_config(args(files, tmp_path / "id.mp4", adapters=files["identity"])))
-    assert result["identity"] and result["motion"] is None and result["audio_mode"] == "clip"
-    assert (result["num_frames"], result["fps"], result["width"], result["height"]) == (25, FPS, 48, SIZE)
-    check_video(tmp_path / "id.mp4", frames=25, fps=FPS)
+def record_face(model):
+    """Record the ``face`` each forward of ``model`` receives (None when not given)."""
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("face")), with_kwargs=True)
+    return seen
 
-    crops = shutil.copytree(files["identity"], tmp_path / "arcface_bundle")
-    info = json.loads((crops / "adapter.json").read_text())
-    info["model"]["identity"].update(encoder="arcface", arcface_path="/train/backbone.pth", face_dim=512)
-    (crops / "adapter.json").write_text(json.dumps(info))
-    with pytest.raises(SystemExit, match="ft-infer: adapters: the identity branch was trained with "
-                                         "model.identity.encoder=arcface, which reads face crops"):
-        main(args(files, tmp_path / "x.mp4", adapters=crops))
+
+def test_identity_branch_reads_the_face_crop(files, tmp_path, caplog):
+    """A precomputed identity branch gets the CLIP tokens of the crop around the face mediapipe
+    finds (the crop training used), which changes the video against face=none (whole-image CLIP
+    tokens); a photo without a face falls back to the whole image with a warning."""
+    spec = read_adapters(files["identity"])
+    pipe = TalkingPortraitPipeline.load(spec, files["wan"], files["wav2vec"],
+                                        sampler=FlowMatchSampler(steps=2), device="cpu")
+    photo = read_image(files["image"])
+    size = target_size(*photo.size, SIZE, pipe.grid)
+    picture = photo.resize(size)
+    box = scale_box(detect_face_box(photo), photo.size, size)
+    # The astronaut's face: upper middle of the 48×64 frame, well inside it.
+    assert box is not None and 10 < (box[0] + box[2]) / 2 < 38 and 8 < (box[1] + box[3]) / 2 < 32
+    assert 6 < box[2] - box[0] < 30
+    speech = read_speech(files["audio"])
+    seen = record_face(pipe.model)
+    crop = pipe(picture, speech, 9, FPS, seed=3, face_box=box).int()
+    crop_tokens = pipe.image_encoder(face_crops(np.asarray(picture)[None], [box], pipe.face_margin).float() / 127.5 - 1)
+    assert seen and all(f is not None and f.shape[1:] == (257, 1280) for f in seen)
+    torch.testing.assert_close(seen[0][:1], crop_tokens)
+    seen.clear()
+    whole = pipe(picture, speech, 9, FPS, seed=3, face_box=None).int()
+    assert seen and all(f is None for f in seen)  # the model falls back to the CLIP image tokens
+    assert not torch.equal(crop, whole)
+
+    out = tmp_path / "id.mp4"
+    result = infer(**load_config(args(files, out, adapters=files["identity"])))
+    assert result["identity"] and result["motion"] is None and result["audio_mode"] == "clip"
+    assert result["face_box"] == pytest.approx(box)
+    assert (result["num_frames"], result["fps"], result["width"], result["height"]) == (25, FPS, 48, SIZE)
+    check_video(out, frames=25, fps=FPS)
+    assert infer(**load_config(args(files, out, adapters=files["identity"], face="none")))["face_box"] is None
+
+    Image.fromarray(np.full((512, 384, 3), 128, np.uint8)).save(tmp_path / "wall.png")
+    with caplog.at_level("WARNING", logger="ft_train.infer"):
+        result = infer(**load_config(args(files, out, adapters=files["identity"], image=tmp_path / "wall.png")))
+    assert result["face_box"] is None
+    assert "face: no face found in" in caplog.text and "whole image's CLIP tokens" in caplog.text
+    with pytest.raises(SystemExit, match="ft-infer: face: must be auto"):
+        main(args(files, tmp_path / "x.mp4", adapters=files["identity"], face="crop"))
+
+
+@pytest.fixture(scope="module")
+def arcface_bundle(files, tiny_transformer_config):
+    """An identity bundle whose branch runs a tiny random ArcFace (IResNet) on face crops; its
+    config names the training machine's backbone path, which is not here."""
+    from .test_identity_motion import random_iresnet
+
+    root = files["root"]
+    backbone = root / "backbone.pth"
+    torch.save(random_iresnet().state_dict(), backbone)
+    model_cfg = yaml.safe_load((CONF / "model" / "tiny.yaml").read_text())
+    model_cfg.pop("_target_")
+    model_cfg["pretrained"] = str(files["wan"])
+    model_cfg["identity"].update(enabled=True, encoder="arcface", arcface_path=str(backbone), face_dim=512)
+    net = random_adapters(build_model(**model_cfg, audio_mode="clip"), seed=4)
+    model_cfg["identity"]["arcface_path"] = "/train/weights/backbone.pth"
+    export_bundle(AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(), {"audio_mode": "clip"}),
+                  root / "arcface_bundle", torch.float32, {"model": model_cfg, "data": {"fps": FPS}}, None)
+    return root / "arcface_bundle", backbone
+
+
+def test_arcface_bundle_reads_the_pixel_crop(files, arcface_bundle, tmp_path, capsys):
+    """An arcface identity branch gets the 112×112 face crop in [-1, 1] (ArcFace's input); its
+    network comes from `arcface` (default: the path it was trained with). Without a face, or with
+    face=none, there is nothing for it to read: one line says so before any weights load."""
+    bundle, backbone = arcface_bundle
+    spec = read_adapters(bundle)
+    assert spec.identity["encoder"] == "arcface"
+    spec.identity = resolve_arcface(spec.identity, backbone)
+    pipe = TalkingPortraitPipeline.load(spec, files["wan"], files["wav2vec"],
+                                        sampler=FlowMatchSampler(steps=2), device="cpu")
+    photo = read_image(files["image"])
+    size = target_size(*photo.size, SIZE, pipe.grid)
+    picture = photo.resize(size)
+    box = scale_box(detect_face_box(photo), photo.size, size)
+    seen = record_face(pipe.model)
+    speech = read_speech(files["audio"])
+    video = pipe(picture, speech, 9, FPS, seed=3, face_box=box)
+    assert video.shape == (9, SIZE, 48, 3)
+    expected = face_crops(np.asarray(picture)[None], [box], pipe.face_margin, 112).float() / 127.5 - 1
+    assert seen and all(f.shape[1:] == (3, 112, 112) for f in seen)
+    torch.testing.assert_close(seen[0][:1], expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="face: the identity branch .*arcface.* reads a face crop"):
+        pipe(picture, speech, 9, FPS, seed=3, face_box=None)
+
+    out = tmp_path / "arc.mp4"
+    assert main(args(files, out, adapters=bundle, arcface=backbone)) == 0
+    assert "identity: face crop" in capsys.readouterr().out
+    check_video(out, frames=25, fps=FPS)
+
+    with pytest.raises(SystemExit) as info:
+        main(args(files, tmp_path / "x.mp4", adapters=bundle))
+    assert str(info.value) == ("ft-infer: arcface: no file at /train/weights/backbone.pth (the adapters' "
+                               "model.identity.arcface_path); point arcface at the insightface backbone.pth "
+                               "the adapters were trained with")
+    with pytest.raises(SystemExit, match=r"^ft-infer: face: none, but the adapters' identity branch "
+                                         r"\(model.identity.encoder=arcface\) reads a face crop; use face=auto$"):
+        main(args(files, tmp_path / "x.mp4", adapters=bundle, arcface=backbone, face="none"))
+    Image.fromarray(np.full((512, 384, 3), 128, np.uint8)).save(tmp_path / "wall.png")
+    with pytest.raises(SystemExit) as info:
+        main(args(files, tmp_path / "x.mp4", adapters=bundle, arcface=backbone, image=tmp_path / "wall.png"))
+    text = str(info.value)
+    assert text.startswith("ft-infer: face: no face found in ") and "arcface" in text and "\n" not in text
+    assert not (tmp_path / "x.mp4").exists()
 
 
 def test_installed_command_with_the_released_file(files, tmp_path):

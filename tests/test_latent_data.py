@@ -116,6 +116,24 @@ def test_face_member_is_optional(tmp_path):
         decode_sample(bad)
 
 
+def test_face_pixels_member_becomes_the_face_crop_in_minus_one_to_one(tmp_path):
+    """``face_pixels.npy`` (uint8, encode.face=pixels) gives ``face`` = the crop as float in
+    [-1, 1], what the ArcFace encoder reads; a sample with both face forms, or pixels that are
+    not uint8, is rejected."""
+    (shard,) = write_synthetic_shards(tmp_path, num_samples=1, samples_per_shard=1, num_frames=9)
+    raw = read_raw(shard)[0]
+    crop = np.random.default_rng(0).integers(0, 256, (3, 112, 112), dtype=np.uint8)
+    crop[:, 0, 0] = (0, 255, 128)
+    sample = decode_sample({**raw, "face_pixels.npy": crop})
+    assert sample["face"].shape == (3, 112, 112) and sample["face"].dtype == torch.float32
+    assert sample["face"][:, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+    torch.testing.assert_close(sample["face"], torch.from_numpy(crop).float() / 127.5 - 1)
+    with pytest.raises(SchemaError, match="face_pixels must be uint8"):
+        decode_sample({**raw, "face_pixels.npy": crop.astype(np.float16)})
+    with pytest.raises(SchemaError, match="holds both face and face_pixels"):
+        decode_sample({**raw, "face_pixels.npy": crop, "face.npy": np.zeros((257, 1280), np.float16)})
+
+
 def test_resume_past_whole_passes_over_the_data(tmp_path):
     """A resume that skips more samples than one pass over the shards holds (a small dataset, many
     epochs in) continues the stream where the uninterrupted run was, rather than ending it."""

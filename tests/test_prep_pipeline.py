@@ -106,6 +106,8 @@ def test_batch_completes_and_counts_each_reject_reason(prepared):
     text = (out / "report.txt").read_text()
     assert "multiple_faces" in text and "samples (clips): 3" in text
     assert list((out / "previews").glob("*.jpg")), "no preview image written"
+    # Where the time went, per model (bench/prep_throughput.md explains the figures).
+    assert {"decode", "face_mesh", "face_detect", "pose", "masks", "encode"} <= set(report["timing_s"])
     assert not list(out.glob("*.tmp")), "a temporary shard was left behind"
 
 
@@ -210,8 +212,11 @@ def test_list_file_input_and_missing_file(tmp_path):
 def test_cli_config_and_validation(tmp_path, capsys):
     cfg = load_config(["input=x", "output=y"])
     assert (cfg.fps, cfg.num_frames, cfg.max_side) == (25.0, 81, 512)
+    assert (cfg.detect_every, cfg.pose_every) == (5, 4)  # the speed settings conf/prep.yaml documents
     with pytest.raises(SystemExit, match="num_frames=80 must be 4k\\+1"):
         main(["input=x", "output=y", "num_frames=80"])
+    with pytest.raises(SystemExit, match="detect_every=0 must be ≥ 1"):
+        main(["input=x", "output=y", "detect_every=0"])
     with pytest.raises(SystemExit, match="set input, output"):
         main([])
     with pytest.raises(SystemExit, match="input=.*no such folder"):

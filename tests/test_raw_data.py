@@ -20,7 +20,7 @@ from ft_train.data import LatentShardDataModule, RawShardDataModule
 from ft_train.data.datamodule import collate_samples
 from ft_train.data.raw import apply_geometry, plan_geometry
 from ft_train.models.audio import clip_audio_tokens, split_audio_windows
-from ft_train.models.encoders import encode_clips, load_encoders
+from ft_train.models.encoders import crop_face, encode_clips, load_encoders
 from ft_train.train import train
 
 from .conftest import CONF
@@ -143,7 +143,25 @@ def test_batches_at_the_training_resolution(setup):  # noqa: F811
     assert batch["lip_mask"].shape == (1, 3, 8, 6) and batch["lip_mask"].max() > 0
     assert batch["face"].shape == batch["clip"].shape == (1, 257, 1280)
     assert not torch.allclose(batch["face"], batch["clip"])  # the face crop, not the whole frame
-    assert "face" not in take(raw_module(root, face=False), 1)[0]
+    assert "face" not in take(raw_module(root, face="none"), 1)[0]
+    assert "face" not in take(raw_module(root, face=False), 1)[0]  # the setting's older boolean form
+
+
+def test_face_pixels_for_the_arcface_encoder(setup):  # noqa: F811
+    """data.face=pixels: ``face`` is the reference frame's 112×112 face crop in [-1, 1] (what
+    model.identity.encoder=arcface reads), cut as the encode pass cuts it."""
+    root, _ = setup
+    dm = raw_module(root, num_frames=FRAMES, face="pixels")
+    raw = {s["__key__"]: s for s in read(root / "raw", decode=False)}
+    for batch in take(dm, 2):
+        assert batch["face"].shape == (1, 3, 112, 112) and batch["face"].dtype == torch.float32
+        source = raw[batch["__key__"][0]]
+        box = decode_npz(source["landmarks.npz"])["face_box"][0]
+        crop = crop_face(media.decode_mp4(source["mp4"])[0], box, size=112)
+        expected = torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1
+        torch.testing.assert_close(batch["face"][0], expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="data.face='arcface' must be one of clip, pixels, none"):
+        raw_module(root, face="arcface")
 
 
 def test_device_mode_encodes_after_transfer_like_the_workers(setup):  # noqa: F811

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from ft_train.diffusion import FlowMatchSampler
 from ft_train.eval import evaluate, main
 from ft_train.media import read_video, write_video
 from ft_train.metrics import FrechetFeatureDistance, SyncMetric
@@ -128,6 +129,69 @@ def test_sampling_is_deterministic_and_restores_train_mode(tmp_path, tiny_wan):
     assert len(decoded) == 4 and torch.equal(decoded[0], decoded[2]) and not torch.equal(decoded[0], decoded[1])
     assert net.training and all(m.training for m in net.modules())
     assert cb.history[0] == {"step": 7}  # no metric configured: nothing logged, noted in the log
+
+
+class SpySampler(FlowMatchSampler):
+    """The real sampler, recording the ``model_kwargs`` of each call."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = []
+
+    def __call__(self, *args, model_kwargs=None, **kw):
+        self.calls.append({k: v.clone() for k, v in (model_kwargs or {}).items()})
+        return super().__call__(*args, model_kwargs=model_kwargs, **kw)
+
+
+def test_each_clip_is_sampled_with_its_own_motion_and_face(tmp_path, tiny_wan):
+    """With the motion and identity modules on, clip i is sampled with its shard's (ω_l, ω_b) and
+    its ``face`` (when the shard has one), so its sample differs from the defaults' (ω = 0.5,
+    whole-frame CLIP tokens); a model without those modules gets neither."""
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_workers=0",
+                         "data.num_samples=2", "data.samples_per_shard=2", "data.num_frames=9",
+                         "model.motion.enabled=true", "model.identity.enabled=true"])
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    net = instantiate(cfg.model).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking adapters: zero-initialised ones ignore ω and the face
+        for value in net.adapter_state_dict().values():
+            value.copy_(torch.randn(value.shape, generator=g) * 0.05)
+
+    decoded = []
+    sampler = SpySampler(steps=2, cfg=1.0, audio_cfg=None)
+    cb = ValidationCallback(shards=cfg.data.root, num_samples=2, every_n_steps=0, vae=str(tiny_wan), sampler=sampler,
+                            decode=lambda z: decoded.append(z.clone()) or torch.zeros(1, 9, 8, 8, 3, dtype=torch.uint8),
+                            samples_dir=None)
+
+    class Trainer:
+        global_step, global_rank, world_size, loggers, callback_metrics = 3, 0, 1, [], {}
+        strategy = None
+
+    class Module:
+        device = torch.device("cpu")
+
+    Module.net = net
+    cb.setup(Trainer(), Module(), "fit")
+    first, second = cb.samples
+    assert not torch.equal(first["motion"], second["motion"])  # synthetic clips: random ω
+    face = first["face"] = torch.randn(6, first["clip"].shape[-1], generator=g)
+    cb.validate(Trainer(), Module())
+    own = sampler.calls
+    assert torch.equal(own[0]["motion"], first["motion"][None]) and torch.equal(own[0]["face"], face[None])
+    assert torch.equal(own[1]["motion"], second["motion"][None]) and "face" not in own[1]
+
+    for s in cb.samples:  # what validation sampled before: the defaults
+        s["motion"] = torch.tensor([0.5, 0.5])
+        s.pop("face", None)
+    cb.validate(Trainer(), Module())
+    assert not torch.equal(decoded[0], decoded[2]) and not torch.equal(decoded[1], decoded[3])
+
+    plain = instantiate(compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}"]).model)
+    Module.net = plain
+    cb.samples[0]["face"] = face
+    cb.validate(Trainer(), Module())
+    assert sampler.calls[-2:] == [{}, {}]
 
 
 def test_config_errors_name_the_key(tmp_path):

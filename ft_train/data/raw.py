@@ -337,21 +337,22 @@ def load_clip(
     )
 
 
-def encode_raw_clips(encoders, clips: dict[str, Any], lip_mask_resize: str, face: bool, face_margin: float) -> list[dict[str, Any]]:
+def encode_raw_clips(encoders, clips: dict[str, Any], lip_mask_resize: str, face: str, face_margin: float) -> list[dict[str, Any]]:
     """Collated raw clips → training samples (the :func:`~ft_train.data.schema.training_sample` layout).
 
     ``clips`` holds ``frames`` (B, F, H, W, 3) uint8, ``audio`` (B, N) float, ``lip_masks``
     (B, F, H, W) uint8, ``face_box`` (B, 4) (NaN = none), ``motion`` (B, 2), ``fps`` (B,),
     ``start_frame`` (B,), ``caption`` and ``__key__`` (B strings), as :func:`clip_tensors` makes
-    them. Samples keep ``__key__`` and ``start_frame`` (the window's first frame in the raw clip).
+    them. ``face`` is the face form (:data:`~ft_train.models.encoders.FACE_FORMS`). Samples keep
+    ``__key__`` and ``start_frame`` (the window's first frame in the raw clip).
     """
     from ..models.encoders import encode_clips
 
     boxes = None
-    if face:
+    if face != "none":
         boxes = [None if bool(torch.isnan(b).any()) else b.tolist() for b in clips["face_box"].cpu()]
     out = encode_clips(encoders, clips["frames"], list(clips["audio"]), clips["lip_masks"], list(clips["caption"]),
-                       lip_mask_resize, face_boxes=boxes, face_margin=face_margin)
+                       lip_mask_resize, face_boxes=boxes, face_margin=face_margin, face=face)
     samples = []
     for i, key in enumerate(clips["__key__"]):
         arrays = {name: value[i] for name, value in out.items()}
@@ -437,7 +438,7 @@ class WorkerEncoder:
     dataset), then kept for the life of the worker (the loader's workers are persistent).
     """
 
-    def __init__(self, wan, wav2vec, dtype: str, vae_dtype: str, lip_mask_resize: str, face: bool, face_margin: float):
+    def __init__(self, wan, wav2vec, dtype: str, vae_dtype: str, lip_mask_resize: str, face: str, face_margin: float):
         self.spec = dict(wan=wan, wav2vec=wav2vec, dtype=dtype, vae_dtype=vae_dtype)
         self.lip_mask_resize, self.face, self.face_margin = lip_mask_resize, face, face_margin
         self.encoders = None
@@ -499,7 +500,11 @@ class RawShardDataModule(LatentShardDataModule):
         encode_on: ``auto`` / ``worker`` / ``device``, see the module docstring.
         dtype, vae_dtype: encoder weights (``auto`` = bfloat16 on CUDA, float32 on CPU; VAE float32).
         lip_mask_resize: ``trilinear`` (paper) or ``area``, as the encode pass.
-        face: also produce ``face`` = CLIP tokens of the reference frame's face crop (identity branch).
+        face: what the batch's ``face`` (the identity branch's input) holds, from the reference
+            frame's face crop: ``clip`` (default) its CLIP tokens, for
+            ``model.identity.encoder=precomputed``; ``pixels`` the crop itself, float
+            (3, 112, 112) in [-1, 1], for ``model.identity.encoder=arcface``; ``none`` no ``face``
+            (``true`` / ``false`` read as ``clip`` / ``none``).
         face_margin: context around the face box (:func:`ft_train.models.encoders.face_crop_box`).
         default_caption: prompt for clips without a caption.
         batch_size, num_workers, shuffle_buffer, seed: as :class:`LatentShardDataModule`.
@@ -519,12 +524,12 @@ class RawShardDataModule(LatentShardDataModule):
         dtype: str = "auto",
         vae_dtype: str = "float32",
         lip_mask_resize: str = "trilinear",
-        face: bool = True,
+        face: str = "clip",
         face_margin: float = 0.2,
         default_caption: str = "",
         **kwargs: Any,
     ):
-        from ..models.encoders import LIP_MASK_RESIZE, check_encoder_paths
+        from ..models.encoders import LIP_MASK_RESIZE, check_encoder_paths, face_form
 
         super().__init__(shards=shards, **kwargs)
         encoders = dict(encoders or {})
@@ -547,6 +552,10 @@ class RawShardDataModule(LatentShardDataModule):
                 problems.append(f"data.{key}={value!r} must be auto, float32, bfloat16 or float16")
         if face_margin < 0:
             problems.append(f"data.face_margin={face_margin} must be >= 0")
+        try:
+            face = face_form(face, "data.face")
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
         check_encoder_paths(encoders.get("wan"), encoders.get("wav2vec"), key="data.encoders")
@@ -556,7 +565,7 @@ class RawShardDataModule(LatentShardDataModule):
         self.size = None if height is None else (int(height), int(width))
         self.crop, self.motion_from, self.encode_on = crop, motion_from, encode_on
         self.dtype, self.vae_dtype = dtype, vae_dtype
-        self.lip_mask_resize, self.face, self.face_margin = lip_mask_resize, bool(face), float(face_margin)
+        self.lip_mask_resize, self.face, self.face_margin = lip_mask_resize, face, float(face_margin)
         self.default_caption = default_caption
         self.encoders = None  # encode_on=device: loaded on the training device in setup()
 

@@ -23,24 +23,34 @@ member              dtype         shape                      content
                                                              of exactly the clip's audio
 ``lip_mask.npy``    float16/uint8 (F, H, W)                  lip mask on the latent grid, in [0, 1]
                                                              (uint8 is read as /255)
-``face.npy``        float16/32    (257, 1280)                optional: CLIP tokens (as ``clip.npy``) of
-                                                             a square crop around the first frame's
-                                                             face (``ft_train.models.encoders.crop_face``),
-                                                             the identity branch's face features
+``face.npy``        float16/32    (257, 1280)                optional (``encode.face=clip``): CLIP tokens
+                                                             (as ``clip.npy``) of a square crop around
+                                                             the first frame's face
+                                                             (``ft_train.models.encoders.crop_face``),
+                                                             for ``model.identity.encoder=precomputed``
+``face_pixels.npy`` uint8         (3, 112, 112)              optional (``encode.face=pixels``): that crop
+                                                             itself, RGB, for
+                                                             ``model.identity.encoder=arcface``
 ``json``            —             —                          metadata, below
 ==================  ============  =========================  ==========================================
 
-``face.npy`` was added without a version bump: it is optional, so shards written before it (or
-with ``encode.face=false``) still load, and the identity branch then falls back to ``clip``. A
+A sample holds at most one of ``face.npy`` / ``face_pixels.npy``; either becomes the batch's
+``face`` — tokens ``(257, 1280)``, or the crop as float ``(3, 112, 112)`` in [-1, 1] (what the
+ArcFace encoder reads; a dropped condition then zeroes it to a mid-grey crop) — so the model's
+``face`` argument reads one key whatever the encoder. Which form a model needs is fixed by
+``model.identity.encoder`` (:mod:`ft_train.models.identity`): encode the data to match.
+
+Both were added without a version bump: they are optional, so shards written before them (or with
+``encode.face=none``) still load, and a precomputed identity branch then falls back to ``clip``. A
 version bump is for changes an older reader would misread, not for new optional members (an
-older reader ignores ``face.npy``: it reads only the members it knows).
+older reader ignores them: it reads only the members it knows).
 
 ``json`` keys: ``schema`` ("ft-latent"), ``version`` (1), ``fps`` (video frames per second),
 ``num_frames`` (video frames, 4k+1), ``height``/``width`` (pixels), ``omega_l``/``omega_b``
 (motion intensities, normalised to [0, 1] with the data tools' statistics), ``caption``,
-``source`` (where the clip came from); with ``face.npy`` also ``face_ref_box`` (the face box it
-was cropped around, in the stored frames' pixels; null = no box known, the whole frame) and
-``face_margin``. Unknown extra keys are kept and ignored.
+``source`` (where the clip came from); with ``face.npy`` / ``face_pixels.npy`` also
+``face_ref_box`` (the face box it was cropped around, in the stored frames' pixels; null = no box
+known, the whole frame) and ``face_margin``. Unknown extra keys are kept and ignored.
 
 Raw-mode training (``ft_train/data/raw.py``) builds the very same training sample from a raw
 shard on the fly, through :func:`training_sample`.
@@ -60,8 +70,8 @@ SCHEMA_NAME = "ft-latent"
 SCHEMA_VERSION = 1
 TEXT_TOKENS = 512
 ARRAY_FIELDS = ("latents", "image_latents", "clip", "text", "audio", "lip_mask")
-#: Members a sample may lack (older shards, or written with ``encode.face=false``).
-OPTIONAL_FIELDS = ("face",)
+#: Members a sample may lack (older shards, or written with ``encode.face=none``); at most one of them.
+OPTIONAL_FIELDS = ("face", "face_pixels")
 
 
 class SchemaError(ValueError):
@@ -99,7 +109,9 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         raise SchemaError(f"{where}: missing members {', '.join(m + '.npy' for m in missing)}")
     arrays = {f: raw[f"{f}.npy"] for f in (*ARRAY_FIELDS, *OPTIONAL_FIELDS) if f"{f}.npy" in raw}
     lip = arrays["lip_mask"]
-    arrays = {k: to_tensor(v) for k, v in arrays.items()}
+    # face_pixels keeps its dtype (uint8): training_sample maps it to [-1, 1].
+    arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) if k == "face_pixels" else to_tensor(v)
+              for k, v in arrays.items()}
     if lip.dtype == np.uint8:
         arrays["lip_mask"] = arrays["lip_mask"] / 255.0
     return training_sample(arrays, meta, where)
@@ -114,13 +126,14 @@ def training_sample(arrays: dict[str, torch.Tensor], meta: dict[str, Any], where
     Args:
         arrays: float tensors ``latents``, ``image_latents`` (16, F, H, W), ``clip`` (257, Di),
             ``text`` (L_t ≤ 512, Dt) real tokens only, ``audio`` (L_a, Da), ``lip_mask`` (F, H, W)
-            in [0, 1], optionally ``face`` (N_face, Di).
+            in [0, 1], optionally ``face`` (N_face, Di) or ``face_pixels`` (3, S, S) uint8.
         meta: ``num_frames``, ``fps``, ``omega_l``, ``omega_b`` (normalised), as in the schema json.
         where: names the sample in errors (shard:key).
     Returns:
         float32 tensors ``latents, image_latents (16,F,H,W)``, ``clip (257,Di)``, ``text (512,Dt)``
         zero-padded, ``text_len`` (), ``audio (L_a,Da)``, ``lip_mask (F,H,W)``, ``motion (2,)`` =
-        (ω_l, ω_b), ``fps`` (), and ``face (N_face,Di)`` when the sample has one.
+        (ω_l, ω_b), ``fps`` (), and ``face`` when the sample has one: ``(N_face,Di)`` tokens, or
+        from ``face_pixels`` the crop ``(3,S,S)`` in [-1, 1].
     """
     latents = arrays["latents"].float()
     image_latents = arrays["image_latents"].float()
@@ -149,9 +162,17 @@ def training_sample(arrays: dict[str, torch.Tensor], meta: dict[str, Any], where
         "motion": torch.tensor([float(meta.get("omega_l", 0.5)), float(meta.get("omega_b", 0.5))]),
         "fps": torch.tensor(float(meta.get("fps", 0.0))),
     }
+    if "face" in arrays and "face_pixels" in arrays:
+        raise SchemaError(f"{where}: holds both face and face_pixels; a sample carries one face form "
+                          "(ft-prep task=encode face=clip|pixels)")
     if "face" in arrays:
         face = arrays["face"].float()
         if face.ndim != 2:
             raise SchemaError(f"{where}: face must be (N_face, D), got {tuple(face.shape)}")
         sample["face"] = face
+    elif "face_pixels" in arrays:
+        pixels = arrays["face_pixels"]
+        if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise SchemaError(f"{where}: face_pixels must be uint8 RGB (3, H, W), got {pixels.dtype} {tuple(pixels.shape)}")
+        sample["face"] = pixels.float().div(127.5).sub(1.0)
     return sample

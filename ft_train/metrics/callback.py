@@ -21,6 +21,10 @@ Choices, and why:
   the waveform: give ``audio_dir`` (files ``<key>.wav|flac|…`` named by sample key) or
   ``raw_shards`` (the ``ft-prep`` shards the latents were encoded from; their ``flac`` member).
   Without either the videos are silent and Sync is skipped with a logged note.
+* **The clip's own conditions.** Each clip is sampled with its shard's motion intensities
+  (ω_l, ω_b) when the model has the motion module, and its ``face`` (when the shard has one) when
+  it has the identity branch, so validation shows what the trained modules do with real values,
+  not the defaults (ω = 0.5, whole-frame CLIP tokens).
 * **Sync face crops** are the whole frame (talking-portrait clips are face-centred); per-frame face
   boxes (:func:`~ft_train.metrics.sync.syncnet_face_crops`) are not in latent shards.
 * **Metric networks never reach a checkpoint**: the metrics live on this callback, not on the
@@ -450,6 +454,11 @@ class ValidationCallback(Callback):
             n = min(null_text.shape[0], negative.shape[0])
             negative[:n] = null_text[:n].to(negative)
             negative = negative[None].to(device)
+        extra = {}
+        if getattr(net, "motion", None) is not None:
+            extra["motion"] = s["motion"][None].to(device)
+        if getattr(net, "identity", None) is not None and "face" in s:
+            extra["face"] = s["face"][None].to(device)
         return self.sampler(
             net,
             s["image_latents"][None].to(device),
@@ -458,6 +467,7 @@ class ValidationCallback(Callback):
             s["audio"][None].to(device),
             negative_text=negative,
             generator=[torch.Generator().manual_seed(self.seed + index)],
+            model_kwargs=extra,
         )
 
     def _score_and_write(self, decode: Decoder, latents: Tensor, s: dict[str, Any], index: int,

@@ -17,8 +17,11 @@ wrapper                         weights (diffusers Wan folder /      output (rea
 :class:`Wav2VecAudioEncoder`    wav2vec2 folder (``Wav2Vec2Model``)  per clip (L_a, 768), 50 tokens/s
 ==============================  ===================================  ==============================
 
-The identity branch's face features (:mod:`.identity`) are CLIP vision tokens of a square crop
-around the reference frame's face (:func:`crop_face`), made by the same :class:`CLIPImageEncoder`.
+The identity branch's face input (:mod:`.identity`) is made from a square crop around the
+reference frame's face (:func:`crop_face`) in one of the :data:`FACE_FORMS`: ``clip`` = CLIP vision
+tokens of the crop by the same :class:`CLIPImageEncoder` (for ``model.identity.encoder=precomputed``),
+``pixels`` = the crop itself, 112×112 uint8 (for ``model.identity.encoder=arcface``, which runs
+ArcFace on it). The encode pass, raw-mode training and ``ft-infer`` all crop through these functions.
 
 Nothing here reaches a hub: every ``from_pretrained`` gets a local folder and
 ``local_files_only=True``. A missing or unloadable folder fails before anything heavy runs, with one
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arcface import ARCFACE_INPUT
 from .fantasytalking import resolve_dtype
 
 #: Sub-folders of a diffusers-format Wan2.1 I2V folder that the encoders read.
@@ -252,6 +256,13 @@ LIP_MASK_RESIZE = ("trilinear", "area")
 FACE_CROP_SIZE = 224
 #: Context added around the face box on each side, as a fraction of the box's longer side.
 FACE_MARGIN = 0.2
+#: What the data gives the identity branch as ``face`` (``encode.face`` / ``data.face``):
+#: ``clip`` CLIP tokens of the face crop (shard member ``face.npy``; ``model.identity.encoder=precomputed``),
+#: ``pixels`` the crop, (3, 112, 112) uint8 (``face_pixels.npy``; ``model.identity.encoder=arcface``),
+#: ``none`` nothing (a precomputed identity branch then reads the whole frame's CLIP tokens).
+FACE_FORMS = ("clip", "pixels", "none")
+#: Side of the ``pixels`` face crop: the input size of the insightface ArcFace networks.
+FACE_PIXELS_SIZE = ARCFACE_INPUT
 #: Audio the clip may lack at its end and still be used (zero-padded), in 16 kHz samples: the
 #: rounding of frame times to samples (data tools: ``round``, the cut: ``int``) can differ by one.
 AUDIO_ROUNDING_SAMPLES = 1
@@ -331,6 +342,30 @@ def crop_face(
     return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
+def face_form(value, key: str = "face") -> str:
+    """A face setting from a config → one of :data:`FACE_FORMS`. ``true`` / ``false`` (the
+    setting's older boolean form) read as ``clip`` / ``none``; anything else fails naming ``key``."""
+    if value is True:
+        return "clip"
+    if value is False or value is None:
+        return "none"
+    if value not in FACE_FORMS:
+        raise ValueError(
+            f"{key}={value!r} must be one of {', '.join(FACE_FORMS)} (clip for model.identity.encoder=precomputed, "
+            "pixels for model.identity.encoder=arcface)"
+        )
+    return value
+
+
+def face_crops(
+    frames: np.ndarray, boxes: Sequence[Sequence[float] | None], margin: float = FACE_MARGIN, size: int = FACE_CROP_SIZE
+) -> torch.Tensor:
+    """:func:`crop_face` of each frame: ``(B, H, W, 3)`` uint8 + B boxes (None = whole frame) →
+    ``(B, 3, size, size)`` uint8."""
+    crops = np.stack([crop_face(f, box, margin, size) for f, box in zip(frames, boxes)])
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()
+
+
 def frames_to_video(frames: torch.Tensor) -> torch.Tensor:
     """uint8 frames (B, F, H, W, 3) → float video (B, 3, F, H, W) in [-1, 1]."""
     return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
@@ -366,6 +401,7 @@ def encode_clips(
     lip_mask_resize: str = "trilinear",
     face_boxes: Sequence[Sequence[float] | None] | None = None,
     face_margin: float = FACE_MARGIN,
+    face: str = "clip",
 ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     """Every conditioning tensor of a batch of equally sized clips (float32, on the encoders' device).
 
@@ -376,14 +412,17 @@ def encode_clips(
             (a resized mask's partial coverage).
         captions: B prompts (``""`` = the empty prompt).
         face_boxes: B face boxes (x0, y0, x1, y1) in frame 0's pixels, or None per clip for no
-            known face; None for the whole argument = no ``face`` output.
+            known face; None for the whole argument = no face output.
         face_margin: see :func:`face_crop_box`.
+        face: the form of the face output, :data:`FACE_FORMS` (``none`` = none, as without boxes).
     Returns:
         ``latents``, ``image_latents`` (B, 16, F_lat, H/8, W/8) — the clip and
         ``VAE([frame 0, zeros…])``, encoded in one VAE call; ``clip`` (B, N_img, D_img) of frame 0;
         ``text`` list of (L_t, D_t); ``audio`` list of (L_a, D_a); ``lip_mask`` (B, F_lat, H/8, W/8);
-        with ``face_boxes``, ``face`` (B, N_img, D_img) = CLIP tokens of frame 0's :func:`crop_face`
-        (a clip whose box is None gets its ``clip`` tokens).
+        with ``face_boxes`` and ``face=clip``: ``face`` (B, N_img, D_img) = CLIP tokens of frame 0's
+        :func:`crop_face` (a clip whose box is None gets its ``clip`` tokens); with ``face=pixels``:
+        ``face_pixels`` (B, 3, 112, 112) uint8 = the crop itself (a clip whose box is None gets its
+        whole frame, resized). Each key is named as its latent-shard member.
     """
     vae, image, text, audio_enc = encoders.vae, encoders.image, encoders.text, encoders.audio
     if None in (vae, image, text, audio_enc):
@@ -403,18 +442,23 @@ def encode_clips(
         "audio": audio_enc(audio),
         "lip_mask": lip_mask_to_latent(masks, (f_lat, h_lat, w_lat), lip_mask_resize),
     }
-    if face_boxes is not None:
+    face = face_form(face)
+    if face_boxes is not None and face != "none":
         if len(face_boxes) != b:
             raise ValueError(f"encode_clips: {len(face_boxes)} face boxes for {b} clips")
+        if face == "pixels":
+            # No fallback features exist for a pixel encoder: a clip without a known box gets
+            # the whole frame, a weak but well-formed identity input.
+            out["face_pixels"] = face_crops(frames[:, 0].cpu().numpy(), face_boxes, face_margin, FACE_PIXELS_SIZE)
+            return out
         # A clip without a known face box gets its CLIP image tokens: the identity branch's own
         # fallback, so such a clip trains exactly as it would without a `face` member.
-        face = out["clip"].clone()
+        tokens = out["clip"].clone()
         have = [i for i in range(b) if face_boxes[i] is not None]
         if have:
-            first = frames[have, 0].cpu().numpy()
-            crops = np.stack([crop_face(f, face_boxes[i], face_margin) for f, i in zip(first, have)])
-            face[have] = image(frames_to_video(torch.from_numpy(crops)[:, None])[:, :, 0])
-        out["face"] = face
+            crops = face_crops(frames[have, 0].cpu().numpy(), [face_boxes[i] for i in have], face_margin)
+            tokens[have] = image(crops.float().div(127.5).sub(1.0))
+        out["face"] = tokens
     return out
 
 
