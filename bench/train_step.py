@@ -91,6 +91,13 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 
 KINDS = ("train_baseline", "sample_baseline", "train_ours", "sample_ours")
 RUNNING = "running (the watchdog stopped the run here)"
+# Variants of our cases, appended to the kind with "+" (e.g. ``14b:train_ours+cudnn+keep4``): each
+# switches one model speed option (conf/model/*.yaml) on the already built model before the case.
+#   cudnn / flash   model.attention_backend = _native_cudnn / _native_flash (diffusers backends)
+#   keepN           model.checkpoint_keep = N (the last N blocks store activations, no recompute)
+#   compile         model.compile_blocks (torch.compile of every DiT block, Inductor)
+VARIANT_RE = re.compile(r"^(cudnn|flash|compile|keep\d+)$")
+ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,13 @@ CONFIGS = {
     )
 }
 ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ours"]
+# The GPU session's set: the baselines first, then each optimisation on top of our default step.
+SESSION_CASES = [
+    "14b:train_baseline", "14b:sample_baseline",
+    "1.3b:train_baseline", "1.3b:train_ours", "1.3b:train_ours+cudnn",
+    "14b:train_ours", "14b:train_ours+cudnn", "14b:train_ours+cudnn+keep4",
+    "14b:sample_ours", "14b:sample_ours+cudnn", "14b:train_ours+cudnn+compile",
+]
 TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
 
 FLOP_FORMULA = (
@@ -474,6 +488,8 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
     adapter_grad = 2 * cfg.audio_tokens * summary["params_adapter"]
     ckpt = bool(model.transformer.gradient_checkpointing)
     flops, hw = train_flops(fwd, cfg.full_finetune, adapter_grad, ckpt)
+    if ckpt and model.checkpoint_keep:  # the kept blocks are not recomputed
+        hw -= (fwd["blocks"] + fwd["adapter"]) * model.checkpoint_keep / model.num_blocks
     res.update(params_total=summary["params_total"], params_trainable=summary["params_trainable"],
                params_adapter=summary["params_adapter"], tokens=fwd["tokens"], flops_model=flops,
                flops_hardware=hw, checkpointing=ckpt, optimizer="AdamW fused (conf/optim/adamw.yaml)",
@@ -520,18 +536,49 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
         return list(TINY_CASES if tiny else ALL_CASES)
     out: list[str] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, kind = item.partition(":")
+        base, *variants = kind.split("+")
         if item == "all":
             out += ALL_CASES
+        elif item == "session":
+            out += SESSION_CASES
         elif item in CONFIGS:
             out += [f"{item}:{k}" for k in KINDS]
-        elif item.partition(":")[0] in CONFIGS and item.partition(":")[2] in KINDS:
+        elif name in CONFIGS and base in KINDS and not variants:
+            out.append(item)
+        elif name in CONFIGS and base in ("train_ours", "sample_ours") and all(VARIANT_RE.match(v) for v in variants):
             out.append(item)
         else:
             raise SystemExit(
-                f"--cases: unknown case {item!r}; use all, a config ({', '.join(CONFIGS)}) or config:kind "
-                f"with kind one of {', '.join(KINDS)}"
+                f"--cases: unknown case {item!r}; use all, session, a config ({', '.join(CONFIGS)}) or config:kind "
+                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +keepN, +compile)"
             )
     return list(dict.fromkeys(out))
+
+
+def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+    """Set our model's speed options for one case: the variants named, else the model yaml's values."""
+    backend = model_cfg.get("attention_backend")
+    keep = int(model_cfg.get("checkpoint_keep") or 0)
+    compiled = bool(model_cfg.get("compile_blocks"))
+    for v in variants:
+        if v in ATTENTION_VARIANTS:
+            backend = ATTENTION_VARIANTS[v]
+        elif v.startswith("keep"):
+            keep = int(v[4:])
+        elif v == "compile":
+            compiled = True
+    model.set_attention_backend(backend)
+    if model.transformer.gradient_checkpointing:
+        model.set_checkpointing(True, keep=keep)
+    blocks = list(model.transformer.blocks)
+    if compiled and blocks[0]._compiled_call_impl is None:
+        model.compile_blocks()
+    elif not compiled:
+        for block in blocks:
+            block._compiled_call_impl = None
+    return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
+            "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None, "compiled": compiled}
 
 
 def slug(text: str) -> str:
@@ -619,9 +666,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('hfu'), '.1%')} | {r.get('iters', 0)} |"
         )
     if report.get("comparisons"):
-        lines += ["", "| config | ours / baseline step time | ours / baseline peak memory |", "| --- | --- | --- |"]
+        lines += ["", "| config | ours / baseline step time | speed-up | ours / baseline peak memory |", "| --- | --- | --- | --- |"]
         for c in report["comparisons"]:
-            lines.append(f"| {c['what']} | {fmt(c.get('time_ratio'), '.3f')} | {fmt(c.get('memory_ratio'), '.3f')} |")
+            lines.append(f"| {c['what']} | {fmt(c.get('time_ratio'), '.3f')} | {fmt(c.get('speedup'), '.2f')}× | "
+                         f"{fmt(c.get('memory_ratio'), '.3f')} |")
     lines += ["", "Cases: train_baseline = plain diffusers step; train_ours = ft_train stage 2; "
               "sample_* = one three-pass guidance step.", "", f"FLOPs: {report['flop_formula']}", ""]
     return "\n".join(lines)
@@ -630,12 +678,16 @@ def markdown(report: dict[str, Any]) -> str:
 def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {r["case"]: r for r in results if r["status"] == "ok"}
     out = []
-    for name in CONFIGS:
-        for kind in ("train", "sample"):
-            base, ours = by.get(f"{name}:{kind}_baseline"), by.get(f"{name}:{kind}_ours")
-            if base and ours:
-                mem = (ours["peak_mem_gib"] / base["peak_mem_gib"]) if base.get("peak_mem_gib") and ours.get("peak_mem_gib") else None
-                out.append({"what": f"{name} {kind}", "time_ratio": ours["step_s"] / base["step_s"], "memory_ratio": mem})
+    for case, ours in by.items():
+        name, _, kind = case.partition(":")
+        family, _, _ = kind.partition("_")
+        if not kind.partition("+")[0].endswith("_ours"):
+            continue
+        base = by.get(f"{name}:{family}_baseline")
+        if base:
+            mem = (ours["peak_mem_gib"] / base["peak_mem_gib"]) if base.get("peak_mem_gib") and ours.get("peak_mem_gib") else None
+            out.append({"what": f"{name} {kind.replace('_ours', '')}", "time_ratio": ours["step_s"] / base["step_s"],
+                        "speedup": base["step_s"] / ours["step_s"], "memory_ratio": mem})
     return out
 
 
@@ -706,7 +758,7 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
     groups: dict[tuple[str, str], list[str]] = {}
     for case in cases:
         name, kind = case.split(":")
-        groups.setdefault((name, kind.split("_")[1]), []).append(kind)
+        groups.setdefault((name, kind.partition("+")[0].split("_")[1]), []).append(kind)
 
     clock = Clock(device)
     for (name, family), kinds in groups.items():
@@ -766,8 +818,11 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
             ctx = {"cfg": cfg, "model": model, "model_cfg": model_cfg, "tcfg": model_cfg["transformer"],
                    "batch": batch, "device": device, "clock": clock, "budget": budget, "seed": args.seed,
                    "warmup": warmup, "iters": iters, "sample_warmup": args.sample_warmup, "sample_iters": sample_iters}
+            base_kind, *variants = kind.split("+")
             try:
-                res = CASE_FUNCS[kind](ctx)
+                options = apply_variants(model, model_cfg, variants) if family == "ours" else {}
+                res = CASE_FUNCS[base_kind](ctx)
+                res.update(options)
                 status = "ok" if res.get("iters") else "skipped: time budget"
             except Exception as exc:  # noqa: BLE001 - record OOM (or any failure) and go on
                 oom = is_oom(exc)

@@ -155,3 +155,30 @@ def test_loader_throughput_tiny(tmp_path):
     assert report["raw"]["clips"] > 0 and report["raw"]["clips_per_s_per_core"] > 0
     assert report["raw"]["frames_per_s_per_core"] > 0
     assert len(report["loadavg_before"]) == 3 and report["machine"]["cores"] >= 1
+
+
+def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_config):
+    assert ts.parse_cases("tiny:train_ours+cudnn+keep2,14b:sample_ours+compile", tiny=True) == [
+        "tiny:train_ours+cudnn+keep2", "14b:sample_ours+compile"]
+    for bad in ("tiny:train_baseline+cudnn", "tiny:train_ours+fast", "tiny:train_ours+keep"):
+        with pytest.raises(SystemExit, match="unknown case"):
+            ts.parse_cases(bad, tiny=True)
+    assert all(c.partition(":")[0] in ts.CONFIGS for c in ts.parse_cases("session", tiny=False))
+
+    from ft_train.models import build_model
+
+    model = build_model(transformer=dict(tiny_transformer_config), gradient_checkpointing=True)
+    got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["flash", "keep1"])
+    assert got["checkpoint_keep"] == model.checkpoint_keep == 1 and got["attention_backend"] == "_native_flash"
+    assert all(b.attn2.processor._attention_backend == "_native_flash" for b in model.transformer.blocks)
+    got = ts.apply_variants(model, {"checkpoint_keep": 0}, [])  # back to the yaml's values
+    assert model.checkpoint_keep == 0 and got["attention_backend"].startswith("torch SDPA")
+    assert all(b.attn2.processor._attention_backend is None for b in model.transformer.blocks)
+
+    # A variant case runs next to the plain one and gets its own comparison row.
+    assert ts.main(["--tiny", "--cases", "tiny:train_baseline,tiny:train_ours,tiny:train_ours+keep1",
+                    "--out", str(tmp_path)]) == 0
+    report = only_json(tmp_path, "train_step-")
+    rows = {r["case"]: r for r in report["results"]}
+    assert rows["tiny:train_ours+keep1"]["status"] == "ok" and rows["tiny:train_ours+keep1"]["variants"] == ["keep1"]
+    assert {c["what"] for c in report["comparisons"]} == {"tiny train", "tiny train+keep1"}

@@ -122,7 +122,9 @@ def audio_attention(
             valid = valid.clone()
             valid[empty, 0] = True
         mask = valid[None].expand(bsz, frames, width).reshape(bsz * frames, 1, 1, width)
-    out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend)
+    # A key mask rules out the flash and cuDNN kernels a chosen backend may force: masked windows
+    # go through torch's SDPA dispatch (memory-efficient kernel), unmasked ones keep the backend.
+    out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend="native" if mask is not None else backend)
     out = out.reshape(bsz, frames, seq // frames, heads, dim)
     if empty is not None and bool(empty.any()):
         out = out.masked_fill(empty[None, :, None, None, None], 0.0)

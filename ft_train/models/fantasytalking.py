@@ -13,11 +13,14 @@ audio adapter changes nothing until they are trained.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch import nn
 
 from .adapter import TEXT_TOKENS, AdapterContext, AudioKV, FantasyTalkingAttnProcessor
@@ -26,6 +29,8 @@ from .identity import FaceKV, IdentityConfig, IdentityModel
 from .motion import MotionConfig, MotionHook, MotionModel, check_motion
 
 AUDIO_MODES = ("clip", "frame")
+# diffusers' process-wide attention backend at import (DIFFUSERS_ATTN_BACKEND, default native SDPA).
+_DEFAULT_ATTENTION_BACKEND = _AttentionBackendRegistry.get_active_backend()[0]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -103,6 +108,12 @@ class FantasyTalkingDiT(nn.Module):
             keeps the dtype it was loaded in (``model.dtype``); for a full fine-tune keep it
             float32 or let DeepSpeed hold float32 master weights.
         gradient_checkpointing: recompute each DiT block in backward (diffusers' own switch).
+        checkpoint_keep: with checkpointing on, the last ``checkpoint_keep`` blocks keep their
+            activations instead (selective checkpointing: fewer recomputed blocks, more memory;
+            size it to the card, see :meth:`set_checkpointing`).
+        attention_backend: a diffusers attention backend for every attention of the model
+            (``_native_cudnn``, ``_native_flash``, ``flash``, ...); None = torch SDPA's own choice.
+        compile_blocks: ``torch.compile`` each DiT block (all blocks share one compiled graph).
         identity: ``model.identity`` (:class:`~.identity.IdentityConfig` or its dict); disabled
             by default = no parameters.
         motion: ``model.motion`` (:class:`~.motion.MotionConfig` or its dict); disabled by default.
@@ -119,6 +130,9 @@ class FantasyTalkingDiT(nn.Module):
         gradient_checkpointing: bool = False,
         identity: IdentityConfig | dict[str, Any] | None = None,
         motion: MotionConfig | dict[str, Any] | None = None,
+        checkpoint_keep: int = 0,
+        attention_backend: str | None = None,
+        compile_blocks: bool = False,
     ):
         super().__init__()
         self.transformer = transformer
@@ -148,8 +162,48 @@ class FantasyTalkingDiT(nn.Module):
                 MotionHook(self._context)
             )
         self.set_backbone_trainable(train_backbone)
+        self.checkpoint_keep = 0
         if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            self.set_checkpointing(True, keep=checkpoint_keep)
+        if attention_backend:
+            self.set_attention_backend(attention_backend)
+        if compile_blocks:
+            self.compile_blocks()
+
+    def set_checkpointing(self, enabled: bool, keep: int = 0) -> None:
+        """Activation checkpointing of the DiT blocks: every block recomputed in backward, except
+        the last ``keep`` blocks, which store their activations (``keep = num_blocks`` is the
+        same compute as no checkpointing). The last blocks are the ones kept because their
+        backward runs first, so their activations are freed first."""
+        blocks = self.transformer.blocks
+        if not enabled:
+            self.transformer.disable_gradient_checkpointing()
+            self.checkpoint_keep = 0
+            return
+        if not 0 <= keep <= len(blocks):
+            raise ValueError(f"model.checkpoint_keep must be between 0 and {len(blocks)} (the blocks), got {keep}")
+        kept = frozenset(id(b) for b in list(blocks)[len(blocks) - keep :])
+        self.transformer.enable_gradient_checkpointing(functools.partial(_checkpoint_block, kept))
+        self.checkpoint_keep = keep
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        """Route every attention (self, text, image, audio windows, face) through one diffusers
+        backend; None restores torch SDPA's own choice. Masked audio windows always use SDPA's
+        dispatch (:func:`.adapter.audio_attention`)."""
+        if backend:
+            self.transformer.set_attention_backend(backend)
+        else:
+            self.transformer.reset_attention_backend()
+            # diffusers' reset leaves its process-wide active backend (the one processors without
+            # their own backend use) at the last one set: put back the start-up default.
+            _AttentionBackendRegistry.set_active_backend(_DEFAULT_ATTENTION_BACKEND)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` every DiT block in place (``nn.Module.compile``). The blocks have one
+        structure, so they share the compiled code; activation checkpointing recomputes the compiled
+        block."""
+        for block in self.transformer.blocks:
+            block.compile(**options)
 
     @property
     def audio_mode(self) -> str:
@@ -251,6 +305,13 @@ class FantasyTalkingDiT(nn.Module):
         return out
 
 
+def _checkpoint_block(kept: frozenset[int], block: nn.Module, *args: Any) -> Any:
+    """diffusers' per-block checkpoint call, skipped for the blocks in ``kept`` (their ids)."""
+    if id(block) in kept:
+        return block(*args)
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+
 def build_model(
     pretrained: str | None = None,
     transformer: dict[str, Any] | None = None,
@@ -264,6 +325,9 @@ def build_model(
     identity: dict[str, Any] | None = None,
     motion: dict[str, Any] | None = None,
     init_from: str | None = None,
+    checkpoint_keep: int = 0,
+    attention_backend: str | None = None,
+    compile_blocks: bool = False,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
     (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``).
@@ -284,6 +348,9 @@ def build_model(
         gradient_checkpointing=gradient_checkpointing,
         identity=dict(identity) if identity is not None else None,
         motion=dict(motion) if motion is not None else None,
+        checkpoint_keep=checkpoint_keep,
+        attention_backend=attention_backend,
+        compile_blocks=compile_blocks,
     )
     if init_from:
         from .weights import load_adapter_weights  # weights.py imports this module

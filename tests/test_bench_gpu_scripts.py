@@ -1,0 +1,156 @@
+"""The GPU benches of one device session: bench/encode_throughput.py and bench/zero_step.py in their
+tiny CPU modes, the real sizes they would build, the ft-train overrides they would run, and
+bench/gpu_session.sh as a whole (tiny modes)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .test_bench import load_bench, only_json
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def finite_numbers(obj, path="") -> list[str]:
+    """Paths of every float in a JSON tree that is not finite."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [path]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in finite_numbers(v, f"{path}.{k}")]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in finite_numbers(v, f"{path}[{i}]")]
+    return []
+
+
+@pytest.fixture(scope="module")
+def et():
+    return load_bench("encode_throughput")
+
+
+@pytest.fixture(scope="module")
+def zs():
+    if str(BENCH) not in sys.path:  # zero_step's main() puts bench/ on the path for train_step's helpers
+        sys.path.insert(0, str(BENCH))
+    return load_bench("zero_step")
+
+
+def test_encoders_have_the_real_sizes(et):
+    """Built on the meta device: the parameter counts of Wan's VAE, CLIP ViT-H/14, umT5-XXL's
+    encoder and wav2vec2-base, inside the project's wrappers."""
+    meta = torch.device("meta")
+    counts = {w: et.count(et.inner_model(et.build_encoder(w, et.REAL, meta, torch.bfloat16)))
+              for w in ("vae", "clip", "umt5", "wav2vec")}
+    assert counts == {"vae": 126_892_531, "clip": 630_766_080, "umt5": 5_680_910_336, "wav2vec": 94_371_712}
+    clip = et.build_encoder("clip", et.REAL, meta, torch.bfloat16)
+    assert (clip.num_tokens, clip.width) == (257, 1280)
+    assert et.REAL.audio_samples == 51_840  # 81 frames at 25 fps
+
+
+def test_zero_step_gpu_overrides_compose_to_the_1_3b_model(zs, tmp_path):
+    """The overrides the GPU run passes to ft-train compose with the real config tree."""
+    from hydra import compose, initialize_config_dir
+
+    from ft_train.config import CONF_DIR
+
+    class Args:
+        seed, fps, latent_hw, workers, precision, extra = 0, 25.0, (60, 104), 2, "bf16-mixed", []
+
+    for case in ("zero2", "zero3-full"):
+        ov = zs.overrides(case, False, tmp_path, tmp_path / "x.json", 2, 4, Args)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=ov)
+        assert cfg.model.transformer.num_layers == 30 and cfg.model.pretrained is None
+        assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing is True
+        assert cfg.model.train_backbone is case.endswith("-full")
+        assert cfg.strategy.stage == (3 if case.startswith("zero3") else 2)
+        assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 1
+        assert list(cfg.data.latent_hw) == [60, 104] and cfg.data.num_frames == 81
+        assert cfg.stage.name == "frame" and cfg.stage.max_steps == 6
+        assert cfg.callbacks.bench_timer._target_ == "bench.zero_step.StepTimer"
+
+
+def test_zero_step_flops_match_train_step(zs):
+    """MFU uses train_step.py's formula: a full fine-tune step is 3 forwards, an adapter step less."""
+    import train_step  # bench/ is on sys.path (zs fixture)
+
+    class Args:
+        fps, latent_hw = 25.0, (60, 104)
+
+    full = zs.flops_per_step("zero2-full", Args, trainable=1_400_000_000)
+    adapter = zs.flops_per_step("zero3", Args, trainable=190_000_000)
+    cfg = train_step.CONFIGS["1.3b"]
+    assert full["audio_tokens"] == adapter["audio_tokens"] > 150
+    fwd_tokens = train_step.forward_flops(cfg, train_step.read_yaml("model", "wan_i2v_1.3b.yaml")["transformer"])["tokens"]
+    assert fwd_tokens == 21 * 30 * 52  # 480×832×81 → (21, 60, 104) latents → 2×2 patches
+    assert 0 < adapter["flops_model"] < full["flops_model"] < full["flops_hardware"]
+
+
+@pytest.mark.slow
+def test_encode_throughput_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "encode_throughput.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = only_json(tmp_path, "encode_throughput-cpu-")
+    rows = {r["case"]: r for r in report["results"]}
+    assert set(rows) == set(report["cases_requested"]) == {
+        "vae", "vae-bf16", "clip", "umt5", "wav2vec", "encode_clips", "encode_clips-bf16-vae"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["finite"] and row["iters"] >= 1 and row["step_s"] > 0, row
+    assert rows["vae"]["output_shapes"] == [2, 16, 5, 8, 8]  # the clip and its I2V condition, one call
+    assert rows["vae-bf16"]["dtype"] == "bfloat16"
+    assert set(rows["encode_clips"]["output_shapes"]) == {"latents", "image_latents", "clip", "text", "audio",
+                                                          "lip_mask", "face"}
+    for name in ("fp32 VAE", "bf16 VAE"):
+        row = report["summary"][name]
+        assert row["clips_per_s"] > 0 and row["components_s_per_clip"] > 0
+    assert not finite_numbers(report), finite_numbers(report)
+
+
+@pytest.mark.slow
+def test_zero_step_tiny(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(BENCH / "zero_step.py"), "--tiny", "--out", str(tmp_path),
+                           "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = only_json(tmp_path, "zero_step-cpu-")
+    rows = {r["case"]: r for r in report["results"]}
+    assert set(rows) == {"zero2", "zero3"}
+    for case, row in rows.items():
+        assert row["status"] == "ok", row.get("log_tail")
+        assert row["zero_optimization"]["stage"] == int(case[-1])
+        assert row["iters"] == 2 and len(row["step_s_all"]) == 3 and row["step_s"] > 0 and row["iter_s"] > 0
+        assert row["loss_finite"] and row["final_save_s"] >= 0
+        assert 0 < row["params_trainable"] < row["params_total"]  # adapter only; ZeRO-3's partitions counted whole
+        assert row["callback_file"] == str(BENCH / "zero_step.py")
+    assert not (tmp_path / "work" / "zero2").exists()  # run folders (checkpoints) removed after each case
+    assert not finite_numbers(report), finite_numbers(report)
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_the_tiny_modes(tmp_path):
+    """The session script end to end on the CPU: budgets, the three benches, the log, the file count."""
+    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), DS_ACCELERATOR="cpu", GPU_SESSION_TOTAL="400",
+               TS_ARGS="--tiny --cases tiny", ENC_ARGS="--tiny --cases vae,encode_clips", ZERO_ARGS="--tiny --cases zero2")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], capture_output=True, text=True, timeout=900,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 7 and "gpu_session.log" in files, files  # the device tool returns at most 8
+    for prefix in ("train_step-cpu-", "encode_throughput-cpu-", "zero_step-cpu-"):
+        report = only_json(tmp_path, prefix)
+        assert report["results"] and all(r["status"] == "ok" for r in report["results"]), prefix
+    log = (tmp_path / "gpu_session.log").read_text()
+    assert log.count(": exit code 0") == 3
+    assert "# bench/zero_step.py on cpu" in proc.stdout  # the tables end the output
+
+
+def test_gpu_session_script_parses():
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")]).returncode == 0

@@ -1,0 +1,107 @@
+"""The model's speed options (model.checkpoint_keep, model.attention_backend, model.compile_blocks)
+change how the step runs, never what it computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ft_train.models import build_model
+from ft_train.models.adapter import FantasyTalkingAttnProcessor
+
+
+def _model(cfg: dict, **kw):
+    torch.manual_seed(0)
+    model = build_model(pretrained=None, transformer=cfg, audio_mode="frame", **kw)
+    # Adapters start at zero; give them values so the audio branch contributes and has gradients
+    # that depend on every block.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.audio_kv.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(2)
+    return dict(
+        hidden_states=torch.randn(1, 36, 5, 8, 8, generator=g),
+        timestep=torch.tensor([500.0]),
+        text=torch.randn(1, 512, 4096, generator=g) * 0.1,
+        image=torch.randn(1, 257, 1280, generator=g) * 0.1,
+        # 17 frames at 25 fps = 34 wav2vec tokens; fewer tokens than the windows need leave the
+        # last frames' windows partly padded, so the masked path runs too.
+        audio=torch.randn(1, 30, 768, generator=g),
+    )
+
+
+def _loss_and_grads(model):
+    out = model(**_inputs())
+    loss = out.square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def test_checkpoint_keep_runs_the_last_blocks_without_recompute(tiny_transformer_config, monkeypatch):
+    cfg = dict(tiny_transformer_config, num_layers=3)
+    ref_out, ref_grads = _loss_and_grads(_model(cfg, gradient_checkpointing=False))
+    assert set(ref_grads) == {n for n, _ in _model(cfg).named_parameters() if n.startswith("audio_")}
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *args, **kw):
+        calls.append(fn)
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    for keep in (0, 1, 3):
+        calls.clear()
+        model = _model(cfg, gradient_checkpointing=True, checkpoint_keep=keep)
+        assert model.checkpoint_keep == keep
+        out, grads = _loss_and_grads(model)
+        assert len(calls) == 3 - keep, f"keep={keep}: {len(calls)} checkpointed blocks"
+        # The kept blocks are the last ones.
+        ckpt_blocks = {id(fn.__self__) for fn in calls}
+        assert ckpt_blocks == {id(b) for b in list(model.transformer.blocks)[: 3 - keep]}
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_keep_out_of_range_names_the_key(tiny_transformer_config):
+    with pytest.raises(ValueError, match=r"model.checkpoint_keep must be between 0 and 2"):
+        _model(tiny_transformer_config, gradient_checkpointing=True, checkpoint_keep=5)
+
+
+def test_attention_backend_reaches_every_processor_and_keeps_the_output(tiny_transformer_config):
+    ref_out, ref_grads = _loss_and_grads(_model(tiny_transformer_config))
+    model = _model(tiny_transformer_config, attention_backend="_native_math")
+    procs = [b.attn1.processor for b in model.transformer.blocks] + [b.attn2.processor for b in model.transformer.blocks]
+    assert all(p._attention_backend == "_native_math" for p in procs), procs
+    assert all(isinstance(b.attn2.processor, FantasyTalkingAttnProcessor) for b in model.transformer.blocks)
+    out, grads = _loss_and_grads(model)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+    model.set_attention_backend(None)
+    assert all(getattr(b.attn2.processor, "_attention_backend", None) is None for b in model.transformer.blocks)
+
+
+def test_compiled_blocks_match_eager(tiny_transformer_config):
+    ref_out, ref_grads = _loss_and_grads(_model(tiny_transformer_config, gradient_checkpointing=True))
+    model = _model(tiny_transformer_config, gradient_checkpointing=True)
+    torch._dynamo.reset()
+    # backend="eager": Dynamo traces the real block (our processor included) without needing a
+    # C++ toolchain; the GPU bench measures the default Inductor backend.
+    model.compile_blocks(backend="eager")
+    assert all(b._compiled_call_impl is not None for b in model.transformer.blocks)
+    keys = set(model.state_dict())
+    assert keys == set(_model(tiny_transformer_config).state_dict()), "compiling must not rename weights"
+    out, grads = _loss_and_grads(model)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
