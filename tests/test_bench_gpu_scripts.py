@@ -137,7 +137,7 @@ def test_zero_step_tiny(tmp_path):
 @pytest.mark.slow
 def test_gpu_session_script_runs_the_tiny_modes(tmp_path):
     """The session script end to end on the CPU: budgets, the three benches, the log, the file count."""
-    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), DS_ACCELERATOR="cpu", GPU_SESSION_TOTAL="400",
+    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), DS_ACCELERATOR="cpu",
                TS_ARGS="--tiny --cases tiny", ENC_ARGS="--tiny --cases vae,encode_clips", ZERO_ARGS="--tiny --cases zero2")
     proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], capture_output=True, text=True, timeout=900,
                           cwd=REPO, env=env)

@@ -97,7 +97,9 @@ def test_compiled_blocks_match_eager(tiny_transformer_config):
     torch._dynamo.reset()
     # backend="eager": Dynamo traces the real block (our processor included) without needing a
     # C++ toolchain; the GPU bench measures the default Inductor backend.
-    model.compile_blocks(backend="eager")
+    # fullgraph: the block, our audio/face processor included, traces without a graph break
+    # (no tensor is read back inside a block).
+    model.compile_blocks(backend="eager", fullgraph=True)
     assert all(b._compiled_call_impl is not None for b in model.transformer.blocks)
     keys = set(model.state_dict())
     assert keys == set(_model(tiny_transformer_config).state_dict()), "compiling must not rename weights"

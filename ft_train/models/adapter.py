@@ -59,6 +59,7 @@ class AdapterContext:
         window_index: ``(F_lat, W)`` frame level: token indices of each latent frame's window
             (:func:`~ft_train.models.audio.audio_window_index`); None = clip level.
         window_lengths: ``(F_lat,)`` valid leading positions of each window (frame level).
+        window_valid, window_empty: the key mask and empty-window flags of :func:`window_masks`.
         audio_scale: ``(B,)`` weight of the audio branch per sample (0 = branch off).
         identity: ``(B, Q, C_id)`` ID tokens from the Q-Former (:mod:`.identity`), or None.
         identity_scale: λ2, weight of the face branch (paper: 0.5).
@@ -73,11 +74,36 @@ class AdapterContext:
     identity: torch.Tensor | None = None
     identity_scale: float = 0.0
     motion_emb: torch.Tensor | None = None
+    window_valid: torch.Tensor | None = None
+    window_empty: torch.Tensor | None = None
+
+    def set_windows(self, index: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Frame-level windows and their key masks, decided once per forward pass (one host sync)
+        so the blocks never read a tensor back (which would also break a compiled block's graph)."""
+        self.window_index, self.window_lengths = index, lengths
+        self.window_valid, self.window_empty = window_masks(lengths, index.shape[1])
 
     def clear(self) -> None:
         self.audio = self.window_index = self.window_lengths = self.audio_scale = None
+        self.window_valid = self.window_empty = None
         self.identity = self.motion_emb = None
         self.identity_scale = 0.0
+
+
+def window_masks(lengths: torch.Tensor | None, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(valid, empty)`` for frame windows of ``width`` slots with ``lengths`` valid ones each:
+    ``valid`` ``(F, W)`` bool key mask, None when every window is full; ``empty`` ``(F,)`` bool,
+    None when no window is empty. An empty window keeps its first (zero) slot valid so softmax has
+    something to attend to; its output is zeroed afterwards (:func:`audio_attention`)."""
+    if lengths is None or not bool((lengths < width).any()):
+        return None, None
+    valid = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    empty = ~valid.any(dim=1)
+    if not bool(empty.any()):
+        return valid, None
+    valid = valid.clone()
+    valid[empty, 0] = True
+    return valid, empty
 
 
 def audio_attention(
@@ -86,6 +112,7 @@ def audio_attention(
     value: torch.Tensor,
     lengths: torch.Tensor | None = None,
     backend=None,
+    masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Attention of video queries over audio tokens, clip level or frame level.
 
@@ -99,6 +126,8 @@ def audio_attention(
         query: ``(B, S, H, D)`` with ``S = F·h·w`` tokens in frame-major order.
         key, value: ``(B, L, H, D)`` or ``(B, F, W, H, D)``.
         lengths: ``(F,)`` valid tokens per window (frame level).
+        masks: :func:`window_masks` of ``lengths``, when already computed (the model does it once
+            per forward pass); then ``lengths`` is not read.
     Returns:
         ``(B, S, H, D)``.
     """
@@ -111,22 +140,15 @@ def audio_attention(
     q = query.reshape(bsz * frames, seq // frames, heads, dim)
     k = key.reshape(bsz * frames, width, heads, dim)
     v = value.reshape(bsz * frames, width, heads, dim)
+    valid, empty = masks if masks is not None else window_masks(lengths, width)
     mask = None
-    empty = None
-    if lengths is not None and bool((lengths < width).any()):
-        valid = torch.arange(width, device=key.device)[None, :] < lengths[:, None]  # (F, W)
-        empty = ~valid.any(dim=1)
-        if bool(empty.any()):
-            # A window with no audio at all: attend to its first (zero) slot and zero the output
-            # afterwards, rather than letting softmax over an empty set produce NaN.
-            valid = valid.clone()
-            valid[empty, 0] = True
+    if valid is not None:
         mask = valid[None].expand(bsz, frames, width).reshape(bsz * frames, 1, 1, width)
     # A key mask rules out the flash and cuDNN kernels a chosen backend may force: masked windows
     # go through torch's SDPA dispatch (memory-efficient kernel), unmasked ones keep the backend.
     out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend="native" if mask is not None else backend)
     out = out.reshape(bsz, frames, seq // frames, heads, dim)
-    if empty is not None and bool(empty.any()):
+    if empty is not None:
         out = out.masked_fill(empty[None, :, None, None, None], 0.0)
     return out.reshape(bsz, seq, heads, dim)
 
@@ -202,7 +224,8 @@ class FantasyTalkingAttnProcessor:
                 a_key, a_value = a_key[:, ctx.window_index], a_value[:, ctx.window_index]
             a_key = a_key.to(query.dtype).unflatten(-1, (attn.heads, -1))
             a_value = a_value.to(query.dtype).unflatten(-1, (attn.heads, -1))
-            audio_out = audio_attention(query, a_key, a_value, ctx.window_lengths, self._attention_backend)
+            masks = (ctx.window_valid, ctx.window_empty) if ctx.window_index is not None else None
+            audio_out = audio_attention(query, a_key, a_value, ctx.window_lengths, self._attention_backend, masks)
             audio_out = audio_out.flatten(2, 3).type_as(query)
             scale = ctx.audio_scale.to(audio_out.dtype).view(-1, 1, 1)
             hidden_states = hidden_states + audio_out * scale
