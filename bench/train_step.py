@@ -96,7 +96,8 @@ RUNNING = "running (the watchdog stopped the run here)"
 #   cudnn / flash   model.attention_backend = _native_cudnn / _native_flash (diffusers backends)
 #   keepN           model.checkpoint_keep = N (the last N blocks store activations, no recompute)
 #   compile         model.compile_blocks (torch.compile of every DiT block, Inductor)
-VARIANT_RE = re.compile(r"^(cudnn|flash|compile|keep\d+)$")
+#   offload         model.checkpoint_offload (recomputed blocks keep their input in host memory)
+VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|keep\d+)$")
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -134,12 +135,13 @@ CONFIGS = {
     )
 }
 ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ours"]
-# The GPU session's set: the baselines first, then each optimisation on top of our default step.
+# The GPU session's set (bench/README.md, "Results"): the baselines, then the options to measure
+# next. The first session (2026-11-27) ran the baselines with +cudnn, +keep4 and +compile.
 SESSION_CASES = [
-    "14b:train_baseline", "14b:sample_baseline",
-    "1.3b:train_baseline", "1.3b:train_ours", "1.3b:train_ours+cudnn",
-    "14b:train_ours", "14b:train_ours+cudnn", "14b:train_ours+cudnn+keep4",
-    "14b:sample_ours", "14b:sample_ours+cudnn", "14b:train_ours+cudnn+compile",
+    "14b:train_baseline", "14b:sample_baseline", "1.3b:train_baseline",
+    "1.3b:train_ours+compile",
+    "14b:train_ours+compile", "14b:sample_ours+compile", "14b:train_ours+compile+offload",
+    "14b-720:train_ours+compile+offload",
 ]
 TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
 
@@ -561,6 +563,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     backend = model_cfg.get("attention_backend")
     keep = int(model_cfg.get("checkpoint_keep") or 0)
     compiled = bool(model_cfg.get("compile_blocks"))
+    offload = bool(model_cfg.get("checkpoint_offload"))
     for v in variants:
         if v in ATTENTION_VARIANTS:
             backend = ATTENTION_VARIANTS[v]
@@ -568,9 +571,11 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             keep = int(v[4:])
         elif v == "compile":
             compiled = True
+        elif v == "offload":
+            offload = True
     model.set_attention_backend(backend)
     if model.transformer.gradient_checkpointing:
-        model.set_checkpointing(True, keep=keep)
+        model.set_checkpointing(True, keep=keep, offload=offload)
     blocks = list(model.transformer.blocks)
     if compiled and blocks[0]._compiled_call_impl is None:
         model.compile_blocks()
@@ -578,7 +583,8 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
         for block in blocks:
             block._compiled_call_impl = None
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
-            "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None, "compiled": compiled}
+            "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
+            "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None, "compiled": compiled}
 
 
 def slug(text: str) -> str:

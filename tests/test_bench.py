@@ -171,8 +171,11 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["flash", "keep1"])
     assert got["checkpoint_keep"] == model.checkpoint_keep == 1 and got["attention_backend"] == "_native_flash"
     assert all(b.attn2.processor._attention_backend == "_native_flash" for b in model.transformer.blocks)
+    assert not model.checkpoint_offload
+    got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["offload"])
+    assert got["checkpoint_offload"] and model.checkpoint_offload and model.checkpoint_keep == 0
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, [])  # back to the yaml's values
-    assert model.checkpoint_keep == 0 and got["attention_backend"].startswith("torch SDPA")
+    assert model.checkpoint_keep == 0 and not model.checkpoint_offload and got["attention_backend"].startswith("torch SDPA")
     assert all(b.attn2.processor._attention_backend is None for b in model.transformer.blocks)
 
     # A variant case runs next to the plain one and gets its own comparison row.

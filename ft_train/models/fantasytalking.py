@@ -111,6 +111,8 @@ class FantasyTalkingDiT(nn.Module):
         checkpoint_keep: with checkpointing on, the last ``checkpoint_keep`` blocks keep their
             activations instead (selective checkpointing: fewer recomputed blocks, more memory;
             size it to the card, see :meth:`set_checkpointing`).
+        checkpoint_offload: with checkpointing on, the recomputed blocks keep their input in
+            pinned host memory instead of the device (:class:`HostOffloadCheckpoint`).
         attention_backend: a diffusers attention backend for every attention of the model
             (``_native_cudnn``, ``_native_flash``, ``flash``, ...); None = torch SDPA's own choice.
         compile_blocks: ``torch.compile`` each DiT block (all blocks share one compiled graph).
@@ -133,6 +135,7 @@ class FantasyTalkingDiT(nn.Module):
         checkpoint_keep: int = 0,
         attention_backend: str | None = None,
         compile_blocks: bool = False,
+        checkpoint_offload: bool = False,
     ):
         super().__init__()
         self.transformer = transformer
@@ -163,28 +166,33 @@ class FantasyTalkingDiT(nn.Module):
             )
         self.set_backbone_trainable(train_backbone)
         self.checkpoint_keep = 0
+        self.checkpoint_offload = False
         if gradient_checkpointing:
-            self.set_checkpointing(True, keep=checkpoint_keep)
+            self.set_checkpointing(True, keep=checkpoint_keep, offload=checkpoint_offload)
         if attention_backend:
             self.set_attention_backend(attention_backend)
         if compile_blocks:
             self.compile_blocks()
 
-    def set_checkpointing(self, enabled: bool, keep: int = 0) -> None:
+    def set_checkpointing(self, enabled: bool, keep: int = 0, offload: bool = False) -> None:
         """Activation checkpointing of the DiT blocks: every block recomputed in backward, except
         the last ``keep`` blocks, which store their activations (``keep = num_blocks`` is the
         same compute as no checkpointing). The last blocks are the ones kept because their
-        backward runs first, so their activations are freed first."""
+        backward runs first, so their activations are freed first. ``offload``: the recomputed
+        blocks keep their input in host memory instead of on the device
+        (:class:`HostOffloadCheckpoint`)."""
         blocks = self.transformer.blocks
         if not enabled:
             self.transformer.disable_gradient_checkpointing()
-            self.checkpoint_keep = 0
+            self.checkpoint_keep, self.checkpoint_offload = 0, False
             return
         if not 0 <= keep <= len(blocks):
             raise ValueError(f"model.checkpoint_keep must be between 0 and {len(blocks)} (the blocks), got {keep}")
         kept = frozenset(id(b) for b in list(blocks)[len(blocks) - keep :])
-        self.transformer.enable_gradient_checkpointing(functools.partial(_checkpoint_block, kept))
-        self.checkpoint_keep = keep
+        self.transformer.enable_gradient_checkpointing(
+            functools.partial(_checkpoint_block, kept, self._context if offload else None)
+        )
+        self.checkpoint_keep, self.checkpoint_offload = keep, bool(offload)
 
     def set_attention_backend(self, backend: str | None) -> None:
         """Route every attention (self, text, image, audio windows, face) through one diffusers
@@ -303,11 +311,94 @@ class FantasyTalkingDiT(nn.Module):
         return out
 
 
-def _checkpoint_block(kept: frozenset[int], block: nn.Module, *args: Any) -> Any:
-    """diffusers' per-block checkpoint call, skipped for the blocks in ``kept`` (their ids)."""
+def _checkpoint_block(kept: frozenset[int], offload: AdapterContext | None, block: nn.Module, *args: Any) -> Any:
+    """diffusers' per-block checkpoint call, skipped for the blocks in ``kept`` (their ids); with
+    ``offload`` (the model's adapter context) the block's input waits for backward in host memory
+    (:class:`HostOffloadCheckpoint`)."""
     if id(block) in kept:
         return block(*args)
+    if offload is not None:
+        hidden, encoder, temb, rotary = args
+        return HostOffloadCheckpoint.apply(
+            block, rotary, offload, _GRAD_ANCHOR.get(hidden.device), hidden, encoder, temb, offload.audio, offload.identity
+        )
     return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``tensor``: pinned and asynchronous from a GPU (stream order keeps it safe: the
+    copy is queued before any later kernel can reuse the source's memory)."""
+    if tensor.device.type == "cpu":
+        return tensor.detach().clone()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor.detach(), non_blocking=True)
+    return host
+
+
+class _GradAnchors:
+    """One empty tensor per device that requires grad: an input of every offloaded block, so its
+    backward runs even when no real input needs a gradient (the first block of a frozen backbone),
+    and the adapter weights inside it still get theirs."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, device: torch.device) -> torch.Tensor:
+        if device not in self._by_device:
+            self._by_device[device] = torch.empty(0, device=device, requires_grad=True)
+        return self._by_device[device]
+
+
+_GRAD_ANCHOR = _GradAnchors()
+
+
+class HostOffloadCheckpoint(torch.autograd.Function):
+    """Activation checkpointing of one DiT block whose input hidden states wait in host memory.
+
+    Forward runs the block without grad and keeps only a host copy of ``hidden`` (the largest
+    thing full checkpointing keeps per block: S × d, 0.74 GiB at 720×1280×81 for 14B); backward
+    copies it back, re-runs the block with grad under the forward's autocast state and
+    back-propagates through it. The text/image context and the time projection are small and stay
+    on the device. The blocks have no dropout, so the recompute needs no RNG state.
+
+    The processors read the projected audio tokens and the ID tokens from the shared
+    :class:`AdapterContext`; they are inputs here too, so the recompute runs on detached copies
+    and their gradients leave through this function instead of back-propagating (once per block)
+    into the graph outside the block.
+    """
+
+    @staticmethod
+    def forward(ctx, block, rotary, context, anchor, hidden, encoder, temb, audio, identity):  # noqa: D102
+        device_type = hidden.device.type
+        ctx.block, ctx.rotary, ctx.context, ctx.device = block, rotary, context, hidden.device
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.hidden_host = to_host(hidden)
+        ctx.hidden_requires_grad = hidden.requires_grad
+        ctx.save_for_backward(encoder, temb, audio, identity)
+        with torch.no_grad():
+            return block(hidden, encoder, temb, rotary)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        def leaf(t):
+            return None if t is None else t.detach().requires_grad_(t.requires_grad)
+
+        encoder, temb, audio, identity = ctx.saved_tensors
+        hidden = ctx.hidden_host.to(ctx.device, non_blocking=True).requires_grad_(ctx.hidden_requires_grad)
+        ctx.hidden_host = None
+        inputs = [hidden, leaf(encoder), leaf(temb), leaf(audio), leaf(identity)]
+        context = ctx.context
+        outer = context.audio, context.identity
+        context.audio, context.identity = inputs[3], inputs[4]
+        device_type, enabled, dtype = ctx.autocast
+        try:
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                out = ctx.block(*inputs[:3], ctx.rotary)
+            torch.autograd.backward(out, grad_out)
+        finally:
+            context.audio, context.identity = outer
+        grads = [x.grad if x is not None and x.requires_grad else None for x in inputs]
+        return (None, None, None, None, *grads)
 
 
 def build_model(
@@ -326,6 +417,7 @@ def build_model(
     checkpoint_keep: int = 0,
     attention_backend: str | None = None,
     compile_blocks: bool = False,
+    checkpoint_offload: bool = False,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
     (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``).
@@ -349,6 +441,7 @@ def build_model(
         checkpoint_keep=checkpoint_keep,
         attention_backend=attention_backend,
         compile_blocks=compile_blocks,
+        checkpoint_offload=checkpoint_offload,
     )
     if init_from:
         from .weights import load_adapter_weights  # weights.py imports this module
