@@ -37,9 +37,37 @@ def validate_config(cfg) -> None:
     if pretrained and not Path(str(pretrained)).expanduser().exists():
         raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist; point it at a local Wan2.1-I2V diffusers folder")
     check_slurm(cfg)
+    check_model_options(cfg)
     init_from = cfg.stage.init_from
     if init_from and not Path(str(init_from)).expanduser().exists():
         raise FileNotFoundError(f"stage.init_from: nothing at {init_from}; give a checkpoint, step folder or bundle")
+
+
+def check_model_options(cfg) -> None:
+    """Settings that only make sense together: the speed options need checkpointing, and raw-mode
+    data must give the identity branch the face input its encoder reads."""
+    from omegaconf import OmegaConf
+
+    def get(key, default=None):
+        value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+        return default if value is None else value
+
+    if not get("model.gradient_checkpointing", False):
+        if int(get("model.checkpoint_keep", 0)):
+            raise ValueError("model.checkpoint_keep > 0 needs model.gradient_checkpointing=true (it picks blocks NOT to recompute)")
+        if get("model.checkpoint_offload", False):
+            raise ValueError("model.checkpoint_offload=true needs model.gradient_checkpointing=true (it offloads the recomputed blocks' inputs)")
+    if not get("model.identity.enabled", False):
+        return
+    encoder, face = get("model.identity.encoder", "precomputed"), get("data.face")
+    if face is None:  # latent shards: what the encode pass stored is checked when a batch is read
+        return
+    wants = {"arcface": "pixels", "precomputed": "clip"}.get(str(encoder))
+    if wants and face != wants:
+        raise ValueError(
+            f"model.identity.encoder={encoder} reads {'face-crop pixels' if wants == 'pixels' else 'CLIP face tokens'} "
+            f"but data.face={face}; set data.face={wants}"
+        )
 
 
 def check_slurm(cfg) -> None:

@@ -1,6 +1,7 @@
 """Config composition, learning, stage chaining and the ft-train command end to end."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,28 @@ def test_impossible_settings_fail_early_naming_the_key(tmp_path):
     cfg = compose_train(["experiment=stage1_14b", "model.pretrained=/no/such/folder", "data.shards=/x"])
     with pytest.raises(FileNotFoundError, match="model.pretrained: /no/such/folder does not exist"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.checkpoint_offload=true"], "model.checkpoint_offload=true needs model.gradient_checkpointing=true"),
+    (["model.checkpoint_keep=1"], "model.checkpoint_keep > 0 needs model.gradient_checkpointing=true"),
+    (["data=raw", "data.shards=/x", "model.identity.enabled=true", "model.identity.encoder=arcface"],
+     "model.identity.encoder=arcface reads face-crop pixels but data.face=clip; set data.face=pixels"),
+    (["data=raw", "data.shards=/x", "model.identity.enabled=true", "data.face=pixels"],
+     "model.identity.encoder=precomputed reads CLIP face tokens but data.face=pixels; set data.face=clip"),
+])
+def test_options_that_need_each_other_fail_early(tmp_path, overrides, message):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", *overrides])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_config(cfg)
+
+
+def test_matching_options_pass_the_early_check(tmp_path):
+    for overrides in (["model.gradient_checkpointing=true", "model.checkpoint_offload=true", "model.checkpoint_keep=1"],
+                      ["data=raw", "data.shards=/x", "model.identity.enabled=true", "model.identity.encoder=arcface",
+                       "data.face=pixels"],
+                      ["model.identity.enabled=true", "model.identity.encoder=arcface"]):  # latent shards: checked per batch
+        validate_config(compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", *overrides]))
 
 
 def test_overfitting_one_sample_halves_the_loss(tmp_path):
