@@ -139,7 +139,7 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 # next. The first session (2026-11-27) ran the baselines with +cudnn, +keep4 and +compile.
 SESSION_CASES = [
     "14b:train_baseline", "14b:sample_baseline", "1.3b:train_baseline",
-    "1.3b:train_ours+compile",
+    "1.3b:train_ours+compile", "1.3b:train_ours+compile+keep12",
     "14b:train_ours+compile", "14b:sample_ours+compile", "14b:train_ours+compile+offload",
     "14b-720:train_ours+compile+offload",
 ]
