@@ -262,3 +262,35 @@ def test_ft_eval_command_and_its_errors(tmp_path, i3d_file, capsys):
         main([f"generated={gen}", f"reference={ref}", f"fid={tmp_path / 'missing.pth'}"])
     with pytest.raises(SystemExit, match="ft-eval: set generated"):
         main([f"reference={ref}"])
+
+
+def test_validation_list_file_picks_clips_by_key_or_video_in_its_order(tmp_path):
+    """callbacks.validation.clips: an HDTF-style split names videos or clip keys; the callback
+    validates exactly those clips, in the file's order, and a name not in the shards fails."""
+    import webdataset as wds
+
+    from ft_train.data.synthetic import write_synthetic_shards
+    from ft_train.metrics.callback import read_validation_samples
+
+    src = write_synthetic_shards(tmp_path / "syn", num_samples=4, samples_per_shard=4, num_frames=17)
+    keys = ["WRA_Obama_000_1a2b3c4d_00000", "WRA_Obama_000_1a2b3c4d_00001", "RD_Radio_9f8e7d6c_00000",
+            "RD_Radio_9f8e7d6c_00001"]
+    (tmp_path / "val").mkdir()
+    with wds.TarWriter(str(tmp_path / "val" / "shard-000000.tar")) as sink:
+        for key, raw in zip(keys, wds.WebDataset([str(src[0])], shardshuffle=False, empty_check=False)):
+            sink.write({**{k: v for k, v in raw.items() if not k.startswith("__")}, "__key__": key})
+    clips = tmp_path / "split.txt"
+    clips.write_text("# HDTF test split\n\nRD_Radio.mp4\nWRA_Obama_000_1a2b3c4d_00001   # one clip\n"
+                     "videos/WRA_Obama_000\n")
+    got = read_validation_samples(str(tmp_path / "val"), 1, "callbacks.validation.shards", clips)
+    assert [s["__key__"] for s in got] == [keys[2], keys[1], keys[0]]
+    every = {s["__key__"]: s for s in read_validation_samples(str(tmp_path / "val"), 4, "x")}
+    for sample in got:
+        torch.testing.assert_close(sample["latents"], every[sample["__key__"]]["latents"], rtol=0, atol=0)
+
+    clips.write_text("RD_Radio\nKeynote_007\nWRA_Obama_000_1a2b3c4d_00009\n")
+    with pytest.raises(ValueError, match=r"callbacks\.validation\.clips: 2 of 3 entries of .*split\.txt are not in "
+                                         r"callbacks\.validation\.shards \(Keynote_007, WRA_Obama_000_1a2b3c4d_00009\)"):
+        read_validation_samples(str(tmp_path / "val"), 1, "callbacks.validation.shards", clips)
+    with pytest.raises(FileNotFoundError, match=r"callbacks\.validation\.clips: no file at .*nope\.txt"):
+        ValidationCallback(shards=str(tmp_path / "val"), vae=str(tmp_path), clips=str(tmp_path / "nope.txt"))

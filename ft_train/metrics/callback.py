@@ -39,6 +39,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -239,17 +240,71 @@ class WanVAEDecoder:
 # the fixed validation list
 
 
-def read_validation_samples(shards: str | Sequence[str], num_samples: int, key: str) -> list[dict[str, Any]]:
-    """The first ``num_samples`` samples of the latent shards (sorted shard order, no shuffling)."""
+def read_clip_list(path: str | Path, key: str = "callbacks.validation.clips") -> list[str]:
+    """Entries of a validation list file: one per line, a sample key (``<video>_<hash>_<clip>``, as
+    ``ft-prep`` names them) or a source video (its name, with or without extension or folder);
+    blank lines and ``#`` comments are ignored."""
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{key}: no file at {path}; give a text file with one clip key or video name per line")
+    entries = [line.split("#", 1)[0].strip() for line in file.read_text().splitlines()]
+    entries = [e for e in entries if e]
+    if not entries:
+        raise ValueError(f"{key}: {path} lists no clips")
+    return entries
+
+
+def _video_of(sample_key: str) -> str:
+    """The source-video part of an ``ft-prep`` sample key (``<stem>_<8 hex>_<5 digits>``)."""
+    parts = sample_key.rsplit("_", 2)
+    if len(parts) == 3 and len(parts[1]) == 8 and parts[2].isdigit():
+        return parts[0]
+    return sample_key
+
+
+def _entry_video(entry: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(entry).stem if Path(entry).suffix else Path(entry).name)
+
+
+def read_validation_samples(
+    shards: str | Sequence[str], num_samples: int, key: str, clips: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """The validation list: with ``clips`` (:func:`read_clip_list`), the listed clips in the list's
+    order (a video entry contributes its first clip in shard order); without, the first
+    ``num_samples`` samples of the latent shards (sorted shard order, no shuffling)."""
     import webdataset as wds
 
     from ..data.datamodule import resolve_shards
     from ..data.schema import decode_sample
 
     urls = resolve_shards(shards, key=key)
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
+    if clips is not None:
+        entries = read_clip_list(clips)
+        found: dict[str, dict[str, Any]] = {}
+        for raw in ds.decode():
+            sample_key = raw["__key__"]
+            for entry in entries:
+                if entry in found:
+                    continue
+                if entry == sample_key or _entry_video(entry) == _video_of(sample_key):
+                    found[entry] = raw
+            if len(found) == len(entries):
+                break
+        missing = [e for e in entries if e not in found]
+        if missing:
+            raise ValueError(
+                f"callbacks.validation.clips: {len(missing)} of {len(entries)} entries of {clips} are not in "
+                f"{key} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); fix the list or the shards"
+            )
+        out = []
+        for entry in entries:
+            sample = decode_sample(found[entry])
+            sample["__key__"] = found[entry]["__key__"]
+            out.append(sample)
+        return out
     out: list[dict[str, Any]] = []
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None).decode()
-    for raw in ds:
+    for raw in ds.decode():
         sample = decode_sample(raw)
         sample["__key__"] = raw["__key__"]
         out.append(sample)
@@ -299,7 +354,10 @@ class ValidationCallback(Callback):
     Args:
         shards: latent shards of the validation clips (folder, brace pattern or glob); the first
             ``num_samples`` samples in sorted shard order form the fixed list.
-        num_samples: clips in the list.
+        num_samples: clips in the list (when ``clips`` is not given).
+        clips: a text file naming the validation clips, one per line: a sample key or a source
+            video's name (its first clip); the list's order is kept (:func:`read_clip_list`).
+            None = the first ``num_samples`` samples of ``shards``.
         every_n_steps: validate when ``global_step`` is a multiple of this (0 = never during training).
         at_train_end: also validate after the last step (if that step was not validated already).
         sampler: the :class:`~ft_train.diffusion.FlowMatchSampler` (steps, shift, cfg, audio_cfg).
@@ -335,6 +393,7 @@ class ValidationCallback(Callback):
         audio_dir: str | None = None,
         raw_shards: Any = None,
         samples_dir: str | None = None,
+        clips: str | None = None,
     ):
         from ..diffusion import FlowMatchSampler
 
@@ -348,7 +407,9 @@ class ValidationCallback(Callback):
             )
         if vae and decode is None and not Path(str(vae)).expanduser().is_dir():
             raise FileNotFoundError(f"callbacks.validation.vae: no folder at {vae}; point it at a Wan2.1 diffusers folder")
-        self.shards = shards
+        if clips is not None:
+            read_clip_list(clips)  # a missing or empty list fails now, not at the first validation
+        self.shards, self.clips = shards, clips
         self.num_samples = int(num_samples)
         self.every_n_steps = int(every_n_steps)
         self.at_train_end = at_train_end
@@ -375,7 +436,7 @@ class ValidationCallback(Callback):
         # after prepare_data, so data modules that write their shards on first use have done so
         if self.samples:
             return
-        self.samples = read_validation_samples(self.shards, self.num_samples, "callbacks.validation.shards")
+        self.samples = read_validation_samples(self.shards, self.num_samples, "callbacks.validation.shards", self.clips)
         keys = [s["__key__"] for s in self.samples]
         self.audio = find_audio(keys, self.audio_dir, self.raw_shards)
         if "sync" in self.metrics.metrics and len(self.audio) < len(keys):
