@@ -75,6 +75,7 @@ class EncodeConfig:
     batch_size: int = 1
     storage_dtype: str = "float16"
     size_multiple: int = 16
+    buckets: Any = None
     lip_mask_resize: str = "trilinear"
     face: str = "clip"
     face_margin: float = 0.2
@@ -102,6 +103,12 @@ class EncodeConfig:
         for key in ("dtype", "vae_dtype"):
             if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):
                 problems.append(f"{key}={getattr(self, key)!r} must be auto, float32, bfloat16 or float16")
+        try:
+            from ft_train.data.raw import check_buckets
+
+            self.buckets = check_buckets(self.buckets, "buckets")
+        except ValueError as e:
+            problems.append(str(e))
         if self.size_multiple < 8 or self.size_multiple % 8:
             problems.append(f"size_multiple={self.size_multiple} must be a multiple of 8 (the VAE stride)")
         if self.lip_mask_resize not in LIP_MASK_RESIZE:
@@ -133,13 +140,15 @@ class Clip:
 
 def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
     """Decode and check one raw WebDataset sample (members as bytes): the whole clip, centre-cut
-    to multiples of ``size_multiple`` (:func:`ft_train.data.raw.load_clip`). Raises
+    to multiples of ``size_multiple``, or scaled and cut to its aspect-ratio bucket when
+    ``buckets`` are set (:func:`ft_train.data.raw.load_clip`). Raises
     :class:`~ft_train.data.raw.SampleError`."""
     from ft_train.data.raw import load_clip
     from ft_train.data.schema import SCHEMA_NAME, SCHEMA_VERSION
 
-    clip = load_clip(raw, stats, size_multiple=cfg.size_multiple, crop="center", motion_from="clip",
-                     default_caption=cfg.default_caption)
+    # Buckets change the aspect ratio: the cut then follows the face, as in raw-mode training.
+    clip = load_clip(raw, stats, size_multiple=cfg.size_multiple, crop="face" if cfg.buckets else "center",
+                     motion_from="clip", default_caption=cfg.default_caption, buckets=cfg.buckets)
     m = clip.meta
     out_meta = {
         "schema": SCHEMA_NAME,

@@ -213,3 +213,17 @@ def test_config_errors_name_the_key(setup, tmp_path):
         main(["task=encode", *args, "face=arcface"])
     with pytest.raises(SystemExit, match="task=decode is not a task"):
         main(["task=decode"])
+
+
+def test_encode_pass_writes_each_clip_at_its_bucket(setup, tmp_path):
+    root, args = setup
+    out = tmp_path / "bucketed"
+    args = [a if not a.startswith("output=") else f"output={out}" for a in args]
+    assert main(["task=encode", *args, "buckets=[[64,96],[96,48]]"]) == 0
+    samples = read(out)
+    assert len(samples) == 3
+    for s in samples:  # 96×96 clips: 64×96 (log aspect −0.41) is nearer than 96×48 (+0.69)
+        assert s["latents"].shape == (16, (FRAMES - 1) // 4 + 1, 8, 12)
+        assert s["lip_mask"].shape[-2:] == (8, 12)
+    with pytest.raises(SystemExit, match=r"conf/encode.yaml: buckets: \[\(60, 96\)\] — give \[height, width\] pairs"):
+        main(["task=encode", *args, "buckets=[[60,96]]"])

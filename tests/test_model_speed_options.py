@@ -155,3 +155,18 @@ def test_host_offloaded_checkpoint_recomputes_under_the_forward_autocast(tiny_tr
     assert got.keys() == ref.keys()
     for name in got:  # the recompute ran in bf16 like the forward, or these would differ by far more
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0, msg=name)
+
+
+def test_offload_and_keep_with_compiled_blocks(tiny_transformer_config):
+    """The GPU bench's combination (+compile+offload, +compile+keepN): compiled blocks inside the
+    host-offloaded recompute and next to kept blocks give the eager gradients."""
+    cfg = dict(tiny_transformer_config, num_layers=3)
+    ref_out, ref_grads = _loss_and_grads(_model(cfg))
+    torch._dynamo.reset()
+    model = _model(cfg, gradient_checkpointing=True, checkpoint_offload=True, checkpoint_keep=1)
+    model.compile_blocks(backend="eager", fullgraph=True)
+    out, grads = _loss_and_grads(model)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)

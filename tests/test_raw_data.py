@@ -264,3 +264,37 @@ def test_ft_train_trains_from_raw_shards(setup, tmp_path):  # noqa: F811
     assert result["datamodule"].resolved_encode_on() == "worker"  # CPU trainer
     assert result["module"].loss.null_text is not None  # the empty prompt reached text dropout
     assert (tmp_path / "tiny_cpu" / "frame" / "checkpoints" / "step-00000003" / "model.ckpt").is_file()
+
+
+def test_aspect_ratio_buckets_pick_the_nearest_shape():
+    from ft_train.data.raw import check_buckets, nearest_bucket
+
+    buckets = [(512, 512), (480, 832), (832, 480)]
+    assert nearest_bucket(720, 1280, buckets) == (480, 832)  # 16:9 landscape
+    assert nearest_bucket(1280, 720, buckets) == (832, 480)  # portrait phone video
+    assert nearest_bucket(500, 500, buckets) == (512, 512)
+    assert nearest_bucket(480, 640, buckets) == (480, 832)  # 4:3 is nearer 0.58 than 1 in log aspect
+    assert nearest_bucket(100, 100, [(480, 832), (832, 480)]) == (480, 832)  # a tie: the first listed
+    assert check_buckets([[512, 512], [480, 832]], "data.buckets") == [(512, 512), (480, 832)]
+    with pytest.raises(ValueError, match=r"data.buckets: \[\(500, 512\)\] — give \[height, width\] pairs, multiples of 16"):
+        check_buckets([[500, 512]], "data.buckets")
+    with pytest.raises(ValueError, match=r"data.buckets=512 must be a list of \[height, width\] pairs"):
+        check_buckets(512, "data.buckets")
+
+
+def test_raw_clips_train_at_their_bucket(setup):  # noqa: F811
+    root, _ = setup
+    # The raw clips are square (96×96): of these two, 48×80 (log aspect −0.51) is nearer than 96×32 (+1.10).
+    (batch,) = take(raw_module(root, buckets=[[48, 80], [96, 32]], crop="face"), 1)
+    assert batch["latents"].shape == batch["image_latents"].shape == (1, 16, 3, 6, 10)
+    assert batch["lip_mask"].shape == (1, 3, 6, 10) and batch["lip_mask"].max() > 0
+    with pytest.raises(ValueError, match=r"data.buckets holds 2 sizes but data.batch_size=2: .* data.batch_size=1"):
+        raw_module(root, buckets=[[48, 80], [96, 32]], batch_size=2)
+
+
+def test_a_batch_of_mixed_sizes_fails_naming_the_setting():
+    a = {"latents": torch.zeros(16, 3, 8, 8), "text": torch.zeros(4)}
+    b = {"latents": torch.zeros(16, 3, 6, 10), "text": torch.zeros(4)}
+    with pytest.raises(ValueError, match=r"data.batch_size=2: one batch met clips of different sizes .* data.batch_size=1"):
+        collate_samples([a, b])
+    assert collate_samples([a, dict(a)])["latents"].shape == (2, 16, 3, 8, 8)

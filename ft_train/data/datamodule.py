@@ -161,6 +161,12 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     dropped = set(samples[0]).union(*samples[1:]) - keys
     if dropped:
         log.debug("batch mixes samples with and without %s: dropped for this batch", sorted(dropped))
+    shapes = {tuple(s["latents"].shape) for s in samples if torch.is_tensor(s.get("latents"))}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"data.batch_size={len(samples)}: one batch met clips of different sizes (latents {sorted(shapes)}); "
+            "use data.batch_size=1 for shards of mixed sizes, or encode them into one size (buckets)"
+        )
     return default_collate([{k: s[k] for k in keys} for s in samples])
 
 

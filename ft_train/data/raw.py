@@ -39,6 +39,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -124,6 +125,30 @@ class Geometry:
         sx, sy = self.out_width / self.width, self.out_height / self.height
         x0, y0, x1, y1 = (float(v) for v in box_xyxy)
         return [(x0 - self.left) * sx, (y0 - self.top) * sy, (x1 - self.left) * sx, (y1 - self.top) * sy]
+
+
+def check_buckets(buckets: Any, key: str) -> list[tuple[int, int]] | None:
+    """``buckets``: None or a list of ``[H, W]`` training sizes, multiples of 16. Returns them as
+    tuples; raises ``ValueError`` naming ``key``."""
+    if buckets is None:
+        return None
+    try:
+        out = [(int(h), int(w)) for h, w in buckets]
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={buckets!r} must be a list of [height, width] pairs, e.g. [[512, 512], [480, 832]]") from None
+    bad = [b for b in out if min(b) < 16 or b[0] % 16 or b[1] % 16]
+    if not out or bad:
+        raise ValueError(f"{key}: {bad or 'an empty list'} — give [height, width] pairs, multiples of 16 (VAE stride 8 × DiT patch 2)")
+    return out
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to ``height × width`` frames' (distance in
+    log(H/W), so 2:1 and 1:2 are as far from 1:1; the first listed wins a tie). The frames are
+    then scaled to cover it and cut to it (:func:`plan_geometry`), losing the least of the frame."""
+    aspect = math.log(height / width)
+    best = min(range(len(buckets)), key=lambda i: (round(abs(math.log(buckets[i][0] / buckets[i][1]) - aspect), 9), i))
+    return int(buckets[best][0]), int(buckets[best][1])
 
 
 def plan_geometry(
@@ -233,6 +258,7 @@ def load_clip(
     crop: str = "center",
     motion_from: str = "window",
     default_caption: str = "",
+    buckets: Sequence[Sequence[int]] | None = None,
 ) -> RawClip:
     """Decode a raw WebDataset sample (members as bytes) and cut the training window from it.
 
@@ -243,6 +269,8 @@ def load_clip(
         start: first frame of the window in the clip.
         num_frames: window length, 4k+1; None = the whole clip (the encode pass).
         size: (H, W) training resolution, or None = the clip's own size cut to ``size_multiple``.
+        buckets: several (H, W) sizes: the clip gets the one nearest its aspect ratio
+            (:func:`nearest_bucket`); overrides ``size``.
         crop: ``center`` or ``face`` (see :func:`plan_geometry`).
         motion_from: ``window`` = ω over the window's frames (from ``landmarks.npz``); ``clip`` =
             the clip's json values. Equal when the window is the clip. The data tools' quantiles
@@ -299,6 +327,8 @@ def load_clip(
     ref_box = meta.get("face_box")
     if landmarks is not None and bool(landmarks["face_found"][start]):
         ref_box = [float(v) for v in landmarks["face_box"][start]]
+    if buckets:
+        size = nearest_bucket(h, w, buckets)
     geo = plan_geometry(h, w, size, size_multiple, crop, ref_box)
     out_frames, out_masks = apply_geometry(frames[start : start + n], masks[start : start + n], geo)
     omega_l_raw, omega_b_raw = (meta.get("omega_l_raw"), meta.get("omega_b_raw"))
@@ -421,13 +451,15 @@ class WindowSampler:
 class ClipLoader:
     """Pipeline map: a sampled raw sample → :func:`clip_tensors` of its window (:func:`load_clip`)."""
 
-    def __init__(self, stats: dict, num_frames: int, size, crop: str, motion_from: str, default_caption: str):
-        self.stats, self.num_frames, self.size = stats, num_frames, size
+    def __init__(self, stats: dict, num_frames: int, size, crop: str, motion_from: str, default_caption: str,
+                 buckets=None):
+        self.stats, self.num_frames, self.size, self.buckets = stats, num_frames, size, buckets
         self.crop, self.motion_from, self.default_caption = crop, motion_from, default_caption
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         clip = load_clip(raw, self.stats, start=raw["__start__"], num_frames=self.num_frames, size=self.size,
-                         crop=self.crop, motion_from=self.motion_from, default_caption=self.default_caption)
+                         crop=self.crop, motion_from=self.motion_from, default_caption=self.default_caption,
+                         buckets=self.buckets)
         return clip_tensors(clip)
 
 
@@ -495,6 +527,9 @@ class RawShardDataModule(LatentShardDataModule):
         height, width: training resolution in pixels, multiples of 16 (VAE stride 8 × DiT patch
             2); None for both = each clip's own size cut to multiples of 16 (batches then need
             equally sized clips, e.g. ``batch_size=1``).
+        buckets: aspect-ratio buckets, a list of ``[H, W]`` (multiples of 16): each clip trains at
+            the one nearest its aspect ratio (:func:`nearest_bucket`), replacing height/width. A
+            batch holds one size, so several buckets need ``batch_size=1``.
         crop: ``face`` (default; the window follows the face when the aspect changes) or ``center``.
         motion_from: ``window`` (ω over the window's frames) or ``clip`` (the clip's json values).
         encode_on: ``auto`` / ``worker`` / ``device``, see the module docstring.
@@ -518,6 +553,7 @@ class RawShardDataModule(LatentShardDataModule):
         num_frames: int = 81,
         height: int | None = 512,
         width: int | None = 512,
+        buckets: Sequence[Sequence[int]] | None = None,
         crop: str = "face",
         motion_from: str = "window",
         encode_on: str = "auto",
@@ -543,6 +579,14 @@ class RawShardDataModule(LatentShardDataModule):
             problems.append("data.height and data.width must both be set or both be null")
         elif height is not None and (height < 16 or width < 16 or height % 16 or width % 16):
             problems.append(f"data.height={height}, data.width={width} must be multiples of 16 (VAE stride 8 × DiT patch 2)")
+        try:
+            buckets = check_buckets(buckets, "data.buckets")
+        except ValueError as e:
+            problems.append(str(e))
+            buckets = None
+        if buckets and len(set(buckets)) > 1 and int(kwargs.get("batch_size", 1)) > 1:
+            problems.append(f"data.buckets holds {len(set(buckets))} sizes but data.batch_size={kwargs['batch_size']}: "
+                            "a batch holds one size, so use data.batch_size=1 (or one bucket)")
         for key, value, allowed in (("crop", crop, CROP_MODES), ("motion_from", motion_from, MOTION_FROM),
                                     ("encode_on", encode_on, ENCODE_ON), ("lip_mask_resize", lip_mask_resize, LIP_MASK_RESIZE)):
             if value not in allowed:
@@ -563,6 +607,7 @@ class RawShardDataModule(LatentShardDataModule):
         self.stats_path = stats
         self.num_frames = int(num_frames)
         self.size = None if height is None else (int(height), int(width))
+        self.buckets = buckets
         self.crop, self.motion_from, self.encode_on = crop, motion_from, encode_on
         self.dtype, self.vae_dtype = dtype, vae_dtype
         self.lip_mask_resize, self.face, self.face_margin = lip_mask_resize, face, float(face_margin)
@@ -628,7 +673,7 @@ class RawShardDataModule(LatentShardDataModule):
         if skip is not None:
             ds = ds.compose(skip)
         loader = ClipLoader(self.load_stats(urls), self.num_frames, self.size, self.crop, self.motion_from,
-                            self.default_caption)
+                            self.default_caption, buckets=self.buckets)
         ds = ds.map(loader, handler=self.skips)
         if self.resolved_encode_on() == "worker":
             encoder = WorkerEncoder(self.encoder_paths.get("wan"), self.encoder_paths.get("wav2vec"),
