@@ -103,14 +103,15 @@ def test_export_from_a_zero3_sharded_checkpoint_matches_ddp(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_with_host_offloaded_checkpointing_trains_like_plain_backward(tmp_path):
-    """model.checkpoint_offload under ZeRO-3 over 2 processes (partitioned weights gathered again
-    for the recompute inside backward; motion on, so a gradient also leaves through the time
-    projection): the same losses, step by step, as the same run without checkpointing."""
+def test_zero3_with_the_speed_options_trains_like_plain_backward(tmp_path):
+    """The model's speed options under ZeRO-3 over 2 processes, against the same run with none:
+    model.checkpoint_offload (partitioned weights gathered again for the recompute inside
+    backward; motion on, so a gradient also leaves through the time projection) and
+    model.compile_blocks (Inductor, with checkpointing) give the same losses step by step."""
     common = ("strategy=deepspeed_zero3", "model.motion.enabled=true")
-    plain = ft_train(tmp_path, "plain", 4, *common, "model.gradient_checkpointing=false")
-    offload = ft_train(tmp_path, "offload", 4, *common, "model.gradient_checkpointing=true",
-                       "model.checkpoint_offload=true")
-    assert plain[0] == offload[0] and len(plain[1]) == 4
-    torch.testing.assert_close(torch.tensor(offload[1]), torch.tensor(plain[1]), rtol=1e-5, atol=1e-7)
-    assert len(set(plain[1])) > 1  # the steps trained something
+    plain = ft_train(tmp_path, "plain", 3, *common, "model.gradient_checkpointing=false")
+    assert len(plain[1]) == 3 and len(set(plain[1])) > 1  # the steps trained something
+    for run, options in (("offload", ["model.checkpoint_offload=true"]), ("compiled", ["model.compile_blocks=true"])):
+        got = ft_train(tmp_path, run, 3, *common, "model.gradient_checkpointing=true", *options)
+        assert got[0] == plain[0]
+        torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(plain[1]), rtol=1e-5, atol=1e-7, msg=run)
