@@ -15,7 +15,7 @@
 #   ENC_RESERVE=60 ENC_CAP=70 ENC_GRACE=20      bench/encode_throughput.py
 #   ZERO_RESERVE=120 ZERO_CAP=170 ZERO_GRACE=25 bench/zero_step.py
 #   TS_RESERVE=200 TS_CAP=330 TS_GRACE=25       bench/train_step.py (the last part takes all time left, up to its cap)
-#   TS_CASES (session: baselines + each speed option)  TS_ARGS (default: --warmup 1 --iters 3 --sample-iters 2)
+#   TS_CASES (session: baselines + each speed option)  TS_ARGS (default: --warmup 1 --iters 3 --sample-iters 2 --profile)
 #   ENC_ARGS ZERO_ARGS                          extra arguments, e.g. ZERO_ARGS="--cases zero2-full,zero3-full"
 #   PY (python3), OUT (/tmp/gpu_session_out when the tool's $OUT is not set)
 # CPU dry run of the whole script (tiny modes):
@@ -89,7 +89,7 @@ run_part() {
         return
     fi
     case $part in
-        train_step) cmd=("$PY" bench/train_step.py --cases "${TS_CASES:-session}" ${TS_ARGS:---warmup 1 --iters 3 --sample-iters 2}) ;;
+        train_step) cmd=("$PY" bench/train_step.py --cases "${TS_CASES:-session}" ${TS_ARGS:---warmup 1 --iters 3 --sample-iters 2 --profile}) ;;
         encode)     cmd=("$PY" bench/encode_throughput.py ${ENC_ARGS:-}) ;;
         zero)       cmd=("$PY" bench/zero_step.py ${ZERO_ARGS:-}) ;;
         *) say "unknown part $part (train_step, encode, zero)"; return ;;

@@ -333,9 +333,64 @@ class Budget:
         return self.seconds - self.elapsed()
 
 
-def time_steps(step: Callable[[int], Any], clock: Clock, warmup: int, iters: int, budget: Budget) -> dict[str, Any]:
+# Kernel / op name → what it is, for the profile's breakdown (first match wins; lower-case names).
+PROFILE_CATEGORIES: list[tuple[str, re.Pattern]] = [
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|scaled_dot_product")),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|sm90_xmma|sm80_xmma|\bmm\b|addmm|matmul|bmm|linear|mkl|sgemm")),
+    ("optimizer", re.compile(r"adam|foreach|multi_tensor")),
+    ("copy / cast", re.compile(r"memcpy|memset|copy|_to_copy|cast|contiguous")),
+    ("norm", re.compile(r"norm")),
+]
+
+
+def categorise(name: str) -> str:
+    low = name.lower()
+    for label, pattern in PROFILE_CATEGORIES:
+        if pattern.search(low):
+            return label
+    return "elementwise / other"
+
+
+def profile_step(step: Callable[[int], Any], index: int, device: torch.device, top: int = 15) -> dict[str, Any]:
+    """One more ``step(index)`` under ``torch.profiler``: device time (CUDA kernels; CPU op self
+    time on CPU) by category (:data:`PROFILE_CATEGORIES`) and the ``top`` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step(index)
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    if cuda:  # kernels (device events), not the CPU ops that launched them
+        for ev in prof.events():
+            if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                rows.append((ev.name, ev.time_range.elapsed_us()))  # one device event = one kernel
+    else:
+        for ev in prof.key_averages():
+            rows.append((ev.key, ev.self_cpu_time_total))
+    per_name: dict[str, float] = {}
+    for name, us in rows:
+        per_name[name] = per_name.get(name, 0.0) + float(us)
+    total = sum(per_name.values()) or 1.0
+    cats: dict[str, float] = {}
+    for name, us in per_name.items():
+        cats[categorise(name)] = cats.get(categorise(name), 0.0) + us
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "what": "CUDA kernel time" if cuda else "CPU op self time",
+        "total_ms": total / 1e3,
+        "categories": {k: {"ms": v / 1e3, "share": v / total} for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n[:120], "ms": us / 1e3, "share": us / total, "category": categorise(n)} for n, us in ranked],
+    }
+
+
+def time_steps(step: Callable[[int], Any], clock: Clock, warmup: int, iters: int, budget: Budget,
+               profile: torch.device | None = None) -> dict[str, Any]:
     """Run ``warmup`` then up to ``iters`` timed calls of ``step(i)``; stop early when the next step
-    would overrun the budget. ``step`` returns (loss or None, a mark after backward or None)."""
+    would overrun the budget. ``step`` returns (loss or None, a mark after backward or None).
+    ``profile`` (the device): one more step under the profiler when the budget allows (:func:`profile_step`)."""
     warm, times, phases, loss = [], [], [], None
     for i in range(warmup + iters):
         if i >= warmup and times and budget.left() < times[-1] * 1.2:
@@ -363,6 +418,8 @@ def time_steps(step: Callable[[int], Any], clock: Clock, warmup: int, iters: int
         value = float(loss)
         out["loss"] = value
         out["loss_finite"] = math.isfinite(value)
+    if profile is not None and times and budget.left() > times[-1] * 2:
+        out["profile"] = profile_step(step, warmup + iters, profile)
     return out
 
 
@@ -404,7 +461,7 @@ def case_train_baseline(ctx: dict[str, Any]) -> dict[str, Any]:
         return loss.detach(), mid
 
     try:
-        res = time_steps(step, clock, ctx["warmup"], ctx["iters"], ctx["budget"])
+        res = time_steps(step, clock, ctx["warmup"], ctx["iters"], ctx["budget"], ctx.get("profile"))
     finally:
         opt.zero_grad(set_to_none=True)
         tr.requires_grad_(False)
@@ -436,7 +493,7 @@ def case_sample_baseline(ctx: dict[str, Any]) -> dict[str, Any]:
                      encoder_hidden_states_image=clip, return_dict=False)[0]
         return out.float().square().mean(), None
 
-    res = time_steps(step, ctx["clock"], ctx["sample_warmup"], ctx["sample_iters"], ctx["budget"])
+    res = time_steps(step, ctx["clock"], ctx["sample_warmup"], ctx["sample_iters"], ctx["budget"], ctx.get("profile"))
     fwd = forward_flops(cfg, ctx["tcfg"])
     flops = 3 * (fwd["blocks"] + fwd["embed"])
     res.update(params_total=count(tr.parameters()), params_trainable=0, tokens=fwd["tokens"], passes=3,
@@ -482,7 +539,7 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
         return out.loss.detach(), mid
 
     try:
-        res = time_steps(step, clock, ctx["warmup"], ctx["iters"], ctx["budget"])
+        res = time_steps(step, clock, ctx["warmup"], ctx["iters"], ctx["budget"], ctx.get("profile"))
     finally:
         opt.zero_grad(set_to_none=True)
     fwd = forward_flops(cfg, ctx["tcfg"], adapter=adapter_shape(cfg, model))
@@ -512,7 +569,7 @@ def case_sample_ours(ctx: dict[str, Any]) -> dict[str, Any]:
                     generator=torch.Generator().manual_seed(i))
         return x.square().mean(), None
 
-    res = time_steps(step, ctx["clock"], ctx["sample_warmup"], ctx["sample_iters"], ctx["budget"])
+    res = time_steps(step, ctx["clock"], ctx["sample_warmup"], ctx["sample_iters"], ctx["budget"], ctx.get("profile"))
     fwd = forward_flops(cfg, ctx["tcfg"], batch=passes, adapter=adapter_shape(cfg, model))
     flops = fwd["blocks"] + fwd["embed"] + fwd["adapter"]
     res.update(params_total=count(model.parameters()), params_trainable=0, tokens=fwd["tokens"], passes=passes,
@@ -676,6 +733,18 @@ def markdown(report: dict[str, Any]) -> str:
         for c in report["comparisons"]:
             lines.append(f"| {c['what']} | {fmt(c.get('time_ratio'), '.3f')} | {fmt(c.get('speedup'), '.2f')}× | "
                          f"{fmt(c.get('memory_ratio'), '.3f')} |")
+    profiled = [r for r in report["results"] if r.get("profile")]
+    if profiled:
+        cats = list(dict.fromkeys(c for r in profiled for c in r["profile"]["categories"]))
+        lines += ["", f"Profile of one extra step ({profiled[0]['profile']['what']}), share of the total:", "",
+                  "| case | total ms | " + " | ".join(cats) + " |", "| --- | --- | " + " | ".join("---" for _ in cats) + " |"]
+        for r in profiled:
+            c = r["profile"]["categories"]
+            lines.append(f"| {r['case']} | {r['profile']['total_ms']:.0f} | "
+                         + " | ".join(f"{c[k]['share']:.1%}" if k in c else "–" for k in cats) + " |")
+        for r in profiled:
+            lines += ["", f"Top kernels, {r['case']}:", "", "| kernel | category | ms | share |", "| --- | --- | --- | --- |"]
+            lines += [f"| `{t['name'][:80]}` | {t['category']} | {t['ms']:.1f} | {t['share']:.1%} |" for t in r["profile"]["top"][:8]]
     lines += ["", "Cases: train_baseline = plain diffusers step; train_ours = ft_train stage 2; "
               "sample_* = one three-pass guidance step.", "", f"FLOPs: {report['flop_formula']}", ""]
     return "\n".join(lines)
@@ -710,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=float, default=45.0, help="seconds after the budget when the watchdog kills the run")
     ap.add_argument("--min-case-s", type=float, default=20.0, help="a case needs at least this many budget seconds left to start")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: from the card's name)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, one more step of each case under torch.profiler (time by kernel category)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON and markdown")
     args = ap.parse_args(argv)
@@ -823,7 +894,8 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
             record(kind, RUNNING)
             ctx = {"cfg": cfg, "model": model, "model_cfg": model_cfg, "tcfg": model_cfg["transformer"],
                    "batch": batch, "device": device, "clock": clock, "budget": budget, "seed": args.seed,
-                   "warmup": warmup, "iters": iters, "sample_warmup": args.sample_warmup, "sample_iters": sample_iters}
+                   "warmup": warmup, "iters": iters, "sample_warmup": args.sample_warmup, "sample_iters": sample_iters,
+                   "profile": device if args.profile else None}
             base_kind, *variants = kind.split("+")
             try:
                 options = apply_variants(model, model_cfg, variants) if family == "ours" else {}

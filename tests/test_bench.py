@@ -185,3 +185,19 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     rows = {r["case"]: r for r in report["results"]}
     assert rows["tiny:train_ours+keep1"]["status"] == "ok" and rows["tiny:train_ours+keep1"]["variants"] == ["keep1"]
     assert {c["what"] for c in report["comparisons"]} == {"tiny train", "tiny train+keep1"}
+
+
+def test_profile_breaks_a_step_down_by_kernel_category(ts, tmp_path):
+    assert ts.categorise("sm90_xmma_gemm_bf16bf16_bf16f32") == ts.categorise("aten::addmm") == "matmul"
+    assert ts.categorise("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert ts.categorise("Memcpy DtoH (Device -> Pinned)") == "copy / cast"
+    assert ts.categorise("aten::gelu") == "elementwise / other"
+    assert ts.main(["--tiny", "--cases", "tiny:train_ours", "--profile", "--out", str(tmp_path)]) == 0
+    report = only_json(tmp_path, "train_step-")
+    prof = report["results"][0]["profile"]
+    shares = [c["share"] for c in prof["categories"].values()]
+    assert abs(sum(shares) - 1) < 1e-6 and prof["total_ms"] > 0
+    assert prof["categories"]["matmul"]["share"] > 0.05 and "attention" in prof["categories"]
+    assert prof["top"][0]["ms"] >= prof["top"][-1]["ms"]
+    assert "Profile of one extra step (CPU op self time)" in (tmp_path / next(
+        p.name for p in tmp_path.glob("*.md"))).read_text()
