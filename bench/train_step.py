@@ -97,7 +97,8 @@ RUNNING = "running (the watchdog stopped the run here)"
 #   keepN           model.checkpoint_keep = N (the last N blocks store activations, no recompute)
 #   compile         model.compile_blocks (torch.compile of every DiT block, Inductor)
 #   offload         model.checkpoint_offload (recomputed blocks keep their input in host memory)
-VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|keep\d+)$")
+#   sac             model.checkpoint_save_attention (recomputed blocks keep their self-attention outputs)
+VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|sac|keep\d+)$")
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -140,7 +141,7 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 SESSION_CASES = [
     "14b:train_baseline", "14b:sample_baseline", "1.3b:train_baseline",
     "1.3b:train_ours+compile", "1.3b:train_ours+compile+keep12",
-    "14b:train_ours+compile", "14b:sample_ours+compile", "14b:train_ours+compile+offload",
+    "14b:train_ours+compile", "14b:sample_ours+compile", "14b:train_ours+compile+sac", "14b:train_ours+compile+offload",
     "14b-720:train_ours+compile+offload",
 ]
 TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
@@ -621,6 +622,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     keep = int(model_cfg.get("checkpoint_keep") or 0)
     compiled = bool(model_cfg.get("compile_blocks"))
     offload = bool(model_cfg.get("checkpoint_offload"))
+    save_attention = bool(model_cfg.get("checkpoint_save_attention"))
     for v in variants:
         if v in ATTENTION_VARIANTS:
             backend = ATTENTION_VARIANTS[v]
@@ -630,18 +632,23 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             compiled = True
         elif v == "offload":
             offload = True
+        elif v == "sac":
+            save_attention = True
     model.set_attention_backend(backend)
-    if model.transformer.gradient_checkpointing:
-        model.set_checkpointing(True, keep=keep, offload=offload)
     blocks = list(model.transformer.blocks)
     if compiled and blocks[0]._compiled_call_impl is None:
         model.compile_blocks()
     elif not compiled:
         for block in blocks:
             block._compiled_call_impl = None
+        model._compile_options = None
+    if model.transformer.gradient_checkpointing:
+        model.set_checkpointing(True, keep=keep, offload=offload, save_attention=save_attention)
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
-            "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None, "compiled": compiled}
+            "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None,
+            "checkpoint_save_attention": save_attention if model.transformer.gradient_checkpointing else None,
+            "compiled": compiled}
 
 
 def slug(text: str) -> str:

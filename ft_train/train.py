@@ -57,6 +57,10 @@ def check_model_options(cfg) -> None:
             raise ValueError("model.checkpoint_keep > 0 needs model.gradient_checkpointing=true (it picks blocks NOT to recompute)")
         if get("model.checkpoint_offload", False):
             raise ValueError("model.checkpoint_offload=true needs model.gradient_checkpointing=true (it offloads the recomputed blocks' inputs)")
+        if get("model.checkpoint_save_attention", False):
+            raise ValueError("model.checkpoint_save_attention=true needs model.gradient_checkpointing=true (it changes what recomputed blocks keep)")
+    if get("model.checkpoint_offload", False) and get("model.checkpoint_save_attention", False):
+        raise ValueError("model.checkpoint_offload and model.checkpoint_save_attention cannot be combined; pick one")
     if not get("model.identity.enabled", False):
         return
     encoder, face = get("model.identity.encoder", "precomputed"), get("data.face")

@@ -172,6 +172,8 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     assert got["checkpoint_keep"] == model.checkpoint_keep == 1 and got["attention_backend"] == "_native_flash"
     assert all(b.attn2.processor._attention_backend == "_native_flash" for b in model.transformer.blocks)
     assert not model.checkpoint_offload
+    got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["sac"])
+    assert got["checkpoint_save_attention"] and model.checkpoint_save_attention
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["offload"])
     assert got["checkpoint_offload"] and model.checkpoint_offload and model.checkpoint_keep == 0
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, [])  # back to the yaml's values

@@ -170,3 +170,66 @@ def test_offload_and_keep_with_compiled_blocks(tiny_transformer_config):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+class _CountSDPA(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the SDPA forward kernels run, split into self-attention (queries and keys of one
+    length) and cross-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = self.cross_attn = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from ft_train.models.fantasytalking import _SDPA_OPS
+
+        if func in _SDPA_OPS:
+            if args[1].shape[-2] == args[0].shape[-2]:
+                self.self_attn += 1
+            else:
+                self.cross_attn += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("save_attention", [False, True])
+def test_saved_self_attention_is_not_recomputed(tiny_transformer_config, save_attention):
+    """model.checkpoint_save_attention: backward re-runs every recomputed block except its
+    self-attention kernel, whose output was kept; the gradients stay those of plain backward."""
+    cfg = dict(tiny_transformer_config, num_layers=3)
+    ref_out, ref_grads = _loss_and_grads(_model(cfg))
+    model = _model(cfg, gradient_checkpointing=True, checkpoint_keep=1, checkpoint_save_attention=save_attention)
+    counter = _CountSDPA()
+    with counter:
+        out = model(**_inputs())
+    fwd_self, fwd_cross = counter.self_attn, counter.cross_attn
+    assert fwd_self == 3 and fwd_cross >= 3 * 3  # per block: text, image and audio windows
+    with counter:
+        out.square().mean().backward()
+    recomputed = 2  # blocks 0 and 1; block 2 is kept
+    assert counter.self_attn - fwd_self == (0 if save_attention else recomputed)
+    assert counter.cross_attn - fwd_cross == recomputed * fwd_cross // 3  # cross-attention is recomputed
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(out.detach(), ref_out, rtol=0, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_saved_self_attention_with_compiled_blocks(tiny_transformer_config):
+    """With compiled blocks the checkpointed call is compiled too (so the policy is part of the
+    graph): one compiled graph per input kind, not per block, and the eager gradients."""
+    from torch._dynamo.utils import counters
+
+    cfg = dict(tiny_transformer_config, num_layers=3)
+    ref_out, ref_grads = _loss_and_grads(_model(cfg))
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(cfg, gradient_checkpointing=True, checkpoint_save_attention=True)
+    model.compile_blocks(backend="aot_eager", fullgraph=True)
+    out, grads = _loss_and_grads(model)
+    # Two graphs for 3 blocks: block 0's input needs no grad (frozen patch embedding), the others' do.
+    assert counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="checkpoint_offload and model.checkpoint_save_attention cannot be combined"):
+        _model(cfg, gradient_checkpointing=True, checkpoint_save_attention=True, checkpoint_offload=True)

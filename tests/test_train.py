@@ -88,6 +88,9 @@ def test_impossible_settings_fail_early_naming_the_key(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["model.checkpoint_offload=true"], "model.checkpoint_offload=true needs model.gradient_checkpointing=true"),
     (["model.checkpoint_keep=1"], "model.checkpoint_keep > 0 needs model.gradient_checkpointing=true"),
+    (["model.checkpoint_save_attention=true"], "model.checkpoint_save_attention=true needs model.gradient_checkpointing=true"),
+    (["model.gradient_checkpointing=true", "model.checkpoint_save_attention=true", "model.checkpoint_offload=true"],
+     "model.checkpoint_offload and model.checkpoint_save_attention cannot be combined"),
     (["data=raw", "data.shards=/x", "model.identity.enabled=true", "model.identity.encoder=arcface"],
      "model.identity.encoder=arcface reads face-crop pixels but data.face=clip; set data.face=pixels"),
     (["data=raw", "data.shards=/x", "model.identity.enabled=true", "data.face=pixels"],

@@ -113,6 +113,8 @@ class FantasyTalkingDiT(nn.Module):
             size it to the card, see :meth:`set_checkpointing`).
         checkpoint_offload: with checkpointing on, the recomputed blocks keep their input in
             pinned host memory instead of the device (:class:`HostOffloadCheckpoint`).
+        checkpoint_save_attention: with checkpointing on, the recomputed blocks keep their
+            self-attention outputs (S × d each): backward skips the attention forward.
         attention_backend: a diffusers attention backend for every attention of the model
             (``_native_cudnn``, ``_native_flash``, ``flash``, ...); None = torch SDPA's own choice.
         compile_blocks: ``torch.compile`` each DiT block (all blocks share one compiled graph).
@@ -136,6 +138,7 @@ class FantasyTalkingDiT(nn.Module):
         attention_backend: str | None = None,
         compile_blocks: bool = False,
         checkpoint_offload: bool = False,
+        checkpoint_save_attention: bool = False,
     ):
         super().__init__()
         self.transformer = transformer
@@ -166,33 +169,41 @@ class FantasyTalkingDiT(nn.Module):
             )
         self.set_backbone_trainable(train_backbone)
         self.checkpoint_keep = 0
-        self.checkpoint_offload = False
+        self.checkpoint_offload = self.checkpoint_save_attention = False
+        self._compile_options: dict[str, Any] | None = None  # set by compile_blocks()
         if gradient_checkpointing:
-            self.set_checkpointing(True, keep=checkpoint_keep, offload=checkpoint_offload)
+            self.set_checkpointing(True, keep=checkpoint_keep, offload=checkpoint_offload,
+                                   save_attention=checkpoint_save_attention)
         if attention_backend:
             self.set_attention_backend(attention_backend)
         if compile_blocks:
             self.compile_blocks()
 
-    def set_checkpointing(self, enabled: bool, keep: int = 0, offload: bool = False) -> None:
+    def set_checkpointing(self, enabled: bool, keep: int = 0, offload: bool = False, save_attention: bool = False) -> None:
         """Activation checkpointing of the DiT blocks: every block recomputed in backward, except
         the last ``keep`` blocks, which store their activations (``keep = num_blocks`` is the
         same compute as no checkpointing). The last blocks are the ones kept because their
         backward runs first, so their activations are freed first. ``offload``: the recomputed
         blocks keep their input in host memory instead of on the device
-        (:class:`HostOffloadCheckpoint`)."""
+        (:class:`HostOffloadCheckpoint`). ``save_attention``: the recomputed blocks keep their
+        self-attention outputs, so backward does not run the attention forward again
+        (:class:`BlockCheckpoint`)."""
         blocks = self.transformer.blocks
         if not enabled:
             self.transformer.disable_gradient_checkpointing()
-            self.checkpoint_keep, self.checkpoint_offload = 0, False
+            self.checkpoint_keep, self.checkpoint_offload, self.checkpoint_save_attention = 0, False, False
             return
         if not 0 <= keep <= len(blocks):
             raise ValueError(f"model.checkpoint_keep must be between 0 and {len(blocks)} (the blocks), got {keep}")
+        if offload and save_attention:
+            raise ValueError("model.checkpoint_offload and model.checkpoint_save_attention cannot be combined; pick one")
         kept = frozenset(id(b) for b in list(blocks)[len(blocks) - keep :])
+        compile_options = self._compile_options if save_attention else None
         self.transformer.enable_gradient_checkpointing(
-            functools.partial(_checkpoint_block, kept, self._context if offload else None)
+            BlockCheckpoint(kept, self._context if offload else None, save_attention, compile_options)
         )
         self.checkpoint_keep, self.checkpoint_offload = keep, bool(offload)
+        self.checkpoint_save_attention = bool(save_attention)
 
     def set_attention_backend(self, backend: str | None) -> None:
         """Route every attention (self, text, image, audio windows, face) through one diffusers
@@ -212,6 +223,9 @@ class FantasyTalkingDiT(nn.Module):
         block."""
         for block in self.transformer.blocks:
             block.compile(**options)
+        self._compile_options = dict(options)
+        if self.checkpoint_save_attention:  # the checkpointed call is compiled too (see BlockCheckpoint)
+            self.set_checkpointing(True, self.checkpoint_keep, save_attention=True)
 
     @property
     def audio_mode(self) -> str:
@@ -311,18 +325,68 @@ class FantasyTalkingDiT(nn.Module):
         return out
 
 
-def _checkpoint_block(kept: frozenset[int], offload: AdapterContext | None, block: nn.Module, *args: Any) -> Any:
-    """diffusers' per-block checkpoint call, skipped for the blocks in ``kept`` (their ids); with
-    ``offload`` (the model's adapter context) the block's input waits for backward in host memory
-    (:class:`HostOffloadCheckpoint`)."""
-    if id(block) in kept:
-        return block(*args)
-    if offload is not None:
-        hidden, encoder, temb, rotary = args
-        return HostOffloadCheckpoint.apply(
-            block, rotary, offload, _GRAD_ANCHOR.get(hidden.device), hidden, encoder, temb, offload.audio, offload.identity
-        )
-    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+# torch's SDPA kernels (aten ops): the ones whose outputs ``checkpoint_save_attention`` keeps.
+_SDPA_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _save_self_attention(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: keep the outputs of self-attention SDPA calls (queries and
+    keys of one length: the video tokens), recompute everything else. Cross-attention (text,
+    image, audio windows: short keys) is cheap to recompute and its outputs would cost as much
+    memory as self-attention's."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op in _SDPA_OPS and args[1].shape[-2] == args[0].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_saving_attention(block: nn.Module, *args: Any) -> Any:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return torch.utils.checkpoint.checkpoint(
+        block, *args, use_reentrant=False,
+        context_fn=functools.partial(create_selective_checkpoint_contexts, _save_self_attention),
+    )
+
+
+class BlockCheckpoint:
+    """diffusers' per-block gradient-checkpointing function (``enable_gradient_checkpointing``).
+
+    Blocks in ``kept`` (their ids) run plainly and store their activations; the others are
+    recomputed in backward: plainly (torch's non-reentrant checkpoint), from a host copy of their
+    input (``offload_context`` given: :class:`HostOffloadCheckpoint`), or keeping their
+    self-attention outputs (``save_attention``: selective checkpointing, :func:`_save_self_attention`).
+    A selective policy must see the attention op, which a compiled block hides; so with
+    ``compile_options`` (the model's blocks are compiled) the checkpointed call itself is compiled
+    with them, and the policy becomes part of the compiled graph.
+    """
+
+    def __init__(self, kept: frozenset[int], offload_context: AdapterContext | None, save_attention: bool,
+                 compile_options: dict[str, Any] | None = None):
+        self.kept, self.offload_context = kept, offload_context
+        call = _recompute_saving_attention if save_attention else None
+        if call is not None and compile_options is not None:
+            call = torch.compile(call, **compile_options)
+        self.saving_call = call
+
+    def __call__(self, block: nn.Module, *args: Any) -> Any:
+        if id(block) in self.kept:
+            return block(*args)
+        if self.offload_context is not None:
+            hidden, encoder, temb, rotary = args
+            c = self.offload_context
+            return HostOffloadCheckpoint.apply(
+                block, rotary, c, _GRAD_ANCHOR.get(hidden.device), hidden, encoder, temb, c.audio, c.identity
+            )
+        if self.saving_call is not None:
+            return self.saving_call(block, *args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -418,6 +482,7 @@ def build_model(
     attention_backend: str | None = None,
     compile_blocks: bool = False,
     checkpoint_offload: bool = False,
+    checkpoint_save_attention: bool = False,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
     (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``).
@@ -442,6 +507,7 @@ def build_model(
         attention_backend=attention_backend,
         compile_blocks=compile_blocks,
         checkpoint_offload=checkpoint_offload,
+        checkpoint_save_attention=checkpoint_save_attention,
     )
     if init_from:
         from .weights import load_adapter_weights  # weights.py imports this module
