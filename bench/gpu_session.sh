@@ -2,7 +2,10 @@
 # One device call for the GPU benches: install the carried wheels, check the imports, then run
 # bench/train_step.py, bench/encode_throughput.py and bench/zero_step.py under one deadline.
 #
-#   bash bench/gpu_session.sh [encode] [zero] [train_step]      (default: all three, in this order)
+#   bash bench/gpu_session.sh [checks] [encode] [zero] [train_step]   (default: all four, in this order)
+#
+# checks = pytest tests/test_model_speed_options.py (on CUDA too when there is one: the speed options
+# give plain backward's gradients), before any bench.
 #
 # Run it from the repo root through the device tool with carry [".whl"] and timeout_s 590
 # (bench/README.md, "GPU session"). Everything lands in $OUT: each bench's JSON + markdown and
@@ -12,6 +15,7 @@
 # gets --budget = min(its cap, what is left after keeping the reserves of the benches after it), its
 # own watchdog at --budget + --grace, and an outer `timeout` MARGIN (10 s) after that (then a kill
 # 5 s later); time a bench leaves unused goes to the later ones. From the environment (seconds):
+#   CHECK_RESERVE=60 CHECK_CAP=120 CHECK_GRACE=10  the checks
 #   ENC_RESERVE=60 ENC_CAP=70 ENC_GRACE=20      bench/encode_throughput.py
 #   ZERO_RESERVE=120 ZERO_CAP=170 ZERO_GRACE=25 bench/zero_step.py
 #   TS_RESERVE=200 TS_CAP=330 TS_GRACE=25       bench/train_step.py (the last part takes all time left, up to its cap)
@@ -30,12 +34,12 @@ MARGIN=10
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 T0=$SECONDS
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(encode zero train_step)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(checks encode zero train_step)
 
 say() { echo "[session t=$((SECONDS - T0))s] $*"; }
-reserve_of() { case $1 in train_step) echo "${TS_RESERVE:-200}";; encode) echo "${ENC_RESERVE:-60}";; zero) echo "${ZERO_RESERVE:-120}";; *) echo 0;; esac; }
-cap_of()     { case $1 in train_step) echo "${TS_CAP:-330}";; encode) echo "${ENC_CAP:-70}";; zero) echo "${ZERO_CAP:-170}";; *) echo 0;; esac; }
-grace_of()   { case $1 in train_step) echo "${TS_GRACE:-25}";; encode) echo "${ENC_GRACE:-20}";; zero) echo "${ZERO_GRACE:-25}";; *) echo 0;; esac; }
+reserve_of() { case $1 in checks) echo "${CHECK_RESERVE:-60}";; train_step) echo "${TS_RESERVE:-200}";; encode) echo "${ENC_RESERVE:-60}";; zero) echo "${ZERO_RESERVE:-120}";; *) echo 0;; esac; }
+cap_of()     { case $1 in checks) echo "${CHECK_CAP:-120}";; train_step) echo "${TS_CAP:-330}";; encode) echo "${ENC_CAP:-70}";; zero) echo "${ZERO_CAP:-170}";; *) echo 0;; esac; }
+grace_of()   { case $1 in checks) echo "${CHECK_GRACE:-10}";; train_step) echo "${TS_GRACE:-25}";; encode) echo "${ENC_GRACE:-20}";; zero) echo "${ZERO_GRACE:-25}";; *) echo 0;; esac; }
 
 install_wheels() {
     # Wheels the GPU image lacks (bench/README.md, "GPU session", lists them and how .whl/ is filled).
@@ -92,7 +96,15 @@ run_part() {
         train_step) cmd=("$PY" bench/train_step.py --cases "${TS_CASES:-session}" ${TS_ARGS:---warmup 1 --iters 3 --sample-iters 2 --profile}) ;;
         encode)     cmd=("$PY" bench/encode_throughput.py ${ENC_ARGS:-}) ;;
         zero)       cmd=("$PY" bench/zero_step.py ${ZERO_ARGS:-}) ;;
-        *) say "unknown part $part (train_step, encode, zero)"; return ;;
+        checks)
+            # The model's speed options against plain backward, on this device (CUDA: pinned host
+            # copies, GPU kernels, autocast); a failure here makes the bench numbers suspect.
+            hard=$((budget + grace + MARGIN))
+            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py"
+            timeout --kill-after=5 "$hard" "$PY" -m pytest -q -p no:cacheprovider tests/test_model_speed_options.py
+            say "checks: exit code $?"
+            return ;;
+        *) say "unknown part $part (checks, train_step, encode, zero)"; return ;;
     esac
     hard=$((budget + grace + MARGIN))
     say "$part: budget ${budget}s, watchdog at $((budget + grace))s, killed at ${hard}s: ${cmd[*]}"

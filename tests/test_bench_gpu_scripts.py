@@ -148,7 +148,8 @@ def test_gpu_session_script_runs_the_tiny_modes(tmp_path):
         report = only_json(tmp_path, prefix)
         assert report["results"] and all(r["status"] == "ok" for r in report["results"]), prefix
     log = (tmp_path / "gpu_session.log").read_text()
-    assert log.count(": exit code 0") == 3
+    assert log.count(": exit code 0") == 4  # the checks and the three benches
+    assert "passed" in log and "failed" not in log  # the checks' pytest summary
     assert "# bench/zero_step.py on cpu" in proc.stdout  # the tables end the output
 
 

@@ -1,5 +1,8 @@
-"""The model's speed options (model.checkpoint_keep, model.attention_backend, model.compile_blocks)
-change how the step runs, never what it computes."""
+"""The model's speed options (model.checkpoint_keep, checkpoint_offload, checkpoint_save_attention,
+attention_backend, compile_blocks) change how the step runs, never what it computes.
+
+The tests that take ``device`` also run on CUDA where there is one (the GPU session runs this file
+first): pinned host copies, GPU attention kernels and autocast are then the real ones."""
 
 from __future__ import annotations
 
@@ -10,9 +13,25 @@ from ft_train.models import build_model
 from ft_train.models.adapter import FantasyTalkingAttnProcessor
 
 
-def _model(cfg: dict, **kw):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def _tol(device: str, exact: bool = False) -> dict:
+    """Tolerances: exact where the same kernels run in the same order on CPU; GPU kernels may
+    reduce in another order between a plain and a recomputed pass."""
+    if device == "cpu":
+        return dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-7)
+    return dict(rtol=1e-4, atol=1e-6)
+
+
+def _model(cfg: dict, device: str = "cpu", **kw):
     torch.manual_seed(0)
-    model = build_model(pretrained=None, transformer=cfg, audio_mode="frame", **kw)
+    model = build_model(pretrained=None, transformer=cfg, audio_mode="frame", **kw).to(device)
     # Adapters start at zero; give them values so the audio branch contributes and has gradients
     # that depend on every block.
     torch.manual_seed(1)
@@ -22,9 +41,9 @@ def _model(cfg: dict, **kw):
     return model
 
 
-def _inputs():
+def _inputs(device: str = "cpu"):
     g = torch.Generator().manual_seed(2)
-    return dict(
+    batch = dict(
         hidden_states=torch.randn(1, 36, 5, 8, 8, generator=g),
         timestep=torch.tensor([500.0]),
         text=torch.randn(1, 512, 4096, generator=g) * 0.1,
@@ -33,10 +52,11 @@ def _inputs():
         # last frames' windows partly padded, so the masked path runs too.
         audio=torch.randn(1, 30, 768, generator=g),
     )
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def _loss_and_grads(model):
-    out = model(**_inputs())
+def _loss_and_grads(model, device: str = "cpu"):
+    out = model(**_inputs(device))
     loss = out.square().mean()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -110,7 +130,7 @@ def test_compiled_blocks_match_eager(tiny_transformer_config):
 
 
 @pytest.mark.parametrize("train_backbone", [False, True])
-def test_host_offloaded_checkpoint_matches_plain_backward(tiny_transformer_config, monkeypatch, train_backbone):
+def test_host_offloaded_checkpoint_matches_plain_backward(tiny_transformer_config, monkeypatch, train_backbone, device):
     """model.checkpoint_offload: the same gradients as no checkpointing — for the adapters of the
     first block too (its inputs need no grad with a frozen backbone), for the motion module (its
     gradient flows through the time projection) and for a trained backbone — with every block's
@@ -119,53 +139,55 @@ def test_host_offloaded_checkpoint_matches_plain_backward(tiny_transformer_confi
 
     cfg = dict(tiny_transformer_config, num_layers=3)
     kw = dict(train_backbone=train_backbone, motion={"enabled": True}, identity={"enabled": True})
-    ref_out, ref_grads = _loss_and_grads(_model(cfg, gradient_checkpointing=False, **kw))
+    ref_out, ref_grads = _loss_and_grads(_model(cfg, device, gradient_checkpointing=False, **kw), device)
     assert any(n.startswith("motion.") for n in ref_grads) and any(n.startswith("face_kv.0") for n in ref_grads) and "audio_kv.0.k_proj.weight" in ref_grads
 
     copies = []
     real = fantasytalking.to_host
 
     def recording(t):
-        copies.append(tuple(t.shape))
-        return real(t)
+        host = real(t)
+        copies.append((tuple(t.shape), host.device.type, host.is_pinned() if device == "cuda" else None))
+        return host
 
     monkeypatch.setattr(fantasytalking, "to_host", recording)
-    model = _model(cfg, gradient_checkpointing=True, checkpoint_offload=True, checkpoint_keep=1, **kw)
+    model = _model(cfg, device, gradient_checkpointing=True, checkpoint_offload=True, checkpoint_keep=1, **kw)
     assert model.checkpoint_offload
-    out, grads = _loss_and_grads(model)
+    out, grads = _loss_and_grads(model, device)
     # Blocks 0 and 1 are recomputed from a host copy of their (B, S, d) input; block 2 is kept.
-    assert copies == [(1, 5 * 4 * 4, cfg["num_attention_heads"] * cfg["attention_head_dim"])] * 2
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    shape = (1, 5 * 4 * 4, cfg["num_attention_heads"] * cfg["attention_head_dim"])
+    assert copies == [(shape, "cpu", True if device == "cuda" else None)] * 2
+    torch.testing.assert_close(out, ref_out, **_tol(device, exact=True))
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], **_tol(device), msg=name)
 
 
-def test_host_offloaded_checkpoint_recomputes_under_the_forward_autocast(tiny_transformer_config):
+def test_host_offloaded_checkpoint_recomputes_under_the_forward_autocast(tiny_transformer_config, device):
     cfg = dict(tiny_transformer_config, num_layers=2)
 
     def run(**kw):
-        model = _model(cfg, gradient_checkpointing=True, **kw)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(**_inputs())
+        model = _model(cfg, device, gradient_checkpointing=True, **kw)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(**_inputs(device))
         out.float().square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ref, got = run(), run(checkpoint_offload=True)
     assert got.keys() == ref.keys()
     for name in got:  # the recompute ran in bf16 like the forward, or these would differ by far more
-        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(got[name], ref[name], **_tol(device, exact=True), msg=name)
 
 
-def test_offload_and_keep_with_compiled_blocks(tiny_transformer_config):
+def test_offload_and_keep_with_compiled_blocks(tiny_transformer_config, device):
     """The GPU bench's combination (+compile+offload, +compile+keepN): compiled blocks inside the
     host-offloaded recompute and next to kept blocks give the eager gradients."""
     cfg = dict(tiny_transformer_config, num_layers=3)
-    ref_out, ref_grads = _loss_and_grads(_model(cfg))
+    ref_out, ref_grads = _loss_and_grads(_model(cfg, device), device)
     torch._dynamo.reset()
-    model = _model(cfg, gradient_checkpointing=True, checkpoint_offload=True, checkpoint_keep=1)
+    model = _model(cfg, device, gradient_checkpointing=True, checkpoint_offload=True, checkpoint_keep=1)
     model.compile_blocks(backend="eager", fullgraph=True)
-    out, grads = _loss_and_grads(model)
+    out, grads = _loss_and_grads(model, device)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
@@ -192,15 +214,15 @@ class _CountSDPA(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("save_attention", [False, True])
-def test_saved_self_attention_is_not_recomputed(tiny_transformer_config, save_attention):
+def test_saved_self_attention_is_not_recomputed(tiny_transformer_config, save_attention, device):
     """model.checkpoint_save_attention: backward re-runs every recomputed block except its
     self-attention kernel, whose output was kept; the gradients stay those of plain backward."""
     cfg = dict(tiny_transformer_config, num_layers=3)
-    ref_out, ref_grads = _loss_and_grads(_model(cfg))
-    model = _model(cfg, gradient_checkpointing=True, checkpoint_keep=1, checkpoint_save_attention=save_attention)
+    ref_out, ref_grads = _loss_and_grads(_model(cfg, device), device)
+    model = _model(cfg, device, gradient_checkpointing=True, checkpoint_keep=1, checkpoint_save_attention=save_attention)
     counter = _CountSDPA()
     with counter:
-        out = model(**_inputs())
+        out = model(**_inputs(device))
     fwd_self, fwd_cross = counter.self_attn, counter.cross_attn
     assert fwd_self == 3 and fwd_cross >= 3 * 3  # per block: text, image and audio windows
     with counter:
@@ -209,23 +231,23 @@ def test_saved_self_attention_is_not_recomputed(tiny_transformer_config, save_at
     assert counter.self_attn - fwd_self == (0 if save_attention else recomputed)
     assert counter.cross_attn - fwd_cross == recomputed * fwd_cross // 3  # cross-attention is recomputed
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    torch.testing.assert_close(out.detach(), ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(out.detach(), ref_out, **_tol(device, exact=True))
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], **_tol(device), msg=name)
 
 
-def test_saved_self_attention_with_compiled_blocks(tiny_transformer_config):
+def test_saved_self_attention_with_compiled_blocks(tiny_transformer_config, device):
     """With compiled blocks the checkpointed call is compiled too (so the policy is part of the
     graph): one compiled graph per input kind, not per block, and the eager gradients."""
     from torch._dynamo.utils import counters
 
     cfg = dict(tiny_transformer_config, num_layers=3)
-    ref_out, ref_grads = _loss_and_grads(_model(cfg))
+    ref_out, ref_grads = _loss_and_grads(_model(cfg, device), device)
     torch._dynamo.reset()
     counters.clear()
-    model = _model(cfg, gradient_checkpointing=True, checkpoint_save_attention=True)
+    model = _model(cfg, device, gradient_checkpointing=True, checkpoint_save_attention=True)
     model.compile_blocks(backend="aot_eager", fullgraph=True)
-    out, grads = _loss_and_grads(model)
+    out, grads = _loss_and_grads(model, device)
     # Two graphs for 3 blocks: block 0's input needs no grad (frozen patch embedding), the others' do.
     assert counters["stats"]["unique_graphs"] == 2
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
