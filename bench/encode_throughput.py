@@ -48,7 +48,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import statistics
 import sys
@@ -66,7 +65,10 @@ if str(REPO) not in sys.path:  # the GPU image runs the checkout without install
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import Budget, Clock, building, environment, fmt, free_memory, is_oom, slug  # noqa: E402
+from harness import (  # noqa: E402
+    Budget, add_run_options, case_failure, device_peaks, fmt, free_memory, is_oom, report_header, run_guarded, slug,
+)
+from train_step import Clock, building, environment  # noqa: E402
 
 RUNNING = "running (the watchdog stopped the run here)"
 CASES = ("vae", "vae-bf16", "clip", "umt5", "wav2vec", "encode_clips", "encode_clips-bf16-vae")
@@ -303,9 +305,7 @@ def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     s = report["sizes"]
     lines = [
-        f"# bench/encode_throughput.py on {env['card']} ({env['date']})",
-        "",
-        f"command: `{env['command']}`  ",
+        *report_header("encode_throughput.py", env),
         f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {report.get('transformers')}"
         + (f", CUDA {env.get('cuda')}" if env["device"] == "cuda" else f", CPU {env.get('cpu')}")
         + f", commit {env.get('git_commit') or '?'}  ",
@@ -345,19 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="clips per encoder call (the encode pass's batch_size; default 1)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 1)")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3; tiny 2)")
-    ap.add_argument("--budget", type=float, default=150.0, help="seconds: no case starts after this (default 150)")
-    ap.add_argument("--grace", type=float, default=30.0, help="seconds after the budget when the watchdog kills the run")
-    ap.add_argument("--min-case-s", type=float, default=10.0, help="a case needs at least this many budget seconds left")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON and markdown")
-    args = ap.parse_args(argv)
-
-    budget = Budget(args.budget)
-    faulthandler.dump_traceback_later(args.budget + args.grace, exit=True)
-    try:
-        return run(args, budget)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    add_run_options(ap, budget=150.0, grace=30.0, min_case_s=10.0)
+    return run_guarded(run, ap.parse_args(argv))
 
 
 def run(args: argparse.Namespace, budget: Budget) -> int:
@@ -516,14 +505,8 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
             status = "ok" if res.get("iters") else "skipped: time budget"
             out = None
         except Exception as exc:  # noqa: BLE001 - record OOM (or any failure) and go on
-            oom = is_oom(exc)
-            if not oom:
-                traceback.print_exc()
-            res["error"] = str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__
-            status = "OOM" if oom else f"error: {exc.__class__.__name__}"
-        if device.type == "cuda":
-            res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            res["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+            status, res["error"] = case_failure(exc)
+        res.update(device_peaks(device))
         record(case, status, dtype=dtype, **res)
         free_memory(device)
 

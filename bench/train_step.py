@@ -53,8 +53,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import faulthandler
-import gc
 import importlib
 import json
 import math
@@ -77,6 +75,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 if str(REPO) not in sys.path:  # the GPU image runs the checkout without installing the project
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (  # noqa: E402
+    Budget, add_run_options, case_failure, device_peaks, fmt, free_memory, is_oom, report_header, run_guarded, slug,
+)
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name;
 # first match wins, so the more specific names come first. H200 has the H100 SXM's compute.
@@ -318,20 +320,6 @@ class Clock:
             b.synchronize()
             return a.elapsed_time(b) / 1e3
         return b - a
-
-
-class Budget:
-    """Seconds left of ``--budget`` since the script started."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.t0 = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def left(self) -> float:
-        return self.seconds - self.elapsed()
 
 
 # Kernel / op name → what it is, for the profile's breakdown (first match wins; lower-case names).
@@ -651,10 +639,6 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             "compiled": compiled}
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     import diffusers
 
@@ -698,26 +682,10 @@ def peak_tflops(card: str, override: float | None) -> tuple[float | None, str]:
     return None, f"unknown card {card!r}: pass --peak-tflops for MFU"
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def fmt(value: Any, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
-        f"# bench/train_step.py on {env['card']} ({env['date']})",
-        "",
-        f"command: `{env['command']}`  ",
+        *report_header("train_step.py", env),
         f"torch {env['torch']}, diffusers {env['diffusers']}"
         + (f", CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}" if env["device"] == "cuda" else f", CPU {env.get('cpu')}")
         + f", commit {env.get('git_commit') or '?'}  ",
@@ -782,23 +750,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="timed training steps per case (default 5; tiny 2)")
     ap.add_argument("--sample-warmup", type=int, default=1)
     ap.add_argument("--sample-iters", type=int, default=None, help="timed sampling steps (default 3; tiny 2)")
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds: no case starts after this (default 420)")
-    ap.add_argument("--grace", type=float, default=45.0, help="seconds after the budget when the watchdog kills the run")
-    ap.add_argument("--min-case-s", type=float, default=20.0, help="a case needs at least this many budget seconds left to start")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: from the card's name)")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, one more step of each case under torch.profiler (time by kernel category)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON and markdown")
-    args = ap.parse_args(argv)
-
-    budget = Budget(args.budget)
-    # A hung kernel must not outlive the device lease: dump every thread's stack and exit.
-    faulthandler.dump_traceback_later(args.budget + args.grace, exit=True)
-    try:
-        return run(args, budget)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    add_run_options(ap, budget=420.0, grace=45.0, min_case_s=20.0)
+    return run_guarded(run, ap.parse_args(argv))
 
 
 def run(args: argparse.Namespace, budget: Budget) -> int:
@@ -910,16 +866,11 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                 res.update(options)
                 status = "ok" if res.get("iters") else "skipped: time budget"
             except Exception as exc:  # noqa: BLE001 - record OOM (or any failure) and go on
-                oom = is_oom(exc)
-                if not oom:
-                    traceback.print_exc()
-                res = {"error": str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__}
-                status = "OOM" if oom else f"error: {exc.__class__.__name__}"
+                status, error = case_failure(exc)
+                res = {"error": error}
             for p in model.parameters():
                 p.grad = None
-            if device.type == "cuda":
-                res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                res["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+            res.update(device_peaks(device))
             if res.get("step_s") and res.get("flops_model"):
                 res["tflops_per_s"] = res["flops_model"] / res["step_s"] / 1e12
                 if peak:

@@ -42,7 +42,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import math
 import os
@@ -292,13 +291,11 @@ def flops_per_step(case: str, args, trainable: int) -> dict[str, float]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    from train_step import fmt
+    from harness import fmt, report_header
 
     env = report["environment"]
     lines = [
-        f"# bench/zero_step.py on {env['card']} ({env['date']})",
-        "",
-        f"command: `{env['command']}`  ",
+        *report_header("zero_step.py", env),
         f"torch {env['torch']}, deepspeed {env.get('deepspeed') or '?'}, lightning {env.get('lightning') or '?'}, "
         f"commit {env.get('git_commit') or '?'}  ",
         f"model {report['model']}, {report['shape']}, precision {report['precision']}; "
@@ -335,33 +332,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=25.0)
     ap.add_argument("--workers", type=int, default=2, help="loader workers (data.num_workers)")
     ap.add_argument("--precision", default="bf16-mixed", help="trainer.precision on the GPU (default bf16-mixed)")
-    ap.add_argument("--budget", type=float, default=300.0, help="seconds: no case starts after this (default 300)")
-    ap.add_argument("--grace", type=float, default=30.0, help="seconds after the budget when the running case is killed")
-    ap.add_argument("--min-case-s", type=float, default=None, help="a case needs this many budget seconds left (default 60; tiny 20)")
     ap.add_argument("--case-timeout", type=float, default=240.0, help="seconds one ft-train process may take (default 240)")
     ap.add_argument("--work", type=Path, default=None, help="folder for run folders and shards (default: a temporary one, removed)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                     help="one more ft-train override for every case (repeatable), e.g. --extra model.transformer.num_layers=10")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON and markdown")
-    args = ap.parse_args(argv)
-    sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]  # ft_train (uninstalled on the GPU image), train_step
-    from train_step import Budget
+    sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]  # ft_train (uninstalled on the GPU image), harness
+    from harness import add_run_options, run_guarded
 
-    budget = Budget(args.budget)
-    # Backstop only: each case already has a timeout that ends inside --budget + --grace.
-    faulthandler.dump_traceback_later(args.budget + args.grace + 30, exit=True)
-    try:
-        return run(args, budget)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    add_run_options(ap, budget=300.0, grace=30.0, min_case_s=None,
+                    min_case_help="a case needs this many budget seconds left (default 60; tiny 20)",
+                    grace_help="seconds after the budget when the running case is killed")
+    # The watchdog is a backstop only: each case already has a timeout inside --budget + --grace.
+    return run_guarded(run, ap.parse_args(argv), backstop_s=30)
 
 
 def run(args: argparse.Namespace, budget) -> int:
     import datetime as dt
     import platform
 
-    from train_step import slug
+    from harness import slug
 
     tiny = args.tiny
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
