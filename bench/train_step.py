@@ -100,7 +100,9 @@ RUNNING = "running (the watchdog stopped the run here)"
 #   compile         model.compile_blocks (torch.compile of every DiT block, Inductor)
 #   offload         model.checkpoint_offload (recomputed blocks keep their input in host memory)
 #   sac             model.checkpoint_save_attention (recomputed blocks keep their self-attention outputs)
-VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|sac|keep\d+)$")
+#   fp8             model.frozen_fp8 (frozen blocks' linear weights in float8, fp8 forward matmuls); one-way,
+#                   so a config's fp8 cases run after its other cases
+VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|sac|fp8|keep\d+)$")
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -141,10 +143,11 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 # The GPU session's set (bench/README.md, "Results"): the baselines, then the options to measure
 # next. The first session (2026-11-27) ran the baselines with +cudnn, +keep4 and +compile.
 SESSION_CASES = [
-    "14b:train_baseline", "14b:sample_baseline", "1.3b:train_baseline",
-    "1.3b:train_ours+compile", "1.3b:train_ours+compile+keep12",
-    "14b:train_ours+compile", "14b:sample_ours+compile", "14b:train_ours+compile+sac", "14b:train_ours+compile+offload",
-    "14b-720:train_ours+compile+offload",
+    "14b:train_baseline", "14b:sample_baseline",
+    "14b:train_ours+compile+sac", "14b:train_ours+compile+offload",
+    "14b:train_ours+compile+sac+fp8", "14b:sample_ours+compile+fp8", "14b:train_ours+compile+offload+fp8",
+    "14b-720:train_ours+compile+offload+fp8",
+    "1.3b:train_baseline", "1.3b:train_ours+compile+keep12",
 ]
 TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
 
@@ -599,7 +602,7 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
         else:
             raise SystemExit(
                 f"--cases: unknown case {item!r}; use all, session, a config ({', '.join(CONFIGS)}) or config:kind "
-                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +keepN, +compile)"
+                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +keepN, +compile, +offload, +sac, +fp8)"
             )
     return list(dict.fromkeys(out))
 
@@ -611,6 +614,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     compiled = bool(model_cfg.get("compile_blocks"))
     offload = bool(model_cfg.get("checkpoint_offload"))
     save_attention = bool(model_cfg.get("checkpoint_save_attention"))
+    fp8 = bool(model_cfg.get("frozen_fp8"))
     for v in variants:
         if v in ATTENTION_VARIANTS:
             backend = ATTENTION_VARIANTS[v]
@@ -622,8 +626,17 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             offload = True
         elif v == "sac":
             save_attention = True
+        elif v == "fp8":
+            fp8 = True
     model.set_attention_backend(backend)
     blocks = list(model.transformer.blocks)
+    if fp8 != model.frozen_fp8:
+        if not fp8:
+            raise RuntimeError("a case without +fp8 after an fp8 case on the same model (run() orders fp8 last)")
+        for block in blocks:  # convert the eager blocks; compiled again below
+            block._compiled_call_impl = None
+        model._compile_options = None
+        model.set_frozen_fp8()
     if compiled and blocks[0]._compiled_call_impl is None:
         model.compile_blocks()
     elif not compiled:
@@ -636,7 +649,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
             "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None,
             "checkpoint_save_attention": save_attention if model.transformer.gradient_checkpointing else None,
-            "compiled": compiled}
+            "compiled": compiled, "frozen_fp8": fp8}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -799,6 +812,8 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
     for case in cases:
         name, kind = case.split(":")
         groups.setdefault((name, kind.partition("+")[0].split("_")[1]), []).append(kind)
+    for kinds in groups.values():  # float8 conversion is one-way: a model's fp8 cases come last
+        kinds.sort(key=lambda kind: "fp8" in kind.split("+"))
 
     clock = Clock(device)
     for (name, family), kinds in groups.items():

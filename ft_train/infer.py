@@ -501,10 +501,12 @@ class TalkingPortraitPipeline:
     def load(cls, spec: AdapterSpec, wan: str | Path, wav2vec: str | Path, sampler=None, device="auto",
              dtype: str = "auto", vae_dtype: str = "float32", vae_tiling: bool = False,
              offload: bool = False, face_margin: float = 0.2,
-             compile_blocks: bool = False) -> "TalkingPortraitPipeline":
+             compile_blocks: bool = False, frozen_fp8: bool = False) -> "TalkingPortraitPipeline":
         """Load the DiT from ``<wan>/transformer``, put ``spec``'s adapters in it, and load the
         encoders and the VAE (on the CPU when ``offload``). ``compile_blocks``: ``torch.compile``
-        the DiT's blocks (:meth:`~ft_train.models.FantasyTalkingDiT.compile_blocks`)."""
+        the DiT's blocks (:meth:`~ft_train.models.FantasyTalkingDiT.compile_blocks`);
+        ``frozen_fp8``: their linear weights in float8, quantised once on ``device``
+        (:meth:`~ft_train.models.FantasyTalkingDiT.set_frozen_fp8`)."""
         from .diffusion import FlowMatchSampler
         from .metrics.callback import WanVAEDecoder
         from .models import build_model
@@ -525,6 +527,8 @@ class TalkingPortraitPipeline:
         for module in model.adapter_modules().values():
             module.to(getattr(torch, dtype))
         model.requires_grad_(False).eval().to(device)
+        if frozen_fp8:
+            model.set_frozen_fp8()
         if compile_blocks:
             model.compile_blocks()
 
@@ -685,6 +689,7 @@ def infer(
     offload: bool = False,
     progress: bool = True,
     compile_blocks: bool = False,
+    frozen_fp8: bool = False,
 ) -> dict[str, Any]:
     """Generate ``out`` (mp4) from ``image`` and ``audio`` with ``adapters`` (keys of
     ``conf/infer.yaml``; ``sampler`` is a built :class:`~ft_train.diffusion.FlowMatchSampler`,
@@ -765,7 +770,8 @@ def infer(
 
     pipe = TalkingPortraitPipeline.load(spec, wan_dir, wav2vec_dir, sampler=sampler, device=torch_device,
                                         dtype=dtype, vae_dtype=vae_dtype, vae_tiling=vae_tiling, offload=offload,
-                                        face_margin=face_margin, compile_blocks=compile_blocks)
+                                        face_margin=face_margin, compile_blocks=compile_blocks,
+                                        frozen_fp8=frozen_fp8)
     spec.checkpoint.tensors.clear()  # copied into the model; drop the (possibly memory-mapped) originals
     width, height = target_size(*picture.size, max_side, pipe.grid)
     # Found in the full-resolution photo (a sharper face for the mesh), cropped from the first frame.

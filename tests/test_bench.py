@@ -188,6 +188,16 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     assert rows["tiny:train_ours+keep1"]["status"] == "ok" and rows["tiny:train_ours+keep1"]["variants"] == ["keep1"]
     assert {c["what"] for c in report["comparisons"]} == {"tiny train", "tiny train+keep1"}
 
+    # fp8 is one-way: asked first, it still runs after the same model's other cases.
+    assert ts.main(["--tiny", "--cases", "tiny:train_ours+fp8,tiny:train_ours", "--out", str(tmp_path)]) == 0
+    rows = only_json(tmp_path, "train_step-")["results"]
+    assert [(r["case"], r["status"], r["frozen_fp8"]) for r in rows] == [
+        ("tiny:train_ours", "ok", False), ("tiny:train_ours+fp8", "ok", True)]
+    with pytest.raises(RuntimeError, match="after an fp8 case"):
+        model.set_checkpointing(True)
+        ts.apply_variants(model, {}, ["fp8"])
+        ts.apply_variants(model, {}, [])
+
 
 def test_profile_breaks_a_step_down_by_kernel_category(ts, tmp_path):
     assert ts.categorise("sm90_xmma_gemm_bf16bf16_bf16f32") == ts.categorise("aten::addmm") == "matmul"

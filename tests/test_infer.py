@@ -389,3 +389,20 @@ def test_compiled_blocks_sample_the_same_video(files):
                          omega=(0.5, 0.5), seed=3).int())
     assert spec.audio_mode == "frame"
     assert (outs[0] - outs[1]).abs().max() <= 1  # kernels fused differently may move a rounding
+
+
+def test_fp8_blocks_sample_nearly_the_same_video(files):
+    """frozen_fp8=true (ft-infer key) quantises the loaded DiT's block weights on the device and
+    samples a video close to the full-precision one."""
+    from ft_train.models.fp8 import Fp8FrozenLinear
+
+    outs = []
+    for fp8 in (False, True):
+        pipe = TalkingPortraitPipeline.load(read_adapters(files["bundle"]), files["wan"], files["wav2vec"],
+                                            sampler=FlowMatchSampler(steps=2), device="cpu", frozen_fp8=fp8)
+        assert any(isinstance(m, Fp8FrozenLinear) for m in pipe.model.modules()) == fp8
+        picture = read_image(files["image"]).resize(target_size(384, 512, SIZE, pipe.grid))
+        outs.append(pipe(picture, read_speech(files["audio"]), 9, FPS, prompt="a woman is talking",
+                         omega=(0.5, 0.5), seed=3).float())
+    assert outs[0].shape == outs[1].shape
+    assert (outs[0] - outs[1]).abs().mean() < 2.0 and not torch.equal(outs[0], outs[1])

@@ -163,6 +163,44 @@ def test_host_offloaded_checkpoint_matches_plain_backward(tiny_transformer_confi
         torch.testing.assert_close(grads[name], ref_grads[name], **_tol(device), msg=name)
 
 
+def test_offloaded_inputs_come_back_one_block_ahead(tiny_transformer_config, monkeypatch, device):
+    """Backward of block k starts copying block k-1's input back before block k recomputes (on
+    CUDA the copy then overlaps block k's work); each input is copied out and back exactly once."""
+    from ft_train.models import fantasytalking
+
+    events = []
+    real_prefetch, real_take = fantasytalking.HostCopy.prefetch, fantasytalking.HostCopy.take
+    order = {}
+
+    def prefetch(self):
+        if self.loaded is None and self.host is not None:
+            events.append(("copy back", order[id(self)]))
+        real_prefetch(self)
+
+    def take(self):
+        events.append(("take", order[id(self)]))
+        return real_take(self)
+
+    real_init = fantasytalking.HostCopy.__init__
+
+    def init(self, tensor, prev=None):
+        real_init(self, tensor, prev)
+        order[id(self)] = len(order)
+        assert prev is None or order[id(prev)] == order[id(self)] - 1
+
+    monkeypatch.setattr(fantasytalking.HostCopy, "prefetch", prefetch)
+    monkeypatch.setattr(fantasytalking.HostCopy, "take", take)
+    monkeypatch.setattr(fantasytalking.HostCopy, "__init__", init)
+    cfg = dict(tiny_transformer_config, num_layers=4)
+    model = _model(cfg, device, gradient_checkpointing=True, checkpoint_offload=True)
+    _loss_and_grads(model, device)
+    # The last block's input is fetched when its backward starts; every other one was already on
+    # its way back when its backward asked for it.
+    assert events == [("take", 3), ("copy back", 3), ("copy back", 2), ("take", 2), ("copy back", 1),
+                      ("take", 1), ("copy back", 0), ("take", 0)]
+    assert model._context.last_offload is not None and model._context.last_offload.host is None
+
+
 def test_host_offloaded_checkpoint_recomputes_under_the_forward_autocast(tiny_transformer_config, device):
     cfg = dict(tiny_transformer_config, num_layers=2)
 

@@ -91,6 +91,7 @@ def test_impossible_settings_fail_early_naming_the_key(tmp_path):
     (["model.checkpoint_save_attention=true"], "model.checkpoint_save_attention=true needs model.gradient_checkpointing=true"),
     (["model.gradient_checkpointing=true", "model.checkpoint_save_attention=true", "model.checkpoint_offload=true"],
      "model.checkpoint_offload and model.checkpoint_save_attention cannot be combined"),
+    (["model.frozen_fp8=true", "model.train_backbone=true"], "model.frozen_fp8=true stores the frozen backbone in float8"),
     (["data=raw", "data.shards=/x", "model.identity.enabled=true", "model.identity.encoder=arcface"],
      "model.identity.encoder=arcface reads face-crop pixels but data.face=clip; set data.face=pixels"),
     (["data=raw", "data.shards=/x", "model.identity.enabled=true", "data.face=pixels"],
@@ -151,16 +152,22 @@ def test_stage_two_starts_from_the_stage_one_checkpoint(tmp_path):
         assert torch.equal(value, state[f"net.{key}"]), key
 
 
-def test_adapter_only_checkpoint_holds_no_frozen_weights(tmp_path):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_adapter_only_checkpoint_holds_no_frozen_weights(tmp_path, fp8):
     cfg = compose_train([
         "experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stages=null", "stage.max_steps=2",
-        "model.train_backbone=false", "data.num_workers=0",
+        "model.train_backbone=false", "data.num_workers=0", f"model.frozen_fp8={str(fp8).lower()}",
     ])
     result = train(cfg)
     state = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
     assert state and all(k.startswith(("net.audio_proj.", "net.audio_kv.")) for k in state)
-    # The adapter-only checkpoint resumes into a module (non-strict, but checked).
     module = result["module"]
+    if fp8:  # float8 weights and scales: neither checkpointed nor broadcast by DDP
+        ignored = set(module._ddp_params_and_buffers_to_ignore)
+        assert ignored and ignored <= set(dict(module.named_buffers()))
+        assert {n for n in ignored if n.endswith("weight_bits")} == {
+            f"net.{n}.weight_bits" for n, m in module.net.named_modules() if type(m).__name__ == "Fp8FrozenLinear"}
+    # The adapter-only checkpoint resumes into a module (non-strict, but checked).
     module.on_load_checkpoint({"state_dict": state})
     with pytest.raises(KeyError, match="lacks"):
         module.on_load_checkpoint({"state_dict": {}})

@@ -58,6 +58,10 @@ class FantasyTalkingModule(L.LightningModule):
     ):
         super().__init__()
         self.net = net
+        # Float8 frozen weights (model.frozen_fp8) are quantised identically on every rank: DDP
+        # need not broadcast them (its buffer sync would send the whole backbone every step).
+        if fp8 := net.fp8_buffer_names():
+            self._ddp_params_and_buffers_to_ignore = [f"net.{name}" for name in fp8]
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

@@ -76,6 +76,7 @@ class AdapterContext:
     motion_emb: torch.Tensor | None = None
     window_valid: torch.Tensor | None = None
     window_empty: torch.Tensor | None = None
+    last_offload: object = None  # the forward's latest host-offloaded block input (fantasytalking.HostCopy)
 
     def set_windows(self, index: torch.Tensor, lengths: torch.Tensor) -> None:
         """Frame-level windows and their key masks, decided once per forward pass (one host sync)
@@ -88,6 +89,7 @@ class AdapterContext:
         self.window_valid = self.window_empty = None
         self.identity = self.motion_emb = None
         self.identity_scale = 0.0
+        self.last_offload = None
 
 
 def window_masks(lengths: torch.Tensor | None, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -24,6 +24,7 @@ from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch import nn
 
 from .adapter import TEXT_TOKENS, AdapterContext, AudioKV, FantasyTalkingAttnProcessor
+from .fp8 import Fp8FrozenLinear, check_fp8_device, convert_frozen_linears
 from .audio import AudioProjModel, audio_window_index, num_video_frames
 from .identity import FaceKV, IdentityConfig, IdentityModel
 from .motion import MotionConfig, MotionHook, MotionModel, check_motion
@@ -118,6 +119,8 @@ class FantasyTalkingDiT(nn.Module):
         attention_backend: a diffusers attention backend for every attention of the model
             (``_native_cudnn``, ``_native_flash``, ``flash``, ...); None = torch SDPA's own choice.
         compile_blocks: ``torch.compile`` each DiT block (all blocks share one compiled graph).
+        frozen_fp8: store the frozen blocks' linear weights in float8 and run their forward
+            matmuls in fp8 (:mod:`.fp8`; needs ``train_backbone=False``).
         identity: ``model.identity`` (:class:`~.identity.IdentityConfig` or its dict); disabled
             by default = no parameters.
         motion: ``model.motion`` (:class:`~.motion.MotionConfig` or its dict); disabled by default.
@@ -139,6 +142,7 @@ class FantasyTalkingDiT(nn.Module):
         compile_blocks: bool = False,
         checkpoint_offload: bool = False,
         checkpoint_save_attention: bool = False,
+        frozen_fp8: bool = False,
     ):
         super().__init__()
         self.transformer = transformer
@@ -168,6 +172,9 @@ class FantasyTalkingDiT(nn.Module):
                 MotionHook(self._context)
             )
         self.set_backbone_trainable(train_backbone)
+        self.frozen_fp8 = False
+        if frozen_fp8:
+            self.set_frozen_fp8()
         self.checkpoint_keep = 0
         self.checkpoint_offload = self.checkpoint_save_attention = False
         self._compile_options: dict[str, Any] | None = None  # set by compile_blocks()
@@ -226,6 +233,29 @@ class FantasyTalkingDiT(nn.Module):
         self._compile_options = dict(options)
         if self.checkpoint_save_attention:  # the checkpointed call is compiled too (see BlockCheckpoint)
             self.set_checkpointing(True, self.checkpoint_keep, save_attention=True)
+
+    def set_frozen_fp8(self) -> list[str]:
+        """Store the DiT blocks' frozen linear weights in float8 (:class:`.fp8.Fp8FrozenLinear`;
+        the patch/time/text embedders and the output projection stay as they are). One-way: the
+        bf16 weights are freed. Call before compiling. Returns the converted layers' names."""
+        if any(p.requires_grad for p in self.transformer.blocks.parameters()):
+            raise ValueError("model.frozen_fp8=true needs a frozen backbone (model.train_backbone=false)")
+        if self._compiled():
+            raise ValueError("model.frozen_fp8: convert before compile_blocks()")
+        names = convert_frozen_linears(self.transformer.blocks)
+        self.frozen_fp8 = True
+        return names
+
+    def fp8_buffer_names(self) -> list[str]:
+        """Names (in ``named_buffers()``) of the float8 weights and scales: identical on every rank
+        (each quantises the same weights), so data parallelism need not broadcast them."""
+        return [
+            f"{name}.{buf}" for name, module in self.named_modules() if isinstance(module, Fp8FrozenLinear)
+            for buf in ("weight_bits", "scale_bits")
+        ]
+
+    def _compiled(self) -> bool:
+        return getattr(self, "_compile_options", None) is not None
 
     @property
     def audio_mode(self) -> str:
@@ -314,6 +344,8 @@ class FantasyTalkingDiT(nn.Module):
         if self.motion is not None:
             omega = check_motion(motion, bsz, hidden_states.device, self.motion_config.default)
             ctx.motion_emb = self.motion(omega)
+        if self.frozen_fp8:
+            check_fp8_device(hidden_states.device)
         dtype = self.transformer.dtype
         out = self.transformer(
             hidden_states=hidden_states.to(dtype),
@@ -389,6 +421,68 @@ class BlockCheckpoint:
         return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
 
 
+_COPY_STREAMS: dict[torch.device, Any] = {}
+
+
+def copy_stream(device: torch.device):
+    """The side stream that moves offloaded activations of ``device`` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
+class HostCopy:
+    """One recomputed block's input, kept in host memory between its forward and its backward.
+
+    On CUDA both copies run on a side stream (:func:`copy_stream`), so the blocks' kernels never
+    wait for PCIe: the copy out starts once the tensor is computed, and its device memory is not
+    reused before the copy ends (``record_stream``); the copy back is started one block ahead
+    (:meth:`prefetch`, called by the later block's backward) and the compute stream waits only
+    for its event (:meth:`take`). ``prev`` links the copies of one forward pass in block order.
+    """
+
+    def __init__(self, tensor: torch.Tensor, prev: "HostCopy | None" = None):
+        self.prev, self.device, self.requires_grad = prev, tensor.device, tensor.requires_grad
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+        self.stream = copy_stream(tensor.device)
+        self.loaded: torch.Tensor | None = None
+        self.event = None
+        if self.stream is None:
+            self.host = to_host(tensor)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.host = to_host(tensor)
+        tensor.record_stream(self.stream)
+
+    def prefetch(self) -> None:
+        """Start copying the tensor back to its device (once)."""
+        if self.loaded is not None or self.host is None:
+            return
+        if self.stream is None:
+            self.loaded, self.host = self.host.to(self.device), None
+            return
+        # Allocated in the compute stream's order, written on the side stream after the compute
+        # work queued so far (which may still use this memory's previous owner).
+        self.loaded = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.loaded.copy_(self.host, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(self.stream)
+        self.host = None  # the pinned buffer returns to torch's host cache once the copy ends
+
+    def take(self) -> torch.Tensor:
+        """The tensor on its device, ready for the compute stream; the copy lets go of it."""
+        self.prefetch()
+        if self.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.event)
+        tensor, self.loaded, self.event = self.loaded, None, None
+        return tensor.requires_grad_(self.requires_grad)
+
+
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy of ``tensor``: pinned and asynchronous from a GPU (stream order keeps it safe: the
     copy is queued before any later kernel can reuse the source's memory)."""
@@ -420,9 +514,9 @@ class HostOffloadCheckpoint(torch.autograd.Function):
     """Activation checkpointing of one DiT block whose input hidden states wait in host memory.
 
     Forward runs the block without grad and keeps only a host copy of ``hidden`` (the largest
-    thing full checkpointing keeps per block: S × d, 0.74 GiB at 720×1280×81 for 14B); backward
-    copies it back, re-runs the block with grad under the forward's autocast state and
-    back-propagates through it. The text/image context and the time projection are small and stay
+    thing full checkpointing keeps per block: S × d, 0.74 GiB at 720×1280×81 for 14B,
+    :class:`HostCopy`); backward takes it back, re-runs the block with grad under the forward's
+    autocast state and back-propagates through it, while the previous block's input is copied in. The text/image context and the time projection are small and stay
     on the device. The blocks have no dropout, so the recompute needs no RNG state.
 
     The processors read the projected audio tokens and the ID tokens from the shared
@@ -436,8 +530,8 @@ class HostOffloadCheckpoint(torch.autograd.Function):
         device_type = hidden.device.type
         ctx.block, ctx.rotary, ctx.context, ctx.device = block, rotary, context, hidden.device
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.hidden_host = to_host(hidden)
-        ctx.hidden_requires_grad = hidden.requires_grad
+        ctx.hidden = HostCopy(hidden, context.last_offload)
+        context.last_offload = ctx.hidden
         ctx.save_for_backward(encoder, temb, audio, identity)
         with torch.no_grad():
             return block(hidden, encoder, temb, rotary)
@@ -448,8 +542,9 @@ class HostOffloadCheckpoint(torch.autograd.Function):
             return None if t is None else t.detach().requires_grad_(t.requires_grad)
 
         encoder, temb, audio, identity = ctx.saved_tensors
-        hidden = ctx.hidden_host.to(ctx.device, non_blocking=True).requires_grad_(ctx.hidden_requires_grad)
-        ctx.hidden_host = None
+        hidden = ctx.hidden.take()
+        if ctx.hidden.prev is not None:  # the next backward's input: copied in while this block runs
+            ctx.hidden.prev.prefetch()
         inputs = [hidden, leaf(encoder), leaf(temb), leaf(audio), leaf(identity)]
         context = ctx.context
         outer = context.audio, context.identity
@@ -483,6 +578,7 @@ def build_model(
     compile_blocks: bool = False,
     checkpoint_offload: bool = False,
     checkpoint_save_attention: bool = False,
+    frozen_fp8: bool = False,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
     (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``).
@@ -508,6 +604,7 @@ def build_model(
         compile_blocks=compile_blocks,
         checkpoint_offload=checkpoint_offload,
         checkpoint_save_attention=checkpoint_save_attention,
+        frozen_fp8=frozen_fp8,
     )
     if init_from:
         from .weights import load_adapter_weights  # weights.py imports this module
@@ -517,8 +614,10 @@ def build_model(
 
 
 def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
-    """Parameter counts (total, trainable, adapter) for logs and reports."""
-    total = sum(p.numel() for p in model.parameters())
+    """Parameter counts (total, trainable, adapter) for logs and reports; float8-stored frozen
+    weights (``model.frozen_fp8``) count in the total."""
+    fp8 = sum(m.weight_bits.numel() for m in model.modules() if isinstance(m, Fp8FrozenLinear))
+    total = sum(p.numel() for p in model.parameters()) + fp8
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter = sum(p.numel() for m in model.adapter_modules().values() for p in m.parameters())
     return {"params_total": total, "params_trainable": trainable, "params_adapter": adapter}

@@ -1,0 +1,131 @@
+"""Float8 storage and matmuls for the frozen backbone's linear layers (``model.frozen_fp8``).
+
+With the backbone frozen, its linear layers never need a weight gradient, so their weights can
+live in float8 (e4m3, one scale per output channel): half the bf16 bytes (14 GB instead of 28 GB
+for the 14B DiT), and the forward matmul runs on the tensor cores' fp8 path
+(``torch._scaled_mm``, about twice bf16's peak on Hopper) with the activations quantised per token
+on the fly. Backward only needs the input gradient, ``dX = dY · W``; it runs in the gradient's
+dtype against the dequantised weight, so the gradients that reach the adapters keep bf16 precision.
+
+The quantised weights are stored as ``uint8`` buffers (the e4m3 bits) and their scales as
+``int32`` (the float32 bits): neither is a floating-point tensor, so ``Module.to(dtype)``,
+``.bfloat16()`` (DeepSpeed's cast) and mixed-precision plugins leave them alone while device moves
+still carry them. ``_scaled_mm`` needs both matmul widths to be multiples of 16; layers that are not
+stay as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+_MIN_SCALE = 1e-12  # an all-zero row or token quantises to zeros, not NaN
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (M, K) → (e4m3 values (M, K), float32 scales (M, 1)) with ``x ≈ values · scales``:
+    each row is scaled so its largest magnitude maps to e4m3's largest finite value."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_SCALE) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@functools.cache
+def check_fp8_device(device: torch.device) -> None:
+    """Fail clearly where ``_scaled_mm`` has no float8 kernel: CUDA GPUs before Ada/Hopper
+    (compute capability 8.9). The CPU runs it (slowly: tests)."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"model.frozen_fp8=true needs float8 matmuls (compute capability 8.9+: Ada, Hopper or newer); "
+            f"{name} is sm_{major}{minor}: set model.frozen_fp8=false"
+        )
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """``y = x · Wᵀ + b`` with W frozen in float8. Saves only the weight (no activation: the
+    weight gets no gradient), so backward costs one matmul and no stored input."""
+
+    @staticmethod
+    def forward(ctx, x, weight_bits, scale_bits, bias):  # noqa: D102
+        out_dtype = _out_dtype(x)
+        weight = weight_bits.view(FP8)  # (N, K), row-major
+        scale = scale_bits.view(torch.float32)  # (1, N)
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, x_scale = quantize_rows(x2)
+        # mat2 must be column-major: Wᵀ of the row-major (N, K) weight is exactly that.
+        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale, out_dtype=torch.bfloat16)
+        out = out.to(out_dtype)
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+        ctx.save_for_backward(weight_bits, scale_bits)
+        ctx.x_dtype = x.dtype
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        weight_bits, scale_bits = ctx.saved_tensors
+        dtype = grad_out.dtype
+        weight = weight_bits.view(FP8).to(dtype) * scale_bits.view(torch.float32).t().to(dtype)  # (N, K)
+        grad_in = grad_out.reshape(-1, grad_out.shape[-1]) @ weight
+        return grad_in.reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None
+
+
+class Fp8FrozenLinear(nn.Module):
+    """A frozen ``nn.Linear`` with its weight in float8 (see the module docstring). The bias stays
+    a (frozen) parameter in the model's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.weight.requires_grad:
+            raise ValueError("model.frozen_fp8: only frozen linear layers can be stored in float8 (model.train_backbone=false)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            values, scale = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight_bits", values.view(torch.uint8))
+        self.register_buffer("scale_bits", scale.t().contiguous().view(torch.int32))  # (1, N)
+        self.bias = linear.bias
+
+    @staticmethod
+    def supports(linear: nn.Module) -> bool:
+        return type(linear) is nn.Linear and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer multiplies by, ``(out_features, in_features)``."""
+        scale = self.scale_bits.view(torch.float32).t()
+        return (self.weight_bits.view(FP8).float() * scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Fp8Linear.apply(x, self.weight_bits, self.scale_bits, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, float8_e4m3"
+
+
+def convert_frozen_linears(root: nn.Module) -> list[str]:
+    """Replace every frozen ``nn.Linear`` under ``root`` whose widths suit ``_scaled_mm`` by an
+    :class:`Fp8FrozenLinear`, in place (each weight is quantised on the device it is on, then its
+    bf16 copy is freed). Returns the replaced modules' names, relative to ``root``."""
+    replaced = []
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if Fp8FrozenLinear.supports(child) and not child.weight.requires_grad:
+                setattr(module, child_name, Fp8FrozenLinear(child))
+                replaced.append(f"{name}.{child_name}" if name else child_name)
+    return replaced
