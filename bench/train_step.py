@@ -100,9 +100,11 @@ RUNNING = "running (the watchdog stopped the run here)"
 #   compile         model.compile_blocks (torch.compile of every DiT block, Inductor)
 #   offload         model.checkpoint_offload (recomputed blocks keep their input in host memory)
 #   sac             model.checkpoint_save_attention (recomputed blocks keep their self-attention outputs)
+#   auto            model.checkpoint_keep=auto (the first step measures, then as many blocks are kept as fit
+#                   in 90 % of the card; the sizing is in the row)
 #   fp8             model.frozen_fp8 (frozen blocks' linear weights in float8, fp8 forward matmuls); one-way,
 #                   so a config's fp8 cases run after its other cases
-VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|sac|fp8|keep\d+)$")
+VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|sac|fp8|auto|keep\d+)$")
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -145,9 +147,9 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 SESSION_CASES = [
     "14b:train_baseline", "14b:sample_baseline",
     "14b:train_ours+compile+sac", "14b:train_ours+compile+offload",
-    "14b:train_ours+compile+sac+fp8", "14b:sample_ours+compile+fp8", "14b:train_ours+compile+offload+fp8",
+    "14b:train_ours+compile+sac+fp8+auto", "14b:sample_ours+compile+fp8", "14b:train_ours+compile+offload+fp8",
     "14b-720:train_ours+compile+offload+fp8",
-    "1.3b:train_baseline", "1.3b:train_ours+compile+keep12",
+    "1.3b:train_baseline", "1.3b:train_ours+compile+auto",
 ]
 TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
 
@@ -504,6 +506,7 @@ def adapter_shape(cfg: BenchConfig, model) -> dict[str, int]:
 def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
     from ft_train.diffusion import step_generator
     from ft_train.models import model_summary
+    from ft_train.models.fantasytalking import auto_checkpoint_keep
 
     cfg, model, batch, device = ctx["cfg"], ctx["model"], ctx["batch"], ctx["device"]
     model.train()
@@ -517,6 +520,9 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
     # The trainer's precision: bf16-mixed on a GPU (conf/trainer/default.yaml), fp32 on CPU.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     clock, seed = ctx["clock"], ctx["seed"]
+    sized: dict[str, Any] = {}
+    # checkpoint_keep=auto is settled after the first step; one more warm-up step runs with it.
+    warmup = max(ctx["warmup"], 2) if model.checkpoint_auto else ctx["warmup"]
 
     def step(i):
         generator = step_generator(seed, i)
@@ -528,10 +534,13 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(params, clip_val)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if model.checkpoint_auto:
+            keep, info = auto_checkpoint_keep(model, device)
+            sized.update(info, kept=keep)
         return out.loss.detach(), mid
 
     try:
-        res = time_steps(step, clock, ctx["warmup"], ctx["iters"], ctx["budget"], ctx.get("profile"))
+        res = time_steps(step, clock, warmup, ctx["iters"], ctx["budget"], ctx.get("profile"))
     finally:
         opt.zero_grad(set_to_none=True)
     fwd = forward_flops(cfg, ctx["tcfg"], adapter=adapter_shape(cfg, model))
@@ -545,6 +554,8 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
                params_adapter=summary["params_adapter"], tokens=fwd["tokens"], flops_model=flops,
                flops_hardware=hw, checkpointing=ckpt, optimizer="AdamW fused (conf/optim/adamw.yaml)",
                grad_clip=clip_val, autocast=device.type == "cuda", lip_weighting=lip)
+    if sized:
+        res["checkpoint_auto"] = {k: round(v / 2**30, 2) if k.endswith("_bytes") else v for k, v in sized.items()}
     return res
 
 
@@ -602,7 +613,7 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
         else:
             raise SystemExit(
                 f"--cases: unknown case {item!r}; use all, session, a config ({', '.join(CONFIGS)}) or config:kind "
-                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +keepN, +compile, +offload, +sac, +fp8)"
+                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +keepN, +auto, +compile, +offload, +sac, +fp8)"
             )
     return list(dict.fromkeys(out))
 
@@ -628,6 +639,8 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             save_attention = True
         elif v == "fp8":
             fp8 = True
+        elif v == "auto":
+            keep = "auto"
     model.set_attention_backend(backend)
     blocks = list(model.transformer.blocks)
     if fp8 != model.frozen_fp8:
@@ -643,8 +656,9 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
         for block in blocks:
             block._compiled_call_impl = None
         model._compile_options = None
-    if model.transformer.gradient_checkpointing:
-        model.set_checkpointing(True, keep=keep, offload=offload, save_attention=save_attention)
+    model.checkpoint_auto = keep == "auto" and model.transformer.gradient_checkpointing
+    if model.transformer.gradient_checkpointing:  # auto: keep the last block, to measure it
+        model.set_checkpointing(True, keep=1 if keep == "auto" else keep, offload=offload, save_attention=save_attention)
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
             "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None,
@@ -721,6 +735,14 @@ def markdown(report: dict[str, Any]) -> str:
         for c in report["comparisons"]:
             lines.append(f"| {c['what']} | {fmt(c.get('time_ratio'), '.3f')} | {fmt(c.get('speedup'), '.2f')}× | "
                          f"{fmt(c.get('memory_ratio'), '.3f')} |")
+    for r in report["results"]:
+        auto = r.get("checkpoint_auto")
+        if auto and auto.get("measured"):
+            lines.append(f"\n{r['case']}: checkpoint_keep=auto kept the last {auto['kept']} blocks (first step peaked at "
+                         f"{auto['peak_bytes']} GiB with {auto['kept_before']} kept, {auto['per_block_bytes']} GiB per kept "
+                         f"block, budget {auto['budget_bytes']} GiB)")
+        elif auto:
+            lines.append(f"\n{r['case']}: checkpoint_keep=auto measured nothing here (no CUDA); kept {auto['kept']}")
     profiled = [r for r in report["results"] if r.get("profile")]
     if profiled:
         cats = list(dict.fromkeys(c for r in profiled for c in r["profile"]["categories"]))

@@ -53,8 +53,9 @@ def check_model_options(cfg) -> None:
         return default if value is None else value
 
     if not get("model.gradient_checkpointing", False):
-        if int(get("model.checkpoint_keep", 0)):
-            raise ValueError("model.checkpoint_keep > 0 needs model.gradient_checkpointing=true (it picks blocks NOT to recompute)")
+        keep = get("model.checkpoint_keep", 0)
+        if keep == "auto" or int(keep):
+            raise ValueError(f"model.checkpoint_keep={keep} needs model.gradient_checkpointing=true (it picks blocks NOT to recompute)")
         if get("model.checkpoint_offload", False):
             raise ValueError("model.checkpoint_offload=true needs model.gradient_checkpointing=true (it offloads the recomputed blocks' inputs)")
         if get("model.checkpoint_save_attention", False):

@@ -176,7 +176,11 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     assert got["checkpoint_save_attention"] and model.checkpoint_save_attention
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["offload"])
     assert got["checkpoint_offload"] and model.checkpoint_offload and model.checkpoint_keep == 0
+    got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["auto"])  # measures the last block first
+    assert got["checkpoint_keep"] == "auto" and model.checkpoint_auto and model.checkpoint_keep == 1
+    assert model.transformer._gradient_checkpointing_func.measure is not None
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, [])  # back to the yaml's values
+    assert not model.checkpoint_auto
     assert model.checkpoint_keep == 0 and not model.checkpoint_offload and got["attention_backend"].startswith("torch SDPA")
     assert all(b.attn2.processor._attention_backend is None for b in model.transformer.blocks)
 

@@ -162,6 +162,22 @@ def test_fp8_blocks_compile_without_a_graph_break(tiny_transformer_config):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_fp8_with_saved_attention_in_a_compiled_checkpoint(tiny_transformer_config, device):
+    """The GPU bench's +compile+sac+fp8: the fp8 autograd function inside the compiled,
+    selectively checkpointed call (AOTAutograd partitions it) gives the eager fp8 gradients."""
+    cfg = dict(tiny_transformer_config, num_layers=3)
+    eager = _pair(cfg, device)[1]
+    eager(**_inputs(device)).square().mean().backward()
+    torch._dynamo.reset()
+    model = _pair(cfg, device, gradient_checkpointing=True, checkpoint_save_attention=True)[1]
+    model.compile_blocks(backend="aot_eager", fullgraph=True)
+    model(**_inputs(device)).square().mean().backward()
+    grads = dict(model.named_parameters())
+    for name, p in eager.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_fp8_needs_a_frozen_backbone_and_comes_before_compiling(tiny_transformer_config):
     with pytest.raises(ValueError, match="model.train_backbone=false"):
         build_model(pretrained=None, transformer=tiny_transformer_config, frozen_fp8=True, train_backbone=True)

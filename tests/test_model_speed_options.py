@@ -92,6 +92,45 @@ def test_checkpoint_keep_runs_the_last_blocks_without_recompute(tiny_transformer
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7)
 
 
+def test_auto_checkpoint_keep_sizes_the_kept_blocks_to_the_budget(tiny_transformer_config, monkeypatch, device):
+    """checkpoint_keep="auto" keeps the last block in the first step and measures what it leaves
+    allocated (faked on the CPU, real on CUDA); sizing then keeps as many blocks as the budget
+    has room for, and the step still computes plain backward's gradients."""
+    from ft_train.models import fantasytalking
+
+    cfg = dict(tiny_transformer_config, num_layers=4)
+    if device == "cpu":  # torch counts no CPU memory: each reading is 1000 bytes above the last
+        readings = iter(range(0, 10**9, 1000))
+        monkeypatch.setattr(fantasytalking, "allocated_bytes", lambda dev: next(readings))
+    ref_out, ref_grads = _loss_and_grads(_model(cfg, device), device)
+    model = _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="auto")
+    assert model.checkpoint_auto and model.checkpoint_keep == 1 and model.kept_block_bytes() is None
+    out, grads = _loss_and_grads(model, device)
+    torch.testing.assert_close(out, ref_out, **_tol(device))
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **_tol(device), msg=name)
+    per_block = model.kept_block_bytes()
+    if device == "cpu":
+        assert per_block == 1000
+    else:  # at least the block's output and the largest activations it saved (its FFN hidden)
+        hidden = 1 * 5 * 4 * 4 * cfg["num_attention_heads"] * cfg["attention_head_dim"] * 4
+        assert per_block >= hidden
+    assert model.size_checkpointing(peak_bytes=10 * per_block, budget_bytes=12 * per_block + 1) == 3
+    assert model.checkpoint_keep == 3 and not model.checkpoint_auto
+    kept = [b for b in model.transformer.blocks][1:]
+    assert model.transformer._gradient_checkpointing_func.kept == frozenset(id(b) for b in kept)
+    assert model.transformer._gradient_checkpointing_func.measure is None  # measured once
+    out, grads = _loss_and_grads(model, device)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **_tol(device), msg=name)
+    # The budget bounds it both ways.
+    for peak, budget, want in ((0, 10**12, 4), (10**6, 10, 0)):
+        m = _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="auto")
+        assert m.size_checkpointing(peak, budget, per_block_bytes=1000) == want
+    with pytest.raises(ValueError, match="model.checkpoint_keep must be a number of blocks or auto"):
+        _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="most")
+
+
 def test_checkpoint_keep_out_of_range_names_the_key(tiny_transformer_config):
     with pytest.raises(ValueError, match=r"model.checkpoint_keep must be between 0 and 2"):
         _model(tiny_transformer_config, gradient_checkpointing=True, checkpoint_keep=5)

@@ -87,7 +87,8 @@ def test_impossible_settings_fail_early_naming_the_key(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.checkpoint_offload=true"], "model.checkpoint_offload=true needs model.gradient_checkpointing=true"),
-    (["model.checkpoint_keep=1"], "model.checkpoint_keep > 0 needs model.gradient_checkpointing=true"),
+    (["model.checkpoint_keep=1"], "model.checkpoint_keep=1 needs model.gradient_checkpointing=true"),
+    (["model.checkpoint_keep=auto"], "model.checkpoint_keep=auto needs model.gradient_checkpointing=true"),
     (["model.checkpoint_save_attention=true"], "model.checkpoint_save_attention=true needs model.gradient_checkpointing=true"),
     (["model.gradient_checkpointing=true", "model.checkpoint_save_attention=true", "model.checkpoint_offload=true"],
      "model.checkpoint_offload and model.checkpoint_save_attention cannot be combined"),
@@ -150,6 +151,19 @@ def test_stage_two_starts_from_the_stage_one_checkpoint(tmp_path):
     )
     for key, value in module.net.adapter_state_dict().items():
         assert torch.equal(value, state[f"net.{key}"]), key
+
+
+def test_auto_checkpoint_keep_is_settled_after_the_first_step(tmp_path, caplog):
+    """checkpoint_keep=auto through ft-train: decided after the first optimiser step (on the CPU,
+    with no memory statistics, it keeps the one measuring block and says how to set it)."""
+    cfg = compose_train([
+        "experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stages=null", "stage.max_steps=2",
+        "data.num_workers=0", "model.gradient_checkpointing=true", "model.checkpoint_keep=auto",
+    ])
+    with caplog.at_level("WARNING"):
+        net = train(cfg)["module"].net
+    assert not net.checkpoint_auto and net.checkpoint_keep == 1
+    assert sum("model.checkpoint_keep=auto needs CUDA memory statistics" in r.message for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize("fp8", [False, True])

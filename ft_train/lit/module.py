@@ -16,6 +16,7 @@ import torch
 
 from ..diffusion import FlowMatchingLoss, step_generator
 from ..models import FantasyTalkingDiT, model_summary
+from ..models.fantasytalking import auto_checkpoint_keep
 from ..models.weights import load_adapter_weights
 from .loggers import ResumableCSVLogger
 
@@ -191,6 +192,34 @@ class FantasyTalkingModule(L.LightningModule):
         if self._skip_update:
             for p in self.net.parameters():
                 p.grad = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # model.checkpoint_keep=auto: size it once the first optimiser step (its state included)
+        # has shown the peak memory.
+        if self.net.checkpoint_auto and self.trainer.global_step >= 1:
+            self.size_checkpointing()
+
+    def size_checkpointing(self) -> int:
+        """``model.checkpoint_keep=auto``: keep as many blocks as ``model.checkpoint_memory_gib``
+        (default 90 % of the card) allows (:func:`~ft_train.models.fantasytalking.auto_checkpoint_keep`).
+        All ranks take the largest peak and block cost, so they keep the same blocks."""
+        strategy = self.trainer.strategy
+
+        def reduce_max(*values: int) -> list[int]:
+            worst = strategy.reduce(torch.tensor(values, device=self.device, dtype=torch.float64), reduce_op="max")
+            return [int(v) for v in worst.tolist()]
+
+        keep, info = auto_checkpoint_keep(self.net, self.device, reduce_max=reduce_max,
+                                          all_ranks=lambda ok: strategy.reduce_boolean_decision(ok, all=True))
+        if not info["measured"]:
+            log.warning("model.checkpoint_keep=auto needs CUDA memory statistics (device %s); keeping the "
+                        "last %d block(s); set model.checkpoint_keep=N", self.device, keep)
+        else:
+            log.info("model.checkpoint_keep=auto: step peaked at %.1f GiB with %d kept block(s) of %.2f GiB each; "
+                     "keeping the last %d of %d blocks for a %.1f GiB budget", info["peak_bytes"] / 2**30,
+                     info["kept_before"], info["per_block_bytes"] / 2**30, keep, self.net.num_blocks,
+                     info["budget_bytes"] / 2**30)
+        return keep
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):

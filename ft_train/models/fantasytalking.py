@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.utils.checkpoint
@@ -111,7 +111,11 @@ class FantasyTalkingDiT(nn.Module):
         gradient_checkpointing: recompute each DiT block in backward (diffusers' own switch).
         checkpoint_keep: with checkpointing on, the last ``checkpoint_keep`` blocks keep their
             activations instead (selective checkpointing: fewer recomputed blocks, more memory;
-            size it to the card, see :meth:`set_checkpointing`).
+            see :meth:`set_checkpointing`), or ``"auto"``: as many as fit in
+            ``checkpoint_memory_gib``, measured in the first training step
+            (:meth:`size_checkpointing`).
+        checkpoint_memory_gib: with ``checkpoint_keep="auto"``, the device memory the step may
+            fill; None = 90 % of the card.
         checkpoint_offload: with checkpointing on, the recomputed blocks keep their input in
             pinned host memory instead of the device (:class:`HostOffloadCheckpoint`).
         checkpoint_save_attention: with checkpointing on, the recomputed blocks keep their
@@ -137,12 +141,13 @@ class FantasyTalkingDiT(nn.Module):
         gradient_checkpointing: bool = False,
         identity: IdentityConfig | dict[str, Any] | None = None,
         motion: MotionConfig | dict[str, Any] | None = None,
-        checkpoint_keep: int = 0,
+        checkpoint_keep: int | str = 0,
         attention_backend: str | None = None,
         compile_blocks: bool = False,
         checkpoint_offload: bool = False,
         checkpoint_save_attention: bool = False,
         frozen_fp8: bool = False,
+        checkpoint_memory_gib: float | None = None,
     ):
         super().__init__()
         self.transformer = transformer
@@ -178,9 +183,16 @@ class FantasyTalkingDiT(nn.Module):
         self.checkpoint_keep = 0
         self.checkpoint_offload = self.checkpoint_save_attention = False
         self._compile_options: dict[str, Any] | None = None  # set by compile_blocks()
+        # checkpoint_keep="auto": sized once the first training step has shown its peak memory.
+        self.checkpoint_auto = checkpoint_keep == "auto" and gradient_checkpointing
+        self.checkpoint_memory_gib = checkpoint_memory_gib
+        self._kept_block_bytes: list[int] = []
+        if isinstance(checkpoint_keep, str) and checkpoint_keep != "auto":
+            raise ValueError(f"model.checkpoint_keep must be a number of blocks or auto, got {checkpoint_keep!r}")
         if gradient_checkpointing:
-            self.set_checkpointing(True, keep=checkpoint_keep, offload=checkpoint_offload,
-                                   save_attention=checkpoint_save_attention)
+            # auto starts by keeping the last block, to measure what a kept block costs.
+            self.set_checkpointing(True, keep=1 if self.checkpoint_auto else checkpoint_keep,
+                                   offload=checkpoint_offload, save_attention=checkpoint_save_attention)
         if attention_backend:
             self.set_attention_backend(attention_backend)
         if compile_blocks:
@@ -207,10 +219,39 @@ class FantasyTalkingDiT(nn.Module):
         kept = frozenset(id(b) for b in list(blocks)[len(blocks) - keep :])
         compile_options = self._compile_options if save_attention else None
         self.transformer.enable_gradient_checkpointing(
-            BlockCheckpoint(kept, self._context if offload else None, save_attention, compile_options)
+            BlockCheckpoint(kept, self._context if offload else None, save_attention, compile_options,
+                            measure=self._kept_block_bytes if self.checkpoint_auto else None)
         )
         self.checkpoint_keep, self.checkpoint_offload = keep, bool(offload)
         self.checkpoint_save_attention = bool(save_attention)
+
+    def size_checkpointing(self, peak_bytes: int, budget_bytes: int, per_block_bytes: int | None = None) -> int:
+        """``checkpoint_keep="auto"``: after a training step that peaked at ``peak_bytes`` with the
+        current blocks kept, keep as many more as ``budget_bytes`` leaves room for, at
+        ``per_block_bytes`` each (default: the largest a kept block left allocated in that step,
+        :meth:`kept_block_bytes`), then stop measuring. Returns the number of blocks now kept.
+        Every rank must pass the same numbers (the Lightning module reduces them first), or
+        ZeRO-3's gathers in the recompute would differ between ranks."""
+        per_block = per_block_bytes if per_block_bytes is not None else self.kept_block_bytes()
+        keep = self.checkpoint_keep
+        if per_block is not None:
+            keep += (int(budget_bytes) - int(peak_bytes)) // max(int(per_block), 1)
+        return self.fix_checkpoint_keep(keep)
+
+    def fix_checkpoint_keep(self, keep: int) -> int:
+        """End auto sizing with ``keep`` blocks kept (clamped to [0, blocks])."""
+        keep = int(min(max(keep, 0), self.num_blocks))
+        self.checkpoint_auto = False  # the measuring goes with it
+        self._kept_block_bytes.clear()
+        if not self.transformer.gradient_checkpointing:
+            return 0
+        self.set_checkpointing(True, keep=keep, offload=self.checkpoint_offload,
+                               save_attention=self.checkpoint_save_attention)
+        return keep
+
+    def kept_block_bytes(self) -> int | None:
+        """The largest activation memory one kept block left allocated so far (auto sizing)."""
+        return max(self._kept_block_bytes) if self._kept_block_bytes else None
 
     def set_attention_backend(self, backend: str | None) -> None:
         """Route every attention (self, text, image, audio windows, face) through one diffusers
@@ -400,8 +441,8 @@ class BlockCheckpoint:
     """
 
     def __init__(self, kept: frozenset[int], offload_context: AdapterContext | None, save_attention: bool,
-                 compile_options: dict[str, Any] | None = None):
-        self.kept, self.offload_context = kept, offload_context
+                 compile_options: dict[str, Any] | None = None, measure: list[int] | None = None):
+        self.kept, self.offload_context, self.measure = kept, offload_context, measure
         call = _recompute_saving_attention if save_attention else None
         if call is not None and compile_options is not None:
             call = torch.compile(call, **compile_options)
@@ -409,7 +450,16 @@ class BlockCheckpoint:
 
     def __call__(self, block: nn.Module, *args: Any) -> Any:
         if id(block) in self.kept:
-            return block(*args)
+            if self.measure is None or not torch.is_grad_enabled():
+                return block(*args)
+            # Auto sizing: what the kept block leaves allocated is its saved activations (plus
+            # its output, which a recomputed block keeps too).
+            device = args[0].device
+            before = allocated_bytes(device)
+            out = block(*args)
+            if before is not None:
+                self.measure.append(allocated_bytes(device) - before)
+            return out
         if self.offload_context is not None:
             hidden, encoder, temb, rotary = args
             c = self.offload_context
@@ -419,6 +469,45 @@ class BlockCheckpoint:
         if self.saving_call is not None:
             return self.saving_call(block, *args)
         return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+
+def auto_checkpoint_keep(
+    net: FantasyTalkingDiT,
+    device: torch.device,
+    reduce_max: Callable[..., list[int]] | None = None,
+    all_ranks: Callable[[bool], bool] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Settle ``checkpoint_keep="auto"`` after a training step on ``device``: the step's peak
+    (``torch.cuda.max_memory_allocated``) and a kept block's measured cost decide how many blocks
+    fit in ``net.checkpoint_memory_gib`` (None = 90 % of the card; :meth:`FantasyTalkingDiT.size_checkpointing`).
+    Distributed: ``all_ranks`` (did every rank measure?) and ``reduce_max`` (the largest of each
+    number over the ranks) make every rank keep the same blocks. Where nothing was measured (the
+    CPU) the blocks kept so far stay. Returns the blocks kept and the numbers behind it."""
+    per_block = net.kept_block_bytes()
+    before = net.checkpoint_keep
+    measured = per_block is not None and device.type == "cuda"
+    if all_ranks is not None:
+        measured = bool(all_ranks(measured))
+    if not measured:
+        return net.fix_checkpoint_keep(before), {"measured": False, "kept_before": before}
+    peak = torch.cuda.max_memory_allocated(device)
+    if net.checkpoint_memory_gib:
+        budget = int(float(net.checkpoint_memory_gib) * 2**30)
+    else:
+        budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    if reduce_max is not None:
+        peak, per_block = reduce_max(peak, per_block)
+    keep = net.size_checkpointing(peak, budget, per_block)
+    return keep, {"measured": True, "kept_before": before, "peak_bytes": int(peak),
+                  "per_block_bytes": int(per_block), "budget_bytes": budget}
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    """Memory held by tensors on ``device`` (CUDA's caching allocator); None where torch does not
+    count it (the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.memory_allocated(device)
 
 
 _COPY_STREAMS: dict[torch.device, Any] = {}
@@ -573,12 +662,13 @@ def build_model(
     identity: dict[str, Any] | None = None,
     motion: dict[str, Any] | None = None,
     init_from: str | None = None,
-    checkpoint_keep: int = 0,
+    checkpoint_keep: int | str = 0,
     attention_backend: str | None = None,
     compile_blocks: bool = False,
     checkpoint_offload: bool = False,
     checkpoint_save_attention: bool = False,
     frozen_fp8: bool = False,
+    checkpoint_memory_gib: float | None = None,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
     (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``).
@@ -605,6 +695,7 @@ def build_model(
         checkpoint_offload=checkpoint_offload,
         checkpoint_save_attention=checkpoint_save_attention,
         frozen_fp8=frozen_fp8,
+        checkpoint_memory_gib=checkpoint_memory_gib,
     )
     if init_from:
         from .weights import load_adapter_weights  # weights.py imports this module
@@ -623,4 +714,4 @@ def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
     return {"params_total": total, "params_trainable": trainable, "params_adapter": adapter}
 
 
-__all__ = ["FantasyTalkingDiT", "build_model", "load_transformer", "model_summary"]
+__all__ = ["FantasyTalkingDiT", "auto_checkpoint_keep", "build_model", "load_transformer", "model_summary"]
