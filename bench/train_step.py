@@ -148,8 +148,8 @@ SESSION_CASES = [
     "14b:train_baseline", "14b:sample_baseline",
     "14b:train_ours+compile+sac", "14b:train_ours+compile+offload",
     "14b:train_ours+compile+sac+fp8+auto", "14b:sample_ours+compile+fp8", "14b:train_ours+compile+offload+fp8",
-    "14b-720:train_ours+compile+offload+fp8",
-    "1.3b:train_baseline", "1.3b:train_ours+compile+auto",
+    "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto",
+    "14b-720:train_ours+compile+offload+fp8",  # last: one step shows it fits; it takes what time is left
 ]
 TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
 

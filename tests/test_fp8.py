@@ -13,6 +13,8 @@ from torch import nn
 from ft_train.models import build_model
 from ft_train.models.fp8 import FP8_MAX, Fp8FrozenLinear, convert_frozen_linears, quantize_rows
 
+from .test_model_speed_options import _inputs
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) else [])
 
 
@@ -82,18 +84,6 @@ def test_only_frozen_layers_with_matmul_friendly_widths_are_converted():
     assert isinstance(root[0], Fp8FrozenLinear) and type(root[1]) is nn.Linear and type(root[2]) is nn.Linear
     with pytest.raises(ValueError, match="model.train_backbone=false"):
         Fp8FrozenLinear(nn.Linear(16, 16))
-
-
-def _inputs(device: str):
-    g = torch.Generator().manual_seed(2)
-    batch = dict(
-        hidden_states=torch.randn(1, 36, 5, 8, 8, generator=g),
-        timestep=torch.tensor([500.0]),
-        text=torch.randn(1, 512, 4096, generator=g) * 0.1,
-        image=torch.randn(1, 257, 1280, generator=g) * 0.1,
-        audio=torch.randn(1, 30, 768, generator=g),
-    )
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _pair(cfg: dict, device: str, **kw):
@@ -176,6 +166,25 @@ def test_fp8_with_saved_attention_in_a_compiled_checkpoint(tiny_transformer_conf
     for name, p in eager.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="Inductor on an fp8-capable GPU (the GPU session runs it)")
+def test_fp8_blocks_compile_with_inductor_on_the_gpu(tiny_transformer_config):
+    """What the GPU bench runs: Inductor (its _scaled_mm lowering, the uint8 → e4m3 view inside the
+    graph) gives the eager fp8 outputs and gradients."""
+    eager, compiled = (_pair(tiny_transformer_config, "cuda")[1] for _ in range(2))
+    torch._dynamo.reset()
+    compiled.compile_blocks(fullgraph=True)
+    outs = []
+    for model in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(**_inputs("cuda"))
+        out.float().square().mean().backward()
+        outs.append(out.detach().float())
+    assert _cos(outs[0], outs[1]) > 0.999
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.grad is not None:
+            assert _cos(p.grad, q.grad) > 0.99, name
 
 
 def test_fp8_needs_a_frozen_backbone_and_comes_before_compiling(tiny_transformer_config):

@@ -1,7 +1,7 @@
 """Float8 storage and matmuls for the frozen backbone's linear layers (``model.frozen_fp8``).
 
 With the backbone frozen, its linear layers never need a weight gradient, so their weights can
-live in float8 (e4m3, one scale per output channel): half the bf16 bytes (14 GB instead of 28 GB
+live in float8 (e4m3, one scale per output channel): half the bf16 bytes (16 GB instead of 32 GB
 for the 14B DiT), and the forward matmul runs on the tensor cores' fp8 path
 (``torch._scaled_mm``, about twice bf16's peak on Hopper) with the activations quantised per token
 on the fly. Backward only needs the input gradient, ``dX = dY · W``; it runs in the gradient's
