@@ -104,7 +104,8 @@ RUNNING = "running (the watchdog stopped the run here)"
 #                   in 90 % of the card; the sizing is in the row)
 #   fp8             model.frozen_fp8 (frozen blocks' linear weights in float8, fp8 forward matmuls); one-way,
 #                   so a config's fp8 cases run after its other cases
-VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|sac|fp8|auto|keep\d+)$")
+#   fp8bwd          fp8 + model.frozen_fp8_backward (the input gradients' matmuls in fp8 too)
+VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|sac|fp8|fp8bwd|auto|keep\d+)$")
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -147,7 +148,7 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 SESSION_CASES = [
     "14b:train_baseline", "14b:sample_baseline",
     "14b:train_ours+compile+sac", "14b:train_ours+compile+offload",
-    "14b:train_ours+compile+sac+fp8+auto", "14b:sample_ours+compile+fp8", "14b:train_ours+compile+offload+fp8",
+    "14b:train_ours+compile+sac+fp8+auto", "14b:sample_ours+compile+fp8", "14b:train_ours+compile+sac+fp8bwd+auto",
     "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto",
     "14b-720:train_ours+compile+offload+fp8",  # last: one step shows it fits; it takes what time is left
 ]
@@ -613,7 +614,7 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
         else:
             raise SystemExit(
                 f"--cases: unknown case {item!r}; use all, session, a config ({', '.join(CONFIGS)}) or config:kind "
-                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +keepN, +auto, +compile, +offload, +sac, +fp8)"
+                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +keepN, +auto, +compile, +offload, +sac, +fp8, +fp8bwd)"
             )
     return list(dict.fromkeys(out))
 
@@ -626,6 +627,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     offload = bool(model_cfg.get("checkpoint_offload"))
     save_attention = bool(model_cfg.get("checkpoint_save_attention"))
     fp8 = bool(model_cfg.get("frozen_fp8"))
+    fp8_backward = bool(model_cfg.get("frozen_fp8_backward"))
     for v in variants:
         if v in ATTENTION_VARIANTS:
             backend = ATTENTION_VARIANTS[v]
@@ -639,6 +641,8 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             save_attention = True
         elif v == "fp8":
             fp8 = True
+        elif v == "fp8bwd":
+            fp8 = fp8_backward = True
         elif v == "auto":
             keep = "auto"
     model.set_attention_backend(backend)
@@ -650,6 +654,8 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             block._compiled_call_impl = None
         model._compile_options = None
         model.set_frozen_fp8()
+    if fp8:
+        model.set_fp8_backward(fp8_backward)
     if compiled and blocks[0]._compiled_call_impl is None:
         model.compile_blocks()
     elif not compiled:
@@ -663,7 +669,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
             "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None,
             "checkpoint_save_attention": save_attention if model.transformer.gradient_checkpointing else None,
-            "compiled": compiled, "frozen_fp8": fp8}
+            "compiled": compiled, "frozen_fp8": fp8, "frozen_fp8_backward": fp8 and fp8_backward}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -835,7 +841,7 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
         name, kind = case.split(":")
         groups.setdefault((name, kind.partition("+")[0].split("_")[1]), []).append(kind)
     for kinds in groups.values():  # float8 conversion is one-way: a model's fp8 cases come last
-        kinds.sort(key=lambda kind: "fp8" in kind.split("+"))
+        kinds.sort(key=lambda kind: bool({"fp8", "fp8bwd"} & set(kind.split("+"))))
 
     clock = Clock(device)
     for (name, family), kinds in groups.items():

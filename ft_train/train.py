@@ -60,6 +60,8 @@ def check_model_options(cfg) -> None:
             raise ValueError("model.checkpoint_offload=true needs model.gradient_checkpointing=true (it offloads the recomputed blocks' inputs)")
         if get("model.checkpoint_save_attention", False):
             raise ValueError("model.checkpoint_save_attention=true needs model.gradient_checkpointing=true (it changes what recomputed blocks keep)")
+    if get("model.frozen_fp8_backward", False) and not get("model.frozen_fp8", False):
+        raise ValueError("model.frozen_fp8_backward=true needs model.frozen_fp8=true (it changes the float8 layers' backward)")
     if get("model.frozen_fp8", False) and get("model.train_backbone", False):
         raise ValueError("model.frozen_fp8=true stores the frozen backbone in float8; it cannot train it (model.train_backbone=true)")
     if get("model.checkpoint_offload", False) and get("model.checkpoint_save_attention", False):

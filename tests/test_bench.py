@@ -193,10 +193,12 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     assert {c["what"] for c in report["comparisons"]} == {"tiny train", "tiny train+keep1"}
 
     # fp8 is one-way: asked first, it still runs after the same model's other cases.
-    assert ts.main(["--tiny", "--cases", "tiny:train_ours+fp8,tiny:train_ours", "--out", str(tmp_path)]) == 0
+    assert ts.main(["--tiny", "--cases", "tiny:train_ours+fp8bwd,tiny:train_ours+fp8,tiny:train_ours",
+                    "--out", str(tmp_path)]) == 0
     rows = only_json(tmp_path, "train_step-")["results"]
-    assert [(r["case"], r["status"], r["frozen_fp8"]) for r in rows] == [
-        ("tiny:train_ours", "ok", False), ("tiny:train_ours+fp8", "ok", True)]
+    assert [(r["case"], r["status"], r["frozen_fp8"], r["frozen_fp8_backward"]) for r in rows] == [
+        ("tiny:train_ours", "ok", False, False), ("tiny:train_ours+fp8bwd", "ok", True, True),
+        ("tiny:train_ours+fp8", "ok", True, False)]
     with pytest.raises(RuntimeError, match="after an fp8 case"):
         model.set_checkpointing(True)
         ts.apply_variants(model, {}, ["fp8"])

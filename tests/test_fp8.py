@@ -67,6 +67,25 @@ def test_fp8_linear_matches_a_dequantised_reference_forward_and_backward(device)
     torch.testing.assert_close(fp8.dequantized_weight(torch.float64), wq.double() * ws.double())
 
 
+def test_fp8_backward_matches_its_quantised_reference(device):
+    """frozen_fp8_backward: dX = quant(dY · diag(s)) · W_q in fp8, against the same quantisation
+    multiplied in float64, and close to the exact input gradient."""
+    layer = _linear().to(device)
+    fp8 = Fp8FrozenLinear(layer, backward=True)
+    x = torch.randn(2, 5, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    out = fp8(x)
+    grad = torch.randn_like(out) * torch.logspace(-2, 2, 48, device=device).to(out.dtype)  # uneven columns
+    out.backward(grad)
+    wq, ws = quantize_rows(layer.weight)
+    gq, gs = quantize_rows(grad.reshape(-1, 48).float() * ws.t())
+    ref = (gq.double() * gs.double()) @ wq.double()
+    got = x.grad.double().reshape(-1, 64)
+    torch.testing.assert_close(got, ref, rtol=2**-7, atol=1e-2 * ref.abs().max().item())
+    exact = grad.double().reshape(-1, 48) @ layer.weight.double()
+    assert (got - exact).norm() <= 0.08 * exact.norm()
+    assert "fp8 backward" in repr(fp8)
+
+
 def test_fp8_weights_survive_dtype_casts_and_follow_device_moves():
     fp8 = Fp8FrozenLinear(_linear())
     bits, scale = fp8.weight_bits.clone(), fp8.scale_bits.clone()
@@ -86,13 +105,14 @@ def test_only_frozen_layers_with_matmul_friendly_widths_are_converted():
         Fp8FrozenLinear(nn.Linear(16, 16))
 
 
-def _pair(cfg: dict, device: str, **kw):
+def _pair(cfg: dict, device: str, frozen_fp8_backward: bool = False, **kw):
     """The same random model twice: full precision and frozen_fp8 (adapters given values so the
     audio branch contributes)."""
     models = []
     for fp8 in (False, True):
         torch.manual_seed(0)
-        model = build_model(pretrained=None, transformer=cfg, audio_mode="frame", frozen_fp8=fp8, **kw)
+        model = build_model(pretrained=None, transformer=cfg, audio_mode="frame", frozen_fp8=fp8,
+                            frozen_fp8_backward=fp8 and frozen_fp8_backward, **kw)
         torch.manual_seed(1)
         with torch.no_grad():
             for p in model.audio_kv.parameters():
@@ -124,6 +144,23 @@ def test_fp8_model_approximates_the_full_precision_model_and_its_adapter_gradien
         assert _cos(grads[0][name], grads[1][name]) > 0.97, name
 
 
+def test_fp8_backward_model_keeps_the_adapter_gradients_close(tiny_transformer_config, device):
+    full, _ = _pair(tiny_transformer_config, device)
+    fp8 = _pair(tiny_transformer_config, device, frozen_fp8_backward=True)[1]
+    grads = []
+    for model in (full, fp8):
+        model(**_inputs(device)).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        assert _cos(grads[0][name], grads[1][name]) > 0.95, name
+    fp8.set_fp8_backward(False)
+    assert not any(getattr(m, "fp8_backward", False) for m in fp8.modules())
+    with pytest.raises(ValueError, match="needs model.frozen_fp8=true"):
+        full.set_fp8_backward(True)
+    with pytest.raises(ValueError, match="needs model.frozen_fp8=true"):
+        build_model(pretrained=None, transformer=tiny_transformer_config, frozen_fp8_backward=True)
+
+
 def test_fp8_with_checkpointing_gives_the_fp8_gradients(tiny_transformer_config, device):
     """Recomputing fp8 blocks (plain, offloaded, keeping attention) computes what no
     checkpointing computes: the quantisation is deterministic."""
@@ -153,13 +190,14 @@ def test_fp8_blocks_compile_without_a_graph_break(tiny_transformer_config):
 
 
 def test_fp8_with_saved_attention_in_a_compiled_checkpoint(tiny_transformer_config, device):
-    """The GPU bench's +compile+sac+fp8: the fp8 autograd function inside the compiled,
-    selectively checkpointed call (AOTAutograd partitions it) gives the eager fp8 gradients."""
+    """The GPU bench's +compile+sac+fp8bwd: the fp8 autograd function (fp8 backward too) inside
+    the compiled, selectively checkpointed call (AOTAutograd partitions it) gives the eager fp8
+    gradients."""
     cfg = dict(tiny_transformer_config, num_layers=3)
-    eager = _pair(cfg, device)[1]
+    eager = _pair(cfg, device, frozen_fp8_backward=True)[1]
     eager(**_inputs(device)).square().mean().backward()
     torch._dynamo.reset()
-    model = _pair(cfg, device, gradient_checkpointing=True, checkpoint_save_attention=True)[1]
+    model = _pair(cfg, device, gradient_checkpointing=True, checkpoint_save_attention=True, frozen_fp8_backward=True)[1]
     model.compile_blocks(backend="aot_eager", fullgraph=True)
     model(**_inputs(device)).square().mean().backward()
     grads = dict(model.named_parameters())
@@ -169,10 +207,11 @@ def test_fp8_with_saved_attention_in_a_compiled_checkpoint(tiny_transformer_conf
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="Inductor on an fp8-capable GPU (the GPU session runs it)")
-def test_fp8_blocks_compile_with_inductor_on_the_gpu(tiny_transformer_config):
+@pytest.mark.parametrize("fp8_backward", [False, True])
+def test_fp8_blocks_compile_with_inductor_on_the_gpu(tiny_transformer_config, fp8_backward):
     """What the GPU bench runs: Inductor (its _scaled_mm lowering, the uint8 → e4m3 view inside the
-    graph) gives the eager fp8 outputs and gradients."""
-    eager, compiled = (_pair(tiny_transformer_config, "cuda")[1] for _ in range(2))
+    graph, the per-step weight transpose) gives the eager fp8 outputs and gradients."""
+    eager, compiled = (_pair(tiny_transformer_config, "cuda", frozen_fp8_backward=fp8_backward)[1] for _ in range(2))
     torch._dynamo.reset()
     compiled.compile_blocks(fullgraph=True)
     outs = []

@@ -93,6 +93,7 @@ def test_impossible_settings_fail_early_naming_the_key(tmp_path):
     (["model.gradient_checkpointing=true", "model.checkpoint_save_attention=true", "model.checkpoint_offload=true"],
      "model.checkpoint_offload and model.checkpoint_save_attention cannot be combined"),
     (["model.frozen_fp8=true", "model.train_backbone=true"], "model.frozen_fp8=true stores the frozen backbone in float8"),
+    (["model.frozen_fp8_backward=true"], "model.frozen_fp8_backward=true needs model.frozen_fp8=true"),
     (["data=raw", "data.shards=/x", "model.identity.enabled=true", "model.identity.encoder=arcface"],
      "model.identity.encoder=arcface reads face-crop pixels but data.face=clip; set data.face=pixels"),
     (["data=raw", "data.shards=/x", "model.identity.enabled=true", "data.face=pixels"],

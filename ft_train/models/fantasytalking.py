@@ -125,6 +125,7 @@ class FantasyTalkingDiT(nn.Module):
         compile_blocks: ``torch.compile`` each DiT block (all blocks share one compiled graph).
         frozen_fp8: store the frozen blocks' linear weights in float8 and run their forward
             matmuls in fp8 (:mod:`.fp8`; needs ``train_backbone=False``).
+        frozen_fp8_backward: with ``frozen_fp8``, their input-gradient matmuls in fp8 too.
         identity: ``model.identity`` (:class:`~.identity.IdentityConfig` or its dict); disabled
             by default = no parameters.
         motion: ``model.motion`` (:class:`~.motion.MotionConfig` or its dict); disabled by default.
@@ -148,6 +149,7 @@ class FantasyTalkingDiT(nn.Module):
         checkpoint_save_attention: bool = False,
         frozen_fp8: bool = False,
         checkpoint_memory_gib: float | None = None,
+        frozen_fp8_backward: bool = False,
     ):
         super().__init__()
         self.transformer = transformer
@@ -179,7 +181,9 @@ class FantasyTalkingDiT(nn.Module):
         self.set_backbone_trainable(train_backbone)
         self.frozen_fp8 = False
         if frozen_fp8:
-            self.set_frozen_fp8()
+            self.set_frozen_fp8(backward=frozen_fp8_backward)
+        elif frozen_fp8_backward:
+            raise ValueError("model.frozen_fp8_backward=true needs model.frozen_fp8=true")
         self.checkpoint_keep = 0
         self.checkpoint_offload = self.checkpoint_save_attention = False
         self._compile_options: dict[str, Any] | None = None  # set by compile_blocks()
@@ -275,17 +279,27 @@ class FantasyTalkingDiT(nn.Module):
         if self.checkpoint_save_attention:  # the checkpointed call is compiled too (see BlockCheckpoint)
             self.set_checkpointing(True, self.checkpoint_keep, save_attention=True)
 
-    def set_frozen_fp8(self) -> list[str]:
+    def set_frozen_fp8(self, backward: bool = False) -> list[str]:
         """Store the DiT blocks' frozen linear weights in float8 (:class:`.fp8.Fp8FrozenLinear`;
         the patch/time/text embedders and the output projection stay as they are). One-way: the
-        bf16 weights are freed. Call before compiling. Returns the converted layers' names."""
+        bf16 weights are freed. Call before compiling. ``backward``: the input gradients' matmuls
+        in fp8 too (:meth:`set_fp8_backward`). Returns the converted layers' names."""
         if any(p.requires_grad for p in self.transformer.blocks.parameters()):
             raise ValueError("model.frozen_fp8=true needs a frozen backbone (model.train_backbone=false)")
         if self._compiled():
             raise ValueError("model.frozen_fp8: convert before compile_blocks()")
-        names = convert_frozen_linears(self.transformer.blocks)
+        names = convert_frozen_linears(self.transformer.blocks, backward)
         self.frozen_fp8 = True
         return names
+
+    def set_fp8_backward(self, enabled: bool) -> None:
+        """With ``frozen_fp8``: compute the float8 layers' input gradients in fp8 (True) or in the
+        gradient's dtype against the dequantised weights (False, the default)."""
+        if enabled and not self.frozen_fp8:
+            raise ValueError("model.frozen_fp8_backward=true needs model.frozen_fp8=true")
+        for module in self.modules():
+            if isinstance(module, Fp8FrozenLinear):
+                module.fp8_backward = bool(enabled)
 
     def fp8_buffer_names(self) -> list[str]:
         """Names (in ``named_buffers()``) of the float8 weights and scales: identical on every rank
@@ -669,6 +683,7 @@ def build_model(
     checkpoint_save_attention: bool = False,
     frozen_fp8: bool = False,
     checkpoint_memory_gib: float | None = None,
+    frozen_fp8_backward: bool = False,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
     (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``).
@@ -696,6 +711,7 @@ def build_model(
         checkpoint_save_attention=checkpoint_save_attention,
         frozen_fp8=frozen_fp8,
         checkpoint_memory_gib=checkpoint_memory_gib,
+        frozen_fp8_backward=frozen_fp8_backward,
     )
     if init_from:
         from .weights import load_adapter_weights  # weights.py imports this module

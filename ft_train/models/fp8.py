@@ -4,8 +4,12 @@ With the backbone frozen, its linear layers never need a weight gradient, so the
 live in float8 (e4m3, one scale per output channel): half the bf16 bytes (16 GB instead of 32 GB
 for the 14B DiT), and the forward matmul runs on the tensor cores' fp8 path
 (``torch._scaled_mm``, about twice bf16's peak on Hopper) with the activations quantised per token
-on the fly. Backward only needs the input gradient, ``dX = dY · W``; it runs in the gradient's
-dtype against the dequantised weight, so the gradients that reach the adapters keep bf16 precision.
+on the fly. Backward only needs the input gradient, ``dX = dY · W``; by default it runs in the
+gradient's dtype against the dequantised weight, so the gradients that reach the adapters keep
+bf16 precision. With ``backward=True`` (``model.frozen_fp8_backward``) it runs in fp8 too: the
+weight's per-channel scales are folded into the gradient's columns, which are then quantised per
+token, against the e4m3 weight transposed for the step (a 1-byte copy of one layer's weight at a
+time, nothing kept).
 
 The quantised weights are stored as ``uint8`` buffers (the e4m3 bits) and their scales as
 ``int32`` (the float32 bits): neither is a floating-point tensor, so ``Module.to(dtype)``,
@@ -61,7 +65,7 @@ class _Fp8Linear(torch.autograd.Function):
     weight gets no gradient), so backward costs one matmul and no stored input."""
 
     @staticmethod
-    def forward(ctx, x, weight_bits, scale_bits, bias):  # noqa: D102
+    def forward(ctx, x, weight_bits, scale_bits, bias, fp8_backward=False):  # noqa: D102
         out_dtype = _out_dtype(x)
         weight = weight_bits.view(FP8)  # (N, K), row-major
         scale = scale_bits.view(torch.float32)  # (1, N)
@@ -73,26 +77,38 @@ class _Fp8Linear(torch.autograd.Function):
         if bias is not None:
             out = out + bias.to(out_dtype)
         ctx.save_for_backward(weight_bits, scale_bits)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.fp8_backward = x.dtype, fp8_backward
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         weight_bits, scale_bits = ctx.saved_tensors
-        dtype = grad_out.dtype
-        weight = weight_bits.view(FP8).to(dtype) * scale_bits.view(torch.float32).t().to(dtype)  # (N, K)
-        grad_in = grad_out.reshape(-1, grad_out.shape[-1]) @ weight
-        return grad_in.reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype), None, None, None
+        scale = scale_bits.view(torch.float32)  # (1, N)
+        grad2 = grad_out.reshape(-1, grad_out.shape[-1])
+        k = weight_bits.shape[1]
+        if ctx.fp8_backward:
+            # dX = (dY · diag(s)) · W_q: scale dY's columns, quantise it per token; mat2 must be
+            # column-major (N, K), i.e. the (K, N) transpose laid out row by row.
+            grad_q, grad_scale = quantize_rows(grad2.float() * scale)
+            weight_t = weight_bits.t().contiguous().view(FP8)  # (K, N), row-major
+            ones = torch.ones(1, k, dtype=torch.float32, device=grad_out.device)
+            grad_in = torch._scaled_mm(grad_q, weight_t.t(), scale_a=grad_scale, scale_b=ones, out_dtype=torch.bfloat16)
+        else:
+            dtype = grad_out.dtype
+            weight = weight_bits.view(FP8).to(dtype) * scale.t().to(dtype)  # (N, K)
+            grad_in = grad2 @ weight
+        return grad_in.reshape(*grad_out.shape[:-1], k).to(ctx.x_dtype), None, None, None, None
 
 
 class Fp8FrozenLinear(nn.Module):
     """A frozen ``nn.Linear`` with its weight in float8 (see the module docstring). The bias stays
     a (frozen) parameter in the model's dtype."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, backward: bool = False):
         super().__init__()
+        self.fp8_backward = bool(backward)
         if linear.weight.requires_grad:
             raise ValueError("model.frozen_fp8: only frozen linear layers can be stored in float8 (model.train_backbone=false)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -112,20 +128,22 @@ class Fp8FrozenLinear(nn.Module):
         return (self.weight_bits.view(FP8).float() * scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8Linear.apply(x, self.weight_bits, self.scale_bits, self.bias)
+        return _Fp8Linear.apply(x, self.weight_bits, self.scale_bits, self.bias, self.fp8_backward)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, float8_e4m3"
+        grads = "fp8" if self.fp8_backward else "dequantised"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, float8_e4m3, {grads} backward"
 
 
-def convert_frozen_linears(root: nn.Module) -> list[str]:
+def convert_frozen_linears(root: nn.Module, backward: bool = False) -> list[str]:
     """Replace every frozen ``nn.Linear`` under ``root`` whose widths suit ``_scaled_mm`` by an
-    :class:`Fp8FrozenLinear`, in place (each weight is quantised on the device it is on, then its
-    bf16 copy is freed). Returns the replaced modules' names, relative to ``root``."""
+    :class:`Fp8FrozenLinear` (``backward``: its input gradient in fp8 too), in place (each weight
+    is quantised on the device it is on, then its bf16 copy is freed). Returns the replaced
+    modules' names, relative to ``root``."""
     replaced = []
     for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
             if Fp8FrozenLinear.supports(child) and not child.weight.requires_grad:
-                setattr(module, child_name, Fp8FrozenLinear(child))
+                setattr(module, child_name, Fp8FrozenLinear(child, backward))
                 replaced.append(f"{name}.{child_name}" if name else child_name)
     return replaced
