@@ -66,7 +66,8 @@ if str(REPO) not in sys.path:  # the GPU image runs the checkout without install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    Budget, add_run_options, case_failure, device_peaks, fmt, free_memory, is_oom, report_header, run_guarded, slug,
+    Budget, add_run_options, bench_parser, case_failure, device_peaks, finish_report, fmt, free_memory, is_oom,
+    report_header, run_guarded, slug,
 )
 from train_step import Clock, building, environment  # noqa: E402
 
@@ -338,9 +339,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="all", help=f"comma-separated: all | {' | '.join(CASES)}")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny encoders, 17×64×64 clip, --device cpu")
+    ap = bench_parser(__doc__, cases_help=f"comma-separated: all | {' | '.join(CASES)}",
+                      tiny_help="CPU smoke test: tiny encoders, 17×64×64 clip, --device cpu")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu")
     ap.add_argument("--batch", type=int, default=1, help="clips per encoder call (the encode pass's batch_size; default 1)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 1)")
@@ -510,10 +510,7 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
         record(case, status, dtype=dtype, **res)
         free_memory(device)
 
-    save()
-    print(markdown(report))
-    print(f"[bench] wrote {json_path} and {md_path}", flush=True)
-    return 0
+    return finish_report(save, lambda: markdown(report), json_path, md_path)
 
 
 if __name__ == "__main__":

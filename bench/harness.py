@@ -34,6 +34,25 @@ class Budget:
         return self.seconds - self.elapsed()
 
 
+def bench_parser(doc: str | None, *, cases_help: str, tiny_help: str, cases_default: str = "all") -> argparse.ArgumentParser:
+    """The benches' command line: the script's first docstring line as its description, ``--cases``
+    and ``--tiny`` (the CPU smoke test); each script adds its own options, then
+    :func:`add_run_options`."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=cases_default, help=cases_help)
+    ap.add_argument("--tiny", action="store_true", help=tiny_help)
+    return ap
+
+
+def finish_report(save: Callable[[], None], markdown_text: Callable[[], str], *paths: Path) -> int:
+    """Write the report a last time, print its markdown (the device tool returns the output's
+    tail, so the tables come back even when the files do not) and where it went."""
+    save()
+    print(markdown_text())
+    print(f"[bench] wrote {' and '.join(str(p) for p in paths)}", flush=True)
+    return 0
+
+
 def add_run_options(ap: argparse.ArgumentParser, *, budget: float, grace: float, min_case_s: float | None,
                     min_case_help: str | None = None, grace_help: str | None = None) -> None:
     """``--budget``, ``--grace``, ``--min-case-s``, ``--seed`` and ``--out`` (results folder)."""

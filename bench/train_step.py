@@ -77,7 +77,8 @@ if str(REPO) not in sys.path:  # the GPU image runs the checkout without install
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
-    Budget, add_run_options, case_failure, device_peaks, fmt, free_memory, is_oom, report_header, run_guarded, slug,
+    Budget, add_run_options, bench_parser, case_failure, device_peaks, finish_report, fmt, free_memory, is_oom,
+    report_header, run_guarded, slug,
 )
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name;
@@ -783,9 +784,9 @@ def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="", help="comma-separated: all | CONFIG | CONFIG:KIND (default: all, or the tiny set with --tiny)")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny configs, --device cpu, 1 warm-up + 2 steps")
+    ap = bench_parser(__doc__, cases_default="",
+                      cases_help="comma-separated: all | CONFIG | CONFIG:KIND (default: all, or the tiny set with --tiny)",
+                      tiny_help="CPU smoke test: tiny configs, --device cpu, 1 warm-up + 2 steps")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu")
     ap.add_argument("--warmup", type=int, default=None, help="untimed training steps per case (default 2; tiny 1)")
     ap.add_argument("--iters", type=int, default=None, help="timed training steps per case (default 5; tiny 2)")
@@ -926,10 +927,7 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
         del model, batch
         free_memory(device)
 
-    save()
-    print(markdown(report))
-    print(f"[bench] wrote {json_path} and {md_path}", flush=True)
-    return 0
+    return finish_report(save, lambda: markdown(report), json_path, md_path)
 
 
 if __name__ == "__main__":

@@ -323,9 +323,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="all", help=f"comma-separated: all | {' | '.join(CASES)} (default all; tiny: zero2,zero3)")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny model (experiment=tiny_cpu), DS_ACCELERATOR=cpu")
+    sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]  # ft_train (uninstalled on the GPU image), harness
+    from harness import add_run_options, bench_parser, run_guarded
+
+    ap = bench_parser(__doc__, cases_help=f"comma-separated: all | {' | '.join(CASES)} (default all; tiny: zero2,zero3)",
+                      tiny_help="CPU smoke test: the tiny model (experiment=tiny_cpu), DS_ACCELERATOR=cpu")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (default 2; tiny 1)")
     ap.add_argument("--iters", type=int, default=None, help="timed steps (default 4; tiny 2)")
     ap.add_argument("--latent-hw", type=int, nargs=2, default=(60, 104), help="latent height, width (default 60 104 = 480×832)")
@@ -336,9 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for run folders and shards (default: a temporary one, removed)")
     ap.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                     help="one more ft-train override for every case (repeatable), e.g. --extra model.transformer.num_layers=10")
-    sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]  # ft_train (uninstalled on the GPU image), harness
-    from harness import add_run_options, run_guarded
-
     add_run_options(ap, budget=300.0, grace=30.0, min_case_s=None,
                     min_case_help="a case needs this many budget seconds left (default 60; tiny 20)",
                     grace_help="seconds after the budget when the running case is killed")
@@ -350,7 +349,7 @@ def run(args: argparse.Namespace, budget) -> int:
     import datetime as dt
     import platform
 
-    from harness import slug
+    from harness import finish_report, slug
 
     tiny = args.tiny
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
@@ -468,10 +467,7 @@ def run(args: argparse.Namespace, budget) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    save()
-    print(markdown(report))
-    print(f"[bench] wrote {json_path} and {md_path}", flush=True)
-    return 0
+    return finish_report(save, lambda: markdown(report), json_path, md_path)
 
 
 def _importable(name: str) -> bool:

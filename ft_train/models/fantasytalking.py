@@ -667,26 +667,16 @@ def build_model(
     pretrained: str | None = None,
     transformer: dict[str, Any] | None = None,
     dtype: str = "float32",
-    audio_mode: str = "clip",
-    audio_in_dim: int = 768,
-    audio_proj_dim: int = 2048,
-    audio_expand: int = 4,
-    train_backbone: bool = False,
-    gradient_checkpointing: bool = False,
     identity: dict[str, Any] | None = None,
     motion: dict[str, Any] | None = None,
     init_from: str | None = None,
-    checkpoint_keep: int | str = 0,
-    attention_backend: str | None = None,
-    compile_blocks: bool = False,
-    checkpoint_offload: bool = False,
-    checkpoint_save_attention: bool = False,
-    frozen_fp8: bool = False,
-    checkpoint_memory_gib: float | None = None,
-    frozen_fp8_backward: bool = False,
+    **options: Any,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
     (and the identity / motion modules when ``identity.enabled`` / ``motion.enabled``).
+
+    ``options`` are the other model keys (``audio_mode``, ``gradient_checkpointing``, the speed
+    options, ...), :class:`FantasyTalkingDiT`'s arguments by name; an unknown key fails there.
 
     ``init_from`` starts the adapters from trained weights: the released
     ``fantasytalking_model.ckpt`` (audio only; identity / motion stay at their zero start), an
@@ -696,22 +686,9 @@ def build_model(
     dit = load_transformer(pretrained, transformer, dtype)
     net = FantasyTalkingDiT(
         dit,
-        audio_mode=audio_mode,
-        audio_in_dim=audio_in_dim,
-        audio_proj_dim=audio_proj_dim,
-        audio_expand=audio_expand,
-        train_backbone=train_backbone,
-        gradient_checkpointing=gradient_checkpointing,
         identity=dict(identity) if identity is not None else None,
         motion=dict(motion) if motion is not None else None,
-        checkpoint_keep=checkpoint_keep,
-        attention_backend=attention_backend,
-        compile_blocks=compile_blocks,
-        checkpoint_offload=checkpoint_offload,
-        checkpoint_save_attention=checkpoint_save_attention,
-        frozen_fp8=frozen_fp8,
-        checkpoint_memory_gib=checkpoint_memory_gib,
-        frozen_fp8_backward=frozen_fp8_backward,
+        **options,
     )
     if init_from:
         from .weights import load_adapter_weights  # weights.py imports this module
