@@ -80,6 +80,8 @@ from harness import (  # noqa: E402
     Budget, add_run_options, bench_parser, case_failure, device_peaks, finish_report, fmt, free_memory, is_oom,
     report_header, run_guarded, slug,
 )
+from ft_train.flops import FLOP_FORMULA, adapter_sizes, train_flops  # noqa: E402
+from ft_train.flops import forward_flops as _forward_flops  # noqa: E402
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name;
 # first match wins, so the more specific names come first. H200 has the H100 SXM's compute.
@@ -155,18 +157,6 @@ SESSION_CASES = [
 ]
 TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
 
-FLOP_FORMULA = (
-    "fwd = B·N·[12·S·d² + 4·S²·d + 4·(T+I)·d² + 4·S·(T+I)·d + 4·S·d·f] "
-    "+ 2·B·S·d·(C_in·p + C_out·p) + 2·B·T·(C_t·d + d²) + 2·B·I·(C_i² + C_i·d); "
-    "ours adds B·N·[4·L·C_a·d + 4·S·W·d] + 2·B·L·768·C_a "
-    "(S video tokens, d = heads·head_dim, f ffn width, N blocks, T = 512 text / I = 257 image tokens, "
-    "p = patch volume, L audio tokens, W frame-window width, C_a = 2048; "
-    "every matmul and attention product counted as 2 FLOPs per multiply-add; norms, softmax, RoPE not counted). "
-    "Model FLOPs per step: full fine-tune 3·fwd; frozen backbone 2·fwd + 2·n·|trainable weights| "
-    "(n = tokens each trainable weight sees: 512 text tokens for attn2.to_v, L for the audio adapter); "
-    "sampling 3 passes·fwd. HFU also counts the blocks' forward that activation checkpointing recomputes. "
-    "MFU = model FLOPs / step time / peak."
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,38 +261,8 @@ def make_batch(cfg: BenchConfig, tcfg: dict[str, Any], device: torch.device, see
 
 
 def forward_flops(cfg: BenchConfig, tcfg: dict[str, Any], batch: int = 1, adapter: dict[str, int] | None = None) -> dict[str, float]:
-    """Analytic matmul + attention FLOPs of one DiT forward (:data:`FLOP_FORMULA`).
-
-    Returns ``blocks`` (what checkpointing recomputes), ``embed`` (patch/text/image embedders and
-    head) and ``adapter`` (audio projector, per-block audio k/v and window attention), in FLOPs;
-    ``attention`` is the part of ``blocks`` + ``adapter`` spent in attention products (QKᵀ, PV),
-    and ``tokens`` the video tokens S.
-    """
-    _, _, f, h, w = cfg.latent_shape
-    pt, ph, pw = tcfg["patch_size"]
-    s = (f // pt) * (h // ph) * (w // pw)
-    d = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
-    ffn, n = tcfg["ffn_dim"], tcfg["num_layers"]
-    t, i = 512, 257
-    ct, ci = tcfg["text_dim"], tcfg["image_dim"]
-    p = pt * ph * pw
-    per_block = 12 * s * d * d + 4 * s * s * d + 4 * (t + i) * d * d + 4 * s * (t + i) * d + 4 * s * d * ffn
-    embed = 2 * s * d * (tcfg["in_channels"] * p + tcfg["out_channels"] * p) + 2 * t * (ct * d + d * d) + 2 * i * (ci * ci + ci * d)
-    attention = batch * n * (4 * s * s * d + 4 * s * (t + i) * d)
-    out = {"tokens": s, "blocks": batch * n * per_block, "embed": batch * embed, "adapter": 0.0, "attention": attention}
-    if adapter:
-        ell, ca, win = adapter["audio_tokens"], adapter["audio_proj_dim"], adapter["window"]
-        out["adapter"] = batch * (n * (4 * ell * ca * d + 4 * s * win * d) + 2 * ell * adapter["audio_in_dim"] * ca)
-        out["attention"] += batch * n * 4 * s * win * d
-    return out
-
-
-def train_flops(fwd: dict[str, float], full: bool, trainable_weight_grad: float, checkpointing: bool) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) of one training step, see :data:`FLOP_FORMULA`."""
-    total = fwd["blocks"] + fwd["embed"] + fwd["adapter"]
-    model = 3 * total if full else 2 * total + trainable_weight_grad
-    recompute = fwd["blocks"] + fwd["adapter"] if checkpointing else 0.0
-    return model, model + recompute
+    """:func:`ft_train.models.flops.forward_flops` on a bench config's latents (:data:`FLOP_FORMULA`)."""
+    return _forward_flops(tcfg, cfg.latent_shape[2:], batch=batch, adapter=adapter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,11 +458,7 @@ def case_sample_baseline(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def adapter_shape(cfg: BenchConfig, model) -> dict[str, int]:
-    from ft_train.models.audio import audio_window_index
-
-    index, _ = audio_window_index(cfg.audio_tokens, cfg.frames, model.audio_expand)
-    return {"audio_tokens": cfg.audio_tokens, "audio_proj_dim": model.audio_proj.proj.out_features,
-            "audio_in_dim": model.audio_proj.proj.in_features, "window": index.shape[1]}
+    return adapter_sizes(model, cfg.audio_tokens, cfg.frames)
 
 
 def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:

@@ -197,6 +197,7 @@ def test_ft_train_tiny_cpu_end_to_end(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    per_step = {}
     for stage in ("clip", "frame"):
         stage_dir = tmp_path / "tiny_cpu" / stage
         assert (stage_dir / "checkpoints" / "step-00000200" / "model.ckpt").is_file()
@@ -207,6 +208,15 @@ def test_ft_train_tiny_cpu_end_to_end(tmp_path):
         quarter = len(losses) // 4
         first, last = sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter
         assert last < first, (stage, first, last)
+        # callbacks.perf and callbacks.throughput: step and wait times, FLOPs per step behind MFU.
+        _, step_s = read_metric(stage_dir / "metrics.csv", "perf/step_s")
+        _, wait_s = read_metric(stage_dir / "metrics.csv", "perf/wait_s")
+        assert step_s and wait_s and min(step_s) > 0 and min(wait_s) >= 0
+        _, batches = read_metric(stage_dir / "metrics.csv", "train/device/batches_per_sec")
+        _, flops = read_metric(stage_dir / "metrics.csv", "train/device/flops_per_sec")
+        per_step[stage] = flops[-1] / batches[-1]
+    # Clip level attends every audio token, frame level only each frame's window.
+    assert per_step["clip"] > per_step["frame"] > 0
     assert "final checkpoint" in proc.stdout
 
 

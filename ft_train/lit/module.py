@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from ..diffusion import FlowMatchingLoss, step_generator
+from ..flops import training_step_flops
 from ..models import FantasyTalkingDiT, model_summary
 from ..models.fantasytalking import auto_checkpoint_keep
 from ..models.weights import load_adapter_weights
@@ -90,6 +91,20 @@ class FantasyTalkingModule(L.LightningModule):
         # Batches taken from the loader, skipped steps included: the data position for resume.
         self.batches_seen = 0
         self._skip_update = False
+        self._flops: tuple[tuple[int, ...], float] | None = None  # (batch shapes, FLOPs) of the last batch
+
+    @property
+    def flops_per_batch(self) -> float | None:
+        """Model FLOPs of one training step on the last batch (:func:`~ft_train.flops.training_step_flops`),
+        for ``callbacks.throughput``'s MFU; None before the first batch."""
+        return self._flops[1] if self._flops is not None else None
+
+    def count_flops(self, batch: dict[str, torch.Tensor]) -> None:
+        shapes = (*batch["latents"].shape, batch["audio"].shape[1], batch["text"].shape[1], batch["clip"].shape[1])
+        if self._flops is None or self._flops[0] != shapes:
+            flops = training_step_flops(self.net, batch["latents"].shape, batch["audio"].shape[1],
+                                        text_tokens=batch["text"].shape[1], image_tokens=batch["clip"].shape[1])
+            self._flops = (shapes, float(flops))
 
     # -- steps ---------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -154,6 +169,7 @@ class FantasyTalkingModule(L.LightningModule):
         skipped = int(skipped.sum()) if skipped is not None else 0
         if not self._batch_checked:
             self.check_batch(batch)
+        self.count_flops(batch)
         accumulate = max(1, self.trainer.accumulate_grad_batches)
         generator = step_generator(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
         out = self.loss(self.net, batch, generator)

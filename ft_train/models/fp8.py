@@ -71,8 +71,12 @@ class _Fp8Linear(torch.autograd.Function):
         scale = scale_bits.view(torch.float32)  # (1, N)
         x2 = x.reshape(-1, x.shape[-1])
         xq, x_scale = quantize_rows(x2)
-        # mat2 must be column-major: Wᵀ of the row-major (N, K) weight is exactly that.
-        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale, out_dtype=torch.bfloat16)
+        # mat2 must be column-major: Wᵀ of the row-major (N, K) weight is exactly that. Fast
+        # accumulation (Hopper's fp8 MMA without the periodic fp32 promotion) for the forward only,
+        # as torchao's float8 training does by default; the input gradients keep full accumulation.
+        out = torch._scaled_mm(
+            xq, weight.t(), scale_a=x_scale, scale_b=scale, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
         out = out.to(out_dtype)
         if bias is not None:
             out = out + bias.to(out_dtype)
