@@ -78,11 +78,14 @@ class AdapterContext:
     window_empty: torch.Tensor | None = None
     last_offload: object = None  # the forward's latest host-offloaded block input (fantasytalking.HostCopy)
 
-    def set_windows(self, index: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Frame-level windows and their key masks, decided once per forward pass (one host sync)
-        so the blocks never read a tensor back (which would also break a compiled block's graph)."""
-        self.window_index, self.window_lengths = index, lengths
-        self.window_valid, self.window_empty = window_masks(lengths, index.shape[1])
+    def set_windows(self, index: torch.Tensor, lengths: torch.Tensor, device: torch.device | str | None = None) -> None:
+        """Frame-level windows and their key masks, decided once per forward pass from the host's
+        ``index``/``lengths`` (no read-back from the device: the blocks never sync, a compiled block's
+        graph never breaks, and meta tensors trace), then moved to ``device``."""
+        valid, empty = window_masks(lengths, index.shape[1])
+        move = (lambda t: t if t is None else t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
+        self.window_index, self.window_lengths = move(index), move(lengths)
+        self.window_valid, self.window_empty = move(valid), move(empty)
 
     def clear(self) -> None:
         self.audio = self.window_index = self.window_lengths = self.audio_scale = None

@@ -391,7 +391,7 @@ class FantasyTalkingDiT(nn.Module):
             ctx.audio = self.audio_proj(audio.to(self.audio_proj.proj.weight.dtype))
             if self.audio_mode == "frame":
                 num_frames = num_video_frames(hidden_states.shape[2])
-                ctx.set_windows(*audio_window_index(audio.shape[1], num_frames, self.audio_expand, device=audio.device))
+                ctx.set_windows(*audio_window_index(audio.shape[1], num_frames, self.audio_expand), device=audio.device)
             ctx.audio_scale = scale
         if self.identity is not None:
             ctx.identity = self.identity(image if face is None else face)
