@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_session.sh [checks] [encode] [zero] [train_step]   (default: all four, in this order)
 #
-# checks = pytest tests/test_model_speed_options.py tests/test_fp8.py (on CUDA too when there is one: the speed options
+# checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py (on CUDA too when there is one: the speed options
 # give plain backward's gradients), before any bench.
 #
 # Run it from the repo root through the device tool with carry [".whl"] and timeout_s 590
@@ -100,8 +100,8 @@ run_part() {
             # The model's speed options against plain backward, on this device (CUDA: pinned host
             # copies, GPU kernels, autocast); a failure here makes the bench numbers suspect.
             hard=$((budget + grace + MARGIN))
-            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py tests/test_fp8.py"
-            timeout --kill-after=5 "$hard" "$PY" -m pytest -q -p no:cacheprovider tests/test_model_speed_options.py tests/test_fp8.py
+            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py"
+            timeout --kill-after=5 "$hard" "$PY" -m pytest -q -p no:cacheprovider tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py
             say "checks: exit code $?"
             return ;;
         *) say "unknown part $part (checks, train_step, encode, zero)"; return ;;

@@ -93,8 +93,11 @@ class Sleepy(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(tmp_path, loader_delay: float, step_s: float, callbacks, steps: int = 14) -> list[dict]:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+ACCELERATORS = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events: on a GPU"))]
+
+
+def fit(tmp_path, loader_delay: float, step_s: float, callbacks, steps: int = 14, accelerator: str = "cpu") -> list[dict]:
+    trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks)
     trainer.fit(Sleepy(step_s), DataLoader(Samples(steps, loader_delay), batch_size=1, num_workers=0))
@@ -105,10 +108,14 @@ def column(rows, name):
     return [float(r[name]) for r in rows if r.get(name)]
 
 
-def test_a_slow_loader_shows_as_wait_and_warns_once(tmp_path, caplog):
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_a_slow_loader_shows_as_wait_and_warns_once(tmp_path, caplog, accelerator):
+    """On a GPU the times are CUDA events: the device idles through the host's sleeps, so they
+    read the same."""
     perf = StepPerf(stall_fraction=0.5, window=20, min_steps=5)
     with caplog.at_level(logging.WARNING, logger="ft_train.lit.perf"):
-        rows = fit(tmp_path, loader_delay=0.08, step_s=0.01, callbacks=[perf, Throughput(window_size=4)])
+        rows = fit(tmp_path, loader_delay=0.08, step_s=0.01, callbacks=[perf, Throughput(window_size=4)],
+                   accelerator=accelerator)
     steps, waits = column(rows, "perf/step_s"), column(rows, "perf/wait_s")
     assert len(steps) == 14 and len(waits) == 13  # no wait before the first step
     assert all(0.009 < s < 0.06 for s in steps[1:])
@@ -122,14 +129,18 @@ def test_a_slow_loader_shows_as_wait_and_warns_once(tmp_path, caplog):
     assert flops[-1] == pytest.approx(1e6 * rate[-1], rel=0.05)
 
 
-def test_a_fast_loader_does_not_warn(tmp_path, caplog):
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_a_fast_loader_does_not_warn(tmp_path, caplog, accelerator):
     perf = StepPerf(stall_fraction=0.5, window=20, min_steps=5)
     with caplog.at_level(logging.WARNING, logger="ft_train.lit.perf"):
-        rows = fit(tmp_path, loader_delay=0.0, step_s=0.05, callbacks=[perf])
+        rows = fit(tmp_path, loader_delay=0.0, step_s=0.05, callbacks=[perf], accelerator=accelerator)
     waits = column(rows, "perf/wait_s")
     assert waits and sorted(waits)[len(waits) // 2] < 0.025
     assert all(s > 0.045 for s in column(rows, "perf/step_s"))
     assert not [r for r in caplog.records if "loader cannot keep up" in r.getMessage()]
+    if accelerator == "gpu":
+        peaks = column(rows, "perf/memory_peak_gib")
+        assert peaks and 0 < peaks[-1] < 1  # a 64×4 linear layer and its batches
 
 
 @pytest.mark.parametrize("kwargs, key", [({"stall_fraction": 0.0}, "stall_fraction"), ({"window": 0}, "window")])
