@@ -2,7 +2,8 @@
 # One device call for the GPU benches: install the carried wheels, check the imports, then run
 # bench/train_step.py, bench/encode_throughput.py and bench/zero_step.py under one deadline.
 #
-#   bash bench/gpu_session.sh [checks] [encode] [zero] [train_step]   (default: all four, in this order)
+#   bash bench/gpu_session.sh [checks] [attention] [encode] [zero] [train_step]
+#   (default: checks encode zero train_step, in this order; attention, bench/attention.py, when named)
 #
 # checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py (on CUDA too when there is one: the speed options
 # give plain backward's gradients), before any bench.
@@ -16,11 +17,12 @@
 # own watchdog at --budget + --grace, and an outer `timeout` MARGIN (10 s) after that (then a kill
 # 5 s later); time a bench leaves unused goes to the later ones. From the environment (seconds):
 #   CHECK_RESERVE=60 CHECK_CAP=120 CHECK_GRACE=10  the checks
+#   ATT_RESERVE=30 ATT_CAP=40 ATT_GRACE=15      bench/attention.py (SDPA backends at the 14B shapes)
 #   ENC_RESERVE=60 ENC_CAP=70 ENC_GRACE=20      bench/encode_throughput.py
 #   ZERO_RESERVE=120 ZERO_CAP=170 ZERO_GRACE=25 bench/zero_step.py
 #   TS_RESERVE=200 TS_CAP=330 TS_GRACE=25       bench/train_step.py (the last part takes all time left, up to its cap)
 #   TS_CASES (session: baselines + each speed option)  TS_ARGS (default: --warmup 1 --iters 3 --sample-iters 2 --profile)
-#   ENC_ARGS ZERO_ARGS                          extra arguments, e.g. ZERO_ARGS="--cases zero2-full,zero3-full"
+#   ATT_ARGS ENC_ARGS ZERO_ARGS                 extra arguments, e.g. ZERO_ARGS="--cases zero2-full,zero3-full"
 #   PY (python3), OUT (/tmp/gpu_session_out when the tool's $OUT is not set)
 # CPU dry run of the whole script (tiny modes):
 #   PY=python OUT=/tmp/gs TS_ARGS="--tiny --cases tiny" ENC_ARGS=--tiny ZERO_ARGS=--tiny bash bench/gpu_session.sh
@@ -37,9 +39,9 @@ PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(checks encode zero train_step)
 
 say() { echo "[session t=$((SECONDS - T0))s] $*"; }
-reserve_of() { case $1 in checks) echo "${CHECK_RESERVE:-60}";; train_step) echo "${TS_RESERVE:-200}";; encode) echo "${ENC_RESERVE:-60}";; zero) echo "${ZERO_RESERVE:-120}";; *) echo 0;; esac; }
-cap_of()     { case $1 in checks) echo "${CHECK_CAP:-120}";; train_step) echo "${TS_CAP:-330}";; encode) echo "${ENC_CAP:-70}";; zero) echo "${ZERO_CAP:-170}";; *) echo 0;; esac; }
-grace_of()   { case $1 in checks) echo "${CHECK_GRACE:-10}";; train_step) echo "${TS_GRACE:-25}";; encode) echo "${ENC_GRACE:-20}";; zero) echo "${ZERO_GRACE:-25}";; *) echo 0;; esac; }
+reserve_of() { case $1 in attention) echo "${ATT_RESERVE:-30}";; checks) echo "${CHECK_RESERVE:-60}";; train_step) echo "${TS_RESERVE:-200}";; encode) echo "${ENC_RESERVE:-60}";; zero) echo "${ZERO_RESERVE:-120}";; *) echo 0;; esac; }
+cap_of()     { case $1 in attention) echo "${ATT_CAP:-40}";; checks) echo "${CHECK_CAP:-120}";; train_step) echo "${TS_CAP:-330}";; encode) echo "${ENC_CAP:-70}";; zero) echo "${ZERO_CAP:-170}";; *) echo 0;; esac; }
+grace_of()   { case $1 in attention) echo "${ATT_GRACE:-15}";; checks) echo "${CHECK_GRACE:-10}";; train_step) echo "${TS_GRACE:-25}";; encode) echo "${ENC_GRACE:-20}";; zero) echo "${ZERO_GRACE:-25}";; *) echo 0;; esac; }
 
 install_wheels() {
     # Wheels the GPU image lacks (bench/README.md, "GPU session", lists them and how .whl/ is filled).
@@ -94,6 +96,7 @@ run_part() {
     fi
     case $part in
         train_step) cmd=("$PY" bench/train_step.py --cases "${TS_CASES:-session}" ${TS_ARGS:---warmup 1 --iters 3 --sample-iters 2 --profile}) ;;
+        attention)  cmd=("$PY" bench/attention.py ${ATT_ARGS:-}) ;;
         encode)     cmd=("$PY" bench/encode_throughput.py ${ENC_ARGS:-}) ;;
         zero)       cmd=("$PY" bench/zero_step.py ${ZERO_ARGS:-}) ;;
         checks)
@@ -104,7 +107,7 @@ run_part() {
             timeout --kill-after=5 "$hard" "$PY" -m pytest -q -p no:cacheprovider tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py
             say "checks: exit code $?"
             return ;;
-        *) say "unknown part $part (checks, train_step, encode, zero)"; return ;;
+        *) say "unknown part $part (checks, attention, train_step, encode, zero)"; return ;;
     esac
     hard=$((budget + grace + MARGIN))
     say "$part: budget ${budget}s, watchdog at $((budget + grace))s, killed at ${hard}s: ${cmd[*]}"

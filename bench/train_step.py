@@ -99,6 +99,7 @@ RUNNING = "running (the watchdog stopped the run here)"
 # Variants of our cases, appended to the kind with "+" (e.g. ``14b:train_ours+cudnn+keep4``): each
 # switches one model speed option (conf/model/*.yaml) on the already built model before the case.
 #   cudnn / flash   model.attention_backend = _native_cudnn / _native_flash (diffusers backends)
+#   cudnnself       model.self_attention_backend = _native_cudnn (the video self-attention alone)
 #   keepN           model.checkpoint_keep = N (the last N blocks store activations, no recompute)
 #   compile         model.compile_blocks (torch.compile of every DiT block, Inductor)
 #   offload         model.checkpoint_offload (recomputed blocks keep their input in host memory)
@@ -108,7 +109,7 @@ RUNNING = "running (the watchdog stopped the run here)"
 #   fp8             model.frozen_fp8 (frozen blocks' linear weights in float8, fp8 forward matmuls); one-way,
 #                   so a config's fp8 cases run after its other cases
 #   fp8bwd          fp8 + model.frozen_fp8_backward (the input gradients' matmuls in fp8 too)
-VARIANT_RE = re.compile(r"^(cudnn|flash|compile|offload|sac|fp8|fp8bwd|auto|keep\d+)$")
+VARIANT_RE = re.compile(r"^(cudnn|flash|cudnnself|compile|offload|sac|fp8|fp8bwd|auto|keep\d+)$")
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -150,7 +151,7 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 # next. The first session (2026-11-27) ran the baselines with +cudnn, +keep4 and +compile.
 SESSION_CASES = [
     "14b:train_baseline", "14b:sample_baseline",
-    "14b:train_ours+compile+sac", "14b:train_ours+compile+offload",
+    "14b:train_ours+compile+sac", "14b:train_ours+compile+sac+cudnnself", "14b:train_ours+compile+offload",
     "14b:train_ours+compile+sac+fp8+auto", "14b:sample_ours+compile+fp8", "14b:train_ours+compile+sac+fp8bwd+auto",
     "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto",
     "14b-720:train_ours+compile+offload+fp8",  # last: one step shows it fits; it takes what time is left
@@ -571,7 +572,7 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
         else:
             raise SystemExit(
                 f"--cases: unknown case {item!r}; use all, session, a config ({', '.join(CONFIGS)}) or config:kind "
-                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +keepN, +auto, +compile, +offload, +sac, +fp8, +fp8bwd)"
+                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +cudnnself, +keepN, +auto, +compile, +offload, +sac, +fp8, +fp8bwd)"
             )
     return list(dict.fromkeys(out))
 
@@ -579,6 +580,7 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
 def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dict[str, Any]:
     """Set our model's speed options for one case: the variants named, else the model yaml's values."""
     backend = model_cfg.get("attention_backend")
+    self_backend = model_cfg.get("self_attention_backend")
     keep = int(model_cfg.get("checkpoint_keep") or 0)
     compiled = bool(model_cfg.get("compile_blocks"))
     offload = bool(model_cfg.get("checkpoint_offload"))
@@ -588,6 +590,8 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     for v in variants:
         if v in ATTENTION_VARIANTS:
             backend = ATTENTION_VARIANTS[v]
+        elif v == "cudnnself":
+            self_backend = "_native_cudnn"
         elif v.startswith("keep"):
             keep = int(v[4:])
         elif v == "compile":
@@ -602,7 +606,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             fp8 = fp8_backward = True
         elif v == "auto":
             keep = "auto"
-    model.set_attention_backend(backend)
+    model.set_attention_backend(backend, self_backend)
     blocks = list(model.transformer.blocks)
     if fp8 != model.frozen_fp8:
         if not fp8:
@@ -623,6 +627,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     if model.transformer.gradient_checkpointing:  # auto: keep the last block, to measure it
         model.set_checkpointing(True, keep=1 if keep == "auto" else keep, offload=offload, save_attention=save_attention)
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
+            "self_attention_backend": self_backend or backend or "torch SDPA (auto)",
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
             "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None,
             "checkpoint_save_attention": save_attention if model.transformer.gradient_checkpointing else None,

@@ -113,6 +113,36 @@ def test_encode_throughput_tiny(tmp_path):
     assert not finite_numbers(report), finite_numbers(report)
 
 
+def test_attention_tiny_times_every_shape_and_records_what_cannot_run(tmp_path):
+    """On the CPU: the flash and math kernels run every shape and agree on the output; cuDNN has
+    no CPU kernel and is recorded as unsupported, not as a failure."""
+    att = load_bench("attention")
+    assert att.main(["--tiny", "--backends", "flash,math,cudnn", "--iters", "2", "--out", str(tmp_path)]) == 0
+    report = only_json(tmp_path, "attention-cpu-")
+    rows = {(r["shape"], r["backend"]): r for r in report["results"]}
+    assert set(rows) == {(s, b) for s in att.SHAPES for b in ("flash", "math", "cudnn")}
+    dims = report["dims"]
+    assert dims["tokens"] == 320 and dims["heads"] == 2 and dims["latent_frames"] == 5
+    for shape in att.SHAPES:
+        for backend in ("flash", "math"):
+            row = rows[(shape, backend)]
+            assert row["status"] == "ok" and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+        assert rows[(shape, "cudnn")]["status"] == "unsupported"
+    assert rows[("self", "flash")]["key_tokens"] == 320 and rows[("text", "flash")]["key_tokens"] == 512
+    assert rows[("audio", "flash")]["query_tokens"] == 320 and rows[("audio", "flash")]["key_tokens"] == dims["window"]
+    # The audio case's mask: the same inputs through two kernels give the same windows' output.
+    q, k, v, mask, _, _ = att.make_inputs("audio", dims, torch.device("cpu"), torch.float32, grad=False)
+    assert mask is not None and not bool(mask.all())  # padded window slots are masked
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    outs = []
+    for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(kernel):
+            outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    assert "| self | flash | ok |" in (tmp_path / next(p.name for p in tmp_path.glob("*.md"))).read_text()
+
+
 @pytest.mark.slow
 def test_zero_step_tiny(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu")

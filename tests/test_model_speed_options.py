@@ -150,6 +150,45 @@ def test_attention_backend_reaches_every_processor_and_keeps_the_output(tiny_tra
     assert all(getattr(b.attn2.processor, "_attention_backend", None) is None for b in model.transformer.blocks)
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+def test_self_attention_backend_routes_only_the_self_attention(tiny_transformer_config, device):
+    """On CUDA this runs cuDNN attention for the S×S self-attention (bf16 autocast, as training
+    does) against torch's default kernels; on the CPU the math backend, exactly."""
+    backend = "_native_cudnn" if device == "cuda" else "_native_math"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    with autocast:
+        ref_out, ref_grads = _loss_and_grads(_model(tiny_transformer_config, device), device)
+    model = _model(tiny_transformer_config, device, self_attention_backend=backend)
+    blocks = list(model.transformer.blocks)
+    assert all(b.attn1.processor._attention_backend == backend for b in blocks)
+    assert all(b.attn2.processor._attention_backend is None for b in blocks)
+    with autocast:
+        out, grads = _loss_and_grads(model, device)
+    if device == "cpu":
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+    else:
+        assert _cos(out, ref_out) > 0.999
+        for name in ref_grads:
+            assert _cos(grads[name], ref_grads[name]) > 0.99, name
+    # attention_backend for all, then the self-attention's own: the later call keeps both apart.
+    model.set_attention_backend("_native_math", backend)
+    assert all(b.attn2.processor._attention_backend == "_native_math" for b in blocks)
+    assert all(b.attn1.processor._attention_backend == backend for b in blocks)
+    model.set_attention_backend(None)
+    assert all(b.attn1.processor._attention_backend is None for b in blocks) and model.self_attention_backend is None
+
+
+@pytest.mark.parametrize("key", ["attention_backend", "self_attention_backend"])
+def test_unknown_attention_backend_names_the_key(tiny_transformer_config, key):
+    with pytest.raises(ValueError, match=f"model.{key}='fastest'"):
+        _model(tiny_transformer_config, **{key: "fastest"})
+
+
 def test_compiled_blocks_match_eager(tiny_transformer_config):
     ref_out, ref_grads = _loss_and_grads(_model(tiny_transformer_config, gradient_checkpointing=True))
     model = _model(tiny_transformer_config, gradient_checkpointing=True)

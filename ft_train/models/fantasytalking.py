@@ -122,6 +122,10 @@ class FantasyTalkingDiT(nn.Module):
             self-attention outputs (S × d each): backward skips the attention forward.
         attention_backend: a diffusers attention backend for every attention of the model
             (``_native_cudnn``, ``_native_flash``, ``flash``, ...); None = torch SDPA's own choice.
+        self_attention_backend: a diffusers backend for the video self-attention alone (every
+            block's ``attn1``: S × S, most of the model's attention work), over
+            ``attention_backend``; the short cross-attentions and the masked audio windows keep
+            theirs.
         compile_blocks: ``torch.compile`` each DiT block (all blocks share one compiled graph).
         frozen_fp8: store the frozen blocks' linear weights in float8 and run their forward
             matmuls in fp8 (:mod:`.fp8`; needs ``train_backbone=False``).
@@ -144,6 +148,7 @@ class FantasyTalkingDiT(nn.Module):
         motion: MotionConfig | dict[str, Any] | None = None,
         checkpoint_keep: int | str = 0,
         attention_backend: str | None = None,
+        self_attention_backend: str | None = None,
         compile_blocks: bool = False,
         checkpoint_offload: bool = False,
         checkpoint_save_attention: bool = False,
@@ -162,6 +167,7 @@ class FantasyTalkingDiT(nn.Module):
         self.audio_expand = audio_expand
         self.audio_mode = audio_mode
         self._context = AdapterContext()
+        self.self_attention_backend: str | None = None
         self.identity_config = identity if isinstance(identity, IdentityConfig) else IdentityConfig.from_dict(identity)
         self.motion_config = motion if isinstance(motion, MotionConfig) else MotionConfig.from_dict(motion)
         # Disabled modules are not created at all (no parameters, no checkpoint keys).
@@ -197,8 +203,8 @@ class FantasyTalkingDiT(nn.Module):
             # auto starts by keeping the last block, to measure what a kept block costs.
             self.set_checkpointing(True, keep=1 if self.checkpoint_auto else checkpoint_keep,
                                    offload=checkpoint_offload, save_attention=checkpoint_save_attention)
-        if attention_backend:
-            self.set_attention_backend(attention_backend)
+        if attention_backend or self_attention_backend:
+            self.set_attention_backend(attention_backend, self_attention_backend)
         if compile_blocks:
             self.compile_blocks()
 
@@ -257,17 +263,28 @@ class FantasyTalkingDiT(nn.Module):
         """The largest activation memory one kept block left allocated so far (auto sizing)."""
         return max(self._kept_block_bytes) if self._kept_block_bytes else None
 
-    def set_attention_backend(self, backend: str | None) -> None:
+    def set_attention_backend(self, backend: str | None, self_backend: str | None = None) -> None:
         """Route every attention (self, text, image, audio windows, face) through one diffusers
-        backend; None restores torch SDPA's own choice. Masked audio windows always use SDPA's
-        dispatch (:func:`.adapter.audio_attention`)."""
-        if backend:
-            self.transformer.set_attention_backend(backend)
-        else:
-            self.transformer.reset_attention_backend()
-            # diffusers' reset leaves its process-wide active backend (the one processors without
-            # their own backend use) at the last one set: put back the start-up default.
-            _AttentionBackendRegistry.set_active_backend(_DEFAULT_ATTENTION_BACKEND)
+        backend, and the video self-attention (``attn1``) through ``self_backend`` when given;
+        None restores torch SDPA's own choice. Masked audio windows always use SDPA's dispatch
+        (:func:`.adapter.audio_attention`)."""
+        try:
+            if backend:
+                self.transformer.set_attention_backend(backend)
+            else:
+                self.transformer.reset_attention_backend()
+                # diffusers' reset leaves its process-wide active backend (the one processors
+                # without their own backend use) at the last one set: put back the start-up default.
+                _AttentionBackendRegistry.set_active_backend(_DEFAULT_ATTENTION_BACKEND)
+        except ValueError as err:
+            raise ValueError(f"model.attention_backend={backend!r}: {err}") from None
+        if self_backend:
+            try:
+                for block in self.transformer.blocks:
+                    block.attn1.set_attention_backend(self_backend)
+            except ValueError as err:
+                raise ValueError(f"model.self_attention_backend={self_backend!r}: {err}") from None
+        self.self_attention_backend = self_backend or None
 
     def compile_blocks(self, **options: Any) -> None:
         """``torch.compile`` every DiT block in place (``nn.Module.compile``). The blocks have one
