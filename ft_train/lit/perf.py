@@ -45,8 +45,8 @@ class StepPerf(L.Callback):
     """Per training step, logged as ``perf/step_s`` (device time from batch start to batch end:
     forward, backward, optimiser), ``perf/wait_s`` (device time between the previous step's end
     and this step's start: the next batch, its copy to the device, logging, checkpoint saves,
-    validation), ``perf/memory_peak_gib`` and ``perf/memory_reserved_gib`` (the run's peak of
-    tensor memory and of the caching allocator's pool; CUDA only).
+    validation), ``perf/memory_peak_gib`` and ``perf/memory_reserved_gib`` (the peak, since
+    training started, of tensor memory and of the caching allocator's pool; CUDA only).
 
     On CUDA the times come from CUDA events (read after one synchronisation per step); on the CPU
     from the host clock. Once ``min_steps`` steps have run, a median wait above ``stall_fraction``
@@ -84,6 +84,8 @@ class StepPerf(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_end = None  # no wait before the first step of a (resumed) run
+        if pl_module.device.type == "cuda":  # the peaks are this run's (what it holds now included)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = self._mark(pl_module.device)
