@@ -99,7 +99,7 @@ RUNNING = "running (the watchdog stopped the run here)"
 # Variants of our cases, appended to the kind with "+" (e.g. ``14b:train_ours+cudnn+keep4``): each
 # switches one model speed option (conf/model/*.yaml) on the already built model before the case.
 #   cudnn / flash   model.attention_backend = _native_cudnn / _native_flash (diffusers backends)
-#   cudnnself       model.self_attention_backend = _native_cudnn (the video self-attention alone)
+#   cudnnself       model.self_attention_kernel = cudnn (the video self-attention alone, no copies)
 #   keepN           model.checkpoint_keep = N (the last N blocks store activations, no recompute)
 #   compile         model.compile_blocks (torch.compile of every DiT block, Inductor)
 #   offload         model.checkpoint_offload (recomputed blocks keep their input in host memory)
@@ -580,7 +580,7 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
 def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dict[str, Any]:
     """Set our model's speed options for one case: the variants named, else the model yaml's values."""
     backend = model_cfg.get("attention_backend")
-    self_backend = model_cfg.get("self_attention_backend")
+    self_kernel = model_cfg.get("self_attention_kernel")
     keep = int(model_cfg.get("checkpoint_keep") or 0)
     compiled = bool(model_cfg.get("compile_blocks"))
     offload = bool(model_cfg.get("checkpoint_offload"))
@@ -591,7 +591,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
         if v in ATTENTION_VARIANTS:
             backend = ATTENTION_VARIANTS[v]
         elif v == "cudnnself":
-            self_backend = "_native_cudnn"
+            self_kernel = "cudnn"
         elif v.startswith("keep"):
             keep = int(v[4:])
         elif v == "compile":
@@ -606,7 +606,8 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             fp8 = fp8_backward = True
         elif v == "auto":
             keep = "auto"
-    model.set_attention_backend(backend, self_backend)
+    model.set_attention_backend(backend)
+    model.set_self_attention_kernel(self_kernel)
     blocks = list(model.transformer.blocks)
     if fp8 != model.frozen_fp8:
         if not fp8:
@@ -627,7 +628,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     if model.transformer.gradient_checkpointing:  # auto: keep the last block, to measure it
         model.set_checkpointing(True, keep=1 if keep == "auto" else keep, offload=offload, save_attention=save_attention)
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
-            "self_attention_backend": self_backend or backend or "torch SDPA (auto)",
+            "self_attention_kernel": self_kernel or "as attention_backend",
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
             "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None,
             "checkpoint_save_attention": save_attention if model.transformer.gradient_checkpointing else None,

@@ -154,39 +154,82 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
 
 
-def test_self_attention_backend_routes_only_the_self_attention(tiny_transformer_config, device):
-    """On CUDA this runs cuDNN attention for the S×S self-attention (bf16 autocast, as training
-    does) against torch's default kernels; on the CPU the math backend, exactly."""
-    backend = "_native_cudnn" if device == "cuda" else "_native_math"
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops a forward/backward runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_self_attention_kernel_runs_the_self_attention_through_that_kernel(tiny_transformer_config, device):
+    """On CUDA: cuDNN attention for the S×S self-attention (bf16 autocast, as training runs),
+    against torch's default kernels. On the CPU: the math kernel, exactly. Either way only the
+    self-attentions leave torch's fused kernel."""
+    kernel = "cudnn" if device == "cuda" else "math"
+    fused = "_scaled_dot_product_flash_attention_for_cpu" if device == "cpu" else "_scaled_dot_product_flash_attention"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    with autocast:
+    plain_counter = _OpCounter()
+    with autocast, plain_counter:
         ref_out, ref_grads = _loss_and_grads(_model(tiny_transformer_config, device), device)
-    model = _model(tiny_transformer_config, device, self_attention_backend=backend)
+    model = _model(tiny_transformer_config, device, self_attention_kernel=kernel)
     blocks = list(model.transformer.blocks)
-    assert all(b.attn1.processor._attention_backend == backend for b in blocks)
-    assert all(b.attn2.processor._attention_backend is None for b in blocks)
-    with autocast:
+    assert model.self_attention_kernel == kernel
+    assert all(isinstance(b.attn2.processor, FantasyTalkingAttnProcessor) for b in blocks)
+    counter = _OpCounter()
+    with autocast, counter:
         out, grads = _loss_and_grads(model, device)
+    # torch's choice: its fused kernel for every attention; now the self-attentions (one per block)
+    # leave it (math decomposes into matmuls; cuDNN is its own op) and the others stay on it.
+    assert counter.counts.get(fused, 0) == plain_counter.counts[fused] - len(blocks), (plain_counter.counts, counter.counts)
+    if device == "cuda":
+        assert counter.counts.get("_scaled_dot_product_cudnn_attention", 0) == len(blocks), counter.counts
     if device == "cpu":
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
         for name in ref_grads:
-            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
     else:
         assert _cos(out, ref_out) > 0.999
         for name in ref_grads:
             assert _cos(grads[name], ref_grads[name]) > 0.99, name
-    # attention_backend for all, then the self-attention's own: the later call keeps both apart.
-    model.set_attention_backend("_native_math", backend)
-    assert all(b.attn2.processor._attention_backend == "_native_math" for b in blocks)
-    assert all(b.attn1.processor._attention_backend == backend for b in blocks)
+    # diffusers' backend setting reaches the wrapped processor; None unwraps it.
+    model.set_attention_backend("_native_math")
+    assert all(b.attn1.processor.inner._attention_backend == "_native_math" for b in blocks)
     model.set_attention_backend(None)
-    assert all(b.attn1.processor._attention_backend is None for b in blocks) and model.self_attention_backend is None
+    model.set_self_attention_kernel(None)
+    assert model.self_attention_kernel is None
+    assert all(b.attn1.processor._attention_backend is None and not hasattr(b.attn1.processor, "inner") for b in blocks)
 
 
-@pytest.mark.parametrize("key", ["attention_backend", "self_attention_backend"])
-def test_unknown_attention_backend_names_the_key(tiny_transformer_config, key):
-    with pytest.raises(ValueError, match=f"model.{key}='fastest'"):
-        _model(tiny_transformer_config, **{key: "fastest"})
+def test_gpu_only_self_attention_kernels_fail_clearly_on_the_cpu(tiny_transformer_config):
+    model = _model(tiny_transformer_config, self_attention_kernel="cudnn")
+    with pytest.raises(ValueError, match="model.self_attention_kernel=cudnn needs a CUDA GPU"):
+        model(**_inputs())
+
+
+def test_self_attention_kernel_compiles_without_a_graph_break(tiny_transformer_config):
+    ref_out, ref_grads = _loss_and_grads(_model(tiny_transformer_config, self_attention_kernel="math"))
+    model = _model(tiny_transformer_config, self_attention_kernel="math")
+    torch._dynamo.reset()
+    model.compile_blocks(backend="eager", fullgraph=True)
+    out, grads = _loss_and_grads(model)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("attention_backend", "fastest", "model.attention_backend='fastest'"),
+    ("self_attention_kernel", "fastest", "model.self_attention_kernel must be one of cudnn, flash, efficient, math"),
+])
+def test_unknown_attention_settings_name_the_key(tiny_transformer_config, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        _model(tiny_transformer_config, **{key: value})
 
 
 def test_compiled_blocks_match_eager(tiny_transformer_config):

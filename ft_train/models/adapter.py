@@ -17,6 +17,7 @@ model fills at the start of each forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -245,3 +246,41 @@ class FantasyTalkingAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         return hidden_states
+
+
+SDPA_KERNELS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+class SDPAKernelProcessor:
+    """An attention processor run with torch's SDPA restricted to one ``kernel`` (a key of
+    :data:`SDPA_KERNELS`), for the video self-attention (``model.self_attention_kernel``). torch's
+    default order never picks cuDNN while flash can run; this runs the S × S attention through
+    cuDNN on the strided views diffusers' native backend passes, with no copies (diffusers'
+    ``_native_cudnn`` backend copies q, k and v first). Everything else (the processor's own
+    attributes, diffusers' backend setting) is the wrapped processor's."""
+
+    _own = ("inner", "kernel", "backend")
+
+    def __init__(self, inner: Any, kernel: str):
+        from torch.nn.attention import SDPBackend
+
+        if kernel not in SDPA_KERNELS:
+            raise ValueError(f"model.self_attention_kernel must be one of {', '.join(SDPA_KERNELS)} or null, got {kernel!r}")
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "kernel", kernel)
+        object.__setattr__(self, "backend", getattr(SDPBackend, SDPA_KERNELS[kernel]))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.backend):
+            return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)

@@ -23,7 +23,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch import nn
 
-from .adapter import TEXT_TOKENS, AdapterContext, AudioKV, FantasyTalkingAttnProcessor
+from .adapter import TEXT_TOKENS, AdapterContext, AudioKV, FantasyTalkingAttnProcessor, SDPAKernelProcessor
 from .fp8 import Fp8FrozenLinear, check_fp8_device, convert_frozen_linears
 from .audio import AudioProjModel, audio_window_index, num_video_frames
 from .identity import FaceKV, IdentityConfig, IdentityModel
@@ -122,10 +122,10 @@ class FantasyTalkingDiT(nn.Module):
             self-attention outputs (S × d each): backward skips the attention forward.
         attention_backend: a diffusers attention backend for every attention of the model
             (``_native_cudnn``, ``_native_flash``, ``flash``, ...); None = torch SDPA's own choice.
-        self_attention_backend: a diffusers backend for the video self-attention alone (every
-            block's ``attn1``: S × S, most of the model's attention work), over
-            ``attention_backend``; the short cross-attentions and the masked audio windows keep
-            theirs.
+        self_attention_kernel: the torch SDPA kernel the video self-attention (every block's
+            ``attn1``: S × S, most of the model's attention work) runs with: ``cudnn``,
+            ``flash``, ``efficient`` or ``math`` (:class:`.adapter.SDPAKernelProcessor`). None =
+            torch's choice. cuDNN and the memory-efficient kernel need a GPU, cuDNN bf16/fp16.
         compile_blocks: ``torch.compile`` each DiT block (all blocks share one compiled graph).
         frozen_fp8: store the frozen blocks' linear weights in float8 and run their forward
             matmuls in fp8 (:mod:`.fp8`; needs ``train_backbone=False``).
@@ -148,7 +148,7 @@ class FantasyTalkingDiT(nn.Module):
         motion: MotionConfig | dict[str, Any] | None = None,
         checkpoint_keep: int | str = 0,
         attention_backend: str | None = None,
-        self_attention_backend: str | None = None,
+        self_attention_kernel: str | None = None,
         compile_blocks: bool = False,
         checkpoint_offload: bool = False,
         checkpoint_save_attention: bool = False,
@@ -167,7 +167,6 @@ class FantasyTalkingDiT(nn.Module):
         self.audio_expand = audio_expand
         self.audio_mode = audio_mode
         self._context = AdapterContext()
-        self.self_attention_backend: str | None = None
         self.identity_config = identity if isinstance(identity, IdentityConfig) else IdentityConfig.from_dict(identity)
         self.motion_config = motion if isinstance(motion, MotionConfig) else MotionConfig.from_dict(motion)
         # Disabled modules are not created at all (no parameters, no checkpoint keys).
@@ -203,8 +202,9 @@ class FantasyTalkingDiT(nn.Module):
             # auto starts by keeping the last block, to measure what a kept block costs.
             self.set_checkpointing(True, keep=1 if self.checkpoint_auto else checkpoint_keep,
                                    offload=checkpoint_offload, save_attention=checkpoint_save_attention)
-        if attention_backend or self_attention_backend:
-            self.set_attention_backend(attention_backend, self_attention_backend)
+        if attention_backend:
+            self.set_attention_backend(attention_backend)
+        self.set_self_attention_kernel(self_attention_kernel)
         if compile_blocks:
             self.compile_blocks()
 
@@ -263,11 +263,10 @@ class FantasyTalkingDiT(nn.Module):
         """The largest activation memory one kept block left allocated so far (auto sizing)."""
         return max(self._kept_block_bytes) if self._kept_block_bytes else None
 
-    def set_attention_backend(self, backend: str | None, self_backend: str | None = None) -> None:
+    def set_attention_backend(self, backend: str | None) -> None:
         """Route every attention (self, text, image, audio windows, face) through one diffusers
-        backend, and the video self-attention (``attn1``) through ``self_backend`` when given;
-        None restores torch SDPA's own choice. Masked audio windows always use SDPA's dispatch
-        (:func:`.adapter.audio_attention`)."""
+        backend; None restores torch SDPA's own choice. Masked audio windows always use SDPA's
+        dispatch (:func:`.adapter.audio_attention`)."""
         try:
             if backend:
                 self.transformer.set_attention_backend(backend)
@@ -278,13 +277,19 @@ class FantasyTalkingDiT(nn.Module):
                 _AttentionBackendRegistry.set_active_backend(_DEFAULT_ATTENTION_BACKEND)
         except ValueError as err:
             raise ValueError(f"model.attention_backend={backend!r}: {err}") from None
-        if self_backend:
-            try:
-                for block in self.transformer.blocks:
-                    block.attn1.set_attention_backend(self_backend)
-            except ValueError as err:
-                raise ValueError(f"model.self_attention_backend={self_backend!r}: {err}") from None
-        self.self_attention_backend = self_backend or None
+
+    @property
+    def self_attention_kernel(self) -> str | None:
+        proc = self.transformer.blocks[0].attn1.processor
+        return proc.kernel if isinstance(proc, SDPAKernelProcessor) else None
+
+    def set_self_attention_kernel(self, kernel: str | None) -> None:
+        """Run the video self-attention with torch SDPA's ``kernel`` (None: torch's choice); see
+        :class:`.adapter.SDPAKernelProcessor`."""
+        for block in self.transformer.blocks:
+            proc = block.attn1.processor
+            inner = proc.inner if isinstance(proc, SDPAKernelProcessor) else proc
+            block.attn1.set_processor(SDPAKernelProcessor(inner, kernel) if kernel else inner)
 
     def compile_blocks(self, **options: Any) -> None:
         """``torch.compile`` every DiT block in place (``nn.Module.compile``). The blocks have one
@@ -418,6 +423,9 @@ class FantasyTalkingDiT(nn.Module):
             ctx.motion_emb = self.motion(omega)
         if self.frozen_fp8:
             check_fp8_device(hidden_states.device)
+        if self.self_attention_kernel in ("cudnn", "efficient") and hidden_states.device.type != "cuda":
+            raise ValueError(f"model.self_attention_kernel={self.self_attention_kernel} needs a CUDA GPU (the model runs on "
+                             f"{hidden_states.device.type}); set model.self_attention_kernel=null or flash")
         dtype = self.transformer.dtype
         out = self.transformer(
             hidden_states=hidden_states.to(dtype),
