@@ -66,6 +66,15 @@ def check_model_options(cfg) -> None:
         raise ValueError("model.frozen_fp8=true stores the frozen backbone in float8; it cannot train it (model.train_backbone=true)")
     if get("model.checkpoint_offload", False) and get("model.checkpoint_save_attention", False):
         raise ValueError("model.checkpoint_offload and model.checkpoint_save_attention cannot be combined; pick one")
+    kernel = get("model.self_attention_kernel")
+    if kernel is not None:
+        from .models.adapter import SDPA_KERNELS
+
+        if kernel not in SDPA_KERNELS:
+            raise ValueError(f"model.self_attention_kernel must be one of {', '.join(SDPA_KERNELS)} or null, got {kernel!r}")
+        if kernel in ("cudnn", "efficient") and get("trainer.accelerator") == "cpu":
+            raise ValueError(f"model.self_attention_kernel={kernel} needs a CUDA GPU but trainer.accelerator=cpu; "
+                             "set model.self_attention_kernel=null or flash")
     if not get("model.identity.enabled", False):
         return
     encoder, face = get("model.identity.encoder", "precomputed"), get("data.face")
