@@ -34,7 +34,7 @@ features (1, L, 768) with L = frames / 25 fps × 50 Hz, CLIP tokens (1, 257, 128
 Timing: median of ``--iters`` steps after ``--warmup`` steps, CUDA events (``perf_counter`` on
 CPU). Peak memory: ``torch.cuda.max_memory_allocated`` since the case started (weights included).
 MFU: analytic model FLOPs (the formula is printed and saved) / step time / the card's dense bf16
-peak from :data:`PEAK_TFLOPS` (``--peak-tflops`` overrides).
+peak from :data:`ft_train.flops.PEAK_TFLOPS` (``--peak-tflops`` overrides).
 
 Safety: a case that runs out of memory is recorded as ``OOM`` and the run goes on; a case that
 would start after ``--budget`` seconds is recorded as ``skipped: time budget``; results are
@@ -80,19 +80,9 @@ from harness import (  # noqa: E402
     Budget, add_run_options, bench_parser, case_failure, device_peaks, finish_report, fmt, free_memory, is_oom,
     report_header, run_guarded, slug,
 )
-from ft_train.flops import FLOP_FORMULA, adapter_sizes, train_flops  # noqa: E402
+from ft_train.flops import FLOP_FORMULA, adapter_sizes, dense_bf16_peak, train_flops  # noqa: E402
 from ft_train.flops import forward_flops as _forward_flops  # noqa: E402
 
-# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name;
-# first match wins, so the more specific names come first. H200 has the H100 SXM's compute.
-PEAK_TFLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-]
 
 KINDS = ("train_baseline", "sample_baseline", "train_ours", "sample_ours")
 RUNNING = "running (the watchdog stopped the run here)"
@@ -672,10 +662,10 @@ def environment(device: torch.device) -> dict[str, Any]:
 def peak_tflops(card: str, override: float | None) -> tuple[float | None, str]:
     if override:
         return override, "--peak-tflops"
-    for key, value in PEAK_TFLOPS:
-        if key in card:
-            return value, f"table: '{key}' dense bf16"
-    return None, f"unknown card {card!r}: pass --peak-tflops for MFU"
+    value, key = dense_bf16_peak(card)
+    if value is None:
+        return None, f"unknown card {card!r}: pass --peak-tflops for MFU"
+    return value, f"table: '{key}' dense bf16"
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -27,6 +27,27 @@ FLOP_FORMULA = (
     "MFU = model FLOPs / step time / peak."
 )
 
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name;
+# first match wins, so the more specific names come first. H200 has the H100 SXM's compute.
+# (Lightning's own table gives the H200 its sparse figure, or nothing, depending on the name.)
+PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+]
+
+
+def dense_bf16_peak(card: str) -> tuple[float | None, str | None]:
+    """(dense bf16 TFLOP/s, the table key that matched) of a card named ``card``; (None, None)
+    when the table does not know it."""
+    for key, value in PEAK_TFLOPS:
+        if key in card:
+            return value, key
+    return None, None
+
 
 def forward_flops(
     tcfg: Mapping[str, Any],

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from ft_train.flops import adapter_sizes, forward_flops, training_step_flops
-from ft_train.lit.perf import StepPerf, Throughput
+from ft_train.lit.perf import StepPerf, Throughput, peak_flops
 from ft_train.models import build_model
 
 
@@ -149,3 +149,13 @@ def test_bad_settings_name_the_key(kwargs, key):
         StepPerf(**kwargs)
     with pytest.raises(ValueError, match="callbacks.throughput.window_size"):
         Throughput(window_size=1)
+
+
+def test_mfu_peak_is_the_dense_bf16_one():
+    """Lightning's own table gives an H200 its sparse figure or nothing; ours is the dense bf16 peak."""
+    assert peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", torch.float16) == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", torch.float32) is None  # fp32: Lightning's TF32 figure applies
+    assert peak_flops("NVIDIA GeForce RTX 3060", torch.bfloat16) is None

@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
+from ..flops import dense_bf16_peak
+
 log = logging.getLogger(__name__)
 
 
@@ -31,14 +33,38 @@ def batch_size(batch: dict[str, Any]) -> int:
 
 class Throughput(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` for our batches: logs ``train/device/samples_per_sec``,
-    ``train/device/flops_per_sec`` and ``train/device/mfu`` (against Lightning's table of peak
-    FLOP/s for the card and precision; none on the CPU) once ``window_size`` steps have run, and
-    ``train/samples_per_sec`` over all ranks. It synchronises the device once per step on rank 0."""
+    ``train/device/flops_per_sec`` and ``train/device/mfu`` once ``window_size`` steps have run,
+    and ``train/samples_per_sec`` over all ranks. It synchronises the device once per step on
+    rank 0. MFU is against the card's dense bf16 peak (:data:`ft_train.flops.PEAK_TFLOPS`, the
+    bench's) when the step computes in bf16/fp16 and the table knows the card, else against
+    Lightning's table; none on the CPU."""
 
     def __init__(self, window_size: int = 20):
         if window_size < 2:
             raise ValueError(f"callbacks.throughput.window_size must be at least 2 steps, got {window_size}")
         super().__init__(batch_size_fn=batch_size, window_size=window_size)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            return
+        from lightning.fabric.utilities.throughput import _plugin_to_compute_dtype
+
+        peak = peak_flops(torch.cuda.get_device_name(device), _plugin_to_compute_dtype(trainer.precision_plugin))
+        if peak is not None:
+            self.available_flops = peak
+            for throughput in self._throughputs.values():
+                throughput.available_flops = peak
+
+
+def peak_flops(card: str, dtype: torch.dtype) -> float | None:
+    """The dense FLOP/s MFU is measured against for ``card`` computing in ``dtype``: the bf16/fp16
+    tensor-core peak from :data:`ft_train.flops.PEAK_TFLOPS`; None for other dtypes or cards."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    tflops, _ = dense_bf16_peak(card)
+    return None if tflops is None else tflops * 1e12
 
 
 class StepPerf(L.Callback):
