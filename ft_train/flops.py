@@ -1,5 +1,5 @@
 """Analytic FLOPs of the DiT: what MFU is measured against, in ``bench/train_step.py`` and in
-training runs (``train/device/mfu``, from the LightningModule's ``flops_per_batch``).
+training runs (``perf/mfu``, from the LightningModule's ``flops_per_batch``).
 
 Only matmuls and attention products are counted (2 FLOPs per multiply-add); norms, softmax, RoPE
 and elementwise work are not. The identity and motion modules are not counted either (a few

@@ -123,8 +123,9 @@ def test_a_slow_loader_shows_as_wait_and_warns_once(tmp_path, caplog, accelerato
     stalls = [r for r in caplog.records if "loader cannot keep up" in r.getMessage()]
     assert len(stalls) == 1 and "data.num_workers" in stalls[0].getMessage()
     # ThroughputMonitor: one sample per batch at ~1/(0.08 + 0.01) batches/s, FLOPs = flops_per_batch × that.
-    rate = column(rows, "train/device/batches_per_sec")
-    flops = column(rows, "train/device/flops_per_sec")
+    rate = column(rows, "perf/samples_per_s")  # one sample per batch
+    flops = column(rows, "perf/flops_per_s")
+    assert not any(name.startswith("train/") for name in rows[0])  # only our perf/ names
     assert rate and 5 < rate[-1] < 12
     assert flops[-1] == pytest.approx(1e6 * rate[-1], rel=0.05)
 

@@ -215,9 +215,9 @@ def test_ft_train_tiny_cpu_end_to_end(tmp_path):
         _, step_s = read_metric(stage_dir / "metrics.csv", "perf/step_s")
         _, wait_s = read_metric(stage_dir / "metrics.csv", "perf/wait_s")
         assert step_s and wait_s and min(step_s) > 0 and min(wait_s) >= 0
-        _, batches = read_metric(stage_dir / "metrics.csv", "train/device/batches_per_sec")
-        _, flops = read_metric(stage_dir / "metrics.csv", "train/device/flops_per_sec")
-        per_step[stage] = flops[-1] / batches[-1]
+        _, samples = read_metric(stage_dir / "metrics.csv", "perf/samples_per_s")
+        _, flops = read_metric(stage_dir / "metrics.csv", "perf/flops_per_s")
+        per_step[stage] = flops[-1] / samples[-1]
     # Clip level attends every audio token, frame level only each frame's window.
     assert per_step["clip"] > per_step["frame"] > 0
     assert "final checkpoint" in proc.stdout

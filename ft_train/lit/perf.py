@@ -31,18 +31,37 @@ def batch_size(batch: dict[str, Any]) -> int:
     return int(batch["latents"].shape[0])
 
 
+# Lightning's throughput metric names → ours (the rest, running totals of time, batches and
+# samples, say nothing perf/step_s does not).
+PERF_NAMES = {
+    "device/samples_per_sec": "perf/samples_per_s",
+    "samples_per_sec": "perf/samples_per_s_all_ranks",
+    "device/flops_per_sec": "perf/flops_per_s",
+    "device/mfu": "perf/mfu",
+}
+
+
 class Throughput(ThroughputMonitor):
-    """Lightning's ``ThroughputMonitor`` for our batches: logs ``train/device/samples_per_sec``,
-    ``train/device/flops_per_sec`` and ``train/device/mfu`` once ``window_size`` steps have run,
-    and ``train/samples_per_sec`` over all ranks. It synchronises the device once per step on
-    rank 0. MFU is against the card's dense bf16 peak (:data:`ft_train.flops.PEAK_TFLOPS`, the
-    bench's) when the step computes in bf16/fp16 and the table knows the card, else against
-    Lightning's table; none on the CPU."""
+    """Lightning's ``ThroughputMonitor`` for our batches, over the last ``window_size`` steps:
+    ``perf/samples_per_s`` (this rank; ``perf/samples_per_s_all_ranks`` with several),
+    ``perf/flops_per_s`` and ``perf/mfu`` (model FLOPs: the LightningModule's ``flops_per_batch``).
+    It synchronises the device once per step on rank 0. MFU is against the card's dense bf16 peak
+    (:data:`ft_train.flops.PEAK_TFLOPS`, the bench's) when the step computes in bf16/fp16 and the
+    table knows the card, else against Lightning's table; none on the CPU."""
 
     def __init__(self, window_size: int = 20):
         if window_size < 2:
             raise ValueError(f"callbacks.throughput.window_size must be at least 2 steps, got {window_size}")
         super().__init__(batch_size_fn=batch_size, window_size=window_size)
+
+    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
+        # ThroughputMonitor logs under "<stage>/..."; the same values under our perf/ names.
+        if not trainer._logger_connector.should_update_logs:
+            return
+        metrics = self._throughputs[trainer.state.stage].compute()
+        ours = {PERF_NAMES[k]: v for k, v in metrics.items() if k in PERF_NAMES}
+        if ours:
+            trainer._logger_connector.log_metrics(ours, step=iter_num)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
