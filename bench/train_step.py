@@ -96,10 +96,11 @@ RUNNING = "running (the watchdog stopped the run here)"
 #   sac             model.checkpoint_save_attention (recomputed blocks keep their self-attention outputs)
 #   auto            model.checkpoint_keep=auto (the first step measures, then as many blocks are kept as fit
 #                   in 90 % of the card; the sizing is in the row)
+#   autoN           the same within N GiB (model.checkpoint_memory_gib=N), e.g. auto48: the baseline's peak
 #   fp8             model.frozen_fp8 (frozen blocks' linear weights in float8, fp8 forward matmuls); one-way,
 #                   so a config's fp8 cases run after its other cases
 #   fp8bwd          fp8 + model.frozen_fp8_backward (the input gradients' matmuls in fp8 too)
-VARIANT_RE = re.compile(r"^(cudnn|flash|cudnnself|compile|offload|sac|fp8|fp8bwd|auto|keep\d+)$")
+VARIANT_RE = re.compile(r"^(cudnn|flash|cudnnself|compile|offload|sac|fp8|fp8bwd|auto|auto\d+|keep\d+)$")
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -141,8 +142,10 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 # next. The first session (2026-11-27) ran the baselines with +cudnn, +keep4 and +compile.
 SESSION_CASES = [
     "14b:train_baseline", "14b:sample_baseline",
-    "14b:train_ours+compile+sac", "14b:train_ours+compile+sac+cudnnself", "14b:train_ours+compile+offload",
-    "14b:train_ours+compile+sac+fp8+auto", "14b:sample_ours+compile+fp8", "14b:train_ours+compile+sac+fp8bwd+auto",
+    "14b:train_ours+compile+sac", "14b:train_ours+compile+sac+cudnnself",
+    # fp8 frees 15 GiB of weights; auto48 spends what is left under the baseline's 48.8 GiB peak on
+    # kept blocks, so one case can meet the step-time and the memory target together.
+    "14b:sample_ours+compile+fp8", "14b:train_ours+compile+sac+fp8+auto48", "14b:train_ours+compile+sac+fp8bwd+auto48",
     "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto",
     "14b-720:train_ours+compile+offload+fp8",  # last: one step shows it fits; it takes what time is left
 ]
@@ -562,7 +565,7 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
         else:
             raise SystemExit(
                 f"--cases: unknown case {item!r}; use all, session, a config ({', '.join(CONFIGS)}) or config:kind "
-                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +cudnnself, +keepN, +auto, +compile, +offload, +sac, +fp8, +fp8bwd)"
+                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +cudnnself, +keepN, +auto, +autoN, +compile, +offload, +sac, +fp8, +fp8bwd)"
             )
     return list(dict.fromkeys(out))
 
@@ -577,6 +580,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     save_attention = bool(model_cfg.get("checkpoint_save_attention"))
     fp8 = bool(model_cfg.get("frozen_fp8"))
     fp8_backward = bool(model_cfg.get("frozen_fp8_backward"))
+    memory_gib = model_cfg.get("checkpoint_memory_gib")
     for v in variants:
         if v in ATTENTION_VARIANTS:
             backend = ATTENTION_VARIANTS[v]
@@ -596,6 +600,8 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             fp8 = fp8_backward = True
         elif v == "auto":
             keep = "auto"
+        elif v.startswith("auto"):
+            keep, memory_gib = "auto", float(v[4:])
     model.set_attention_backend(backend)
     model.set_self_attention_kernel(self_kernel)
     blocks = list(model.transformer.blocks)
@@ -615,6 +621,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             block._compiled_call_impl = None
         model._compile_options = None
     model.checkpoint_auto = keep == "auto" and model.transformer.gradient_checkpointing
+    model.checkpoint_memory_gib = memory_gib
     if model.transformer.gradient_checkpointing:  # auto: keep the last block, to measure it
         model.set_checkpointing(True, keep=1 if keep == "auto" else keep, offload=offload, save_attention=save_attention)
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
@@ -622,6 +629,7 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
             "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None,
             "checkpoint_save_attention": save_attention if model.transformer.gradient_checkpointing else None,
+            "checkpoint_memory_gib": memory_gib if keep == "auto" else None,
             "compiled": compiled, "frozen_fp8": fp8, "frozen_fp8_backward": fp8 and fp8_backward}
 
 
