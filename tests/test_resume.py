@@ -113,3 +113,17 @@ def test_preemption_signal_saves_requeues_and_the_resumed_run_matches(uninterrup
     assert find_resume_checkpoint(out / "preempt" / "clip" / "checkpoints").name == "step-00000004"
     train(config(out, "preempt", 7, "data.num_workers=2"))  # the requeued job: same command
     assert losses(out, "preempt") == expected
+
+
+@pytest.mark.parametrize("command, ok, message", [
+    ("true", True, "requeued SLURM job 77; it will resume from step 5"),
+    ("sh -c 'echo no such job >&2; exit 1'", False, "requeue failed (sh -c 'echo no such job >&2; exit 1'): no such job"),
+    # SLURM ends the job step as it accepts the requeue, and scontrol with it.
+    ("sh -c 'kill -TERM $$'", True, "requeued SLURM job 77 (SLURM stopped scontrol with signal 15"),
+])
+def test_requeue_outcome_is_logged_as_it_is(command, ok, message, caplog):
+    from ft_train.lit.preemption import Preemption
+
+    with caplog.at_level(logging.WARNING, logger="ft_train.lit.preemption"):
+        assert Preemption(requeue_command=command).requeue("77", 5) is ok
+    assert message in caplog.text

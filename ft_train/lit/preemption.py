@@ -73,9 +73,20 @@ class Preemption(L.Callback):
         trainer.should_stop = True
         job_id = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero and job_id and self.requeue_command:
-            command = self.requeue_command.format(job_id=job_id)
-            result = subprocess.run(shlex.split(command), capture_output=True, text=True)
-            if result.returncode != 0:
-                log.error("requeue failed (%s): %s", command, result.stderr.strip())
-            else:
-                log.warning("requeued SLURM job %s; it will resume from step %d", job_id, step)
+            self.requeue(job_id, step)
+
+    def requeue(self, job_id: str, step: int) -> bool:
+        """Run the requeue command for ``job_id``; True when SLURM took the request. SLURM ends
+        the job's processes as soon as it accepts a requeue, scontrol included, so scontrol
+        stopped by a signal means the request went through."""
+        command = self.requeue_command.format(job_id=job_id)
+        result = subprocess.run(shlex.split(command), capture_output=True, text=True)
+        if result.returncode < 0:
+            log.warning("requeued SLURM job %s (SLURM stopped scontrol with signal %d while ending the job for the "
+                        "requeue); it will resume from step %d", job_id, -result.returncode, step)
+            return True
+        if result.returncode != 0:
+            log.error("requeue failed (%s): %s", command, result.stderr.strip())
+            return False
+        log.warning("requeued SLURM job %s; it will resume from step %d", job_id, step)
+        return True
