@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -42,6 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     REPO, add_run_options, bench_parser, case_failure, finish_report, fmt, report_header, run_guarded, slug,
 )
+
+if str(REPO) not in sys.path:  # the GPU image runs the checkout without installing the project
+    sys.path.insert(0, str(REPO))
+from ft_train.models.adapter import median_seconds  # noqa: E402
+from ft_train.models.audio import audio_window_index  # noqa: E402
 
 BACKENDS = {
     "flash": "FLASH_ATTENTION",
@@ -60,10 +64,6 @@ def model_shapes(tiny: bool) -> dict[str, Any]:
     )
     tcfg = yaml.safe_load((REPO / "conf" / "model" / name).read_text())["transformer"]
     pt, ph, pw = tcfg["patch_size"]
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from ft_train.models.audio import audio_window_index
-
     index, lengths = audio_window_index(audio_tokens, frames, 4)
     return {"model": f"conf/model/{name}", "heads": tcfg["num_attention_heads"], "head_dim": tcfg["attention_head_dim"],
             "tokens": (f // pt) * (h // ph) * (w // pw), "latent_frames": f, "window": index.shape[1],
@@ -97,27 +97,6 @@ def make_inputs(shape: str, dims: dict[str, Any], device: torch.device, dtype: t
     return (*tensors, mask, rows, cols)
 
 
-def time_it(fn, device: torch.device, iters: int) -> float:
-    """Median seconds of ``fn()`` over ``iters`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run_case(shape: str, backend: str, dims: dict[str, Any], device: torch.device, dtype: torch.dtype,
              iters: int) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -143,9 +122,9 @@ def run_case(shape: str, backend: str, dims: dict[str, Any], device: torch.devic
     try:
         with warnings.catch_warnings():  # torch warns why each backend declines, then raises
             warnings.simplefilter("ignore")
-            fwd = time_it(forward, device, iters)
+            fwd = median_seconds(forward, device, iters)
             row.update(status="ok", fwd_ms=fwd * 1e3, fwd_tflops=flops / fwd / 1e12)
-            both = time_it(forward_backward, device, iters)
+            both = median_seconds(forward_backward, device, iters)
             row.update(fwd_bwd_ms=both * 1e3, fwd_bwd_tflops=3.5 * flops / both / 1e12,
                        bwd_tflops=2.5 * flops / (both - fwd) / 1e12 if both > fwd else None)
     except RuntimeError as exc:

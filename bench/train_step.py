@@ -90,6 +90,8 @@ RUNNING = "running (the watchdog stopped the run here)"
 # switches one model speed option (conf/model/*.yaml) on the already built model before the case.
 #   cudnn / flash   model.attention_backend = _native_cudnn / _native_flash (diffusers backends)
 #   cudnnself       model.self_attention_kernel = cudnn (the video self-attention alone, no copies)
+#   attnauto        model.self_attention_kernel = auto (the first step times flash, cuDNN and memory-efficient
+#                   at the case's shape and keeps the fastest; the row says which, with the timings)
 #   keepN           model.checkpoint_keep = N (the last N blocks store activations, no recompute)
 #   compile         model.compile_blocks (torch.compile of every DiT block, Inductor)
 #   offload         model.checkpoint_offload (recomputed blocks keep their input in host memory)
@@ -100,7 +102,7 @@ RUNNING = "running (the watchdog stopped the run here)"
 #   fp8             model.frozen_fp8 (frozen blocks' linear weights in float8, fp8 forward matmuls); one-way,
 #                   so a config's fp8 cases run after its other cases
 #   fp8bwd          fp8 + model.frozen_fp8_backward (the input gradients' matmuls in fp8 too)
-VARIANT_RE = re.compile(r"^(cudnn|flash|cudnnself|compile|offload|sac|fp8|fp8bwd|auto|auto\d+|keep\d+)$")
+VARIANT_RE = re.compile(r"^(cudnn|flash|cudnnself|attnauto|compile|offload|sac|fp8|fp8bwd|auto|auto\d+|keep\d+)$")
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -145,7 +147,9 @@ SESSION_CASES = [
     "14b:train_ours+compile+sac", "14b:train_ours+compile+sac+cudnnself",
     # fp8 frees 15 GiB of weights; auto48 spends what is left under the baseline's 48.8 GiB peak on
     # kept blocks, so one case can meet the step-time and the memory target together.
-    "14b:sample_ours+compile+fp8", "14b:train_ours+compile+sac+fp8+auto48", "14b:train_ours+compile+sac+fp8bwd+auto48",
+    # attnauto: the faster of flash and cuDNN for the self-attention, whichever the cudnnself case shows.
+    "14b:sample_ours+compile+fp8+attnauto", "14b:train_ours+compile+sac+fp8+auto48+attnauto",
+    "14b:train_ours+compile+sac+fp8bwd+auto48+attnauto",
     "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto",
     "14b-720:train_ours+compile+offload+fp8",  # last: one step shows it fits; it takes what time is left
 ]
@@ -565,7 +569,7 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
         else:
             raise SystemExit(
                 f"--cases: unknown case {item!r}; use all, session, a config ({', '.join(CONFIGS)}) or config:kind "
-                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +cudnnself, +keepN, +auto, +autoN, +compile, +offload, +sac, +fp8, +fp8bwd)"
+                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +cudnnself, +attnauto, +keepN, +auto, +autoN, +compile, +offload, +sac, +fp8, +fp8bwd)"
             )
     return list(dict.fromkeys(out))
 
@@ -586,6 +590,8 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             backend = ATTENTION_VARIANTS[v]
         elif v == "cudnnself":
             self_kernel = "cudnn"
+        elif v == "attnauto":
+            self_kernel = "auto"
         elif v.startswith("keep"):
             keep = int(v[4:])
         elif v == "compile":
@@ -868,6 +874,10 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                 options = apply_variants(model, model_cfg, variants) if family == "ours" else {}
                 res = CASE_FUNCS[base_kind](ctx)
                 res.update(options)
+                if family == "ours" and options.get("self_attention_kernel") == "auto":
+                    res.update(self_attention_kernel_used=model.self_attention_kernel,
+                               self_attention_timings_ms={k: None if t is None else round(t * 1e3, 2)
+                                                          for k, t in (model.self_attention_timings or {}).items()})
                 status = "ok" if res.get("iters") else "skipped: time budget"
             except Exception as exc:  # noqa: BLE001 - record OOM (or any failure) and go on
                 status, error = case_failure(exc)

@@ -70,8 +70,8 @@ def check_model_options(cfg) -> None:
     if kernel is not None:
         from .models.adapter import SDPA_KERNELS
 
-        if kernel not in SDPA_KERNELS:
-            raise ValueError(f"model.self_attention_kernel must be one of {', '.join(SDPA_KERNELS)} or null, got {kernel!r}")
+        if kernel not in SDPA_KERNELS and kernel != "auto":
+            raise ValueError(f"model.self_attention_kernel must be one of {', '.join(SDPA_KERNELS)}, auto or null, got {kernel!r}")
         if kernel in ("cudnn", "efficient") and get("trainer.accelerator") == "cpu":
             raise ValueError(f"model.self_attention_kernel={kernel} needs a CUDA GPU but trainer.accelerator=cpu; "
                              "set model.self_attention_kernel=null or flash")

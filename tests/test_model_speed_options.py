@@ -223,6 +223,42 @@ def test_self_attention_kernel_compiles_without_a_graph_break(tiny_transformer_c
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
 
 
+def test_sdpa_kernel_timing_and_choice(device):
+    from ft_train.models.adapter import fastest_kernel, time_sdpa_kernels
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kernels = ("flash", "cudnn", "efficient", "math")
+    times = time_sdpa_kernels((1, 2, 64, 32), dtype, torch.device(device), kernels, iters=2)
+    assert set(times) == set(kernels)
+    assert times["flash"] > 0 and times["math"] > 0
+    if device == "cpu":
+        assert times["cudnn"] is None and times["efficient"] is None  # no CPU kernels: recorded, not raised
+    assert fastest_kernel(times) == min((k for k in kernels if times[k] is not None), key=times.get)
+    assert fastest_kernel({"flash": 2.0, "cudnn": 1.0, "efficient": None}) == "cudnn"
+    assert fastest_kernel({"flash": None}) is None
+
+
+def test_auto_self_attention_kernel_is_picked_at_the_first_forward(tiny_transformer_config, device):
+    """On a GPU the first forward times the kernels at its own shape and keeps the fastest; on the
+    CPU torch's choice stays. Either way the outputs are the plain model's."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    with autocast:
+        ref_out, _ = _loss_and_grads(_model(tiny_transformer_config, device), device)
+    model = _model(tiny_transformer_config, device, self_attention_kernel="auto")
+    assert model.self_attention_auto and model.self_attention_kernel is None
+    with autocast:
+        out, _ = _loss_and_grads(model, device)
+    assert not model.self_attention_auto
+    if device == "cuda":
+        times = model.self_attention_timings
+        assert set(times) == set(model.AUTO_KERNELS) and times["flash"] is not None
+        assert model.self_attention_kernel == min((k for k, t in times.items() if t is not None), key=times.get)
+        assert _cos(out, ref_out) > 0.999
+    else:
+        assert model.self_attention_kernel is None and model.self_attention_timings is None
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("attention_backend", "fastest", "model.attention_backend='fastest'"),
     ("self_attention_kernel", "fastest", "model.self_attention_kernel must be one of cudnn, flash, efficient, math"),

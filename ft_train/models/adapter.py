@@ -16,6 +16,8 @@ model fills at the start of each forward pass.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,8 @@ from diffusers.models.transformers.transformer_wan import (
     _get_qkv_projections,
 )
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # diffusers' Wan I2V processor splits image from text tokens assuming exactly this many text
 # tokens; text embeddings must be padded to it (../shared/STACK.md).
@@ -265,7 +269,7 @@ class SDPAKernelProcessor:
         from torch.nn.attention import SDPBackend
 
         if kernel not in SDPA_KERNELS:
-            raise ValueError(f"model.self_attention_kernel must be one of {', '.join(SDPA_KERNELS)} or null, got {kernel!r}")
+            raise ValueError(f"model.self_attention_kernel must be one of {', '.join(SDPA_KERNELS)}, auto or null, got {kernel!r}")
         object.__setattr__(self, "inner", inner)
         object.__setattr__(self, "kernel", kernel)
         object.__setattr__(self, "backend", getattr(SDPBackend, SDPA_KERNELS[kernel]))
@@ -284,3 +288,61 @@ class SDPAKernelProcessor:
             object.__setattr__(self, name, value)
         else:
             setattr(self.inner, name, value)
+
+
+def median_seconds(fn, device: torch.device, iters: int = 3) -> float:
+    """Median seconds of ``fn()`` over ``iters`` calls after one warm-up (plans, autotuning):
+    CUDA events on a GPU, the host clock elsewhere."""
+    fn()
+    runs = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            runs.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+    return sorted(runs)[len(runs) // 2]
+
+
+def time_sdpa_kernels(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device, kernels: tuple[str, ...],
+                      backward: bool = True, iters: int = 3) -> dict[str, float | None]:
+    """Median seconds of one SDPA call (forward, and backward when ``backward``) on random
+    ``(B, H, S, D)`` tensors of ``dtype`` under each of ``kernels`` (keys of :data:`SDPA_KERNELS`),
+    after one warm-up; None for a kernel torch cannot run at that shape. The inputs are laid out
+    as diffusers' processors pass them: (B, S, H, D) viewed as (B, H, S, D)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, s, d = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.inference_mode(False), torch.enable_grad():
+        q, k, v = (torch.randn(b, s, h, d, generator=g, device=device, dtype=dtype).transpose(1, 2).requires_grad_(backward)
+                   for _ in range(3))
+        grad = torch.randn(b, s, h, d, generator=g, device=device, dtype=dtype).transpose(1, 2) if backward else None
+
+        def call():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            if backward:
+                torch.autograd.backward(out, grad)
+                q.grad = k.grad = v.grad = None
+
+        times: dict[str, float | None] = {}
+        for kernel in kernels:
+            try:
+                with sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[kernel])):
+                    times[kernel] = median_seconds(call, device, iters)
+            except RuntimeError as err:  # no kernel for this shape, dtype or device (or a failing one): not a pick
+                log.debug("SDPA kernel %s cannot run (B, H, S, D) = %s %s: %s", kernel, shape, dtype, str(err).splitlines()[0])
+                times[kernel] = None
+    return times
+
+
+def fastest_kernel(times: dict[str, float | None]) -> str | None:
+    """The kernel of ``times`` (:func:`time_sdpa_kernels`) that ran fastest; None when none ran."""
+    ran = {k: t for k, t in times.items() if t is not None}
+    return min(ran, key=ran.get) if ran else None

@@ -14,6 +14,7 @@ audio adapter changes nothing until they are trained.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,11 +24,21 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch import nn
 
-from .adapter import TEXT_TOKENS, AdapterContext, AudioKV, FantasyTalkingAttnProcessor, SDPAKernelProcessor
+from .adapter import (
+    TEXT_TOKENS,
+    AdapterContext,
+    AudioKV,
+    FantasyTalkingAttnProcessor,
+    SDPAKernelProcessor,
+    fastest_kernel,
+    time_sdpa_kernels,
+)
 from .fp8 import Fp8FrozenLinear, check_fp8_device, convert_frozen_linears
 from .audio import AudioProjModel, audio_window_index, num_video_frames
 from .identity import FaceKV, IdentityConfig, IdentityModel
 from .motion import MotionConfig, MotionHook, MotionModel, check_motion
+
+log = logging.getLogger(__name__)
 
 AUDIO_MODES = ("clip", "frame")
 # diffusers' process-wide attention backend at import (DIFFUSERS_ATTN_BACKEND, default native SDPA).
@@ -126,6 +137,8 @@ class FantasyTalkingDiT(nn.Module):
             ``attn1``: S × S, most of the model's attention work) runs with: ``cudnn``,
             ``flash``, ``efficient`` or ``math`` (:class:`.adapter.SDPAKernelProcessor`). None =
             torch's choice. cuDNN and the memory-efficient kernel need a GPU, cuDNN bf16/fp16.
+            ``auto``: the first forward on a GPU times flash, cuDNN and memory-efficient at its
+            own shape and keeps the fastest (rank 0's choice on every rank); torch's choice on a CPU.
         compile_blocks: ``torch.compile`` each DiT block (all blocks share one compiled graph).
         frozen_fp8: store the frozen blocks' linear weights in float8 and run their forward
             matmuls in fp8 (:mod:`.fp8`; needs ``train_backbone=False``).
@@ -167,6 +180,7 @@ class FantasyTalkingDiT(nn.Module):
         self.audio_expand = audio_expand
         self.audio_mode = audio_mode
         self._context = AdapterContext()
+        self.self_attention_timings: dict[str, float | None] | None = None  # what self_attention_kernel=auto measured
         self.identity_config = identity if isinstance(identity, IdentityConfig) else IdentityConfig.from_dict(identity)
         self.motion_config = motion if isinstance(motion, MotionConfig) else MotionConfig.from_dict(motion)
         # Disabled modules are not created at all (no parameters, no checkpoint keys).
@@ -278,18 +292,49 @@ class FantasyTalkingDiT(nn.Module):
         except ValueError as err:
             raise ValueError(f"model.attention_backend={backend!r}: {err}") from None
 
+    AUTO_KERNELS = ("flash", "cudnn", "efficient")
+
     @property
     def self_attention_kernel(self) -> str | None:
         proc = self.transformer.blocks[0].attn1.processor
         return proc.kernel if isinstance(proc, SDPAKernelProcessor) else None
 
     def set_self_attention_kernel(self, kernel: str | None) -> None:
-        """Run the video self-attention with torch SDPA's ``kernel`` (None: torch's choice); see
-        :class:`.adapter.SDPAKernelProcessor`."""
+        """Run the video self-attention with torch SDPA's ``kernel`` (None: torch's choice; ``auto``:
+        the fastest at the first forward's shape); see :class:`.adapter.SDPAKernelProcessor`."""
+        self.self_attention_auto = kernel == "auto"
+        if self.self_attention_auto:
+            kernel = None  # torch's choice until the first forward has timed the kernels
         for block in self.transformer.blocks:
             proc = block.attn1.processor
             inner = proc.inner if isinstance(proc, SDPAKernelProcessor) else proc
             block.attn1.set_processor(SDPAKernelProcessor(inner, kernel) if kernel else inner)
+
+    def pick_self_attention_kernel(self, hidden_states: torch.Tensor) -> str | None:
+        """``self_attention_kernel="auto"``: time the :attr:`AUTO_KERNELS` on the self-attention of
+        ``hidden_states`` ``(B, C, F, H, W)`` (forward and backward when grad is on, the step's
+        dtype) and keep the fastest; with ``torch.distributed`` up, rank 0's pick holds on every
+        rank. Off CUDA, torch's choice stays. Returns the kernel kept."""
+        self.self_attention_auto = False
+        device = hidden_states.device
+        if device.type != "cuda":
+            log.info("model.self_attention_kernel=auto: torch's choice on %s (the kernels are timed on a GPU)", device.type)
+            return None
+        cfg = self.transformer.config
+        pt, ph, pw = cfg.patch_size
+        b, _, f, h, w = hidden_states.shape
+        shape = (b, cfg.num_attention_heads, (f // pt) * (h // ph) * (w // pw), cfg.attention_head_dim)
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.transformer.dtype
+        times = time_sdpa_kernels(shape, dtype, device, self.AUTO_KERNELS, backward=torch.is_grad_enabled())
+        choice = [fastest_kernel(times)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        self.set_self_attention_kernel(choice[0])
+        self.self_attention_timings = times
+        shown = ", ".join(f"{k} {t * 1e3:.1f} ms" if t is not None else f"{k} unavailable" for k, t in times.items())
+        log.info("model.self_attention_kernel=auto: %s for (B, H, S, D) = %s %s (%s)", choice[0], shape,
+                 str(dtype).removeprefix("torch."), shown)
+        return choice[0]
 
     def compile_blocks(self, **options: Any) -> None:
         """``torch.compile`` every DiT block in place (``nn.Module.compile``). The blocks have one
@@ -423,6 +468,8 @@ class FantasyTalkingDiT(nn.Module):
             ctx.motion_emb = self.motion(omega)
         if self.frozen_fp8:
             check_fp8_device(hidden_states.device)
+        if self.self_attention_auto:
+            self.pick_self_attention_kernel(hidden_states)
         if self.self_attention_kernel in ("cudnn", "efficient") and hidden_states.device.type != "cuda":
             raise ValueError(f"model.self_attention_kernel={self.self_attention_kernel} needs a CUDA GPU (the model runs on "
                              f"{hidden_states.device.type}); set model.self_attention_kernel=null or flash")
