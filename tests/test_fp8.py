@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ft_train.models import build_model
-from ft_train.models.fp8 import FP8_MAX, Fp8FrozenLinear, convert_frozen_linears, quantize_rows
+from ft_train.models import fp8 as fp8_module
+from ft_train.models.fp8 import FP8_MAX, Fp8FrozenLinear, convert_frozen_linears, quantize_rows, scaled_mm_rowwise
 
 from .test_model_speed_options import _inputs
 
@@ -44,6 +45,31 @@ def test_row_quantisation_round_trips_within_e4m3_precision():
     assert (err <= x.abs() * 2**-4 + scale.double() * 2**-10).all()
     zeros, zero_scale = quantize_rows(torch.zeros(2, 16))
     assert torch.isfinite(zero_scale).all() and (zeros.float() == 0).all()
+
+
+def test_cpu_fallback_without_per_row_scales_gives_the_kernels_product(monkeypatch):
+    """torch < 2.13 (the GPU image's 2.11) has no per-row scales in its CPU ``_scaled_mm``: the
+    fallback's float32 product of the dequantised operands is the kernel's, to bf16 rounding, and
+    the model's fp8 layers run through it."""
+    torch.manual_seed(0)
+    a, sa = quantize_rows(torch.randn(24, 64) * torch.logspace(-2, 2, 24)[:, None])
+    bq, sb = quantize_rows(torch.randn(32, 64))  # (N, K) row-major: its transpose is column-major
+    ref = (a.double() * sa.double()) @ (bq.double() * sb.double()).T
+    monkeypatch.setattr(fp8_module, "_CPU_ROWWISE", False)
+    fallback = scaled_mm_rowwise(a, bq.t(), sa, sb.t().contiguous())
+    assert fallback.dtype == torch.bfloat16 and fallback.shape == (24, 32)
+    torch.testing.assert_close(fallback.double(), ref, rtol=2**-7, atol=1e-6)
+    monkeypatch.setattr(fp8_module, "_CPU_ROWWISE", None)
+    if fp8_module._probe_cpu_rowwise():  # this torch has the kernel: both give the same product
+        kernel = scaled_mm_rowwise(a, bq.t(), sa, sb.t().contiguous())
+        torch.testing.assert_close(kernel.double(), fallback.double(), rtol=2**-7, atol=1e-6)
+    monkeypatch.setattr(fp8_module, "_CPU_ROWWISE", False)
+    layer = _linear()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    xq, xs = quantize_rows(x)
+    wq, ws = quantize_rows(layer.weight)
+    expected = (xq.double() * xs.double()) @ (wq.double() * ws.double()).T + layer.bias.double()
+    torch.testing.assert_close(Fp8FrozenLinear(layer)(x).double(), expected, rtol=2**-7, atol=1e-3 * expected.abs().max().item())
 
 
 def test_fp8_linear_matches_a_dequantised_reference_forward_and_backward(device):

@@ -53,6 +53,36 @@ def check_fp8_device(device: torch.device) -> None:
         )
 
 
+# Whether this torch's CPU ``_scaled_mm`` takes per-row scales. Its oneDNN path took only one scale
+# per operand before torch 2.13 (2.11, the GPU image's, asserts); CUDA's has taken them on sm_89+
+# since 2.5. Probed once, in eager mode, by ``convert_frozen_linears`` (or the first CPU matmul).
+_CPU_ROWWISE: bool | None = None
+
+
+def _probe_cpu_rowwise() -> bool:
+    global _CPU_ROWWISE
+    if _CPU_ROWWISE is None:
+        a = torch.ones(16, 16).to(FP8)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+            _CPU_ROWWISE = True
+        except RuntimeError:
+            _CPU_ROWWISE = False
+    return _CPU_ROWWISE
+
+
+def scaled_mm_rowwise(
+    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, fast_accum: bool = False
+) -> torch.Tensor:
+    """``(a · scale_a) @ (b · scale_b)`` in bf16 for e4m3 ``a`` (M, K) and column-major ``b``
+    (K, N), with float32 scales per row of ``a`` (M, 1) and per column of ``b`` (1, N): one
+    ``torch._scaled_mm`` call. Where the CPU kernel takes no per-row scales (torch < 2.13), the
+    same product runs as a float32 matmul of the dequantised operands."""
+    if a.device.type == "cpu" and not _probe_cpu_rowwise():
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(torch.bfloat16)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+
+
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -74,9 +104,7 @@ class _Fp8Linear(torch.autograd.Function):
         # mat2 must be column-major: Wᵀ of the row-major (N, K) weight is exactly that. Fast
         # accumulation (Hopper's fp8 MMA without the periodic fp32 promotion) for the forward only,
         # as torchao's float8 training does by default; the input gradients keep full accumulation.
-        out = torch._scaled_mm(
-            xq, weight.t(), scale_a=x_scale, scale_b=scale, out_dtype=torch.bfloat16, use_fast_accum=True
-        )
+        out = scaled_mm_rowwise(xq, weight.t(), x_scale, scale, fast_accum=True)
         out = out.to(out_dtype)
         if bias is not None:
             out = out + bias.to(out_dtype)
@@ -98,7 +126,7 @@ class _Fp8Linear(torch.autograd.Function):
             grad_q, grad_scale = quantize_rows(grad2.float() * scale)
             weight_t = weight_bits.t().contiguous().view(FP8)  # (K, N), row-major
             ones = torch.ones(1, k, dtype=torch.float32, device=grad_out.device)
-            grad_in = torch._scaled_mm(grad_q, weight_t.t(), scale_a=grad_scale, scale_b=ones, out_dtype=torch.bfloat16)
+            grad_in = scaled_mm_rowwise(grad_q, weight_t.t(), grad_scale, ones)
         else:
             dtype = grad_out.dtype
             weight = weight_bits.view(FP8).to(dtype) * scale.t().to(dtype)  # (N, K)
@@ -144,6 +172,7 @@ def convert_frozen_linears(root: nn.Module, backward: bool = False) -> list[str]
     :class:`Fp8FrozenLinear` (``backward``: its input gradient in fp8 too), in place (each weight
     is quantised on the device it is on, then its bf16 copy is freed). Returns the replaced
     modules' names, relative to ``root``."""
+    _probe_cpu_rowwise()  # here, in eager mode, before any compiled forward reads it
     replaced = []
     for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
