@@ -131,6 +131,54 @@ def test_auto_checkpoint_keep_sizes_the_kept_blocks_to_the_budget(tiny_transform
         _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="most")
 
 
+def test_auto_checkpoint_keep_adds_the_optimizer_state_the_first_step_created(tiny_transformer_config, monkeypatch, device):
+    """AdamW creates its moments in its first step(), after backward's peak, so the first step's
+    peak lacks them while every later step's has them: sizing adds what the step left allocated
+    (less the gradients still held) to the peak. On CUDA that is the real state; on the CPU,
+    where torch counts no memory, the readings are faked around a real AdamW step."""
+    from ft_train.models import fantasytalking
+    from ft_train.models.fantasytalking import auto_checkpoint_keep
+
+    cfg = dict(tiny_transformer_config, num_layers=4)
+    model = _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="auto")
+    dev = torch.device(device)
+    start = 10**6
+    if device == "cpu":
+        readings = iter(range(start, 10**9, 1000))  # the forward's start, then 1000 bytes per reading
+        monkeypatch.setattr(fantasytalking, "allocated_bytes", lambda d: next(readings))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model(**_inputs(device)).square().mean().backward()
+    opt.step()  # the gradients stay, as Lightning leaves them until the next step
+    held = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.device.type == device)  # AdamW keeps its step counts on the CPU
+    assert held > 0
+    if device == "cpu":
+        assert model._auto_start_bytes == start
+        fake = {"peak": start + 50_000, "now": start + held + 7}  # 7 bytes of the step's own leftovers
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: fake["peak"])
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: fake["now"])
+        dev = torch.device("cuda")  # what sizing measures on; the gradients stay on the CPU, uncounted
+    peak = torch.cuda.max_memory_allocated(dev)
+    per_block = model.kept_block_bytes()
+    budget = peak + held + 2 * per_block + per_block // 2
+    model.checkpoint_memory_gib = budget / 2**30
+    keep, info = auto_checkpoint_keep(model, dev)
+    if device == "cpu":
+        assert info["state_bytes"] == held + 7
+    else:  # the state (21 MB here), and little more: the allocator's rounding, the step's audio context
+        assert held <= info["state_bytes"] <= held + 2**20
+    assert info["peak_bytes"] == peak + info["state_bytes"]
+    # Room for about 2.5 more blocks beyond the state: two more kept (one block measured);
+    # without the state it would be more.
+    assert keep == 1 + (budget - peak - info["state_bytes"]) // per_block == model.checkpoint_keep
+    assert model._auto_start_bytes is None and not model.checkpoint_auto
+    assert 1 + (budget - peak) // per_block > keep
+    if device == "cpu":
+        assert keep == 3
+
+
 def test_checkpoint_keep_out_of_range_names_the_key(tiny_transformer_config):
     with pytest.raises(ValueError, match=r"model.checkpoint_keep must be between 0 and 2"):
         _model(tiny_transformer_config, gradient_checkpointing=True, checkpoint_keep=5)

@@ -231,10 +231,10 @@ class FantasyTalkingModule(L.LightningModule):
             log.warning("model.checkpoint_keep=auto needs CUDA memory statistics (device %s); keeping the "
                         "last %d block(s); set model.checkpoint_keep=N", self.device, keep)
         else:
-            log.info("model.checkpoint_keep=auto: step peaked at %.1f GiB with %d kept block(s) of %.2f GiB each; "
-                     "keeping the last %d of %d blocks for a %.1f GiB budget", info["peak_bytes"] / 2**30,
-                     info["kept_before"], info["per_block_bytes"] / 2**30, keep, self.net.num_blocks,
-                     info["budget_bytes"] / 2**30)
+            log.info("model.checkpoint_keep=auto: step peaked at %.1f GiB (%.1f GiB of it optimizer state created by "
+                     "the first step) with %d kept block(s) of %.2f GiB each; keeping the last %d of %d blocks for a "
+                     "%.1f GiB budget", info["peak_bytes"] / 2**30, info["state_bytes"] / 2**30, info["kept_before"],
+                     info["per_block_bytes"] / 2**30, keep, self.net.num_blocks, info["budget_bytes"] / 2**30)
         return keep
 
     # -- optimisation -------------------------------------------------------------------------

@@ -210,6 +210,7 @@ class FantasyTalkingDiT(nn.Module):
         self.checkpoint_auto = checkpoint_keep == "auto" and gradient_checkpointing
         self.checkpoint_memory_gib = checkpoint_memory_gib
         self._kept_block_bytes: list[int] = []
+        self._auto_start_bytes: int | None = None  # allocated when the first measured step began
         if isinstance(checkpoint_keep, str) and checkpoint_keep != "auto":
             raise ValueError(f"model.checkpoint_keep must be a number of blocks or auto, got {checkpoint_keep!r}")
         if gradient_checkpointing:
@@ -267,6 +268,7 @@ class FantasyTalkingDiT(nn.Module):
         keep = int(min(max(keep, 0), self.num_blocks))
         self.checkpoint_auto = False  # the measuring goes with it
         self._kept_block_bytes.clear()
+        self._auto_start_bytes = None
         if not self.transformer.gradient_checkpointing:
             return 0
         self.set_checkpointing(True, keep=keep, offload=self.checkpoint_offload,
@@ -447,6 +449,8 @@ class FantasyTalkingDiT(nn.Module):
         if text.shape[1] != TEXT_TOKENS:
             raise ValueError(f"text embeddings must have {TEXT_TOKENS} tokens (zero-padded), got {text.shape[1]}")
         bsz = hidden_states.shape[0]
+        if self.checkpoint_auto and self._auto_start_bytes is None and torch.is_grad_enabled():
+            self._auto_start_bytes = allocated_bytes(hidden_states.device)
         ctx = self._context
         ctx.clear()
         scale = torch.as_tensor(audio_scale, dtype=torch.float32, device=hidden_states.device)
@@ -577,6 +581,16 @@ def auto_checkpoint_keep(
     if not measured:
         return net.fix_checkpoint_keep(before), {"measured": False, "kept_before": before}
     peak = torch.cuda.max_memory_allocated(device)
+    # What the first step left allocated that was not there when it began is the optimizer's state
+    # (AdamW creates its moments in its first step(), after backward's peak) and the gradients
+    # still held: every later step's backward has the state too. The gradients of that step were
+    # already growing at its peak, so only the state is added.
+    state = 0
+    if net._auto_start_bytes is not None:
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in net.parameters()
+                    if p.grad is not None and p.grad.device == device)
+        state = max(torch.cuda.memory_allocated(device) - net._auto_start_bytes - grads, 0)
+    peak += state
     if net.checkpoint_memory_gib:
         budget = int(float(net.checkpoint_memory_gib) * 2**30)
     else:
@@ -584,7 +598,7 @@ def auto_checkpoint_keep(
     if reduce_max is not None:
         peak, per_block = reduce_max(peak, per_block)
     keep = net.size_checkpointing(peak, budget, per_block)
-    return keep, {"measured": True, "kept_before": before, "peak_bytes": int(peak),
+    return keep, {"measured": True, "kept_before": before, "peak_bytes": int(peak), "state_bytes": int(state),
                   "per_block_bytes": int(per_block), "budget_bytes": budget}
 
 
