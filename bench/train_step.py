@@ -145,7 +145,7 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 SESSION_CASES = [
     # One case per target first, so one device call can answer all four; then the diagnostics.
     # 1.3B first: small and quick (about 15 s and 50 s with its compile).
-    "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto",
+    "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto+attnauto",
     "14b:train_baseline", "14b:sample_baseline",
     # attnauto: the first step times flash, cuDNN and memory-efficient SDPA at the self-attention's
     # shape and keeps the fastest; the row records every kernel's time, so these cases also say
