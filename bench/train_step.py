@@ -580,6 +580,19 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _dynamo_counters():
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def compile_stats() -> dict[str, int]:
+    """Graphs dynamo compiled and graph breaks it met since the case began (compiled cases)."""
+    counters = _dynamo_counters()
+    return {"compiled_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
 def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dict[str, Any]:
     """Set our model's speed options for one case: the variants named, else the model yaml's values."""
     backend = model_cfg.get("attention_backend")
@@ -626,6 +639,13 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
         model.set_frozen_fp8()
     if fp8:
         model.set_fp8_backward(fp8_backward)
+    if compiled:
+        # Each case compiles as a fresh process would: the cases of one model change grad mode,
+        # batch, processors and fp8 layers, and their graphs would otherwise pile up on the one
+        # block code object towards dynamo's recompile limit (8), past which blocks run eager.
+        # Inductor's on-disk cache still serves graphs compiled before.
+        torch._dynamo.reset()
+        _dynamo_counters().clear()
     if compiled and blocks[0]._compiled_call_impl is None:
         model.compile_blocks()
     elif not compiled:
@@ -718,10 +738,17 @@ def markdown(report: dict[str, Any]) -> str:
         auto = r.get("checkpoint_auto")
         if auto and auto.get("measured"):
             lines.append(f"\n{r['case']}: checkpoint_keep=auto kept the last {auto['kept']} blocks (first step peaked at "
-                         f"{auto['peak_bytes']} GiB with {auto['kept_before']} kept, {auto['per_block_bytes']} GiB per kept "
+                         f"{auto['peak_bytes']} GiB with {auto['kept_before']} kept, the optimizer state it created "
+                         f"({auto.get('state_bytes', 0)} GiB) included, {auto['per_block_bytes']} GiB per kept "
                          f"block, budget {auto['budget_bytes']} GiB)")
         elif auto:
             lines.append(f"\n{r['case']}: checkpoint_keep=auto measured nothing here (no CUDA); kept {auto['kept']}")
+        if r.get("self_attention_timings_ms") is not None:
+            shown = ", ".join(f"{k} {fmt(t, '.1f')} ms" for k, t in r["self_attention_timings_ms"].items()) or "not timed here"
+            used = r.get("self_attention_kernel_used") or "torch's choice"
+            lines.append(f"\n{r['case']}: self_attention_kernel=auto ran {used} ({shown})")
+        if "compiled_graphs" in r:
+            lines.append(f"\n{r['case']}: dynamo compiled {r['compiled_graphs']} graphs, {r['graph_breaks']} graph breaks")
     profiled = [r for r in report["results"] if r.get("profile")]
     if profiled:
         cats = list(dict.fromkeys(c for r in profiled for c in r["profile"]["categories"]))
@@ -880,6 +907,8 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                 options = apply_variants(model, model_cfg, variants) if family == "ours" else {}
                 res = CASE_FUNCS[base_kind](ctx)
                 res.update(options)
+                if options.get("compiled"):
+                    res.update(compile_stats())
                 if family == "ours" and options.get("self_attention_kernel") == "auto":
                     res.update(self_attention_kernel_used=model.self_attention_kernel,
                                self_attention_timings_ms={k: None if t is None else round(t * 1e3, 2)

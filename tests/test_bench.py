@@ -180,8 +180,16 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["auto"])  # measures the last block first
     assert got["checkpoint_keep"] == "auto" and model.checkpoint_auto and model.checkpoint_keep == 1
     assert model.transformer._gradient_checkpointing_func.measure is not None
+    # A compiled case starts from a clean dynamo, as a fresh process would, and counts its own graphs.
+    from torch._dynamo.utils import counters
+
+    counters["stats"]["unique_graphs"] += 9
+    counters["graph_break"]["an earlier case's break"] += 1
+    got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["compile"])
+    assert got["compiled"] and model.transformer.blocks[0]._compiled_call_impl is not None
+    assert ts.compile_stats() == {"compiled_graphs": 0, "graph_breaks": 0}
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, [])  # back to the yaml's values
-    assert not model.checkpoint_auto
+    assert not model.checkpoint_auto and model.transformer.blocks[0]._compiled_call_impl is None
     assert model.checkpoint_keep == 0 and not model.checkpoint_offload and got["attention_backend"].startswith("torch SDPA")
     assert all(b.attn2.processor._attention_backend is None for b in model.transformer.blocks)
 
