@@ -149,7 +149,8 @@ def test_auto_checkpoint_keep_adds_the_optimizer_state_the_first_step_created(ti
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    model(**_inputs(device)).square().mean().backward()
+    inputs = _inputs(device)  # held through the sizing, as the trainer holds its batch
+    model(**inputs).square().mean().backward()
     opt.step()  # the gradients stay, as Lightning leaves them until the next step
     held = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                if torch.is_tensor(t) and t.device.type == device)  # AdamW keeps its step counts on the CPU
@@ -165,6 +166,7 @@ def test_auto_checkpoint_keep_adds_the_optimizer_state_the_first_step_created(ti
     budget = peak + held + 2 * per_block + per_block // 2
     model.checkpoint_memory_gib = budget / 2**30
     keep, info = auto_checkpoint_keep(model, dev)
+    del inputs
     if device == "cpu":
         assert info["state_bytes"] == held + 7
     else:  # the state (21 MB here), and little more: the allocator's rounding, the step's audio context
