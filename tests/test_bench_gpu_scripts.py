@@ -190,3 +190,5 @@ def test_gpu_session_script_runs_the_tiny_modes(tmp_path):
 
 def test_gpu_session_script_parses():
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_session.sh")]).returncode == 0
+    # bench/image_versions.sh fetches 4 GB of torch, so only its syntax is checked here.
+    assert subprocess.run(["bash", "-n", str(BENCH / "image_versions.sh")]).returncode == 0
