@@ -258,10 +258,12 @@ SDPA_KERNELS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficie
 class SDPAKernelProcessor:
     """An attention processor run with torch's SDPA restricted to one ``kernel`` (a key of
     :data:`SDPA_KERNELS`), for the video self-attention (``model.self_attention_kernel``). torch's
-    default order never picks cuDNN while flash can run; this runs the S × S attention through
-    cuDNN on the strided views diffusers' native backend passes, with no copies (diffusers'
-    ``_native_cudnn`` backend copies q, k and v first). Everything else (the processor's own
-    attributes, diffusers' backend setting) is the wrapped processor's."""
+    own order depends on the card and the libraries: since torch 2.9 it tries cuDNN first on sm_90
+    and sm_100 with cuDNN newer than 9.15 (unless ``TORCH_CUDNN_SDPA_DEPRIORITIZED=1``), flash
+    first elsewhere. This fixes the kernel whatever that order, on the strided views diffusers'
+    native backend passes, with no copies (diffusers' ``_native_cudnn`` backend copies q, k and v
+    first). Everything else (the processor's own attributes, diffusers' backend setting) is the
+    wrapped processor's."""
 
     _own = ("inner", "kernel", "backend")
 
