@@ -5,8 +5,8 @@
 #   bash bench/gpu_session.sh [checks] [attention] [encode] [zero] [train_step]
 #   (default: checks encode zero train_step, in this order; attention, bench/attention.py, when named)
 #
-# checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py (on CUDA too when there is one: the speed options
-# give plain backward's gradients), before any bench.
+# checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py (with a GPU, its CUDA
+# cases alone: the speed options give plain backward's gradients), before any bench.
 #
 # Run it from the repo root through the device tool with carry [".whl"] and timeout_s 590
 # (bench/README.md, "GPU session"). Everything lands in $OUT: each bench's JSON + markdown and
@@ -16,7 +16,7 @@
 # gets --budget = min(its cap, what is left after keeping the reserves of the benches after it), its
 # own watchdog at --budget + --grace, and an outer `timeout` MARGIN (10 s) after that (then a kill
 # 5 s later); time a bench leaves unused goes to the later ones. From the environment (seconds):
-#   CHECK_RESERVE=60 CHECK_CAP=120 CHECK_GRACE=10  the checks
+#   CHECK_RESERVE=60 CHECK_CAP=120 CHECK_GRACE=10  the checks; CHECK_SELECT (pytest -k; "not cpu" with a GPU)
 #   ATT_RESERVE=30 ATT_CAP=40 ATT_GRACE=15      bench/attention.py (SDPA backends at the 14B shapes)
 #   ENC_RESERVE=60 ENC_CAP=70 ENC_GRACE=20      bench/encode_throughput.py
 #   ZERO_RESERVE=120 ZERO_CAP=170 ZERO_GRACE=25 bench/zero_step.py
@@ -101,10 +101,17 @@ run_part() {
         zero)       cmd=("$PY" bench/zero_step.py ${ZERO_ARGS:-}) ;;
         checks)
             # The model's speed options against plain backward, on this device (CUDA: pinned host
-            # copies, GPU kernels, autocast); a failure here makes the bench numbers suspect.
+            # copies, GPU kernels, autocast); a failure here makes the bench numbers suspect. With
+            # a GPU the [cpu] cases are left out (CHECK_SELECT, a pytest -k expression): they ran
+            # under the image's torch on the CPU machine before the call (bench/image_versions.sh),
+            # and device time is the scarce part.
+            local select=""
+            command -v nvidia-smi >/dev/null 2>&1 && select="not cpu"
+            select=${CHECK_SELECT-$select}
             hard=$((budget + grace + MARGIN))
-            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py"
-            timeout --kill-after=5 "$hard" "$PY" -m pytest -q -p no:cacheprovider tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py
+            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py${select:+ -k '$select'}"
+            timeout --kill-after=5 "$hard" "$PY" -m pytest -q -p no:cacheprovider ${select:+-k "$select"} \
+                tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py
             say "checks: exit code $?"
             return ;;
         *) say "unknown part $part (checks, attention, train_step, encode, zero)"; return ;;
