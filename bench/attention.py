@@ -44,7 +44,7 @@ from harness import (  # noqa: E402
 
 if str(REPO) not in sys.path:  # the GPU image runs the checkout without installing the project
     sys.path.insert(0, str(REPO))
-from ft_train.models.adapter import median_seconds  # noqa: E402
+from ft_train.models.adapter import default_sdpa_kernel, median_seconds  # noqa: E402
 from ft_train.models.audio import audio_window_index  # noqa: E402
 
 BACKENDS = {
@@ -118,7 +118,7 @@ def run_case(shape: str, backend: str, dims: dict[str, Any], device: torch.devic
         q.grad = k.grad = v.grad = None
 
     row: dict[str, Any] = {"shape": shape, "backend": backend, "query_tokens": rows, "key_tokens": cols,
-                           "fwd_flops": flops}
+                           "fwd_flops": flops, "torch_default": default_sdpa_kernel(q, k, v, mask)}
     try:
         with warnings.catch_warnings():  # torch warns why each backend declines, then raises
             warnings.simplefilter("ignore")
@@ -153,11 +153,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"torch {env['torch']}" + (f", CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}" if env.get("cuda") else "")
         + f"; {report['dtype']}; {dims['model']}: {dims['heads']} heads × {dims['head_dim']}, S = {dims['tokens']:,} video "
         f"tokens, {dims['latent_frames']} audio windows of {dims['window']}", "",
-        "| shape | backend | status | fwd ms | fwd TFLOP/s | fwd+bwd ms | bwd TFLOP/s |",
-        "| --- | --- | --- | --- | --- | --- | --- |"]
+        "| shape | backend | status | fwd ms | fwd TFLOP/s | fwd+bwd ms | bwd TFLOP/s | torch's own choice |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         lines.append(f"| {r['shape']} | {r['backend']} | {r['status']} | {fmt(r.get('fwd_ms'), '.2f')} | "
-                     f"{fmt(r.get('fwd_tflops'), '.3g')} | {fmt(r.get('fwd_bwd_ms'), '.2f')} | {fmt(r.get('bwd_tflops'), '.3g')} |")
+                     f"{fmt(r.get('fwd_tflops'), '.3g')} | {fmt(r.get('fwd_bwd_ms'), '.2f')} | {fmt(r.get('bwd_tflops'), '.3g')} | "
+                     f"{r.get('torch_default') or '–'} |")
     lines += ["", "TFLOP/s: 4·S_q·S_k·(heads·head_dim) per forward, 2.5× that in backward (bwd = fwd+bwd − fwd).", ""]
     return "\n".join(lines)
 

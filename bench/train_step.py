@@ -746,7 +746,8 @@ def markdown(report: dict[str, Any]) -> str:
         if r.get("self_attention_timings_ms") is not None:
             shown = ", ".join(f"{k} {fmt(t, '.1f')} ms" for k, t in r["self_attention_timings_ms"].items()) or "not timed here"
             used = r.get("self_attention_kernel_used") or "torch's choice"
-            lines.append(f"\n{r['case']}: self_attention_kernel=auto ran {used} ({shown})")
+            lines.append(f"\n{r['case']}: self_attention_kernel=auto ran {used} ({shown}; torch's own choice: "
+                         f"{r.get('self_attention_kernel_default') or 'not asked here'})")
         if "compiled_graphs" in r:
             lines.append(f"\n{r['case']}: dynamo compiled {r['compiled_graphs']} graphs, {r['graph_breaks']} graph breaks")
     profiled = [r for r in report["results"] if r.get("profile")]
@@ -911,6 +912,7 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                     res.update(compile_stats())
                 if family == "ours" and options.get("self_attention_kernel") == "auto":
                     res.update(self_attention_kernel_used=model.self_attention_kernel,
+                               self_attention_kernel_default=model.self_attention_default,
                                self_attention_timings_ms={k: None if t is None else round(t * 1e3, 2)
                                                           for k, t in (model.self_attention_timings or {}).items()})
                 status = "ok" if res.get("iters") else "skipped: time budget"

@@ -344,6 +344,32 @@ def time_sdpa_kernels(shape: tuple[int, int, int, int], dtype: torch.dtype, devi
     return times
 
 
+def default_sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        attn_mask: torch.Tensor | None = None) -> str | None:
+    """The kernel torch's SDPA dispatcher picks by itself for these inputs (a key of
+    :data:`SDPA_KERNELS`, as ``torch._fused_sdp_choice`` reports it): its order depends on the
+    card and the cuDNN version (:class:`SDPAKernelProcessor`). None where torch does not say."""
+    try:
+        choice = int(torch._fused_sdp_choice(q, k, v, attn_mask))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    from torch.nn.attention import SDPBackend
+
+    names = {getattr(SDPBackend, name).value: key for key, name in SDPA_KERNELS.items()}
+    return names.get(choice)
+
+
+def default_kernel_at(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+                      backward: bool = True) -> str | None:
+    """:func:`default_sdpa_kernel` for ``(B, H, S, D)`` inputs laid out as diffusers' processors
+    pass them ((B, S, H, D) viewed as (B, H, S, D)), as :func:`time_sdpa_kernels` times them."""
+    b, h, s, d = shape
+    with torch.inference_mode(False), torch.enable_grad():
+        q, k, v = (torch.empty(b, s, h, d, device=device, dtype=dtype).transpose(1, 2).requires_grad_(backward)
+                   for _ in range(3))
+        return default_sdpa_kernel(q, k, v)
+
+
 def fastest_kernel(times: dict[str, float | None]) -> str | None:
     """The kernel of ``times`` (:func:`time_sdpa_kernels`) that ran fastest; None when none ran."""
     ran = {k: t for k, t in times.items() if t is not None}

@@ -30,6 +30,7 @@ from .adapter import (
     AudioKV,
     FantasyTalkingAttnProcessor,
     SDPAKernelProcessor,
+    default_kernel_at,
     fastest_kernel,
     time_sdpa_kernels,
 )
@@ -181,6 +182,7 @@ class FantasyTalkingDiT(nn.Module):
         self.audio_mode = audio_mode
         self._context = AdapterContext()
         self.self_attention_timings: dict[str, float | None] | None = None  # what self_attention_kernel=auto measured
+        self.self_attention_default: str | None = None  # ... and what torch would have run by itself
         self.identity_config = identity if isinstance(identity, IdentityConfig) else IdentityConfig.from_dict(identity)
         self.motion_config = motion if isinstance(motion, MotionConfig) else MotionConfig.from_dict(motion)
         # Disabled modules are not created at all (no parameters, no checkpoint keys).
@@ -312,6 +314,14 @@ class FantasyTalkingDiT(nn.Module):
             inner = proc.inner if isinstance(proc, SDPAKernelProcessor) else proc
             block.attn1.set_processor(SDPAKernelProcessor(inner, kernel) if kernel else inner)
 
+    def self_attention_shape(self, hidden_states: torch.Tensor) -> tuple[int, int, int, int]:
+        """``(B, heads, video tokens, head_dim)`` of the self-attention for model input
+        ``hidden_states`` ``(B, C, F, H, W)``."""
+        cfg = self.transformer.config
+        pt, ph, pw = cfg.patch_size
+        b, _, f, h, w = hidden_states.shape
+        return (b, cfg.num_attention_heads, (f // pt) * (h // ph) * (w // pw), cfg.attention_head_dim)
+
     def pick_self_attention_kernel(self, hidden_states: torch.Tensor) -> str | None:
         """``self_attention_kernel="auto"``: time the :attr:`AUTO_KERNELS` on the self-attention of
         ``hidden_states`` ``(B, C, F, H, W)`` (forward and backward when grad is on, the step's
@@ -322,20 +332,19 @@ class FantasyTalkingDiT(nn.Module):
         if device.type != "cuda":
             log.info("model.self_attention_kernel=auto: torch's choice on %s (the kernels are timed on a GPU)", device.type)
             return None
-        cfg = self.transformer.config
-        pt, ph, pw = cfg.patch_size
-        b, _, f, h, w = hidden_states.shape
-        shape = (b, cfg.num_attention_heads, (f // pt) * (h // ph) * (w // pw), cfg.attention_head_dim)
+        shape = self.self_attention_shape(hidden_states)
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.transformer.dtype
-        times = time_sdpa_kernels(shape, dtype, device, self.AUTO_KERNELS, backward=torch.is_grad_enabled())
+        grad = torch.is_grad_enabled()
+        times = time_sdpa_kernels(shape, dtype, device, self.AUTO_KERNELS, backward=grad)
+        self.self_attention_default = default_kernel_at(shape, dtype, device, backward=grad)
         choice = [fastest_kernel(times)]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(choice, src=0)
         self.set_self_attention_kernel(choice[0])
         self.self_attention_timings = times
         shown = ", ".join(f"{k} {t * 1e3:.1f} ms" if t is not None else f"{k} unavailable" for k, t in times.items())
-        log.info("model.self_attention_kernel=auto: %s for (B, H, S, D) = %s %s (%s)", choice[0], shape,
-                 str(dtype).removeprefix("torch."), shown)
+        log.info("model.self_attention_kernel=auto: %s for (B, H, S, D) = %s %s (%s; torch's own choice: %s)", choice[0],
+                 shape, str(dtype).removeprefix("torch."), shown, self.self_attention_default)
         return choice[0]
 
     def compile_blocks(self, **options: Any) -> None:
