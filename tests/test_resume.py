@@ -57,6 +57,47 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(uninterrupted, caplog)
     assert losses(out, "dmg") == expected
 
 
+def tensorboard_scalars(folder, tag, purge=True):
+    """``(steps, values)`` of ``tag`` in the event files of ``folder``, read as TensorBoard reads
+    them: files in name order, and with ``purge`` a session start at step s hides the earlier
+    files' events at steps >= s. The record framing is parsed here (8-byte length, 4-byte CRC,
+    payload, 4-byte CRC); only the Event message comes from tensorboardX's protobuf module."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    seen = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            if purge and event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                seen = {k: v for k, v in seen.items() if k[0] < event.step}
+            for value in event.summary.value:
+                if value.tag == tag:
+                    seen[(event.step, len(seen))] = value.simple_value
+    steps = [k[0] for k in sorted(seen)]
+    return steps, [seen[k] for k in sorted(seen)]
+
+
+def test_tensorboard_curves_continue_across_a_resume(uninterrupted):
+    import shutil
+
+    out, (steps, values) = uninterrupted
+    train(config(out, "tb", 5, "data.num_workers=2", "logger=tensorboard"))  # checkpoints 2, 4, 5
+    # Killed after step 5 was logged but before its checkpoint was committed: resume from 4.
+    shutil.rmtree(out / "tb" / "clip" / "checkpoints" / "step-00000005")
+    train(config(out, "tb", 7, "data.num_workers=2", "logger=tensorboard"))
+    folder = out / "tb" / "clip" / "tensorboard"
+    raw_steps, _ = tensorboard_scalars(folder, "train/loss", purge=False)
+    assert len(raw_steps) > len(steps)  # the first run's steps after the checkpoint are in its file
+    tb_steps, tb_values = tensorboard_scalars(folder, "train/loss")
+    assert tb_steps == steps  # each step once, as metrics.csv of the uninterrupted run
+    assert tb_values == pytest.approx(values, rel=1e-6)  # float32 in the event file
+    assert losses(out, "tb") == (steps, values)  # the csv logger beside it is resumed too
+
 def test_unfinished_folder_is_never_used_and_old_ones_are_pruned(tmp_path):
     train(config(tmp_path, "prune", 6, "data.num_workers=0", "callbacks.checkpoint.every_n_steps=1",
                  "callbacks.checkpoint.keep_last=2"))

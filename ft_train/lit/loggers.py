@@ -1,11 +1,15 @@
-"""A CSV logger whose history survives resumes."""
+"""Loggers whose history survives resumes: ``metrics.csv`` and TensorBoard event files.
+
+Both have ``truncate_from(step)``; on a resume the module calls it with the checkpoint's step,
+so what the interrupted run logged after that checkpoint does not show twice.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
 
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
@@ -49,3 +53,27 @@ class ResumableCSVLogger(CSVLogger):
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
+
+
+class ResumableTensorBoardLogger(TensorBoardLogger):
+    """TensorBoard event files in ``<stage_dir>/tensorboard/``, one run across resumes.
+
+    A resumed run writes a new event file into the same folder. It starts with TensorBoard's purge
+    marker (``purge_step``: a session start at the resumed step), so TensorBoard hides whatever
+    the earlier files hold from that step on, as :class:`ResumableCSVLogger` drops those rows.
+    Event files are written by tensorboardX (or torch's writer when ``tensorboard`` is
+    installed); view them with ``tensorboard --logdir outputs`` from any environment.
+    """
+
+    def __init__(self, save_dir: str, name: str = "tensorboard", version: str = "", **kwargs):
+        kwargs.setdefault("default_hp_metric", False)  # no placeholder ``hp_metric`` scalar
+        super().__init__(save_dir=save_dir, name=name, version=version, **kwargs)
+
+    @rank_zero_only
+    def truncate_from(self, step: int) -> None:
+        """Hide events with ``step >= step`` (logged after the checkpoint being resumed)."""
+        if self._experiment is not None:  # Lightning opened a writer at fit start: reopen it with the marker
+            self._experiment.close()
+            self._experiment = None
+        self._kwargs["purge_step"] = int(step)
+        self.experiment.flush()  # the new file and its marker exist before this run's first scalar

@@ -19,7 +19,6 @@ from ..flops import training_step_flops
 from ..models import FantasyTalkingDiT, model_summary
 from ..models.fantasytalking import auto_checkpoint_keep
 from ..models.weights import load_adapter_weights
-from .loggers import ResumableCSVLogger
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class FantasyTalkingModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.global_step > 0:  # resumed: forget what the interrupted run logged after its checkpoint
             for logger in self.loggers:
-                if isinstance(logger, ResumableCSVLogger):
+                if hasattr(logger, "truncate_from"):  # ResumableCSVLogger, ResumableTensorBoardLogger
                     logger.truncate_from(self.global_step)
 
     def check_batch(self, batch: dict[str, torch.Tensor]) -> None:
