@@ -144,8 +144,9 @@ ALL_CASES = [f"14b:{k}" for k in KINDS] + ["1.3b:train_baseline", "1.3b:train_ou
 # next. The first session (2026-11-27) ran the baselines with +cudnn, +keep4 and +compile.
 SESSION_CASES = [
     # One case per target first, so one device call can answer all four; then the diagnostics.
-    # 1.3B first: small and quick (about 15 s and 50 s with its compile).
-    "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto+attnauto",
+    # 1.3B first: small and quick (about 15 s and 50 s with its compile). auto71: the H100's own
+    # budget (90 % of its 79.2 GiB) named, so that an H200 keeps the blocks an H100 would keep.
+    "1.3b:train_baseline", "1.3b:train_ours+compile+sac+auto71+attnauto",
     "14b:train_baseline", "14b:sample_baseline",
     # attnauto: the first step times flash, cuDNN and memory-efficient SDPA at the self-attention's
     # shape and keeps the fastest; the row records every kernel's time (torch's own order already
