@@ -57,6 +57,16 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(uninterrupted, caplog)
     assert losses(out, "dmg") == expected
 
 
+def test_resume_with_gradient_accumulation_matches_uninterrupted(tmp_path):
+    # Two batches per optimiser step: checkpoints fall on step boundaries, and the resumed loader
+    # and loss seeds (which micro-batch of the step) must pick up where the cut run stopped.
+    extra = ("data.num_workers=2", "trainer.accumulate_grad_batches=2")
+    train(config(tmp_path, "full", 6, *extra))
+    train(config(tmp_path, "cut", 3, *extra))
+    resumed = train(config(tmp_path, "cut", 6, *extra))
+    assert resumed["module"].batches_seen == 12  # 6 steps of 2 batches, counted on from the checkpoint
+    assert losses(tmp_path, "cut") == losses(tmp_path, "full")
+
 def tensorboard_scalars(folder, tag, purge=True):
     """``(steps, values)`` of ``tag`` in the event files of ``folder``, read as TensorBoard reads
     them: files in name order, and with ``purge`` a session start at step s hides the earlier
