@@ -139,12 +139,18 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
                      "+loss.nan_calls=[1,2,3,4]", "faults.max_nonfinite_steps=3"))
 
 
-def test_skipped_steps_leave_the_weights_untouched(tmp_path):
+@pytest.mark.parametrize("extra", [
+    ("+loss.nan_calls=[1,2]",),  # two steps, both non-finite
+    # one step of two batches; the first is non-finite, so the second's gradient must not step alone
+    ("+loss.nan_calls=[1]", "trainer.accumulate_grad_batches=2"),
+], ids=["steps", "accumulated"])
+def test_skipped_steps_leave_the_weights_untouched(tmp_path, extra):
     import lightning as L
     import torch
     from hydra.utils import instantiate
 
-    cfg = config(tmp_path, "nan2", 2, "data.num_workers=0", "loss._target_=tests.faults.NaNLoss", "+loss.nan_calls=[1,2]")
+    steps = 1 if "trainer.accumulate_grad_batches=2" in extra else 2
+    cfg = config(tmp_path, "nan2", steps, "data.num_workers=0", "loss._target_=tests.faults.NaNLoss", *extra)
     result = train(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # as train() does before building
     fresh = instantiate(cfg.model)

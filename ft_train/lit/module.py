@@ -170,6 +170,8 @@ class FantasyTalkingModule(L.LightningModule):
             self.check_batch(batch)
         self.count_flops(batch)
         accumulate = max(1, self.trainer.accumulate_grad_batches)
+        if batch_idx % accumulate == 0:  # a new optimiser step begins
+            self._skip_update = False
         generator = step_generator(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
         out = self.loss(self.net, batch, generator)
         bsz = batch["latents"].shape[0]
@@ -190,10 +192,10 @@ class FantasyTalkingModule(L.LightningModule):
             self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=bsz)
             # Lightning forbids skipping a step in distributed runs, and every rank must run the
             # same backward collectives: backpropagate zero through the same graph, then drop the
-            # gradients (on_after_backward) so the optimiser leaves every weight untouched.
+            # gradients (on_after_backward) so the optimiser leaves every weight untouched. Under
+            # gradient accumulation the whole step is skipped: the flag stays up until it ends.
             self._skip_update = True
             return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
-        self._skip_update = False
         self.nonfinite_in_a_row = 0
         self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=bsz)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bsz)
@@ -202,7 +204,8 @@ class FantasyTalkingModule(L.LightningModule):
         return out.loss
 
     def on_after_backward(self) -> None:
-        # A skipped step: no gradient at all, so AdamW neither moves the weights nor its moments.
+        # A skipped step: no gradient at all, so AdamW neither moves the weights nor its moments
+        # (the step's earlier micro-batches' gradients go too, and its later ones' are dropped here).
         # (Under DeepSpeed the engine owns the gradients and applies a zero-gradient step.)
         if self._skip_update:
             for p in self.net.parameters():
