@@ -10,7 +10,7 @@ from ft_train.lit import read_metric
 from ft_train.lit.checkpointing import committed_steps, find_resume_checkpoint, verify
 from ft_train.train import train
 
-from .conftest import CONF
+from .conftest import CONF, tensorboard_events
 
 
 def config(out, run, steps, *extra):
@@ -68,28 +68,8 @@ def test_resume_with_gradient_accumulation_matches_uninterrupted(tmp_path):
     assert losses(tmp_path, "cut") == losses(tmp_path, "full")
 
 def tensorboard_scalars(folder, tag, purge=True):
-    """``(steps, values)`` of ``tag`` in the event files of ``folder``, read as TensorBoard reads
-    them: files in name order, and with ``purge`` a session start at step s hides the earlier
-    files' events at steps >= s. The record framing is parsed here (8-byte length, 4-byte CRC,
-    payload, 4-byte CRC); only the Event message comes from tensorboardX's protobuf module."""
-    import struct
-
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
-
-    seen = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            if purge and event.HasField("session_log") and event.session_log.status == SessionLog.START:
-                seen = {k: v for k, v in seen.items() if k[0] < event.step}
-            for value in event.summary.value:
-                if value.tag == tag:
-                    seen[(event.step, len(seen))] = value.simple_value
-    steps = [k[0] for k in sorted(seen)]
-    return steps, [seen[k] for k in sorted(seen)]
+    events = [(step, value) for step, t, value in tensorboard_events(folder, purge) if t == tag]
+    return [step for step, _ in events], [value for _, value in events]
 
 
 def test_tensorboard_curves_continue_across_a_resume(uninterrupted):
@@ -184,3 +164,23 @@ def test_requeue_outcome_is_logged_as_it_is(command, ok, message, caplog):
     with caplog.at_level(logging.WARNING, logger="ft_train.lit.preemption"):
         assert Preemption(requeue_command=command).requeue("77", 5) is ok
     assert message in caplog.text
+
+
+def test_tensorboard_frame_strip_holds_the_chosen_frames_side_by_side(tmp_path):
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    from ft_train.lit.loggers import ResumableTensorBoardLogger
+
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, size=(33, 8, 6, 3), dtype=np.uint8)  # every frame different
+    logger = ResumableTensorBoardLogger(str(tmp_path))
+    logger.log_video_frames("val_samples/000_clip", video, step=7)
+    logger.finalize("success")
+    [(step, tag, png)] = tensorboard_events(tmp_path / "tensorboard")
+    assert (step, tag) == (7, "val_samples/000_clip")
+    image = np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB"))
+    # frames 0, 11, 21, 32 (evenly spaced, rounded), left to right, bit-exact (PNG is lossless)
+    np.testing.assert_array_equal(image, np.concatenate([video[i] for i in (0, 11, 21, 32)], axis=1))

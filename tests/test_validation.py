@@ -6,11 +6,13 @@ the same Hydra config keys a user sets to weight paths.
 """
 
 import csv
+import io
 import math
 import shutil
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import scipy.io.wavfile
 import torch
@@ -26,7 +28,7 @@ from ft_train.metrics.callback import ValidationCallback
 from ft_train.models.encoders import save_tiny_encoders
 from ft_train.train import train
 
-from .conftest import CONF
+from .conftest import CONF, tensorboard_events
 from .test_metrics_fid import TinyExtractor
 from .test_metrics_fvd import StandInI3D
 from .test_metrics_sync import BrightnessEnergyEncoder
@@ -74,6 +76,7 @@ def test_training_run_logs_all_metrics_and_writes_videos(tmp_path, tiny_wan, i3d
         "callbacks.validation.every_n_steps=2", "callbacks.validation.sampler.steps=2",
         f"callbacks.validation.vae={tiny_wan}", f"callbacks.validation.fvd={i3d_file}",
         f"callbacks.validation.audio_dir={audio_dir}", "callbacks.validation.fid_frames=8",
+        "logger=tensorboard",
     ])
     with open_dict(cfg):
         cfg.callbacks.validation.fid = TINY_FID
@@ -96,6 +99,14 @@ def test_training_run_logs_all_metrics_and_writes_videos(tmp_path, tiny_wan, i3d
         frames, fps, audio = read_video(videos[0])
         assert frames.shape == (33, 64, 64, 3) and fps == pytest.approx(23.0)
         assert audio is not None and len(audio) > 16000 * 1.4
+
+    # logger=tensorboard: the metrics as scalars and each sample as a strip of 4 of its frames
+    events = tensorboard_events(Path(result["stage_dir"]) / "tensorboard")
+    assert [step for step, tag, _ in events if tag == "val/fvd"] == [2, 4]
+    for key in ("000_synthetic-000000", "001_synthetic-000001"):
+        strips = [(step, png) for step, tag, png in events if tag == f"val_samples/{key}"]
+        assert [step for step, _ in strips] == [2, 4]
+        assert PIL.Image.open(io.BytesIO(strips[-1][1])).size == (4 * 64, 64)
 
     ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all(k.startswith("net.") for k in ckpt["state_dict"])

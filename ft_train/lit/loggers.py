@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import os
 
+import numpy as np
+
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -62,7 +64,8 @@ class ResumableTensorBoardLogger(TensorBoardLogger):
     marker (``purge_step``: a session start at the resumed step), so TensorBoard hides whatever
     the earlier files hold from that step on, as :class:`ResumableCSVLogger` drops those rows.
     Event files are written by tensorboardX (or torch's writer when ``tensorboard`` is
-    installed); view them with ``tensorboard --logdir outputs`` from any environment.
+    installed); view them with ``tensorboard --logdir outputs`` from any environment. The
+    validation callback shows its samples here as frame strips (:meth:`log_video_frames`).
     """
 
     def __init__(self, save_dir: str, name: str = "tensorboard", version: str = "", **kwargs):
@@ -77,3 +80,10 @@ class ResumableTensorBoardLogger(TensorBoardLogger):
             self._experiment = None
         self._kwargs["purge_step"] = int(step)
         self.experiment.flush()  # the new file and its marker exist before this run's first scalar
+
+    @rank_zero_only
+    def log_video_frames(self, tag: str, frames: np.ndarray, step: int, count: int = 4) -> None:
+        """``count`` evenly spaced frames of a ``(T, H, W, 3)`` uint8 video, side by side, as one
+        ``(H, count·W, 3)`` image (the mp4 beside it is the whole video)."""
+        index = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
+        self.experiment.add_image(tag, np.concatenate(list(frames[index]), axis=1), step, dataformats="HWC")

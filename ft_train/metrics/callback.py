@@ -483,6 +483,8 @@ class ValidationCallback(Callback):
         out_dir = self.samples_dir / f"step-{step:08d}" if self.samples_dir else None
         precision = getattr(trainer.strategy, "precision_plugin", None)
         null_text = getattr(getattr(pl_module, "loss", None), "null_text", None)
+        # loggers that show samples as images (logger=tensorboard): rank 0's clips
+        show = [lg for lg in trainer.loggers if hasattr(lg, "log_video_frames")] if rank == 0 else []
         net.eval()
         try:
             for j in range(per_rank):
@@ -493,7 +495,7 @@ class ValidationCallback(Callback):
                     latents = self._sample(net, s, index, device, null_text)
                 if not counted:
                     continue
-                self._score_and_write(decode, latents, s, index, out_dir)
+                self._score_and_write(decode, latents, s, index, out_dir, show, step)
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -532,7 +534,7 @@ class ValidationCallback(Callback):
         )
 
     def _score_and_write(self, decode: Decoder, latents: Tensor, s: dict[str, Any], index: int,
-                         out_dir: Path | None) -> None:
+                         out_dir: Path | None, show: Sequence[Any] = (), step: int = 0) -> None:
         key = s["__key__"]
         fps = float(s["fps"]) or 25.0
         audio = self.audio.get(key)
@@ -545,6 +547,8 @@ class ValidationCallback(Callback):
             self.metrics.update(generated, reference, fps, audio)
         if out_dir is not None:
             write_video(out_dir / f"{index:03d}_{key}.mp4", generated.numpy(), fps, audio=audio)
+        for logger in show:
+            logger.log_video_frames(f"val_samples/{index:03d}_{key}", generated.numpy(), step)
 
 
 __all__ = [
