@@ -119,6 +119,23 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
                      "+loss.nan_calls=[1,2,3,4]", "faults.max_nonfinite_steps=3"))
 
 
+def test_nonfinite_batches_under_accumulation_count_and_log_per_step(tmp_path):
+    # Two batches a step. Step 0: its second batch is NaN; step 1: both are. Step 2 is clean.
+    result = train(config(tmp_path, "nanacc", 3, "data.num_workers=0", "loss._target_=tests.faults.NaNLoss",
+                          "+loss.nan_calls=[2,3,4]", "trainer.accumulate_grad_batches=2"))
+    module = result["module"]
+    assert result["trainer"].global_step == 3 and module.batches_seen == 6
+    assert module.nonfinite_total == 2  # steps, not batches
+    steps, values = losses(tmp_path, "nanacc")
+    assert steps == [0, 1, 2] and [v != v for v in values] == [True, True, False]
+
+
+def test_nonfinite_steps_in_a_row_count_steps_under_accumulation(tmp_path):
+    # Step 0 clean, then its batches 3-6 NaN: steps 1 and 2, the second time in a row, stop the run.
+    with pytest.raises(RuntimeError, match=r"NaN/inf for 2 steps in a row \(at step 2\)"):
+        train(config(tmp_path, "nanacc2", 6, "data.num_workers=0", "loss._target_=tests.faults.NaNLoss",
+                     "+loss.nan_calls=[3,4,5,6]", "faults.max_nonfinite_steps=2", "trainer.accumulate_grad_batches=2"))
+
 @pytest.mark.parametrize("extra", [
     ("+loss.nan_calls=[1,2]",),  # two steps, both non-finite
     # one step of two batches; the first is non-finite, so the second's gradient must not step alone

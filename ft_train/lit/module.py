@@ -171,13 +171,15 @@ class FantasyTalkingModule(L.LightningModule):
         self.count_flops(batch)
         accumulate = max(1, self.trainer.accumulate_grad_batches)
         if batch_idx % accumulate == 0:  # a new optimiser step begins
+            if not self._skip_update:  # and the one before it was taken
+                self.nonfinite_in_a_row = 0
             self._skip_update = False
         generator = step_generator(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
         out = self.loss(self.net, batch, generator)
         bsz = batch["latents"].shape[0]
         finite = self.all_finite(out.loss, skipped, bsz)
         self.check_skipped(bsz)
-        if not finite:
+        if not finite and not self._skip_update:  # the step's first non-finite batch: count the step once
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
@@ -187,17 +189,17 @@ class FantasyTalkingModule(L.LightningModule):
                 )
             log.warning("non-finite loss at step %d: step skipped (%d in a row, %d in total)",
                         self.global_step, self.nonfinite_in_a_row, self.nonfinite_total)
-            # Log it as such (Lightning would otherwise repeat the previous step's value).
-            self.log("train/loss", float("nan"), prog_bar=True, batch_size=bsz)
-            self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=bsz)
             # Lightning forbids skipping a step in distributed runs, and every rank must run the
-            # same backward collectives: backpropagate zero through the same graph, then drop the
-            # gradients (on_after_backward) so the optimiser leaves every weight untouched. Under
-            # gradient accumulation the whole step is skipped: the flag stays up until it ends.
+            # same backward collectives: each batch of the step backpropagates zero through the
+            # same graph, then its gradients are dropped (on_after_backward), so the optimiser
+            # leaves every weight untouched. Under gradient accumulation the whole step is
+            # skipped: the flag stays up until the step ends.
             self._skip_update = True
-            return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
-        self.nonfinite_in_a_row = 0
         self.log("train/nonfinite_steps", float(self.nonfinite_total), batch_size=bsz)
+        if self._skip_update:
+            # Logged as such (Lightning would otherwise repeat the previous step's value).
+            self.log("train/loss", float("nan"), prog_bar=True, batch_size=bsz)
+            return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bsz)
         for name, value in out.logs.items():
             self.log(f"train/{name}", value, batch_size=bsz)
@@ -205,7 +207,7 @@ class FantasyTalkingModule(L.LightningModule):
 
     def on_after_backward(self) -> None:
         # A skipped step: no gradient at all, so AdamW neither moves the weights nor its moments
-        # (the step's earlier micro-batches' gradients go too, and its later ones' are dropped here).
+        # (the step's earlier batches' gradients go too, and its later ones' are dropped here).
         # (Under DeepSpeed the engine owns the gradients and applies a zero-gradient step.)
         if self._skip_update:
             for p in self.net.parameters():
