@@ -201,3 +201,17 @@ def test_tensorboard_frame_strip_holds_the_chosen_frames_side_by_side(tmp_path):
     image = np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB"))
     # frames 0, 11, 21, 32 (evenly spaced, rounded), left to right, bit-exact (PNG is lossless)
     np.testing.assert_array_equal(image, np.concatenate([video[i] for i in (0, 11, 21, 32)], axis=1))
+
+
+def test_progress_bar_counts_optimiser_steps_and_resumes_where_it_stopped(tmp_path):
+    from ft_train.lit.callbacks import StepProgressBar
+
+    def bar_task(result):
+        bar = next(c for c in result["trainer"].callbacks if isinstance(c, StepProgressBar))
+        return bar.progress.tasks[bar.train_progress_bar_id]
+
+    extra = ("data.num_workers=0", "trainer.accumulate_grad_batches=2")
+    task = bar_task(train(config(tmp_path, "bar", 3, *extra)))  # 6 batches, 3 steps
+    assert (task.description.strip(), task.completed, task.total) == ("steps", 3, 3)
+    task = bar_task(train(config(tmp_path, "bar", 5, *extra)))  # resumed at step 3
+    assert (task.completed, task.total) == (5, 5)

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 
 
 def read_metric(csv_path: str | Path, name: str) -> tuple[list[int], list[float]]:
@@ -17,6 +18,30 @@ def read_metric(csv_path: str | Path, name: str) -> tuple[list[int], list[float]
                 steps.append(int(row["step"]))
                 values.append(float(row[name]))
     return steps, values
+
+
+class StepProgressBar(RichProgressBar):
+    """One bar over the stage in optimiser steps: ``steps 1200/80000``.
+
+    Training here is step-based (``stage.max_steps``, no epochs), so Lightning's own bar, which
+    counts the batches of an "epoch" against ``max_epochs`` (``Epoch 0/-2``, batches over steps
+    under gradient accumulation), says little; this one also starts a resumed run where it stopped.
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "steps"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._update(self.train_progress_bar_id, trainer.global_step)
 
 
 class LossCurvePlot(L.Callback):
