@@ -94,6 +94,11 @@ def test_export_from_a_zero3_sharded_checkpoint_matches_ddp(tmp_path):
         files[strategy] = torch.load(out, map_location="cpu", weights_only=True)
     zero3, ddp = files["deepspeed_zero3"], files["ddp"]
     assert (tmp_path / "deepspeed_zero3" / "clip" / "checkpoints" / "step-00000003" / "model.ckpt" / "checkpoint").is_dir()
+    # train/grad_norm: DeepSpeed's own norm (inside its step) against ours over the DDP gradients
+    norms = {s: read_metric(tmp_path / s / "clip" / "metrics.csv", "train/grad_norm") for s in ("deepspeed_zero3", "ddp")}
+    assert norms["ddp"][0] == norms["deepspeed_zero3"][0] == [0, 1, 2]
+    assert all(n > 0 for n in norms["ddp"][1])
+    torch.testing.assert_close(torch.tensor(norms["deepspeed_zero3"][1]), torch.tensor(norms["ddp"][1]), rtol=1e-3, atol=0)
     for part in ("proj_model", "audio_processor"):
         assert zero3[part].keys() == ddp[part].keys()
         for key in ddp[part]:

@@ -213,7 +213,25 @@ class FantasyTalkingModule(L.LightningModule):
             for p in self.net.parameters():
                 p.grad = None
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # train/grad_norm: the L2 norm of all trainable gradients before clipping (synchronised
+        # over ranks already). DeepSpeed keeps its gradients itself: its own norm is logged after
+        # its step (on_train_batch_end).
+        if self._skip_update or self._deepspeed_engine() is not None:
+            return
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads).float(), batch_size=1)
+
+    def _deepspeed_engine(self):
+        return getattr(self.trainer.strategy, "deepspeed_engine", None)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        engine = self._deepspeed_engine()
+        if engine is not None and not self._skip_update and (batch_idx + 1) % max(1, self.trainer.accumulate_grad_batches) == 0:
+            norm = engine.get_global_grad_norm()  # computed inside the engine's step, before clipping
+            if norm is not None:
+                self.log("train/grad_norm", float(norm), batch_size=1)
         # model.checkpoint_keep=auto: size it once the first optimiser step (its state included)
         # has shown the peak memory.
         if self.net.checkpoint_auto and self.trainer.global_step >= 1:
