@@ -122,6 +122,30 @@ def resume_path(resume, dirpath) -> str | None:
     return str(lightning_path(folder))
 
 
+# Keys a resumed run may change without a word: how far to train, and how to resume.
+RESUME_FREE_KEYS = frozenset({"resume", "stages", "stage.max_steps", "trainer.max_steps"})
+
+
+def config_changes(before, after) -> list[str]:
+    """``"key: old → new"`` for each setting that differs between two configs (resolved; lists
+    compared whole; a key on one side only shows ``(absent)`` on the other), except
+    :data:`RESUME_FREE_KEYS`."""
+    from omegaconf import OmegaConf
+
+    def flat(node, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+
+    old, new = (flat(OmegaConf.to_container(c, resolve=True)) for c in (before, after))
+    absent = "(absent)"
+    return [f"{k}: {old.get(k, absent)} → {new.get(k, absent)}" for k in sorted(old.keys() | new.keys())
+            if k not in RESUME_FREE_KEYS and old.get(k, absent) != new.get(k, absent)]
+
+
 def _strategy(cfg):
     from hydra.utils import instantiate
 
@@ -143,7 +167,12 @@ def train(cfg) -> dict[str, Any]:
     validate_config(cfg)
     stage_dir = Path(cfg.paths.stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    from lightning.pytorch.utilities import rank_zero_only
+
+    config_file, previous = stage_dir / "config.yaml", None
+    if rank_zero_only.rank == 0:  # one writer; the others would race it to the file
+        previous = OmegaConf.load(config_file) if config_file.is_file() else None
+        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     net = instantiate(cfg.model)
@@ -171,6 +200,11 @@ def train(cfg) -> dict[str, Any]:
     if checkpointer is None:
         raise ValueError("callbacks: a StepCheckpoint (callbacks.checkpoint) is required; it saves and finds resume points")
     ckpt_path = resume_path(cfg.resume, checkpointer.dirpath)
+    changes = config_changes(previous, cfg) if ckpt_path and previous is not None else []
+    if changes:
+        log.warning("resuming from %s with settings changed since this stage last started (its config.yaml): %s; "
+                    "the losses follow an uninterrupted run's only with the same seed, data, batch size and ranks",
+                    ckpt_path, "; ".join(changes))
     log.info("stage %s → %s%s", cfg.stage.name, stage_dir, f" (resuming from {ckpt_path})" if ckpt_path else "")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 

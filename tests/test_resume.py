@@ -215,3 +215,18 @@ def test_progress_bar_counts_optimiser_steps_and_resumes_where_it_stopped(tmp_pa
     assert (task.description.strip(), task.completed, task.total) == ("steps", 3, 3)
     task = bar_task(train(config(tmp_path, "bar", 5, *extra)))  # resumed at step 3
     assert (task.completed, task.total) == (5, 5)
+
+
+def test_resume_names_the_settings_changed_since_the_last_start(tmp_path, caplog):
+    train(config(tmp_path, "chg", 2, "data.num_workers=0"))
+    with caplog.at_level(logging.WARNING, logger="ft_train"):
+        train(config(tmp_path, "chg", 3, "data.num_workers=0"))  # only longer: nothing to say
+    assert "settings changed" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="ft_train"):
+        train(config(tmp_path, "chg", 4, "data.num_workers=0", "optim.optimizer.lr=3e-4", "seed=5"))
+    [line] = [r.getMessage() for r in caplog.records if "settings changed" in r.getMessage()]
+    assert "step-00000003" in line
+    # the two overrides, and data.seed, which follows seed (experiment tiny_cpu has lr 1e-3)
+    assert line.count(" → ") == 3
+    assert "optim.optimizer.lr: 0.001 → 0.0003" in line and "; seed: 0 → 5" in line and "data.seed: 0 → 5" in line
+    assert "seed: 5" in (tmp_path / "chg" / "clip" / "config.yaml").read_text()  # the file says what runs now
