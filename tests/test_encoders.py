@@ -222,3 +222,36 @@ def test_missing_or_broken_folders_name_the_key(folders, tmp_path):
     with pytest.raises(EncoderWeightsError, match=r"^encoders\.wan: cannot load AutoencoderKLWan from .*broken"):
         load_encoders(broken, wav2vec, encoders=("vae",))
     assert "\n" not in str(pytest.raises(EncoderWeightsError, load_encoders, broken, wav2vec).value)
+
+
+def test_other_speech_encoders_of_the_wav2vec2_family_load_and_others_are_refused(folders, tmp_path):
+    """A HuBERT folder (e.g. for Chinese speech) loads through the same loader and gives its own
+    ``last_hidden_state`` of the normalised waveform; a model whose convolutions do not give
+    wav2vec2's 50 tokens/s, or no speech model at all, is refused naming the key."""
+    from transformers import BertConfig, BertModel, HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model
+
+    from ft_train.models.encoders import load_audio_encoder
+
+    _, wav2vec = folders
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                 conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    hubert = HubertModel(HubertConfig(**small)).eval()
+    hubert.save_pretrained(tmp_path / "hubert")
+    shutil.copy(wav2vec / "preprocessor_config.json", tmp_path / "hubert")  # zero mean, unit variance
+    encoder = load_audio_encoder(tmp_path / "hubert")
+    assert type(encoder.model).__name__ == "HubertModel" and encoder.width == 16
+    wave = np.sin(np.arange(16000, dtype=np.float32) * 0.03) * 0.4 + 0.1
+    [got] = encoder([wave])
+    x = torch.from_numpy((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7))[None]
+    with torch.no_grad():
+        expected = hubert(x).last_hidden_state[0]
+    assert got.shape == (wav2vec_num_tokens(16000), 16)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    Wav2Vec2Model(Wav2Vec2Config(**small, conv_stride=(5, 2, 2, 2, 2, 2, 4))).save_pretrained(tmp_path / "hop640")
+    with pytest.raises(EncoderWeightsError, match=r"^encoders\.wav2vec: .*hop640 holds a wav2vec2 model without wav2vec2's feature convolutions"):
+        load_audio_encoder(tmp_path / "hop640")
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(EncoderWeightsError, match=r"^encoders\.wav2vec: .*bert holds a bert model"):
+        load_audio_encoder(tmp_path / "bert")

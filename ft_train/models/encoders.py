@@ -195,7 +195,8 @@ class UMT5TextEncoder(nn.Module):
 
 
 class Wav2VecAudioEncoder(nn.Module):
-    """wav2vec2 ``last_hidden_state`` of 16 kHz mono audio (50 tokens/s for wav2vec2-base).
+    """wav2vec2 ``last_hidden_state`` of 16 kHz mono audio, 50 tokens/s (or that of another model
+    of the wav2vec2 family: HuBERT, WavLM; :func:`load_audio_encoder`).
 
     When the folder has a ``preprocessor_config.json`` (wav2vec2-base-960h does), its feature
     extractor normalises each waveform as the model was trained (zero mean, unit variance), as
@@ -552,17 +553,33 @@ def load_text_encoder(
 
 
 def load_audio_encoder(wav2vec: str | Path, device="cpu", dtype="float32", key: str = "encoders.wav2vec") -> Wav2VecAudioEncoder:
-    """``Wav2Vec2Model`` from a wav2vec2 folder (a ``Wav2Vec2ForCTC`` checkpoint such as
-    wav2vec2-base-960h loads too: its CTC head is dropped), plus its feature extractor if any."""
-    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    """The speech encoder of a local folder, plus its feature extractor if any.
+
+    wav2vec2-base-960h is the released adapter's (a ``Wav2Vec2ForCTC`` checkpoint: its CTC head is
+    dropped). Any model of the wav2vec2 family that ``transformers.AutoModel`` loads works too
+    (HuBERT, WavLM, data2vec-audio, wav2vec2 XLS-R; e.g. a Chinese HuBERT to train for Chinese
+    speech), provided it has wav2vec2's feature convolutions: the audio windows count 50
+    tokens/s with their arithmetic (:data:`~ft_train.models.audio.WAV2VEC2_CONV`). Its
+    ``hidden_size`` is ``model.audio_in_dim``.
+    """
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+    from .audio import WAV2VEC2_CONV
 
     folder = _need_config(Path(wav2vec).expanduser(), key, "wav2vec2 model",
                           "a local wav2vec2 folder (e.g. wav2vec2-base-960h)")
-    model = _load(key, folder, "Wav2Vec2Model", lambda: Wav2Vec2Model.from_pretrained(
+    config = _load(key, folder, "the model config", lambda: AutoConfig.from_pretrained(folder, local_files_only=True))
+    conv = tuple(zip(getattr(config, "conv_kernel", ()), getattr(config, "conv_stride", ())))
+    if conv != WAV2VEC2_CONV:
+        raise EncoderWeightsError(
+            f"{key}: {folder} holds a {config.model_type} model without wav2vec2's feature convolutions "
+            f"(kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2: 50 tokens/s, which the audio windows assume); "
+            "use a wav2vec2, HuBERT or WavLM folder")
+    model = _load(key, folder, f"the {config.model_type} model", lambda: AutoModel.from_pretrained(
         folder, dtype=resolve_dtype(dtype), local_files_only=True))
     extractor = None
     if (folder / "preprocessor_config.json").is_file():
-        extractor = _load(key, folder, "the wav2vec2 feature extractor", lambda: Wav2Vec2FeatureExtractor.from_pretrained(
+        extractor = _load(key, folder, "the feature extractor", lambda: AutoFeatureExtractor.from_pretrained(
             folder, local_files_only=True))
     return Wav2VecAudioEncoder(model, extractor).to(device)
 
