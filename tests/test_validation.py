@@ -76,7 +76,7 @@ def test_training_run_logs_all_metrics_and_writes_videos(tmp_path, tiny_wan, i3d
         "callbacks.validation.every_n_steps=2", "callbacks.validation.sampler.steps=2",
         f"callbacks.validation.vae={tiny_wan}", f"callbacks.validation.fvd={i3d_file}",
         f"callbacks.validation.audio_dir={audio_dir}", "callbacks.validation.fid_frames=8",
-        "logger=tensorboard",
+        "callbacks.validation.at_train_start=true", "logger=tensorboard",
     ])
     with open_dict(cfg):
         cfg.callbacks.validation.fid = TINY_FID
@@ -84,16 +84,16 @@ def test_training_run_logs_all_metrics_and_writes_videos(tmp_path, tiny_wan, i3d
     result = train(cfg)
 
     callback = next(c for c in result["trainer"].callbacks if isinstance(c, ValidationCallback))
-    assert [h["step"] for h in callback.history] == [2, 4]  # at_train_end: step 4 was already done
+    assert [h["step"] for h in callback.history] == [0, 2, 4]  # at_train_end: step 4 was already done
     for h in callback.history:
         for name in ("val/fid", "val/fvd", "val/sync_c", "val/sync_d"):
             assert math.isfinite(h.get(name, float("nan"))), (name, h)
     assert all(math.isfinite(result["metrics"][k]) for k in ("val/fid", "val/fvd", "val/sync_c", "val/sync_d"))
     with open(Path(result["stage_dir"]) / "metrics.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("val/fvd")]
-    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
 
-    for step in (2, 4):
+    for step in (0, 2, 4):
         videos = sorted((Path(result["stage_dir"]) / "samples" / f"step-{step:08d}").glob("*.mp4"))
         assert [v.name for v in videos] == ["000_synthetic-000000.mp4", "001_synthetic-000001.mp4"]
         frames, fps, audio = read_video(videos[0])
@@ -102,10 +102,10 @@ def test_training_run_logs_all_metrics_and_writes_videos(tmp_path, tiny_wan, i3d
 
     # logger=tensorboard: the metrics as scalars and each sample as a strip of 4 of its frames
     events = tensorboard_events(Path(result["stage_dir"]) / "tensorboard")
-    assert [step for step, tag, _ in events if tag == "val/fvd"] == [2, 4]
+    assert [step for step, tag, _ in events if tag == "val/fvd"] == [0, 2, 4]
     for key in ("000_synthetic-000000", "001_synthetic-000001"):
         strips = [(step, png) for step, tag, png in events if tag == f"val_samples/{key}"]
-        assert [step for step, _ in strips] == [2, 4]
+        assert [step for step, _ in strips] == [0, 2, 4]
         assert PIL.Image.open(io.BytesIO(strips[-1][1])).size == (4 * 64, 64)
 
     ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)

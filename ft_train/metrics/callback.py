@@ -360,6 +360,7 @@ class ValidationCallback(Callback):
             None = the first ``num_samples`` samples of ``shards``.
         every_n_steps: validate when ``global_step`` is a multiple of this (0 = never during training).
         at_train_end: also validate after the last step (if that step was not validated already).
+        at_train_start: also validate before the first step, as step 0 (not when a run resumes).
         sampler: the :class:`~ft_train.diffusion.FlowMatchSampler` (steps, shift, cfg, audio_cfg).
         seed: clip i's initial noise comes from ``torch.Generator().manual_seed(seed + i)`` (on CPU,
             so the same on every device and rank).
@@ -381,6 +382,7 @@ class ValidationCallback(Callback):
         num_samples: int = 8,
         every_n_steps: int = 1000,
         at_train_end: bool = True,
+        at_train_start: bool = False,
         sampler: Any = None,
         seed: int = 0,
         vae: str | None = None,
@@ -413,6 +415,7 @@ class ValidationCallback(Callback):
         self.num_samples = int(num_samples)
         self.every_n_steps = int(every_n_steps)
         self.at_train_end = at_train_end
+        self.at_train_start = at_train_start
         self.sampler = sampler if sampler is not None else FlowMatchSampler()
         self.seed = int(seed)
         self.vae, self.vae_dtype, self.decode = vae, vae_dtype, decode
@@ -444,6 +447,12 @@ class ValidationCallback(Callback):
                 "validation: no waveform for %d of %d clips: their videos are silent and Sync skips them "
                 "(set callbacks.validation.audio_dir or raw_shards)", len(keys) - len(self.audio), len(keys)
             )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the starting point's numbers (the base model, or the adapter a fine-tune starts from);
+        # not again when a run resumes
+        if self.at_train_start and trainer.global_step == 0:
+            self.validate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
