@@ -18,6 +18,8 @@ import av.video.reformatter
 import numpy as np
 import soundfile as sf
 
+from ft_train.media import upright
+
 AUDIO_RATE = 16_000  # Hz; what wav2vec2 (the audio encoder) expects
 
 
@@ -148,7 +150,8 @@ def iter_frames(
     Output frame k shows the source frame nearest to time k / fps (seconds after the first
     frame), so speeding up duplicates frames and slowing down drops them, without drift.
     Frames are resized (area filter) by :func:`output_size` in the same swscale pass that
-    converts them to RGB, and only frames that are yielded are converted.
+    converts them to RGB, and only frames that are yielded are converted; a display rotation
+    (phone video) is applied after, so frames come out as players show them.
     """
     width, height = output_size(info.width, info.height, max_side)
     step = 1.0 / fps
@@ -161,7 +164,7 @@ def iter_frames(
 
     def rgb(frame: av.VideoFrame) -> np.ndarray:
         out = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA")
-        return out.to_ndarray()
+        return upright(out.to_ndarray(), frame.rotation)  # phone video: portrait stored as landscape
 
     try:
         with av.open(str(info.path)) as container:

@@ -92,11 +92,22 @@ def write_video(
     return path
 
 
+def upright(rgb: np.ndarray, rotation: int | float) -> np.ndarray:
+    """A decoded ``(H, W, 3)`` frame turned as players show it.
+
+    Phones store portrait video as landscape frames plus a display-matrix rotation
+    (``av.VideoFrame.rotation``, degrees counter-clockwise); FFmpeg's library API returns the
+    frames as stored, so a face would be sideways. Multiples of 90° only (others do not occur).
+    """
+    turns = int(round(float(rotation or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
 def read_video(path: str | Path, sample_rate: int = AUDIO_RATE) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Decode an mp4 (or any container FFmpeg reads).
 
     Returns:
-        ``(frames (T, H, W, 3) uint8 RGB, fps, audio)`` where ``audio`` is the first audio stream
+        ``(frames (T, H, W, 3) uint8 RGB, upright (:func:`upright`), fps, audio)`` where ``audio`` is the first audio stream
         as mono float32 ``(N,)`` at ``sample_rate`` Hz, or None when the file has none. AAC
         decoders drop the encoder's priming samples but keep the padding that fills the last
         1024-sample frame, so ``N`` can exceed the written length by up to ~1024 samples.
@@ -108,7 +119,7 @@ def read_video(path: str | Path, sample_rate: int = AUDIO_RATE) -> tuple[np.ndar
                 raise ValueError(f"{path}: has no video stream")
             vs = container.streams.video[0]
             fps = float(vs.average_rate or vs.guessed_rate or 0.0)
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(vs)]
+            frames = [upright(f.to_ndarray(format="rgb24"), f.rotation) for f in container.decode(vs)]
         audio = None
         with av.open(str(path)) as container:
             if container.streams.audio:
@@ -125,4 +136,4 @@ def read_video(path: str | Path, sample_rate: int = AUDIO_RATE) -> tuple[np.ndar
     return np.stack(frames), fps, audio
 
 
-__all__ = ["AUDIO_RATE", "MediaWriteError", "read_video", "write_video"]
+__all__ = ["AUDIO_RATE", "MediaWriteError", "read_video", "upright", "write_video"]

@@ -110,3 +110,39 @@ def test_bad_inputs_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="cannot be decoded|no video"):
         (tmp_path / "junk.mp4").write_bytes(b"not a video")
         read_video(tmp_path / "junk.mp4")
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_phone_video_with_a_display_rotation_comes_out_as_players_show_it(tmp_path, rotation):
+    """A video stored landscape with a display rotation (how phones record portrait) decodes as
+    FFmpeg's own command-line tool shows it (it applies the rotation by default): the reference
+    here. Both the data tools' resampling decoder and read_video turn it."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from data_tools.media import iter_frames, probe
+
+    stored = gradient_frames(num_frames=5, height=48, width=64)
+    stored[:, :12, :8] = (255, 255, 255)  # a white corner: which way the frame is turned
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "1"}
+        stream.set_display_rotation(rotation)
+        for img in stored:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode())
+    raw = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    size = (48, 64) if rotation == 180 else (64, 48)  # (height, width) as shown
+    reference = np.frombuffer(raw, np.uint8).reshape(-1, *size, 3)
+    assert len(reference) == 5 and not np.array_equal(reference[0], stored[0][: size[0], : size[1]])
+
+    frames, _, _ = read_video(path)
+    assert frames.shape == reference.shape
+    assert np.abs(frames.astype(int) - reference.astype(int)).mean() < 2  # two YUV→RGB conversions
+    resampled = np.stack(list(iter_frames(probe(path), fps=25, max_side=64)))
+    assert resampled.shape == reference.shape
+    assert np.abs(resampled.astype(int) - reference.astype(int)).mean() < 2
