@@ -107,10 +107,11 @@ def read_video(path: str | Path, sample_rate: int = AUDIO_RATE) -> tuple[np.ndar
     """Decode an mp4 (or any container FFmpeg reads).
 
     Returns:
-        ``(frames (T, H, W, 3) uint8 RGB, upright (:func:`upright`), fps, audio)`` where ``audio`` is the first audio stream
-        as mono float32 ``(N,)`` at ``sample_rate`` Hz, or None when the file has none. AAC
-        decoders drop the encoder's priming samples but keep the padding that fills the last
-        1024-sample frame, so ``N`` can exceed the written length by up to ~1024 samples.
+        ``(frames (T, H, W, 3) uint8 RGB, fps, audio)``: the frames upright (:func:`upright`);
+        ``audio`` the first audio stream as mono float32 ``(N,)`` at ``sample_rate`` Hz, or None
+        when the file has none. AAC decoders drop the encoder's priming samples but keep the
+        padding that fills the last 1024-sample frame, so ``N`` can exceed the written length by
+        up to ~1024 samples.
     """
     path = Path(path)
     try:
