@@ -230,3 +230,17 @@ def test_resume_names_the_settings_changed_since_the_last_start(tmp_path, caplog
     assert line.count(" → ") == 3
     assert "optim.optimizer.lr: 0.001 → 0.0003" in line and "; seed: 0 → 5" in line and "data.seed: 0 → 5" in line
     assert "seed: 5" in (tmp_path / "chg" / "clip" / "config.yaml").read_text()  # the file says what runs now
+
+
+def test_without_a_terminal_progress_is_logged_as_lines(tmp_path, caplog):
+    # pytest's captured stdout is no terminal, as a SLURM job's log file is not
+    import re
+
+    with caplog.at_level(logging.INFO, logger="ft_train.lit.callbacks"):
+        train(config(tmp_path, "lines", 5, "data.num_workers=0", "trainer.accumulate_grad_batches=2",
+                     "callbacks.progress.text_every_n_steps=2"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" ")[1] for line in lines] == ["2/5", "4/5", "5/5"]  # every 2 steps, and the last
+    number = r"[-+]?[\d.]+(?:e[-+]?\d+)?"
+    assert re.fullmatch(rf"step 2/5 \(40\.0%\) · train/loss {number} · {number} s/step · 0:\d\d:\d\d left", lines[0]), lines[0]
+    assert lines[-1].endswith("s/step")  # nothing left
