@@ -37,7 +37,8 @@ MFU: analytic model FLOPs (the formula is printed and saved) / step time / the c
 peak from :data:`ft_train.flops.PEAK_TFLOPS` (``--peak-tflops`` overrides).
 
 Safety: a case that runs out of memory is recorded as ``OOM`` and the run goes on; a case that
-would start after ``--budget`` seconds is recorded as ``skipped: time budget``; results are
+would start after ``--budget`` seconds is recorded as ``skipped: time budget`` (``warm-up only:
+time budget`` when its warm-up ran but no timed step fitted: it fits, its time is unknown); results are
 written after every case, and a watchdog dumps every thread's stack and exits at
 ``--budget + --grace`` seconds so a hung kernel cannot eat the device lease.
 
@@ -86,6 +87,8 @@ from ft_train.flops import forward_flops as _forward_flops  # noqa: E402
 
 KINDS = ("train_baseline", "sample_baseline", "train_ours", "sample_ours")
 RUNNING = "running (the watchdog stopped the run here)"
+# The warm-up step ran (the case fits) but the budget left no room for a timed one.
+WARMUP_ONLY = "warm-up only: time budget"
 # Variants of our cases, appended to the kind with "+" (e.g. ``14b:train_ours+cudnn+keep4``): each
 # switches one model speed option (conf/model/*.yaml) on the already built model before the case.
 #   cudnn / flash   model.attention_backend = _native_cudnn / _native_flash (diffusers backends)
@@ -524,6 +527,7 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def case_sample_ours(ctx: dict[str, Any]) -> dict[str, Any]:
     from ft_train.diffusion import FlowMatchSampler
+    from ft_train.models import model_summary
 
     cfg, model, batch = ctx["cfg"], ctx["model"], ctx["batch"]
     model.eval()
@@ -538,7 +542,7 @@ def case_sample_ours(ctx: dict[str, Any]) -> dict[str, Any]:
     res = time_steps(step, ctx["clock"], ctx["sample_warmup"], ctx["sample_iters"], ctx["budget"], ctx.get("profile"))
     fwd = forward_flops(cfg, ctx["tcfg"], batch=passes, adapter=adapter_shape(cfg, model))
     flops = fwd["blocks"] + fwd["embed"] + fwd["adapter"]
-    res.update(params_total=count(model.parameters()), params_trainable=0, tokens=fwd["tokens"], passes=passes,
+    res.update(params_total=model_summary(model)["params_total"], params_trainable=0, tokens=fwd["tokens"], passes=passes,
                batched_passes=sampler.batch_passes, flops_model=flops, flops_hardware=flops, autocast=False)
     return res
 
@@ -749,6 +753,11 @@ def markdown(report: dict[str, Any]) -> str:
             used = r.get("self_attention_kernel_used") or "torch's choice"
             lines.append(f"\n{r['case']}: self_attention_kernel=auto ran {used} ({shown}; torch's own choice: "
                          f"{r.get('self_attention_kernel_default') or 'not asked here'})")
+        if r["status"] == WARMUP_ONLY:
+            loss = "finite" if r.get("loss_finite") else "not finite"
+            lines.append(f"\n{r['case']}: only the warm-up ran ({', '.join(f'{t:.1f} s' for t in r['warmup_s'])}, "
+                         f"compile and auto sizing included; loss {loss}; peak {fmt(r.get('peak_mem_gib'), '.1f')} GiB): "
+                         "it fits, but no timed step fitted the budget")
         if "compiled_graphs" in r:
             lines.append(f"\n{r['case']}: dynamo compiled {r['compiled_graphs']} graphs, {r['graph_breaks']} graph breaks")
     profiled = [r for r in report["results"] if r.get("profile")]
@@ -916,7 +925,8 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                                self_attention_kernel_default=model.self_attention_default,
                                self_attention_timings_ms={k: None if t is None else round(t * 1e3, 2)
                                                           for k, t in (model.self_attention_timings or {}).items()})
-                status = "ok" if res.get("iters") else "skipped: time budget"
+                status = ("ok" if res.get("iters") else
+                          WARMUP_ONLY if res.get("warmup_s") else "skipped: time budget")
             except Exception as exc:  # noqa: BLE001 - record OOM (or any failure) and go on
                 status, error = case_failure(exc)
                 res = {"error": error}

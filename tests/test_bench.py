@@ -122,6 +122,26 @@ def test_time_budget_skips_cases_and_bad_cases_fail_fast(ts, tmp_path):
         ts.main(["--tiny", "--cases", "tiny:train_everything", "--out", str(tmp_path)])
 
 
+def test_a_case_whose_timed_steps_do_not_fit_reports_its_warm_up(ts, tmp_path, monkeypatch):
+    """A case whose warm-up ran but whose timed steps found the budget spent fits on the card:
+    its row says so, with the warm-up's time, and the markdown names it."""
+    class Spent:  # what the case's budget says once its warm-up is over
+        def left(self):
+            return 0.0
+
+        def elapsed(self):
+            return 0.0
+
+    real = ts.CASE_FUNCS["train_ours"]
+    monkeypatch.setitem(ts.CASE_FUNCS, "train_ours", lambda ctx: real(dict(ctx, budget=Spent())))
+    assert ts.main(["--tiny", "--cases", "tiny:train_ours", "--out", str(tmp_path)]) == 0
+    (row,) = only_json(tmp_path, "train_step-")["results"]
+    assert row["status"] == "warm-up only: time budget"
+    assert row["iters"] == 0 and len(row["warmup_s"]) == 1 and row["loss_finite"]
+    md = next(tmp_path.glob("train_step-*.md")).read_text()
+    assert f"tiny:train_ours: only the warm-up ran ({row['warmup_s'][0]:.1f} s" in md
+
+
 def test_watchdog_stops_a_run_that_overruns(ts, tmp_path):
     """Past --budget + --grace the run exits (stacks dumped) instead of holding the GPU; the JSON
     written so far names the case that was running. (The budget leaves room for the imports and

@@ -437,7 +437,14 @@ def test_offloaded_inputs_come_back_one_block_ahead(tiny_transformer_config, mon
     assert model._context.last_offload is not None and model._context.last_offload.host is None
 
 
-def test_host_offloaded_checkpoint_recomputes_under_the_forward_autocast(tiny_transformer_config, device):
+def test_host_offloaded_checkpoint_recomputes_under_the_forward_autocast(tiny_transformer_config, device, monkeypatch):
+    """The recompute runs under the forward's autocast. On the CPU the gradients equal plain
+    checkpointing's exactly. On a GPU one bf16 rounding may land the other way where a kernel sums
+    in another order, so there the whole gradient's error is compared with that of a recompute
+    under another autocast state than the forward's (fp16 for bf16: the bug this guards against;
+    without autocast the recompute would fail on mixed dtypes), which must be far larger."""
+    from ft_train.models.fantasytalking import HostOffloadCheckpoint
+
     cfg = dict(tiny_transformer_config, num_layers=2)
 
     def run(**kw):
@@ -447,10 +454,26 @@ def test_host_offloaded_checkpoint_recomputes_under_the_forward_autocast(tiny_tr
         out.float().square().mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    def error(grads):
+        return max(float((grads[n].float() - ref[n].float()).norm() / ref[n].float().norm()) for n in ref)
+
     ref, got = run(), run(checkpoint_offload=True)
     assert got.keys() == ref.keys()
-    for name in got:  # the recompute ran in bf16 like the forward, or these would differ by far more
-        torch.testing.assert_close(got[name], ref[name], **_tol(device, exact=True), msg=name)
+    forward = HostOffloadCheckpoint.forward
+
+    def forward_then_fp16_recompute(ctx, *args):
+        out = forward(ctx, *args)
+        ctx.autocast = (ctx.autocast[0], True, torch.float16)
+        return out
+
+    monkeypatch.setattr(HostOffloadCheckpoint, "forward", staticmethod(forward_then_fp16_recompute))
+    wrong = error(run(checkpoint_offload=True))
+    assert wrong > 1e-3, wrong
+    if device == "cpu":
+        for name in got:
+            torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0, msg=name)
+    else:
+        assert error(got) < wrong / 10, (error(got), wrong)
 
 
 def test_offload_and_keep_with_compiled_blocks(tiny_transformer_config, device):

@@ -584,6 +584,9 @@ def auto_checkpoint_keep(
     CPU) the blocks kept so far stay. Returns the blocks kept and the numbers behind it."""
     per_block = net.kept_block_bytes()
     before = net.checkpoint_keep
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        # "cuda" is the current card; the gradients below are on "cuda:<n>", which "cuda" never equals.
+        device = torch.device("cuda", torch.cuda.current_device())
     measured = per_block is not None and device.type == "cuda"
     if all_ranks is not None:
         measured = bool(all_ranks(measured))
