@@ -114,13 +114,14 @@ def test_zero3_with_the_speed_options_trains_like_plain_backward(tmp_path):
     """The model's speed options under ZeRO-3 over 2 processes, against the same run with none:
     model.checkpoint_offload (partitioned weights gathered again for the recompute inside
     backward; motion on, so a gradient also leaves through the time projection) and
-    model.compile_blocks (Inductor, with checkpointing) give the same losses step by step;
+    speed=compiled (the preset: Inductor-compiled blocks, saved self-attention outputs, kept
+    blocks sized by auto, the kernel picked by auto) give the same losses step by step;
     model.frozen_fp8 (float8 buffers beside partitioned parameters) gives losses within fp8's
     accuracy."""
     common = ("strategy=deepspeed_zero3", "model.motion.enabled=true")
     plain = ft_train(tmp_path, "plain", 3, *common, "model.gradient_checkpointing=false")
     assert len(plain[1]) == 3 and len(set(plain[1])) > 1  # the steps trained something
-    for run, options in (("offload", ["model.checkpoint_offload=true"]), ("compiled", ["model.compile_blocks=true"])):
+    for run, options in (("offload", ["model.checkpoint_offload=true"]), ("compiled", ["speed=compiled"])):
         got = ft_train(tmp_path, run, 3, *common, "model.gradient_checkpointing=true", *options)
         assert got[0] == plain[0]
         torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(plain[1]), rtol=1e-5, atol=1e-7, msg=run)

@@ -1,0 +1,84 @@
+"""The `speed` config group: presets of the model's speed options that ft-train builds the model
+with, over whichever model file the command line or an experiment picks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.utils import instantiate
+
+from ft_train.models.fp8 import Fp8FrozenLinear
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PRESETS = sorted(p.stem for p in (CONF / "speed").glob("*.yaml"))
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def preset_keys(name: str) -> dict:
+    return yaml.safe_load((CONF / "speed" / f"{name}.yaml").read_text()) or {}
+
+
+def test_presets_are_the_documented_ones_and_set_only_model_keys():
+    assert PRESETS == ["compiled", "fp8", "none", "offload"]
+    model_keys = set(yaml.safe_load((CONF / "model" / "wan2.1_i2v_14b.yaml").read_text()))
+    for name in PRESETS:
+        assert (CONF / "speed" / f"{name}.yaml").read_text().startswith("# @package model\n"), name
+        assert set(preset_keys(name)) <= model_keys, name
+    assert preset_keys("none") == {}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_preset_holds_over_the_model_an_experiment_picks(name):
+    """Experiments override /model; the preset still lands on top of that model file, and the
+    model file's other keys stay."""
+    plain = compose("experiment=stage2_14b", "model.pretrained=/weights/wan14b")
+    cfg = compose("experiment=stage2_14b", "model.pretrained=/weights/wan14b", f"speed={name}")
+    assert cfg.model.transformer.num_layers == 40
+    for key in plain.model:
+        expect = preset_keys(name).get(key, plain.model[key])
+        assert cfg.model[key] == expect, key
+    # A command-line key still beats the preset.
+    cfg = compose("experiment=stage2_14b", f"speed={name}", "model.compile_blocks=false")
+    assert cfg.model.compile_blocks is False
+
+
+def test_presets_build_the_model_they_name():
+    """Built through the same instantiate(cfg.model) as ft-train (tiny model, checkpointing on so
+    keep/offload/save-attention apply)."""
+    def build(*overrides):
+        cfg = compose("model.gradient_checkpointing=true", *overrides)
+        return instantiate(cfg.model)
+
+    plain = build()
+    assert plain._compile_options is None and not plain.checkpoint_auto and not plain.frozen_fp8
+    assert not plain.self_attention_auto and not plain.checkpoint_save_attention
+
+    fast = build("speed=compiled")
+    assert fast._compile_options is not None  # every block compiled
+    assert fast.checkpoint_auto and fast.checkpoint_keep == 1  # auto measures one kept block first
+    assert fast.checkpoint_save_attention and fast.self_attention_auto and not fast.frozen_fp8
+
+    fp8 = build("speed=fp8")
+    layers = [m for m in fp8.modules() if isinstance(m, Fp8FrozenLinear)]
+    assert layers and all(m.fp8_backward for m in layers)
+    assert fp8.frozen_fp8 and fp8._compile_options is not None and fp8.checkpoint_save_attention
+
+    long = build("speed=offload")
+    assert long.checkpoint_offload and long.frozen_fp8 and long._compile_options is not None
+    assert not any(m.fp8_backward for m in long.modules() if isinstance(m, Fp8FrozenLinear))
+
+
+def test_fp8_presets_refuse_a_trained_backbone_naming_the_key():
+    for name in ("fp8", "offload"):
+        cfg = compose(f"speed={name}", "model.train_backbone=true")
+        with pytest.raises(Exception, match="model.train_backbone=false"):
+            instantiate(cfg.model)
