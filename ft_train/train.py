@@ -63,7 +63,8 @@ def check_model_options(cfg) -> None:
     if get("model.frozen_fp8_backward", False) and not get("model.frozen_fp8", False):
         raise ValueError("model.frozen_fp8_backward=true needs model.frozen_fp8=true (it changes the float8 layers' backward)")
     if get("model.frozen_fp8", False) and get("model.train_backbone", False):
-        raise ValueError("model.frozen_fp8=true stores the frozen backbone in float8; it cannot train it (model.train_backbone=true)")
+        raise ValueError("model.frozen_fp8=true stores the frozen backbone in float8; it cannot train it (model.train_backbone=true)"
+                         " (speed=fp8 and speed=offload set it; speed=compiled is their exact form)")
     if get("model.checkpoint_offload", False) and get("model.checkpoint_save_attention", False):
         raise ValueError("model.checkpoint_offload and model.checkpoint_save_attention cannot be combined; pick one")
     kernel = get("model.self_attention_kernel")

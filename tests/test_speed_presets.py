@@ -78,7 +78,11 @@ def test_presets_build_the_model_they_name():
 
 
 def test_fp8_presets_refuse_a_trained_backbone_naming_the_key():
+    from ft_train.train import validate_config
+
     for name in ("fp8", "offload"):
-        cfg = compose(f"speed={name}", "model.train_backbone=true")
-        with pytest.raises(Exception, match="model.train_backbone=false"):
+        cfg = compose(f"speed={name}", "model.train_backbone=true", "model.gradient_checkpointing=true")
+        with pytest.raises(ValueError, match=r"model.train_backbone=true\) \(speed=fp8 and speed=offload set it"):
+            validate_config(cfg)  # ft-train's check before anything is built
+        with pytest.raises(Exception, match="model.train_backbone=false"):  # Hydra wraps the ValueError
             instantiate(cfg.model)
