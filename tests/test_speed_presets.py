@@ -10,6 +10,7 @@ import yaml
 from hydra.utils import instantiate
 
 from ft_train.models.fp8 import Fp8FrozenLinear
+from ft_train.train import check_model_options
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "speed").glob("*.yaml"))
@@ -52,13 +53,14 @@ def test_a_preset_holds_over_the_model_an_experiment_picks(name):
 
 
 def test_presets_build_the_model_they_name():
-    """Built through the same instantiate(cfg.model) as ft-train (tiny model, checkpointing on so
-    keep/offload/save-attention apply)."""
+    """Built through the same instantiate(cfg.model) as ft-train, on the tiny model (whose own
+    file has checkpointing off: the presets turn it on for the options that work on it)."""
     def build(*overrides):
-        cfg = compose("model.gradient_checkpointing=true", *overrides)
+        cfg = compose(*overrides)
+        check_model_options(cfg)  # ft-train's early check passes
         return instantiate(cfg.model)
 
-    plain = build()
+    plain = build("model.gradient_checkpointing=true")
     assert plain._compile_options is None and not plain.checkpoint_auto and not plain.frozen_fp8
     assert not plain.self_attention_auto and not plain.checkpoint_save_attention
 
@@ -78,11 +80,9 @@ def test_presets_build_the_model_they_name():
 
 
 def test_fp8_presets_refuse_a_trained_backbone_naming_the_key():
-    from ft_train.train import validate_config
-
     for name in ("fp8", "offload"):
-        cfg = compose(f"speed={name}", "model.train_backbone=true", "model.gradient_checkpointing=true")
+        cfg = compose(f"speed={name}", "model.train_backbone=true")
         with pytest.raises(ValueError, match=r"model.train_backbone=true\) \(speed=fp8 and speed=offload set it"):
-            validate_config(cfg)  # ft-train's check before anything is built
+            check_model_options(cfg)  # ft-train's check before anything is built
         with pytest.raises(Exception, match="model.train_backbone=false"):  # Hydra wraps the ValueError
             instantiate(cfg.model)
