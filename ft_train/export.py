@@ -30,6 +30,8 @@ Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the check
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import os
@@ -307,10 +309,12 @@ def _data_stats(stats: str | None, run_cfg: dict[str, Any]) -> dict[str, Any] | 
 
 
 def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: str = "fp32",
-           config: str | Path | None = None, stats: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+           config: str | Path | None = None, stats: str | Path | None = None, overwrite: bool = False,
+           ema: bool = False) -> dict[str, Any]:
     """Export ``ckpt`` (any layout :func:`~ft_train.models.weights.read_checkpoint` reads) as
-    ``format`` into ``out``. Returns ``out`` (the path written), ``format``, ``layout`` (of the
-    source), ``tensors``, ``params``, ``bytes``, ``dtype``, ``warnings`` (also logged)."""
+    ``format`` into ``out``; ``ema``: the run's average of the weights (``callbacks.ema``) instead
+    of the weights. Returns ``out`` (the path written), ``format``, ``layout`` (of the source),
+    ``tensors``, ``params``, ``bytes``, ``dtype``, ``ema``, ``warnings`` (also logged)."""
     if format not in FORMATS:
         raise ValueError(f"format: unknown {format!r}; use official or bundle")
     torch_dtype = export_dtype(dtype)
@@ -319,6 +323,8 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
     if target.exists() and not overwrite:
         raise FileExistsError(f"out: {target} exists; choose another path or set overwrite=true")
     checkpoint = read_checkpoint(ckpt, key="ckpt")
+    if ema:
+        checkpoint = with_ema(checkpoint)
 
     warnings: list[str] = []
     backbone, other, names = non_audio_summary(checkpoint)
@@ -362,8 +368,22 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
         "params": sum(v.numel() for v in tensors.values()),
         "bytes": size,
         "dtype": str(torch_dtype).removeprefix("torch."),
+        "ema": bool(ema),
         "warnings": warnings,
     }
+
+
+def with_ema(checkpoint: AdapterCheckpoint) -> AdapterCheckpoint:
+    """``checkpoint`` with its trained tensors replaced by the run's average of them."""
+    if not checkpoint.ema:
+        raise ValueError(
+            f"ema: {checkpoint.path} holds no EMA average (a run keeps one with callbacks.ema.decay > 0, "
+            "e.g. 0.9999); export it with ema=false"
+        )
+    foreign = sorted(set(checkpoint.ema) - set(checkpoint.tensors))
+    if foreign:
+        raise ValueError(f"ema: {checkpoint.path}'s average has tensors its weights lack (first: {foreign[0]})")
+    return dataclasses.replace(checkpoint, tensors={**checkpoint.tensors, **checkpoint.ema})
 
 
 def load_config(overrides: list[str]) -> dict[str, Any]:
@@ -387,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"ft-export: {exc.args[0] if exc.args else exc}") from None
     print(
         f"ft-export: wrote {result['out']} ({result['format']}, {result['tensors']} tensors, "
-        f"{result['params']:,} parameters, {result['dtype']}, {result['bytes'] / 2**20:.1f} MiB)"
+        f"{result['params']:,} parameters, {result['dtype']}, {result['bytes'] / 2**20:.1f} MiB"
+        + (", the EMA average)" if result["ema"] else ")")
     )
     return 0
 

@@ -187,6 +187,11 @@ def train(cfg) -> dict[str, Any]:
     )
     datamodule = instantiate(cfg.data)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    # The callbacks that save run last in each hook, so a checkpoint written at the end of a step
+    # holds what the other callbacks did in that step (the EMA's update, for one).
+    from .lit.preemption import Preemption
+
+    callbacks.sort(key=lambda c: isinstance(c, (StepCheckpoint, Preemption)))
     loggers = [instantiate(c) for c in cfg.logger.values() if c]
     plugins = []
     from lightning.pytorch.plugins.environments import SLURMEnvironment

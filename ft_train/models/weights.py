@@ -42,6 +42,7 @@ from .fantasytalking import FantasyTalkingDiT
 log = logging.getLogger(__name__)
 
 NET_PREFIX = "net."
+EMA_KEY = "ft_train_ema"  # where ft_train.lit.ema.AdapterEMA saves its average in a checkpoint
 # The released file's two sub-dicts, and the flat prefixes of its safetensors form.
 OFFICIAL_PROJ = "proj_model"
 OFFICIAL_AUDIO = "audio_processor"
@@ -72,12 +73,15 @@ class AdapterCheckpoint:
         tensors: ``FantasyTalkingDiT.state_dict()`` names → tensors (CPU, possibly memory-mapped).
         meta: ``stage``, ``audio_mode``, ``global_step`` when known; a bundle's whole JSON under
             ``bundle``.
+        ema: the run's average of the trained tensors (``callbacks.ema``), same names; empty
+            when the checkpoint holds none.
     """
 
     path: Path
     layout: str
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # -- naming ------------------------------------------------------------------------------------
@@ -181,16 +185,25 @@ def _read_deepspeed(path: Path, key: str) -> AdapterCheckpoint:
                 name = name[len(prefix):]
         tensors[name[len(NET_PREFIX):] if name.startswith(NET_PREFIX) else name] = value
     meta: dict[str, Any] = {}
+    ema: dict[str, torch.Tensor] = {}
     states = sorted(path.glob("*/mp_rank_00_model_states.pt")) + sorted(path.glob("mp_rank_00_model_states.pt"))
-    if states:  # Lightning's client state (step, stage) sits beside the module weights
+    if states:  # Lightning's client state (step, stage, the EMA) sits beside the module weights
         try:
             client = torch.load(states[0], map_location="cpu", weights_only=False)
             meta = dict(client.get("ft_train") or {})
             if "global_step" in client:
                 meta["global_step"] = int(client["global_step"])
+            ema = _ema_of(client)
         except Exception as exc:  # the weights are what matter; the metadata is a bonus
             log.warning("%s: could not read DeepSpeed client state from %s (%s)", key, states[0], _first_line(exc))
-    return AdapterCheckpoint(path, "deepspeed", tensors, meta)
+    return AdapterCheckpoint(path, "deepspeed", tensors, meta, ema)
+
+
+def _ema_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ``callbacks.ema`` average a Lightning checkpoint (or DeepSpeed client state) holds."""
+    state = checkpoint.get(EMA_KEY)
+    weights = state.get("weights") if isinstance(state, dict) else None
+    return dict(weights) if isinstance(weights, dict) else {}
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -250,7 +263,7 @@ def _from_torch(path: Path, key: str) -> AdapterCheckpoint:
         meta = dict(obj.get("ft_train") or {})
         if "global_step" in obj:
             meta["global_step"] = int(obj["global_step"])
-        return AdapterCheckpoint(path, "lightning", tensors, meta)
+        return AdapterCheckpoint(path, "lightning", tensors, meta, _ema_of(obj))
     if isinstance(obj.get(OFFICIAL_PROJ), dict) and isinstance(obj.get(OFFICIAL_AUDIO), dict):
         nested = {OFFICIAL_PROJ: obj[OFFICIAL_PROJ], OFFICIAL_AUDIO: obj[OFFICIAL_AUDIO]}
         return AdapterCheckpoint(path, "official", from_official(nested, f"{key}: {path}"))
