@@ -90,3 +90,56 @@ def test_off_by_default_and_refused_under_zero3(tmp_path):
     AdapterEMA(decay=0.0).setup(zero3, None, "fit")  # off: nothing to refuse
     with pytest.raises(ValueError, match=r"callbacks.ema.decay must be in \[0, 1\)"):
         AdapterEMA(decay=1.0)
+
+
+def test_validation_samples_with_the_average_and_training_keeps_its_weights(tmp_path):
+    """callbacks.validation.ema: sampling sees the average (here the weights the EMA copied at
+    the start, before they were moved), then the weights are back bit for bit; without it the
+    same clips are sampled with the moved weights."""
+    from hydra.utils import instantiate
+
+    from ft_train.metrics.callback import ValidationCallback
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_workers=0",
+                                          "data.num_samples=2", "data.samples_per_shard=2", "data.num_frames=17"])
+    instantiate(cfg.data).prepare_data()
+    net = instantiate(cfg.model).train()
+    ema = AdapterEMA(decay=0.99)
+
+    class Module:
+        device = torch.device("cpu")
+
+    class Trainer:
+        global_step, global_rank, world_size, loggers, callback_metrics = 0, 0, 1, [], {}
+        strategy = None
+        callbacks = [ema]
+
+    Module.net = net
+    decoded = []
+
+    def validation(use_ema):
+        return ValidationCallback(
+            shards=cfg.data.root, num_samples=1, every_n_steps=0, ema=use_ema, samples_dir=None,
+            sampler=instantiate({"_target_": "ft_train.diffusion.FlowMatchSampler", "steps": 2}),
+            decode=lambda z: decoded.append(z.clone()) or torch.zeros(1, 9, 8, 8, 3, dtype=torch.uint8))
+
+    validation(False).validate(Trainer(), Module())  # the starting weights
+    ema.on_fit_start(Trainer(), Module())  # the average starts as a copy of them
+    with torch.no_grad():
+        for _, p in ema._trainable(Module()):
+            p.add_(torch.randn_like(p) * 0.05)  # "training" moved the weights
+    moved = {n: p.detach().clone() for n, p in net.named_parameters()}
+    validation(True).validate(Trainer(), Module())
+    validation(False).validate(Trainer(), Module())
+    assert torch.equal(decoded[1], decoded[0])  # the average = the starting weights
+    assert not torch.equal(decoded[2], decoded[0])  # the moved weights sample something else
+    for name, p in net.named_parameters():
+        assert torch.equal(p, moved[name]), name
+    assert net.training
+
+    class NoEMA(Trainer):
+        callbacks = []
+
+    with pytest.raises(ValueError, match=r"callbacks.validation.ema=true .* set callbacks.ema.decay"):
+        validation(True).setup(NoEMA(), Module(), "fit")

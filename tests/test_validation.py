@@ -77,6 +77,7 @@ def test_training_run_logs_all_metrics_and_writes_videos(tmp_path, tiny_wan, i3d
         f"callbacks.validation.vae={tiny_wan}", f"callbacks.validation.fvd={i3d_file}",
         f"callbacks.validation.audio_dir={audio_dir}", "callbacks.validation.fid_frames=8",
         "callbacks.validation.at_train_start=true", "logger=tensorboard",
+        "callbacks.ema.decay=0.9", "callbacks.validation.ema=true",  # sampled with the moving average
     ])
     with open_dict(cfg):
         cfg.callbacks.validation.fid = TINY_FID

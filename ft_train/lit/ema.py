@@ -16,6 +16,7 @@ callback refuses that strategy (ZeRO-2 and DDP keep whole weights on every rank)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -86,6 +87,21 @@ class AdapterEMA(L.Callback):
             return
         self._last_step = trainer.global_step
         self.ema.step([p for _, p in self._trainable(pl_module)])
+
+    @contextlib.contextmanager
+    def average_in_place(self, trainer, pl_module):
+        """Within the block the trainable weights hold the average (this step's update included);
+        afterwards they are exactly what they were (``callbacks.validation.ema``)."""
+        if self.ema is None:
+            raise ValueError("callbacks.ema: no average is kept (callbacks.ema.decay=0, or training has not started)")
+        self.on_train_batch_end(trainer, pl_module, None, None, 0)  # a no-op when this step's update ran
+        params = [p for _, p in self._trainable(pl_module)]
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
 
     def averaged(self) -> dict[str, torch.Tensor]:
         """The averaged tensors by ``net.state_dict()`` name (fp32, on the weights' devices)."""

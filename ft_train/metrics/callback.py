@@ -374,6 +374,8 @@ class ValidationCallback(Callback):
         audio_dir: folder of ``<sample key>.wav|flac|…`` 16 kHz speech (for Sync and the mp4s).
         raw_shards: raw ``ft-prep`` shards holding the clips' ``flac`` (alternative to ``audio_dir``).
         samples_dir: where ``step-XXXXXXXX/<index>_<key>.mp4`` go (None = no videos written).
+        ema: sample with the run's moving average of the weights (``callbacks.ema``, which must be
+            on) instead of the weights; training goes on with the weights, exactly as they were.
     """
 
     def __init__(
@@ -396,6 +398,7 @@ class ValidationCallback(Callback):
         raw_shards: Any = None,
         samples_dir: str | None = None,
         clips: str | None = None,
+        ema: bool = False,
     ):
         from ..diffusion import FlowMatchSampler
 
@@ -412,6 +415,7 @@ class ValidationCallback(Callback):
         if clips is not None:
             read_clip_list(clips)  # a missing or empty list fails now, not at the first validation
         self.shards, self.clips = shards, clips
+        self.ema = bool(ema)
         self.num_samples = int(num_samples)
         self.every_n_steps = int(every_n_steps)
         self.at_train_end = at_train_end
@@ -436,6 +440,8 @@ class ValidationCallback(Callback):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.ema:
+            self._ema_callback(trainer)  # fails now, not at the first validation
         # after prepare_data, so data modules that write their shards on first use have done so
         if self.samples:
             return
@@ -470,6 +476,15 @@ class ValidationCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict.get("last_step", -1))
 
+    def _ema_callback(self, trainer):
+        from ..lit.ema import AdapterEMA
+
+        found = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, AdapterEMA) and c.enabled]
+        if not found:
+            raise ValueError("callbacks.validation.ema=true samples with the moving average, but none is kept: "
+                             "set callbacks.ema.decay (e.g. 0.9999)")
+        return found[0]
+
     # -- one validation -------------------------------------------------------------------------
     def _decoder(self, device) -> Decoder:
         if self.decode is None:
@@ -495,16 +510,18 @@ class ValidationCallback(Callback):
         # loggers that show samples as images (logger=tensorboard): rank 0's clips
         show = [lg for lg in trainer.loggers if hasattr(lg, "log_video_frames")] if rank == 0 else []
         net.eval()
+        weights = self._ema_callback(trainer).average_in_place(trainer, pl_module) if self.ema else nullcontext()
         try:
-            for j in range(per_rank):
-                index = rank + j * world
-                counted = index < len(self.samples)  # a padding clip keeps ZeRO-3 ranks in step
-                s = self.samples[index % len(self.samples)]
-                with torch.no_grad(), (precision.forward_context() if precision else nullcontext()):
-                    latents = self._sample(net, s, index, device, null_text)
-                if not counted:
-                    continue
-                self._score_and_write(decode, latents, s, index, out_dir, show, step)
+            with weights:
+                for j in range(per_rank):
+                    index = rank + j * world
+                    counted = index < len(self.samples)  # a padding clip keeps ZeRO-3 ranks in step
+                    s = self.samples[index % len(self.samples)]
+                    with torch.no_grad(), (precision.forward_context() if precision else nullcontext()):
+                        latents = self._sample(net, s, index, device, null_text)
+                    if not counted:
+                        continue
+                    self._score_and_write(decode, latents, s, index, out_dir, show, step)
         finally:
             for m, mode in modes.items():
                 m.training = mode
