@@ -74,6 +74,12 @@ def test_export_writes_the_average_on_request(tmp_path, capsys):
         for name, value in exported.tensors.items():  # the audio adapter, in the released naming
             assert torch.equal(value, expected[name].float()), (which, name)
     assert "the EMA average" in capsys.readouterr().out
+    # A bundle of the average (every adapter) is what a next stage can start from (stage.init_from).
+    assert export_main([f"ckpt={folder}", f"out={tmp_path / 'bundle'}", "format=bundle", "ema=true"]) == 0
+    bundle = read_checkpoint(tmp_path / "bundle")
+    assert bundle.layout == "bundle" and bundle.tensors
+    for name, value in bundle.tensors.items():
+        assert torch.equal(value, ckpt.ema[name].float()), name
     assert not torch.equal(ckpt.ema["audio_kv.0.k_proj.weight"], ckpt.tensors["audio_kv.0.k_proj.weight"])
 
     train(config(tmp_path, "plain", 1))
