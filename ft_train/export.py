@@ -30,7 +30,6 @@ Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the check
 
 from __future__ import annotations
 
-import dataclasses
 
 import json
 import logging
@@ -59,6 +58,7 @@ from .models.weights import (
     is_audio_key,
     read_checkpoint,
     to_official,
+    with_ema,
 )
 
 FORMATS = ("official", "bundle")
@@ -324,7 +324,7 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
         raise FileExistsError(f"out: {target} exists; choose another path or set overwrite=true")
     checkpoint = read_checkpoint(ckpt, key="ckpt")
     if ema:
-        checkpoint = with_ema(checkpoint)
+        checkpoint = with_ema(checkpoint, key="ema")
 
     warnings: list[str] = []
     backbone, other, names = non_audio_summary(checkpoint)
@@ -371,19 +371,6 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
         "ema": bool(ema),
         "warnings": warnings,
     }
-
-
-def with_ema(checkpoint: AdapterCheckpoint) -> AdapterCheckpoint:
-    """``checkpoint`` with its trained tensors replaced by the run's average of them."""
-    if not checkpoint.ema:
-        raise ValueError(
-            f"ema: {checkpoint.path} holds no EMA average (a run keeps one with callbacks.ema.decay > 0, "
-            "e.g. 0.9999); export it with ema=false"
-        )
-    foreign = sorted(set(checkpoint.ema) - set(checkpoint.tensors))
-    if foreign:
-        raise ValueError(f"ema: {checkpoint.path}'s average has tensors its weights lack (first: {foreign[0]})")
-    return dataclasses.replace(checkpoint, tensors={**checkpoint.tensors, **checkpoint.ema})
 
 
 def load_config(overrides: list[str]) -> dict[str, Any]:

@@ -244,9 +244,11 @@ def _enabled(section: Any) -> dict[str, Any] | None:
     return dict(section) if isinstance(section, dict) and section.get("enabled") else None
 
 
-def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand: int | None = None) -> AdapterSpec:
+def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand: int | None = None,
+                  ema: bool = False) -> AdapterSpec:
     """Read ``path`` (any layout :func:`~ft_train.models.weights.read_checkpoint` reads) and
-    work out the model it needs. ``audio_mode`` / ``audio_expand`` override what the file says.
+    work out the model it needs. ``audio_mode`` / ``audio_expand`` override what the file says;
+    ``ema``: an ft-train checkpoint's moving average of the weights (``callbacks.ema``) instead.
 
     A module is present when its tensors are there. Motion tensors without settings rebuild the
     module from their shapes; identity tensors without settings cannot (the Q-Former's depth and
@@ -255,9 +257,11 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
     so it is left out.
     """
     from .models.fantasytalking import AUDIO_MODES
-    from .models.weights import AUDIO_PROJ_PREFIX, read_checkpoint
+    from .models.weights import AUDIO_PROJ_PREFIX, read_checkpoint, with_ema
 
     ckpt = read_checkpoint(path, key="adapters")
+    if ema:
+        ckpt = with_ema(ckpt, key="ema")
     where = f"adapters: {ckpt.path}"
     proj = ckpt.tensors.get(f"{AUDIO_PROJ_PREFIX}proj.weight")
     if proj is None or proj.ndim != 2:
@@ -690,6 +694,7 @@ def infer(
     progress: bool = True,
     compile_blocks: bool = False,
     frozen_fp8: bool = False,
+    ema: bool = False,
 ) -> dict[str, Any]:
     """Generate ``out`` (mp4) from ``image`` and ``audio`` with ``adapters`` (keys of
     ``conf/infer.yaml``; ``sampler`` is a built :class:`~ft_train.diffusion.FlowMatchSampler`,
@@ -730,7 +735,7 @@ def infer(
     picture = read_image(image, "image")
     speech = read_speech(audio, "audio")
     wav2vec_dir = check_wav2vec_folder(wav2vec)
-    spec = read_adapters(adapters, audio_mode, audio_expand)
+    spec = read_adapters(adapters, audio_mode, audio_expand, ema)
     wan_dir = check_wan_folder(wan, spec)
     check_identity(spec.identity, clip_width(wan_dir))
     face_box = None

@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ft_train.export import main as export_main
+from ft_train.infer import read_adapters
 from ft_train.lit.ema import AdapterEMA
 from ft_train.models.weights import read_checkpoint
 from ft_train.train import train
@@ -82,9 +83,18 @@ def test_export_writes_the_average_on_request(tmp_path, capsys):
         assert torch.equal(value, ckpt.ema[name].float()), name
     assert not torch.equal(ckpt.ema["audio_kv.0.k_proj.weight"], ckpt.tensors["audio_kv.0.k_proj.weight"])
 
+    # ft-infer samples with the average straight from the step folder too.
+    spec = read_adapters(folder, ema=True)
+    assert spec.checkpoint.tensors.keys() == ckpt.tensors.keys()
+    for name, value in spec.checkpoint.tensors.items():
+        assert torch.equal(value, ckpt.ema.get(name, ckpt.tensors[name])), name
+
     train(config(tmp_path, "plain", 1))
+    plain = step_folder(tmp_path, "plain", 1)
     with pytest.raises(SystemExit, match=r"ema: .*step-00000001/model.ckpt holds no EMA average"):
-        export_main([f"ckpt={step_folder(tmp_path, 'plain', 1)}", f"out={tmp_path / 'x.ckpt'}", "ema=true"])
+        export_main([f"ckpt={plain}", f"out={tmp_path / 'x.ckpt'}", "ema=true"])
+    with pytest.raises(ValueError, match=r"ema: .*holds no EMA average .* use its weights with ema=false"):
+        read_adapters(plain, ema=True)
 
 
 def test_off_by_default_and_refused_under_zero3(tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,20 @@ def read_checkpoint(path: str | Path, key: str = "init_from") -> AdapterCheckpoi
     if _is_safetensors(path):
         return _from_flat(path, _load_safetensors(path, key), key)
     return _from_torch(path, key)
+
+
+def with_ema(checkpoint: AdapterCheckpoint, key: str = "ema") -> AdapterCheckpoint:
+    """``checkpoint`` with its trained tensors replaced by the run's average of them
+    (``callbacks.ema``); ``key`` (the setting that asked for it) starts the error when it has none."""
+    if not checkpoint.ema:
+        raise ValueError(
+            f"{key}: {checkpoint.path} holds no EMA average (a run keeps one with callbacks.ema.decay > 0, "
+            f"e.g. 0.9999); use its weights with {key}=false"
+        )
+    foreign = sorted(set(checkpoint.ema) - set(checkpoint.tensors))
+    if foreign:
+        raise ValueError(f"{key}: {checkpoint.path}'s average has tensors its weights lack (first: {foreign[0]})")
+    return dataclasses.replace(checkpoint, tensors={**checkpoint.tensors, **checkpoint.ema})
 
 
 def read_state_dict(path: str | Path, key: str = "init_from") -> dict[str, torch.Tensor]:
