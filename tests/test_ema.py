@@ -13,15 +13,12 @@ from ft_train.models.weights import read_checkpoint
 from ft_train.train import train
 
 from .conftest import CONF
+from .test_resume import config as resume_config
 
 
 def config(out, run, steps, *extra):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[
-            "experiment=tiny_cpu", f"paths.output_dir={out}", f"run_id={run}", "stages=null",
-            f"stage.max_steps={steps}", "data.num_workers=0", "callbacks.checkpoint.every_n_steps=1",
-            "callbacks.checkpoint.keep_last=10", *extra,
-        ])
+    """test_resume's run config, with a checkpoint (and so a saved average) after every step."""
+    return resume_config(out, run, steps, "data.num_workers=0", "callbacks.checkpoint.every_n_steps=1", *extra)
 
 
 def step_folder(out, run, step):
