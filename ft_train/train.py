@@ -38,6 +38,7 @@ def validate_config(cfg) -> None:
         raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist; point it at a local Wan2.1-I2V diffusers folder")
     check_slurm(cfg)
     check_model_options(cfg)
+    check_precision(cfg)
     init_from = cfg.stage.init_from
     if init_from and not Path(str(init_from)).expanduser().exists():
         raise FileNotFoundError(f"stage.init_from: nothing at {init_from}; give a checkpoint, step folder or bundle")
@@ -87,6 +88,21 @@ def check_model_options(cfg) -> None:
             f"model.identity.encoder={encoder} reads {'face-crop pixels' if wants == 'pixels' else 'CLIP face tokens'} "
             f"but data.face={face}; set data.face={wants}"
         )
+
+
+def check_precision(cfg) -> None:
+    """fp16 mixed precision scales the loss; a fused optimizer unscales inside its step, so the
+    gradients cannot be clipped before it (bf16-mixed has no scaler: the module clips there)."""
+    from omegaconf import OmegaConf
+
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    fused = OmegaConf.select(cfg, "optim.optimizer.fused", default=False)
+    deepspeed = "deepspeed" in str(OmegaConf.select(cfg, "strategy._target_", default="")).lower()
+    if precision.startswith("16") and fused and clip and not deepspeed:
+        raise ValueError(f"trainer.precision={precision} with optim.optimizer.fused=true cannot clip gradients "
+                         f"(trainer.gradient_clip_val={clip}): use trainer.precision=bf16-mixed, "
+                         "optim.optimizer.fused=false or trainer.gradient_clip_val=null")
 
 
 def check_slurm(cfg) -> None:

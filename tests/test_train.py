@@ -83,6 +83,9 @@ def test_impossible_settings_fail_early_naming_the_key(tmp_path):
     cfg = compose_train(["experiment=stage1_14b", "model.pretrained=/no/such/folder", "data.shards=/x"])
     with pytest.raises(FileNotFoundError, match="model.pretrained: /no/such/folder does not exist"):
         validate_config(cfg)
+    cfg = compose_train([f"paths.output_dir={tmp_path}", "trainer.precision=16-mixed"])
+    with pytest.raises(ValueError, match="trainer.precision=16-mixed with optim.optimizer.fused=true cannot clip"):
+        validate_config(cfg)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -242,3 +245,28 @@ def test_slurm_task_layout_must_match_the_trainer(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
     with pytest.raises(ValueError, match="--ntasks-per-node"):
         check_slurm(cfg)
+
+
+def _trained_adapter(tmp_path, name, overrides):
+    cfg = compose_train([f"paths.output_dir={tmp_path}", f"run_id={name}", "stage.max_steps=2", "data.num_workers=0",
+                         "optim.scheduler=null", "trainer.log_every_n_steps=1", *overrides])
+    result = train(cfg)
+    return result, {k: v.detach().clone() for k, v in result["module"].net.adapter_state_dict().items()}
+
+
+def test_fused_adamw_clips_under_bf16_mixed_as_lightning_clips_unfused(tmp_path):
+    """The default trainer (bf16-mixed, here on the CPU) with fused AdamW and gradient clipping:
+    Lightning's mixed-precision plugin refuses to clip for a fused optimizer; the module clips
+    itself. A clip value that bites gives the weights Lightning's own clipping gives the unfused
+    (foreach) AdamW, and other weights than no clipping."""
+    clip = ["trainer.gradient_clip_val=0.001"]
+    fused, w_fused = _trained_adapter(tmp_path, "fused", [*clip, "optim.optimizer.fused=true"])
+    assert fused["trainer"].precision == "bf16-mixed"
+    _, w_foreach = _trained_adapter(tmp_path, "foreach", [*clip, "optim.optimizer.fused=false"])
+    _, w_free = _trained_adapter(tmp_path, "free", ["trainer.gradient_clip_val=null", "optim.optimizer.fused=true"])
+    for key in w_fused:
+        torch.testing.assert_close(w_fused[key], w_foreach[key], rtol=1e-5, atol=1e-7)
+    moved = lambda w: sum(float((w[k] - w_free[k]).abs().max()) for k in w)  # noqa: E731
+    assert moved(w_fused) > 1e-4
+    _, norms = read_metric(Path(fused["stage_dir"]) / "metrics.csv", "train/grad_norm")
+    assert norms and min(norms) > 0.001  # logged before clipping

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from ..diffusion import FlowMatchingLoss, step_generator
 from ..flops import training_step_flops
@@ -222,6 +224,19 @@ class FantasyTalkingModule(L.LightningModule):
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads).float(), batch_size=1)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales its
+        # own gradients (fused AdamW), even under bf16-mixed, where no scaler exists and nothing
+        # is scaled. Then clip exactly as Lightning would (its base Precision.clip_gradients: the
+        # norm over the optimizer's parameters). With a scaler (16-mixed) the refusal stands:
+        # ft-train stops before training with the keys to change. DeepSpeed clips in its engine.
+        precision = self.trainer.precision_plugin
+        if isinstance(precision, MixedPrecision) and precision.scaler is None and gradient_clip_val:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(precision, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _deepspeed_engine(self):
         return getattr(self.trainer.strategy, "deepspeed_engine", None)

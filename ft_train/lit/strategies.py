@@ -9,6 +9,7 @@ code path — sharded save, resume, frozen-parameter exclusion — runs in CI on
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy
@@ -39,6 +40,14 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    def init_deepspeed(self) -> None:
+        # The stage modules override configure_gradient_clipping only for bf16-mixed with a fused
+        # optimizer and defer to DeepSpeed's own clipping (trainer.gradient_clip_val) otherwise,
+        # so Lightning's warning that the override "will not actually clip" does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
+            super().init_deepspeed()
 
     def _device_rank(self) -> int:
         index = self.root_device.index
