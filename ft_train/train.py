@@ -143,6 +143,12 @@ def resume_path(resume, dirpath) -> str | None:
 RESUME_FREE_KEYS = frozenset({"resume", "stages", "stage.max_steps", "trainer.max_steps"})
 
 
+# Keys that make a run another run: resume=auto stops rather than continue a checkpoint trained on
+# other data or another backbone (two README commands once shared a run folder and the second
+# silently resumed the first).
+RUN_IDENTITY_KEYS = frozenset({"data._target_", "data.shards", "data.root", "model.pretrained", "stage.name"})
+
+
 def config_changes(before, after) -> list[str]:
     """``"key: old → new"`` for each setting that differs between two configs (resolved; lists
     compared whole; a key on one side only shows ``(absent)`` on the other), except
@@ -186,10 +192,15 @@ def train(cfg) -> dict[str, Any]:
     stage_dir.mkdir(parents=True, exist_ok=True)
     from lightning.pytorch.utilities import rank_zero_only
 
-    config_file, previous = stage_dir / "config.yaml", None
-    if rank_zero_only.rank == 0:  # one writer; the others would race it to the file
-        previous = OmegaConf.load(config_file) if config_file.is_file() else None
-        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config_file = stage_dir / "config.yaml"
+    previous = OmegaConf.load(config_file) if config_file.is_file() else None
+    dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
+    if previous is not None and cfg.resume == "auto" and dirpath and find_resume_checkpoint(dirpath):
+        other_run = [c for c in config_changes(previous, cfg) if c.split(":", 1)[0] in RUN_IDENTITY_KEYS]
+        if other_run:  # before any weights are loaded
+            raise ValueError(
+                f"run_id={cfg.run_id}: {stage_dir} holds a run of other data or another model ({'; '.join(other_run)}); "
+                f"give this run its own run_id=NAME, or resume=never to start {stage_dir} over")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     net = instantiate(cfg.model)
@@ -223,6 +234,8 @@ def train(cfg) -> dict[str, Any]:
         raise ValueError("callbacks: a StepCheckpoint (callbacks.checkpoint) is required; it saves and finds resume points")
     ckpt_path = resume_path(cfg.resume, checkpointer.dirpath)
     changes = config_changes(previous, cfg) if ckpt_path and previous is not None else []
+    if rank_zero_only.rank == 0:  # one writer; the others would race it to the file
+        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if changes:
         log.warning("resuming from %s with settings changed since this stage last started (its config.yaml): %s; "
                     "the losses follow an uninterrupted run's only with the same seed, data, batch size and ranks",

@@ -270,3 +270,16 @@ def test_fused_adamw_clips_under_bf16_mixed_as_lightning_clips_unfused(tmp_path)
     assert moved(w_fused) > 1e-4
     _, norms = read_metric(Path(fused["stage_dir"]) / "metrics.csv", "train/grad_norm")
     assert norms and min(norms) > 0.001  # logged before clipping
+
+
+def test_resume_refuses_a_run_folder_of_other_data(tmp_path):
+    """Two commands that share a run id (the README's raw-mode and latent stage 1 once did): the
+    second stops before loading anything, naming run_id, instead of resuming the first's run."""
+    common = [f"paths.output_dir={tmp_path}", "run_id=shared", "stage.max_steps=1", "data.num_workers=0"]
+    train(compose_train([*common, f"data.root={tmp_path}/a"]))
+    config = (tmp_path / "shared" / "clip" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"run_id=shared: .* holds a run of other data or another model "
+                                         r"\(data\.root: .*/a → .*/b\); give this run its own run_id=NAME"):
+        train(compose_train([*common, f"data.root={tmp_path}/b"]))
+    assert (tmp_path / "shared" / "clip" / "config.yaml").read_text() == config  # left as the first run wrote it
+    train(compose_train([*common, f"data.root={tmp_path}/b", "resume=never"]))  # the way to start over
