@@ -184,7 +184,7 @@ class Demo:
     def train(self, latent: Path, raw: Path, weights: dict[str, Path | None]) -> str:
         from hydra import compose, initialize_config_dir
 
-        from .train import train
+        from .train import run
 
         common = self.train_overrides(latent, raw, weights)
         checkpoint: str | None = None
@@ -195,9 +195,10 @@ class Demo:
 
             def run(step: Step, argv=argv, stage=stage) -> None:
                 nonlocal checkpoint
+                # What `ft-train ARGV` runs: compose, then run (which honours stage= over stages=).
                 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                     cfg = compose("train", overrides=argv)
-                result = train(cfg)
+                    [result] = run(cfg, argv)
                 checkpoint = result["checkpoint"]
                 stage_dir = Path(result["stage_dir"])
                 step.outputs.update(

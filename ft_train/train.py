@@ -260,16 +260,21 @@ def run(cfg, overrides: list[str] | None = None) -> list[dict[str, Any]]:
     """Run ``cfg.stages`` in order (or just ``cfg.stage``), chaining checkpoints between stages.
 
     Later stages are composed afresh from the same command-line ``overrides`` plus
-    ``stage=<name>`` and ``stage.init_from=<previous final checkpoint>``.
+    ``stage=<name>`` and ``stage.init_from=<previous final checkpoint>``. A ``stage=NAME`` among the
+    ``overrides`` runs that stage alone, even where the experiment sets ``stages``.
     """
     from hydra import compose
 
     stages = list(cfg.get("stages") or [])
-    if not stages:
-        return [train(cfg)]
     overrides = list(overrides or [])
-    if any(o.split("=")[0].lstrip("+~") == "stage" for o in overrides):
+    given = {o.split("=")[0].lstrip("+~") for o in overrides}
+    if "stage" in given and "stages" in given and stages:
         raise ValueError("set either `stages` (a sequence) or `stage` (one stage), not both")
+    if not stages or "stage" in given:  # `stage=NAME` on the command line runs that stage alone
+        if stages:
+            log.info("stage=%s given: running that stage alone (the experiment's stages=%s are not run)",
+                     cfg.stage.name, stages)
+        return [train(cfg)]
     results: list[dict[str, Any]] = []
     for i, name in enumerate(stages):
         extra = [f"stage={name}"]

@@ -168,15 +168,22 @@ def released_style(blocks=2, dim=64, seed=0):
     return {"proj_model": proj, "audio_processor": audio}
 
 
-def test_model_init_from_starts_any_stage_from_the_released_file(tmp_path):
+def test_model_init_from_starts_any_stage_from_the_released_file(tmp_path, caplog):
     """`model.init_from=fantasytalking_model.ckpt` (the issue's import key) loads the released
-    adapter while the model is built; a wrong file names that key."""
+    adapter while the model is built and says what it loaded (stage 2 then does not warn that it
+    trains from scratch); a wrong file names that key."""
     sd = released_style()
     torch.save(sd, tmp_path / "fantasytalking_model.ckpt")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=tiny_cpu", "stage=frame",
+        cfg = compose("train", overrides=["experiment=tiny_cpu", "stage=frame", "model.motion.enabled=true",
                                           f"model.init_from={tmp_path / 'fantasytalking_model.ckpt'}"])
-    net = instantiate(cfg.model)
+    with caplog.at_level("INFO"):
+        net = instantiate(cfg.model)
+        instantiate(cfg.stage.module)(net=net, loss=instantiate(cfg.loss))
+    assert any(r.getMessage() == f"model.init_from: loaded 7 tensors (audio_kv, audio_proj) from "
+               f"{tmp_path / 'fantasytalking_model.ckpt'} (official)"
+               for r in caplog.records), "\n".join(r.getMessage() for r in caplog.records)
+    assert not any("from scratch" in r.getMessage() for r in caplog.records)
     assert torch.equal(net.audio_proj.proj.weight, sd["proj_model"]["proj.weight"])
     assert torch.equal(net.audio_kv[1].v_proj.weight, sd["audio_processor"]["blocks.1.cross_attn.processor.v_proj.weight"])
     torch.save(released_style(blocks=3), tmp_path / "other.ckpt")

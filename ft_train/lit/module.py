@@ -72,8 +72,7 @@ class FantasyTalkingModule(L.LightningModule):
         if self.audio_mode is not None:
             net.audio_mode = self.audio_mode
         if init_from:
-            loaded = load_adapter_weights(net, init_from, key="stage.init_from")
-            log.info("initialised %d tensors from %s", len(loaded), init_from)
+            load_adapter_weights(net, init_from, key="stage.init_from")  # logs what it loaded
         # Checkpoints hold only trainable tensors (the frozen 14B backbone comes from its own
         # folder), so loading is non-strict; on_load_checkpoint checks nothing trainable is missing.
         self.strict_loading = False
@@ -334,5 +333,6 @@ class FrameStageModule(FantasyTalkingModule):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not kwargs.get("init_from"):
-            log.warning("stage 2 (frame) without stage.init_from: training frame-level from scratch")
+        if not kwargs.get("init_from") and not getattr(self.net, "initialised_from", None):
+            log.warning("stage 2 (frame) with neither stage.init_from nor model.init_from: training frame-level "
+                        "from scratch (the paper starts it from stage 1)")

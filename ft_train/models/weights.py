@@ -395,4 +395,8 @@ def load_adapter_weights(model: FantasyTalkingDiT, path: str | Path, key: str = 
     ckpt = read_checkpoint(path, key)
     loaded = check_compatible(model, ckpt, key)
     model.load_state_dict({k: ckpt.tensors[k] for k in loaded}, strict=False)
+    parts = sorted({k.split(".", 1)[0] for k in loaded})
+    log.info("%s: loaded %d tensors (%s) from %s (%s%s)", key, len(loaded), ", ".join(parts), path, ckpt.layout,
+             f", step {ckpt.meta['global_step']}" if ckpt.meta.get("global_step") is not None else "")
+    model.initialised_from = str(path)
     return loaded
