@@ -474,6 +474,9 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
         "normalisation": "omega = clip((raw - low) / (high - low), 0, 1); raw None -> median",
         "omega_l_definition": "data_tools.face.landmark_motion",
         "omega_b_definition": "data_tools.face.body_motion",
+        # The clips' frame rate and length: training records them in its bundles, ft-infer samples at that fps.
+        "fps": cfg.fps,
+        "num_frames": cfg.num_frames,
     }
     _write_json_atomic(out / "stats.json", stats)
 

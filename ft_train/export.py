@@ -210,8 +210,8 @@ def bundle_info(ckpt: AdapterCheckpoint, run_cfg: dict[str, Any], tensors: dict[
             "in_dim": model_cfg.get("audio_in_dim"),
             "proj_dim": model_cfg.get("audio_proj_dim"),
             "expand": model_cfg.get("audio_expand"),
-            "fps": data_cfg.get("fps"),
-            "num_frames": data_cfg.get("num_frames"),
+            "fps": training_fps(run_cfg, data_stats),
+            "num_frames": data_cfg.get("num_frames") or (data_stats or {}).get("num_frames"),
             "sample_rate": AUDIO_SAMPLE_RATE,
             "tokens_per_second": AUDIO_TOKENS_PER_SECOND,
         },
@@ -231,6 +231,9 @@ def export_bundle(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, run_cf
         raise ValueError(f"ckpt: {ckpt.path} holds no adapter tensors (only backbone weights)")
     audio_tensors(tensors, ckpt.path)  # fail early if the audio adapter is incomplete
     info = bundle_info(ckpt, run_cfg, tensors, dtype, data_stats)
+    if info["audio"]["fps"] is None:
+        log.warning("the run's data records no frame rate (shards from before ft-prep wrote fps into stats.json?): "
+                    "the bundle carries fps null and ft-infer will use the release's 23 fps unless given fps=")
     layers = (info["model"].get("transformer") or {}).get("num_layers")
     if layers is not None and layers != info["num_blocks"]:
         log.warning("config says model.transformer.num_layers=%s but %s has %d blocks: is it this run's config?",
@@ -295,8 +298,27 @@ def _load_run_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def stats_beside_shards(run_cfg: dict[str, Any]) -> Path | None:
+    """The ``stats.json`` ft-prep (and the encode pass, copying it) wrote beside the run's
+    ``data.shards`` when that is a folder; raw mode reads the same file when ``data.stats`` is null."""
+    shards = (run_cfg.get("data") or {}).get("shards")
+    if not isinstance(shards, str) or "${" in shards:
+        return None
+    path = Path(shards).expanduser() / "stats.json"
+    return path if path.is_file() else None
+
+
+def training_fps(run_cfg: dict[str, Any], data_stats: dict[str, Any] | None) -> float | None:
+    """Frame rate of the clips a run trained on: the data config's ``fps`` (synthetic data), else
+    the shards' ``stats.json`` (ft-prep records its ``fps`` there); None when neither says."""
+    for fps in ((run_cfg.get("data") or {}).get("fps"), (data_stats or {}).get("fps")):
+        if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0:
+            return float(fps)
+    return None
+
+
 def _data_stats(stats: str | None, run_cfg: dict[str, Any]) -> dict[str, Any] | None:
-    path = stats or (run_cfg.get("data") or {}).get("stats")
+    path = stats or (run_cfg.get("data") or {}).get("stats") or stats_beside_shards(run_cfg)
     if not path:
         return None
     path = Path(str(path)).expanduser()

@@ -227,7 +227,7 @@ def _run_config(ckpt: AdapterCheckpoint) -> dict[str, Any]:
     if ckpt.layout in ("lightning", "deepspeed"):
         from omegaconf import OmegaConf
 
-        from .export import find_run_config
+        from .export import find_run_config, stats_beside_shards
 
         path = find_run_config(ckpt.path)
         if path is not None:
@@ -236,7 +236,16 @@ def _run_config(ckpt: AdapterCheckpoint) -> dict[str, Any]:
             except Exception as exc:
                 log.warning("adapters: cannot read the run config %s (%s); using the file's own settings", path, exc)
                 return {}
-            return cfg if isinstance(cfg, dict) else {}
+            if not isinstance(cfg, dict):
+                return {}
+            data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+            if data.get("fps") is None and (stats := stats_beside_shards(cfg)) is not None:
+                try:  # latent / raw shards: ft-prep recorded the clips' fps in stats.json
+                    data = {**data, "fps": json.loads(stats.read_text()).get("fps")}
+                except ValueError:
+                    pass
+                cfg = {**cfg, "data": data}
+            return cfg
     return {}
 
 
@@ -763,7 +772,13 @@ def infer(
     if not spec.has_motion and any(w is not None for w in omega):
         log.warning("omega_l/omega_b: the adapters have no motion module (model.motion), "
                     "so the motion intensities are ignored")
-    fps = float(fps) if fps is not None else (spec.fps or RELEASE_FPS)
+    if fps is not None:
+        fps, why = float(fps), "fps= given"
+    elif spec.fps:
+        fps, why = spec.fps, "the frame rate of the adapters' training clips"
+    else:
+        fps, why = RELEASE_FPS, "the released adapter's rate: the adapters record no training frame rate; set fps= to choose"
+    log.info("%g fps: %s", fps, why)
     duration = speech.shape[0] / AUDIO_RATE
     num_frames = frames_for_audio(duration, fps, max_frames)
     if num_frames / fps < duration - 1e-6:

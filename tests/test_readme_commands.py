@@ -1,8 +1,8 @@
 """Every command the README shows runs here, as written, in the README's order.
 
 The only substitutions are those a CPU needs: tiny random weights and a tiny talking clip for the
-real paths (in the real folder layouts), 2 training steps, and a 160-pixel training size for raw
-mode. Each command keeps its own settings — the experiments' trainer, precision (bf16-mixed),
+real paths (in the real folder layouts), 2 training steps, and the test clip's 160 pixels as the
+size raw mode trains at and ft-infer samples at (both would scale it to 512). Each command keeps its own settings — the experiments' trainer, precision (bf16-mixed),
 strategy and loader workers — and runs through its console entry point in this process, in one
 working folder, so later commands read what earlier ones wrote (stage 2 starts from stage 1's
 checkpoint, ft-export reads stage 2's, ft-infer the export). `sbatch slurm/train.sh ARGS` runs the
@@ -35,7 +35,10 @@ ELSEWHERE = {
     "pip": ".ci/run (the README's install command)",
     "pytest": ".ci/run (the README's test command)",
     "ft-demo": "tests/test_demo.py (ft-demo, which runs the commands it prints)",
-    "bash": "tests/test_slurm.py::test_prep_array_job_as_the_readme_submits_it",
+}
+# Commands no test runs yet, with why (each one is a gap to close, listed rather than hidden).
+NOT_RUN = {
+    "bash": "slurm/prep.sh submits an array of 32 tasks of 16 CPUs each; the CI cluster has one 2-CPU node",
 }
 # Real paths in the README → what stands in for them (keys of World.paths).
 STAND_INS = {
@@ -92,6 +95,9 @@ class World:
         image, speech = write_inference_inputs(self.paths["videos"] / "talk.mp4", root, 1.0)
         shutil.copy(image, self.work / "portrait.png")
         shutil.copy(speech, self.work / "speech.wav")
+        # ft-eval's `generated=results/ours`: the user's generated videos, named like their references.
+        (self.work / "results" / "ours").mkdir(parents=True)
+        shutil.copy(self.paths["videos"] / "talk.mp4", self.work / "results" / "ours" / "talk.mp4")
         self.jobs = iter(range(12345, 12400))
 
     def substitute(self, arg: str) -> str:
@@ -119,7 +125,7 @@ def _id(argv: list[str]) -> str:
 def test_every_readme_command_is_run_somewhere():
     for argv in COMMANDS:
         tool = argv[0]
-        assert tool in ELSEWHERE or tool in RUNNERS, (
+        assert tool in ELSEWHERE or tool in RUNNERS or tool in NOT_RUN, (
             f"README command `{' '.join(argv)}` is run by no test: add it to tests/test_readme_commands.py")
     for where in ELSEWHERE.values():
         path = where.split(" ", 1)[0]
@@ -134,6 +140,8 @@ def test_readme_command_runs(index, world, monkeypatch, capsys):
     argv = COMMANDS[index]
     if argv[0] in ELSEWHERE:
         pytest.skip(f"run by {ELSEWHERE[argv[0]]}")
+    if argv[0] in NOT_RUN:
+        pytest.skip(f"not run: {NOT_RUN[argv[0]]}")
     monkeypatch.chdir(world.work)
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # a failure shows its traceback here
     args = [world.substitute(a) for a in argv[1:]]
@@ -197,24 +205,27 @@ def run_ft_export(world, args, monkeypatch, capsys):
     from ft_train.export import main
 
     assert main(args) == 0
-    out = Path(dict(a.split("=", 1) for a in args)["out"])
+    keys = dict(a.split("=", 1) for a in args)
+    out = Path(keys["out"])
     assert out.exists()
     for path in [out] if out.is_file() else sorted(out.iterdir()):
         assert path.stat().st_size > 0
+    if keys.get("format") == "bundle":  # the training clips' frame rate, from the shards' stats.json
+        assert json.loads((out / "adapter.json").read_text())["audio"]["fps"] == 25
 
 
 def run_ft_infer(world, args, monkeypatch, capsys):
     from ft_train.infer import main
     from ft_train.media import read_video
 
-    assert main(args) == 0
-    out = Path(dict(a.split("=", 1) for a in args)["out"])
-    frames, fps, audio = read_video(out)
+    assert main([*args, f"max_side={SIDE}"]) == 0
+    keys = dict(a.split("=", 1) for a in args)
+    frames, fps, audio = read_video(keys["out"])
     assert frames.shape[0] % 4 == 1 and audio is not None
     assert abs(len(audio) / 16000 - 1.0) < 0.1  # the 1 s of speech
-    # ft-eval's generated videos, named like their references.
-    (world.work / "results" / "ours").mkdir(parents=True, exist_ok=True)
-    shutil.copy(out, world.work / "results" / "ours" / "talk.mp4")
+    # A bundle samples at its training clips' rate (ft-prep's fps=25); the released format records
+    # none, so the release's 23 fps.
+    assert fps == pytest.approx(25.0 if Path(keys["adapters"]).is_dir() else 23.0)
 
 
 def run_ft_eval(world, args, monkeypatch, capsys):
