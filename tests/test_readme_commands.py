@@ -48,22 +48,24 @@ STAND_INS = {
     "/weights/i3d_torchscript.pt": "fvd",
     "/weights/syncnet_v2.model": "sync",
     "/data/hdtf/videos": "videos",
-    "/data/hdtf_test/videos": "videos",
     "/data/hdtf/raw": "raw",
-    "/data/hdtf_test/raw": "raw",
     "/data/hdtf/latents": "latents",
-    "/data/hdtf_test/latents": "latents",
+    # The test set: one short clip (validation samples and scores every test clip at its length).
+    "/data/hdtf_test/videos": "test_videos",
+    "/data/hdtf_test/raw": "test_raw",
+    "/data/hdtf_test/latents": "test_latents",
 }
 STEPS = 2
 SIDE = 160  # the test clip's size; raw mode trains at it instead of 512
 
 
-def make_clip(src: Path, dst: Path) -> None:
-    """The shipped talking clip cut around the face to SIDE pixels (the face stays wider than
-    ft-prep's default min_face_px), with its speech as AAC."""
+def make_clip(src: Path, dst: Path, seconds: float | None = None) -> None:
+    """The shipped talking clip (4 s) cut around the face to SIDE pixels (the face stays wider than
+    ft-prep's default min_face_px), its first ``seconds``, with its speech as AAC."""
     import imageio_ffmpeg
 
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(src),
+    cut = ["-t", str(seconds)] if seconds else []
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(src), *cut,
                     "-vf", f"crop=192:192:129:28,scale={SIDE}:{SIDE}", "-c:v", "libx264", "-pix_fmt", "yuv420p",
                     "-c:a", "aac", str(dst)], check=True)
 
@@ -72,6 +74,8 @@ class World:
     """The working folder, the stand-in weights and data, and what each command left behind."""
 
     def __init__(self, root: Path):
+        from data_tools.prep import main as prep
+
         from ft_train.demo import write_inference_inputs, write_random_state, write_tiny_base
 
         from .test_metrics_fvd import StandInI3D
@@ -80,7 +84,9 @@ class World:
         weights, data = root / "weights", root / "data"
         self.paths = {"wan": weights / "wan", "wav2vec": weights / "wav2vec", "fid": weights / "inception.pth",
                       "fvd": weights / "i3d_torchscript.pt", "sync": weights / "syncnet.model",
-                      "videos": data / "videos", "raw": data / "raw", "latents": data / "latents"}
+                      "videos": data / "videos", "raw": data / "raw", "latents": data / "latents",
+                      "test_videos": data / "test" / "videos", "test_raw": data / "test" / "raw",
+                      "test_latents": data / "test" / "latents"}
         write_tiny_base(self.paths["wan"], self.paths["wav2vec"])
         write_random_state(self.paths["fid"], "fid")
         write_random_state(self.paths["sync"], "sync")
@@ -90,6 +96,14 @@ class World:
         self.paths["videos"].mkdir(parents=True)
         make_clip(REPO / "tests" / "assets" / "sample_talking.mp4", self.paths["videos"] / "talk.mp4")
         (self.paths["videos"] / "talk.txt").write_text("a person is talking")
+        # The test set: 0.8 s of the clip as one 17-frame clip (FVD needs 16), prepared as the README prepares data.
+        self.paths["test_videos"].mkdir(parents=True)
+        make_clip(REPO / "tests" / "assets" / "sample_talking.mp4", self.paths["test_videos"] / "talk.mp4", 0.8)
+        assert prep([f"input={self.paths['test_videos']}", f"output={self.paths['test_raw']}", "fps=25",
+                     "num_frames=17", "progress=false"]) == 0
+        assert prep(["task=encode", f"input={self.paths['test_raw']}", f"output={self.paths['test_latents']}",
+                     f"encoders.wan={self.paths['wan']}", f"encoders.wav2vec={self.paths['wav2vec']}",
+                     "progress=false"]) == 0
         self.work.mkdir()
         # ft-infer's inputs, named as in the README: the clip's first frame and 1 s of its speech.
         image, speech = write_inference_inputs(self.paths["videos"] / "talk.mp4", root, 1.0)
@@ -97,7 +111,7 @@ class World:
         shutil.copy(speech, self.work / "speech.wav")
         # ft-eval's `generated=results/ours`: the user's generated videos, named like their references.
         (self.work / "results" / "ours").mkdir(parents=True)
-        shutil.copy(self.paths["videos"] / "talk.mp4", self.work / "results" / "ours" / "talk.mp4")
+        shutil.copy(self.paths["test_videos"] / "talk.mp4", self.work / "results" / "ours" / "talk.mp4")
         self.jobs = iter(range(12345, 12400))
 
     def substitute(self, arg: str) -> str:
