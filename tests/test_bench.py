@@ -4,6 +4,7 @@ time-budget handling, and the loader bench in its tiny mode."""
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -296,3 +297,21 @@ def test_zero_memory_matches_the_measured_peaks_and_writes_its_tables(zm, tmp_pa
     md = (tmp_path / "zero_memory.md").read_text()
     assert "| 720×1280×81 | adapters | frozen_fp8, checkpoint_offload | ddp |" in md
     assert "# Memory per GPU" in capsys.readouterr().out
+
+
+def test_zero_memory_without_out_leaves_the_committed_tables_alone(tmp_path):
+    """A plain ``python bench/zero_memory.py`` writes under the temporary folder (here TMPDIR =
+    tmp_path) and says where; the committed bench/results/zero_memory.* keep their bytes and mtime."""
+    committed = [BENCH / "results" / "zero_memory.md", BENCH / "results" / "zero_memory.json"]
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in committed]
+    proc = subprocess.run([sys.executable, str(BENCH / "zero_memory.py"), "--gpus", "1,8"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in committed] == before
+    out = tmp_path / "ft_train-bench"
+    assert f"wrote {out / 'zero_memory.json'} and {out / 'zero_memory.md'}" in proc.stdout
+    md = (out / "zero_memory.md").read_text()
+    assert md.startswith("# Memory per GPU") and md in proc.stdout
+    report = json.loads((out / "zero_memory.json").read_text())
+    assert report["gpus"] == [1, 8]  # the counts asked for, not the defaults
+    assert {n for r in report["rows"] for n in r["per_gpu_gib"]} == {"1", "8"}
