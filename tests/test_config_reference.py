@@ -55,7 +55,18 @@ def test_every_config_key_is_in_the_reference():
 
 
 def test_reference_page_is_up_to_date():
-    assert (CONF_DIR / "README.md").read_text() == ref.render(), "run `python -m ft_train.config_reference`"
+    page = (CONF_DIR / "README.md").read_text()
+    assert page == ref.render(), "run `python -m ft_train.config_reference`"
+    # Facts read here, not by the renderer: defaults as YAML reads them, comments as written.
+    callbacks = yaml.safe_load((CONF_DIR / "callbacks" / "default.yaml").read_text())
+    assert f"| `callbacks.perf.stall_fraction` | `{callbacks['perf']['stall_fraction']}` |" in page
+    assert f"| `callbacks.checkpoint.every_n_steps` | `{callbacks['checkpoint']['every_n_steps']}` |" in page
+    validation = yaml.safe_load((CONF_DIR / "callbacks" / "validation.yaml").read_text())
+    assert (f"| `callbacks.validation.sampler.steps` | `{validation['sampler']['steps']}` |") in page
+    assert ("| `callbacks.validation.seed` | `0` | clip i is sampled from noise seeded seed + i |") in page
+    defaults = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["defaults"]
+    callbacks_default = next(d["callbacks"] for d in defaults if isinstance(d, dict) and "callbacks" in d)
+    assert f"| `callbacks` | `{callbacks_default}` | `default`, `validation` |" in page
 
 
 def reference_section(heading: str) -> list[tuple[str, str]]:
