@@ -166,16 +166,27 @@ def test_peak_table_picks_the_card(ts):
 
 @pytest.mark.slow
 def test_loader_throughput_tiny(tmp_path):
+    """The counts asked for are the counts written and timed, and the rates agree with them."""
+    work = tmp_path / "work"
     proc = subprocess.run([sys.executable, str(BENCH / "loader_throughput.py"), "--tiny", "--out", str(tmp_path),
-                           "--work-dir", str(tmp_path / "work")],
+                           "--work-dir", str(work), "--samples", "6", "--samples-per-shard", "2", "--batches", "5",
+                           "--warmup-batches", "1", "--raw-copies", "1", "--raw-passes", "2"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = only_json(tmp_path, "loader_throughput-")
-    assert [r["workers"] for r in report["latent"]["runs"]] == [2, 0]
-    assert all(r["samples_per_s"] > 0 for r in report["latent"]["runs"])
-    assert report["latent"]["runs"][0]["latent_shape"] == [16, 5, 8, 8]
-    assert report["raw"]["clips"] > 0 and report["raw"]["clips_per_s_per_core"] > 0
-    assert report["raw"]["frames_per_s_per_core"] > 0
+    latent, raw = report["latent"], report["raw"]
+    shards = sorted((work / "latent").glob("*.tar"))
+    assert latent["shards"] == len(shards) == 3 and latent["samples"] == 6  # 6 samples, 2 per shard
+    assert latent["bytes_per_sample"] == pytest.approx(sum(p.stat().st_size for p in shards) / 6)
+    assert [(r["workers"], r["batches"]) for r in latent["runs"]] == [(2, 5), (0, 5)]
+    assert all(0 < r["samples_per_s"] < 1e5 for r in latent["runs"])
+    assert latent["runs"][0]["latent_shape"] == [16, 5, 8, 8]
+    # ft-prep's raw clips, each decoded once per pass, at the tiny 17 frames.
+    assert raw["clips"] >= 1 and raw["clips_timed"] == 2 * raw["clips"] and raw["frames_per_clip"] == 17
+    assert raw["frames_per_s_per_core"] == pytest.approx(17 * raw["clips_per_s_per_core"])
+    assert raw["load_clip"]["status"] == "ok" and raw["load_clip"]["clips_timed"] == 2 * min(raw["clips"], 4)
+    md = (tmp_path / f"loader_throughput-{report['machine']['host']}-tiny.md").read_text()
+    assert f"| 2 | {latent['runs'][0]['samples_per_s']:.1f} |" in md
     assert len(report["loadavg_before"]) == 3 and report["machine"]["cores"] >= 1
 
 
