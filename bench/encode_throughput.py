@@ -362,7 +362,7 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
         import diffusers  # noqa: F401
         import transformers
     except ImportError as e:
-        raise SystemExit(f"bench/encode_throughput.py: {e}; on the GPU machine carry the wheels (bench/README.md)") from None
+        raise SystemExit(f"bench/encode_throughput.py: {e}; install the project's dependencies (bench/README.md, 'Packages')") from None
     if device.type == "cuda":
         torch.cuda.init()
 

@@ -8,11 +8,10 @@
 # checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py (with a GPU, its CUDA
 # cases alone: the speed options give plain backward's gradients), before any bench.
 #
-# Run it from the repo root through the device tool with carry [".whl"] and timeout_s 590
-# (bench/README.md, "GPU session"). Everything lands in $OUT: each bench's JSON + markdown and
-# gpu_session.log (all output): 7 files, under the tool's limit of 8.
+# Run it from the repo root (bench/README.md, "GPU session"). Everything lands in $OUT: each
+# bench's JSON + markdown and gpu_session.log (all output).
 #
-# Time: the whole script ends within GPU_SESSION_TOTAL seconds (default 560, for timeout_s 590). Each bench
+# Time: the whole script ends within GPU_SESSION_TOTAL seconds (default 560). Each bench
 # gets --budget = min(its cap, what is left after keeping the reserves of the benches after it), its
 # own watchdog at --budget + --grace, and an outer `timeout` MARGIN (10 s) after that (then a kill
 # 5 s later); time a bench leaves unused goes to the later ones. From the environment (seconds):
@@ -23,7 +22,7 @@
 #   TS_RESERVE=200 TS_CAP=330 TS_GRACE=25       bench/train_step.py (the last part takes all time left, up to its cap)
 #   TS_CASES (session: baselines + each speed option)  TS_ARGS (default: --warmup 1 --iters 3 --sample-iters 2 --profile)
 #   ATT_ARGS ENC_ARGS ZERO_ARGS                 extra arguments, e.g. ZERO_ARGS="--cases zero2-full,zero3-full"
-#   PY (python3), OUT (/tmp/gpu_session_out when the tool's $OUT is not set)
+#   PY (python3), OUT (output folder; default /tmp/gpu_session_out)
 # CPU dry run of the whole script (tiny modes):
 #   PY=python OUT=/tmp/gs TS_ARGS="--tiny --cases tiny" ENC_ARGS=--tiny ZERO_ARGS=--tiny bash bench/gpu_session.sh
 set -u
@@ -44,7 +43,7 @@ cap_of()     { case $1 in attention) echo "${ATT_CAP:-40}";; checks) echo "${CHE
 grace_of()   { case $1 in attention) echo "${ATT_GRACE:-15}";; checks) echo "${CHECK_GRACE:-10}";; train_step) echo "${TS_GRACE:-25}";; encode) echo "${ENC_GRACE:-20}";; zero) echo "${ZERO_GRACE:-25}";; *) echo 0;; esac; }
 
 install_wheels() {
-    # Wheels the GPU image lacks (bench/README.md, "GPU session", lists them and how .whl/ is filled).
+    # Wheels for a machine without network access (bench/README.md, "Packages", says how .whl/ is filled).
     if ! compgen -G ".whl/*.whl" >/dev/null; then
         say "no .whl/ folder: using the image's packages only"
         return
@@ -133,7 +132,7 @@ main() {
     done
     say "done; files in $OUT:"
     ls -la "$OUT"
-    # The tables last, so the tool's output tail holds them.
+    # The tables last, so the end of the output holds them.
     for md in "$OUT"/*.md; do
         [ -f "$md" ] && { echo; cat "$md"; }
     done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Before a GPU session, on the CPU machine: run the GPU session's checks (and the bench's own tests)
 # under the GPU image's torch and transformers, which differ from the project's pins (torch 2.11 and
-# transformers 5.17 there, 2.13 and 5.24 here; ../.library/device/KINDS.md lists the image). A version
+# transformers 5.17 there, 2.13 and 5.24 here). A version
 # difference found here costs CPU minutes; found in a device call, it costs the session's device time.
 #
 #   bash bench/image_versions.sh                 # tests/test_model_speed_options.py test_fp8.py test_perf.py test_bench.py

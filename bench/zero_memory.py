@@ -29,8 +29,9 @@ not), so its error is on the page. Writes ``zero_memory.json`` and ``zero_memory
 
 Usage::
 
-    python bench/zero_memory.py                      # → bench/results/zero_memory.{json,md}
+    python bench/zero_memory.py                      # → $TMPDIR/ft_train-bench/zero_memory.{json,md}
     python bench/zero_memory.py --gpus 8,16,32,64 --card-gib 141 --out /tmp/x     # other counts, H200
+    python bench/zero_memory.py --out bench/results  # regenerate the committed tables
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", default="1,8,64", help="GPU counts for the ZeRO strategies (comma-separated)")
     ap.add_argument("--card-gib", type=float, default=80.0, help="memory of one card, GiB")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    # Not bench/results: a plain run must not overwrite the committed tables (regenerate them
+    # with --out bench/results).
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ft_train-bench",
+                    help="folder for zero_memory.json and .md (default: %(default)s)")
     args = ap.parse_args(argv)
     try:
         gpus = [int(g) for g in args.gpus.split(",")]
@@ -224,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     (args.out / "zero_memory.md").write_text(text)
     print(text)
+    print(f"[zero_memory] wrote {args.out / 'zero_memory.json'} and {args.out / 'zero_memory.md'}")
     return 0
 
 

@@ -370,8 +370,8 @@ def run(args: argparse.Namespace, budget) -> int:
                          "run it on the GPU machine, or pass --tiny for the CPU smoke test")
     missing = [m for m in ("deepspeed", "hydra", "webdataset", "diffusers") if not _importable(m)]
     if missing:
-        raise SystemExit(f"bench/zero_step.py: {', '.join(missing)} cannot be imported; on the GPU machine carry "
-                         "their wheels (bench/README.md, 'GPU session')")
+        raise SystemExit(f"bench/zero_step.py: {', '.join(missing)} cannot be imported; install the project's "
+                         "dependencies (bench/README.md, 'Packages')")
 
     from importlib.metadata import version
 

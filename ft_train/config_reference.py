@@ -202,10 +202,22 @@ def _header_lines(doc: YamlDoc) -> list[str]:
 
 
 def group_prefix(group: str, doc: YamlDoc) -> str:
-    """Keys of a group option sit under the group name unless the file says ``@package _global_``."""
+    """The prefix a user types before a group option's keys: the group name, or the file's
+    ``# @package`` (none for ``_global_``; e.g. ``callbacks.validation.`` for a callback added
+    beside the group's default)."""
     if doc.package == "_global_":
         return ""
     return f"{doc.package or group}."
+
+
+def option_heading(group: str, option: str, doc: YamlDoc) -> str:
+    """How a user picks the option: ``group=option``, or, for a file whose package is a key
+    inside the group (one more callback beside the default ones), the Hydra override that adds
+    it there: ``+callbacks@callbacks.validation=validation``."""
+    package = doc.package
+    if package.startswith(group + ".") and package != "_global_":
+        return f"+{group}@{package}={option}"
+    return f"{group}={option}"
 
 
 def render(conf_dir: Path = CONF_DIR) -> str:
@@ -242,7 +254,9 @@ def render(conf_dir: Path = CONF_DIR) -> str:
         if doc.entries:
             out += _table(doc.entries) + [""]
 
-    out += ["## Groups of train.yaml", "", "Pick an option with `group=option`; its keys are then set as `group.key=value`.", ""]
+    out += ["## Groups of train.yaml", "", "Pick an option with `group=option`; its keys are then set as `group.key=value`",
+            "(an option added beside the group's own, such as `+callbacks@callbacks.validation=validation`,",
+            "has its keys under that name: `callbacks.validation.key=value`).", ""]
     for group_dir in sorted(p for p in conf_dir.iterdir() if p.is_dir()):
         files = sorted(group_dir.glob("*.yaml"))
         if not files:
@@ -250,7 +264,7 @@ def render(conf_dir: Path = CONF_DIR) -> str:
         out += [f"### {group_dir.name}/", ""]
         for path in files:
             doc = parse_yaml_doc(path)
-            out += [f"#### {group_dir.name}={path.stem}", ""]
+            out += [f"#### {option_heading(group_dir.name, path.stem, doc)}", ""]
             out += _header_lines(doc)
             overrides = [d.key for d in doc.defaults]
             if overrides:

@@ -254,9 +254,25 @@ def _atomic(out: Path, write) -> None:
     _remove(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     write(tmp)
+    _plain_modes(tmp)
     if out.is_dir() or (out.exists() and tmp.is_dir()):
         _remove(out)  # os.replace swaps files atomically but cannot replace a folder
     os.replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _plain_modes(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the mode a plain ``open()``/``mkdir``
+    would: safetensors writes through a private temporary file, which leaves it 0600, readable by
+    its owner only."""
+    mask = _umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _remove(path: Path) -> None:

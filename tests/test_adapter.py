@@ -84,6 +84,37 @@ def test_clip_mode_is_full_attention_over_audio_tokens():
     torch.testing.assert_close(audio_attention(q, k, v), reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def release_windows(num_tokens: int, num_frames: int, expand: int = 4):
+    """The tokens of every latent frame's audio window, written out from the released rule (not
+    with ft_train's window code): tpf = tokens per video frame, half width int(2·tpf); latent
+    frame i ≥ 1 covers video frames 4(i−1)+1 … 4i and is centred at
+    int((tpf·(4(i−1)+1) + tpf·(4i+1)) / 2) − 1; frame 0's window ends where frame 1's starts;
+    each widened by ``expand`` tokens per side and clipped to the clip."""
+    tpf = num_tokens / num_frames
+    half = int(tpf * 2)
+    out = []
+    for i in range((num_frames - 1) // 4 + 1):
+        if i == 0:
+            first_video, last_video = 1, 4  # frame 1's centre anchors frame 0's end
+            centre = int((tpf * first_video + tpf * (last_video + 1)) / 2) - 1
+            lo, hi = centre - half - 2 * half, centre - half
+        else:
+            first_video, last_video = 4 * (i - 1) + 1, 4 * i
+            centre = int((tpf * first_video + tpf * (last_video + 1)) / 2) - 1
+            lo, hi = centre - half, centre + half
+        out.append([t for t in range(lo - expand, hi + expand + 1) if 0 <= t < num_tokens])
+    return out
+
+
+def test_release_windows_reproduce_the_pinned_table():
+    """The hand-written rule above gives the released table (tests/test_audio_windows.py)."""
+    windows = release_windows(175, 81)
+    assert len(windows) == 21
+    assert windows[0] == list(range(0, 6)) and windows[1] == list(range(0, 14))
+    assert windows[2] == list(range(6, 23)) and windows[20] == list(range(161, 175))
+    assert [len(w) for w in windows] == [6, 14] + [17] * 18 + [14]
+
+
 def test_frame_mode_equals_dense_block_diagonal_reference_with_padding_masked():
     g = torch.Generator().manual_seed(0)
     bsz, frames, per_frame, heads, dim = 2, 21, 6, 2, 8
@@ -105,11 +136,12 @@ def test_frame_mode_equals_dense_block_diagonal_reference_with_padding_masked():
     expected = reference_attention(q, k_win.reshape(bsz, -1, heads, dim), v_win.reshape(bsz, -1, heads, dim), mask)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
-    # And against the most literal reference: per frame, attention over only its real tokens.
-    ranges_first = index[0, : lengths[0]]
-    q0 = q[:, :per_frame]
-    literal = reference_attention(q0, keys[:, ranges_first], values[:, ranges_first])
-    torch.testing.assert_close(got[:, :per_frame], literal, atol=1e-5, rtol=1e-5)
+    # And against the most literal reference: per frame, attention over only its real tokens, the
+    # windows written out from the released rule (an off-by-one in ft_train's window code shows here).
+    for f, tokens in enumerate(release_windows(num_tokens, 81)):
+        rows = slice(f * per_frame, (f + 1) * per_frame)
+        literal = reference_attention(q[:, rows], keys[:, tokens], values[:, tokens])
+        torch.testing.assert_close(got[:, rows], literal, atol=1e-5, rtol=1e-5, msg=f"latent frame {f}")
 
 
 def test_padded_slots_do_not_leak_into_the_output():

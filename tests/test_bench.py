@@ -4,6 +4,7 @@ time-budget handling, and the loader bench in its tiny mode."""
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,16 +166,27 @@ def test_peak_table_picks_the_card(ts):
 
 @pytest.mark.slow
 def test_loader_throughput_tiny(tmp_path):
+    """The counts asked for are the counts written and timed, and the rates agree with them."""
+    work = tmp_path / "work"
     proc = subprocess.run([sys.executable, str(BENCH / "loader_throughput.py"), "--tiny", "--out", str(tmp_path),
-                           "--work-dir", str(tmp_path / "work")],
+                           "--work-dir", str(work), "--samples", "6", "--samples-per-shard", "2", "--batches", "5",
+                           "--warmup-batches", "1", "--raw-copies", "1", "--raw-passes", "2"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = only_json(tmp_path, "loader_throughput-")
-    assert [r["workers"] for r in report["latent"]["runs"]] == [2, 0]
-    assert all(r["samples_per_s"] > 0 for r in report["latent"]["runs"])
-    assert report["latent"]["runs"][0]["latent_shape"] == [16, 5, 8, 8]
-    assert report["raw"]["clips"] > 0 and report["raw"]["clips_per_s_per_core"] > 0
-    assert report["raw"]["frames_per_s_per_core"] > 0
+    latent, raw = report["latent"], report["raw"]
+    shards = sorted((work / "latent").glob("*.tar"))
+    assert latent["shards"] == len(shards) == 3 and latent["samples"] == 6  # 6 samples, 2 per shard
+    assert latent["bytes_per_sample"] == pytest.approx(sum(p.stat().st_size for p in shards) / 6)
+    assert [(r["workers"], r["batches"]) for r in latent["runs"]] == [(2, 5), (0, 5)]
+    assert all(0 < r["samples_per_s"] < 1e5 for r in latent["runs"])
+    assert latent["runs"][0]["latent_shape"] == [16, 5, 8, 8]
+    # ft-prep's raw clips, each decoded once per pass, at the tiny 17 frames.
+    assert raw["clips"] >= 1 and raw["clips_timed"] == 2 * raw["clips"] and raw["frames_per_clip"] == 17
+    assert raw["frames_per_s_per_core"] == pytest.approx(17 * raw["clips_per_s_per_core"])
+    assert raw["load_clip"]["status"] == "ok" and raw["load_clip"]["clips_timed"] == 2 * min(raw["clips"], 4)
+    md = (tmp_path / f"loader_throughput-{report['machine']['host']}-tiny.md").read_text()
+    assert f"| 2 | {latent['runs'][0]['samples_per_s']:.1f} |" in md
     assert len(report["loadavg_before"]) == 3 and report["machine"]["cores"] >= 1
 
 
@@ -296,3 +308,21 @@ def test_zero_memory_matches_the_measured_peaks_and_writes_its_tables(zm, tmp_pa
     md = (tmp_path / "zero_memory.md").read_text()
     assert "| 720×1280×81 | adapters | frozen_fp8, checkpoint_offload | ddp |" in md
     assert "# Memory per GPU" in capsys.readouterr().out
+
+
+def test_zero_memory_without_out_leaves_the_committed_tables_alone(tmp_path):
+    """A plain ``python bench/zero_memory.py`` writes under the temporary folder (here TMPDIR =
+    tmp_path) and says where; the committed bench/results/zero_memory.* keep their bytes and mtime."""
+    committed = [BENCH / "results" / "zero_memory.md", BENCH / "results" / "zero_memory.json"]
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in committed]
+    proc = subprocess.run([sys.executable, str(BENCH / "zero_memory.py"), "--gpus", "1,8"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in committed] == before
+    out = tmp_path / "ft_train-bench"
+    assert f"wrote {out / 'zero_memory.json'} and {out / 'zero_memory.md'}" in proc.stdout
+    md = (out / "zero_memory.md").read_text()
+    assert md.startswith("# Memory per GPU") and md in proc.stdout
+    report = json.loads((out / "zero_memory.json").read_text())
+    assert report["gpus"] == [1, 8]  # the counts asked for, not the defaults
+    assert {n for r in report["rows"] for n in r["per_gpu_gib"]} == {"1", "8"}

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ft_train import config_reference as ref
 from ft_train.config import CONF_DIR, compose_tool_config
@@ -54,7 +55,57 @@ def test_every_config_key_is_in_the_reference():
 
 
 def test_reference_page_is_up_to_date():
-    assert (CONF_DIR / "README.md").read_text() == ref.render(), "run `python -m ft_train.config_reference`"
+    page = (CONF_DIR / "README.md").read_text()
+    assert page == ref.render(), "run `python -m ft_train.config_reference`"
+    # Facts read here, not by the renderer: defaults as YAML reads them, comments as written.
+    callbacks = yaml.safe_load((CONF_DIR / "callbacks" / "default.yaml").read_text())
+    assert f"| `callbacks.perf.stall_fraction` | `{callbacks['perf']['stall_fraction']}` |" in page
+    assert f"| `callbacks.checkpoint.every_n_steps` | `{callbacks['checkpoint']['every_n_steps']}` |" in page
+    validation = yaml.safe_load((CONF_DIR / "callbacks" / "validation.yaml").read_text())
+    assert (f"| `callbacks.validation.sampler.steps` | `{validation['sampler']['steps']}` |") in page
+    assert ("| `callbacks.validation.seed` | `0` | clip i is sampled from noise seeded seed + i |") in page
+    defaults = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["defaults"]
+    callbacks_default = next(d["callbacks"] for d in defaults if isinstance(d, dict) and "callbacks" in d)
+    assert f"| `callbacks` | `{callbacks_default}` | `default`, `validation` |" in page
+
+
+def reference_section(heading: str) -> list[tuple[str, str]]:
+    """(key, default as written) of every row of one ``####`` section's table in conf/README.md."""
+    text = (CONF_DIR / "README.md").read_text()
+    assert f"\n#### {heading}\n" in text, f"conf/README.md has no section #### {heading}"
+    start = text.index(f"\n#### {heading}\n")
+    body = text[start + 1 :].split("\n#", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (?:`(.*?)`|—) \|", body, flags=re.M)
+    assert rows, f"no table under #### {heading}"
+    return [(key, value.replace("\\|", "|")) for key, value in rows]
+
+
+def test_validation_keys_are_listed_as_a_user_types_them():
+    """The validation callback is added with ``+callbacks@callbacks.validation=validation``, so the
+    reference lists its keys as ``callbacks.validation.<key>``: each one, set to its listed
+    default, composes (an unknown key fails in Hydra's struct mode), and the real composition
+    holds that default under that name."""
+    from omegaconf import OmegaConf
+
+    add = "+callbacks@callbacks.validation=validation"
+    rows = reference_section(add)
+    keys = [k for k, _ in rows]
+    assert "callbacks.validation.shards" in keys and "callbacks.validation.sampler.steps" in keys
+    assert all(k.startswith("callbacks.validation.") for k in keys), keys
+    listed = [(k, v) for k, v in rows if v]
+    assert len(listed) >= 20
+    # Values with Hydra's own syntax (the comma of ${oc.select:a,b}) go in quotes, as a user would.
+    overrides = [f"{k}='{v}'" if "," in v or "$" in v else f"{k}={v}" for k, v in listed]
+    cfg = _compose("train", [add, *overrides])
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for key, value in listed:
+        node = raw
+        for part in key.split("."):
+            node = node[part]
+        assert node == yaml.safe_load(value), key
+    plain = OmegaConf.to_container(_compose("train", [add]), resolve=False)
+    assert plain["callbacks"]["validation"] == raw["callbacks"]["validation"]  # the listed defaults are the real ones
+    assert "checkpoint" in raw["callbacks"]  # added beside the default callbacks, not instead of them
 
 
 def readme_commands() -> list[list[str]]:

@@ -6,6 +6,8 @@ provides the checkpoint; a fresh model loaded from the same folder receives the 
 
 import json
 import logging
+import os
+import stat
 import subprocess
 import sys
 
@@ -301,6 +303,26 @@ def test_export_refuses_to_overwrite_and_bad_options(run, tmp_path):
         export(run["checkpoint"], tmp_path / "x", dtype="int8")
     with pytest.raises(FileNotFoundError, match="pass config="):
         export(tmp_path / "ft.ckpt", tmp_path / "b", format="bundle")  # an official file has no run config
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_get_the_mode_a_plain_open_gives(run, tmp_path, umask):
+    """Every exported file is 0666 less the umask, like any other output (safetensors alone
+    would leave its file 0600); the bundle folder 0777 less the umask, like a plain mkdir."""
+    old = os.umask(umask)
+    try:
+        export(run["checkpoint"], tmp_path / "ft.ckpt")
+        export(run["checkpoint"], tmp_path / "ft.safetensors")
+        export(run["checkpoint"], tmp_path / "bundle", format="bundle")
+        export(run["checkpoint"], tmp_path / "ft.safetensors", overwrite=True)  # a replaced file too
+    finally:
+        os.umask(old)
+    files = [tmp_path / "ft.ckpt", tmp_path / "ft.safetensors", tmp_path / "bundle" / BUNDLE_WEIGHTS,
+             tmp_path / "bundle" / BUNDLE_CONFIG]
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(files)
+    for f in files:
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o666 & ~umask, f
+    assert stat.S_IMODE(os.stat(tmp_path / "bundle").st_mode) == 0o777 & ~umask
 
 
 def test_ft_export_command(run, tmp_path):

@@ -57,9 +57,17 @@ def test_fid_through_the_weights_path(inception_file):
 
 
 def test_pytorch_fid_style_file_without_bn_counters_loads(tmp_path, inception_file):
+    """pytorch-fid's file has no BatchNorm num_batches_tracked: it loads, and every tensor it holds
+    (running statistics moved off their init values, so they count) is the net's."""
+    g = torch.Generator().manual_seed(5)
     sd = {k: v for k, v in torch.load(inception_file).items() if not k.endswith("num_batches_tracked")}
+    for k in sd:
+        if k.endswith(("running_mean", "running_var")):
+            sd[k] = torch.rand(sd[k].shape, generator=g) + 0.5
     torch.save(sd, tmp_path / "pt_inception.pth")
-    load_fid_inception(tmp_path / "pt_inception.pth")
+    loaded = load_fid_inception(tmp_path / "pt_inception.pth").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+    assert {k for k in loaded if not k.endswith("num_batches_tracked")} == set(sd)
 
 
 def test_bad_weight_file_fails_clearly(tmp_path, inception_file):

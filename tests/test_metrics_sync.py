@@ -50,10 +50,17 @@ def test_loads_through_the_real_loader(syncnet_file):
 
 
 def test_file_without_batchnorm_counters_loads(tmp_path, syncnet_file):
-    # syncnet_v2.model predates BatchNorm's num_batches_tracked
+    """syncnet_v2.model predates BatchNorm's num_batches_tracked: such a file loads, and every
+    tensor it holds (running statistics moved off their init values, so they count) is the net's."""
+    g = torch.Generator().manual_seed(5)
     sd = {k: v for k, v in torch.load(syncnet_file).items() if not k.endswith("num_batches_tracked")}
+    for k in sd:
+        if k.endswith(("running_mean", "running_var")):
+            sd[k] = torch.rand(sd[k].shape, generator=g) + 0.5
     torch.save(sd, tmp_path / "old.model")
-    load_syncnet(tmp_path / "old.model")
+    loaded = load_syncnet(tmp_path / "old.model").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+    assert {k for k in loaded if not k.endswith("num_batches_tracked")} == set(sd)
 
 
 @pytest.mark.parametrize(
@@ -172,14 +179,39 @@ def test_metric_averages_videos_counts_skips_and_merges():
 
 
 def test_random_syncnet_end_to_end_through_weights_file(syncnet_file):
+    """SyncMetric from the weights file equals the reference's procedure written out here: the
+    file's SyncNet on each 5-frame BGR window and its 20 MFCC columns, then for each candidate
+    offset the mean distance of lip window i to audio window i + j − 15 (zeros outside)."""
+    from ft_train.metrics.mfcc import syncnet_mfcc
+
     frames, audio = _synthetic_clip(0, n_frames=12)
     m = SyncMetric(weights=syncnet_file)
     m.update(frames, audio)
     out = m.compute()
-    assert int(out["videos"]) == 1
-    assert -15 <= float(out["av_offset"]) <= 15
-    assert float(out["sync_c"]) >= 0 and np.isfinite(float(out["sync_d"]))
     assert not any(k.startswith("net.") for k in m.state_dict())
+
+    net = SyncNet().eval()
+    net.load_state_dict(torch.load(syncnet_file))
+    video = torch.nn.functional.interpolate(frames.flip(1).float(), size=(224, 224), mode="bilinear", align_corners=False)
+    mfcc = torch.from_numpy(syncnet_mfcc(audio)).float().T
+    windows = min(len(frames), len(audio) // 640) - 5
+    assert windows == 7
+    with torch.no_grad():
+        lip = net.forward_lip(torch.stack([video[v : v + 5].transpose(0, 1) for v in range(windows)])).double()
+        aud = net.forward_aud(torch.stack([mfcc[None, :, 4 * v : 4 * v + 20] for v in range(windows)])).double()
+    mean = []
+    for j in range(31):
+        dists = []
+        for i in range(windows):
+            a = i + j - 15
+            other = aud[a] if 0 <= a < windows else torch.zeros_like(aud[0])
+            dists.append(float(torch.sqrt(((lip[i] - other + 1e-6) ** 2).sum())))
+        mean.append(sum(dists) / windows)
+    best = min(range(31), key=lambda j: mean[j])
+    assert int(out["videos"]) == 1 and int(out["skipped"]) == 0
+    assert float(out["av_offset"]) == 15 - best
+    assert float(out["sync_d"]) == pytest.approx(mean[best], rel=1e-4)
+    assert float(out["sync_c"]) == pytest.approx(sorted(mean)[15] - mean[best], rel=1e-3, abs=1e-5)
 
 
 def test_rejects_non_uint8_frames():

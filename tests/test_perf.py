@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 import time
 
 import lightning as L
@@ -96,11 +97,25 @@ class Sleepy(L.LightningModule):
 ACCELERATORS = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events: on a GPU"))]
 
 
-def fit(tmp_path, loader_delay: float, step_s: float, callbacks, steps: int = 14, accelerator: str = "cpu") -> list[dict]:
+class Hungry(Sleepy):
+    """A step that also fills, then frees, ``gib`` GiB of host memory (every page touched)."""
+
+    def __init__(self, step_s: float, gib: float):
+        super().__init__(step_s)
+        self.gib = gib
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            torch.ones(int(self.gib * 2**30) // 4).sum()
+        return super().training_step(batch, batch_idx)
+
+
+def fit(tmp_path, loader_delay: float, step_s: float, callbacks, steps: int = 14, accelerator: str = "cpu",
+        module: L.LightningModule | None = None) -> list[dict]:
     trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(Sleepy(step_s), DataLoader(Samples(steps, loader_delay), batch_size=1, num_workers=0))
+    trainer.fit(module or Sleepy(step_s), DataLoader(Samples(steps, loader_delay), batch_size=1, num_workers=0))
     return list(csv.DictReader(open(tmp_path / "metrics.csv")))
 
 
@@ -142,6 +157,29 @@ def test_a_fast_loader_does_not_warn(tmp_path, caplog, accelerator):
     if accelerator == "gpu":
         peaks = column(rows, "perf/memory_peak_gib")
         assert peaks and 0 < peaks[-1] < 1  # a 64×4 linear layer and its batches
+
+
+def proc_status_gib(field: str) -> float:
+    """A ``kB`` line of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its peak), in GiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_cpu_memory_peak_is_the_process_peak_rss(tmp_path):
+    """On the CPU perf/memory_peak_gib is the process's peak resident memory in GiB: at least what
+    it held before the run plus the 0.25 GiB a step filled and freed (so a peak, not the current
+    RSS), at most the kernel's own high-water mark after the run."""
+    before = proc_status_gib("VmRSS")
+    rows = fit(tmp_path, loader_delay=0.0, step_s=0.0, steps=4, callbacks=[StepPerf()], module=Hungry(0.0, 0.25))
+    after = proc_status_gib("VmHWM")
+    peaks = column(rows, "perf/memory_peak_gib")
+    assert len(peaks) == 4
+    assert before + 0.24 <= peaks[-1] <= after + 1e-3
+    assert peaks == sorted(peaks)  # a peak never falls
+    assert not column(rows, "perf/memory_reserved_gib")  # the allocator pool is a CUDA figure
 
 
 @pytest.mark.parametrize("kwargs, key", [({"stall_fraction": 0.0}, "stall_fraction"), ({"window": 0}, "window")])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -28,8 +29,30 @@ def compose_train(overrides):
         return compose("train", overrides=overrides)
 
 
-def test_experiments_exist():
-    assert {"tiny_cpu", "stage1_14b", "stage2_14b"} <= set(EXPERIMENTS)
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every scalar or list in a nested dict."""
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "stage1_14b", "stage2_14b"])
+def test_experiment_values_win(name, tmp_path):
+    """The shipped experiments exist and every value one sets is the composed run's: the file is
+    ``@package _global_`` and nothing later in the defaults list overrides it back."""
+    path = CONF / "experiment" / f"{name}.yaml"
+    assert path.read_text().startswith("# @package _global_\n"), path
+    own = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
+    composed = OmegaConf.to_container(compose_train([f"experiment={name}", f"paths.output_dir={tmp_path}"]), resolve=False)
+    leaves = list(_leaves(own))
+    assert len(leaves) >= 3, path
+    for key, value in leaves:
+        node = composed
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, f"{name}: {key}"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

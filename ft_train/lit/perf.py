@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import logging
+import resource
 import statistics
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -86,12 +88,22 @@ def peak_flops(card: str, dtype: torch.dtype) -> float | None:
     return None if tflops is None else tflops * 1e12
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set size since it started, in GiB (``ru_maxrss`` is KiB on
+    Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
 class StepPerf(L.Callback):
     """Per training step, logged as ``perf/step_s`` (device time from batch start to batch end:
     forward, backward, optimiser), ``perf/wait_s`` (device time between the previous step's end
     and this step's start: the next batch, its copy to the device, logging, checkpoint saves,
-    validation), ``perf/memory_peak_gib`` and ``perf/memory_reserved_gib`` (the peak, since
-    training started, of tensor memory and of the caching allocator's pool; CUDA only).
+    validation) and ``perf/memory_peak_gib``. On CUDA ``perf/memory_peak_gib`` is the peak, since
+    training started, of the device's tensor memory, and ``perf/memory_reserved_gib`` that of the
+    caching allocator's pool; on the CPU, where there is no allocator to ask, it is the process's
+    peak resident set size (host RAM, GiB) since the process started, so it includes whatever the
+    process held before training (data, the loaded model, earlier runs in the same process).
 
     On CUDA the times come from CUDA events (read after one synchronisation per step); on the CPU
     from the host clock. Once ``min_steps`` steps have run, a median wait above ``stall_fraction``
@@ -153,6 +165,8 @@ class StepPerf(L.Callback):
         if pl_module.device.type == "cuda":
             metrics["perf/memory_peak_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             metrics["perf/memory_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+        else:
+            metrics["perf/memory_peak_gib"] = peak_rss_gib()
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=bsz, rank_zero_only=True)
         self.check_stall(trainer)
