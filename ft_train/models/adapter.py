@@ -17,7 +17,6 @@ model fills at the start of each forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
