@@ -44,7 +44,7 @@ from harness import (  # noqa: E402
 
 if str(REPO) not in sys.path:  # the GPU image runs the checkout without installing the project
     sys.path.insert(0, str(REPO))
-from ft_train.models.adapter import default_sdpa_kernel, median_seconds  # noqa: E402
+from ft_train.speed.attention import default_sdpa_kernel, median_seconds  # noqa: E402
 from ft_train.models.audio import audio_window_index  # noqa: E402
 
 BACKENDS = {

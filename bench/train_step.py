@@ -210,7 +210,7 @@ def keep_fp32(transformer) -> None:
 
 
 def model_dtype(model_cfg: dict[str, Any]) -> torch.dtype:
-    from ft_train.models.fantasytalking import resolve_dtype
+    from ft_train.models.build import resolve_dtype
 
     return resolve_dtype(model_cfg.get("dtype", "float32"))
 
@@ -472,7 +472,7 @@ def adapter_shape(cfg: BenchConfig, model) -> dict[str, int]:
 def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
     from ft_train.diffusion import step_generator
     from ft_train.models import model_summary
-    from ft_train.models.fantasytalking import auto_checkpoint_keep
+    from ft_train.speed import auto_checkpoint_keep, speed_state
 
     cfg, model, batch, device = ctx["cfg"], ctx["model"], ctx["batch"], ctx["device"]
     model.train()
@@ -488,7 +488,8 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
     clock, seed = ctx["clock"], ctx["seed"]
     sized: dict[str, Any] = {}
     # checkpoint_keep=auto is settled after the first step; one more warm-up step runs with it.
-    warmup = max(ctx["warmup"], 2) if model.checkpoint_auto else ctx["warmup"]
+    speed = speed_state(model)
+    warmup = max(ctx["warmup"], 2) if speed.checkpoint_auto else ctx["warmup"]
 
     def step(i):
         generator = step_generator(seed, i)
@@ -500,7 +501,7 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(params, clip_val)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if model.checkpoint_auto:
+        if speed.checkpoint_auto:
             keep, info = auto_checkpoint_keep(model, device)
             sized.update(info, kept=keep)
         return out.loss.detach(), mid
@@ -514,8 +515,8 @@ def case_train_ours(ctx: dict[str, Any]) -> dict[str, Any]:
     adapter_grad = 2 * cfg.audio_tokens * summary["params_adapter"]
     ckpt = bool(model.transformer.gradient_checkpointing)
     flops, hw = train_flops(fwd, cfg.full_finetune, adapter_grad, ckpt)
-    if ckpt and model.checkpoint_keep:  # the kept blocks are not recomputed
-        hw -= (fwd["blocks"] + fwd["adapter"]) * model.checkpoint_keep / model.num_blocks
+    if ckpt and speed.checkpoint_keep:  # the kept blocks are not recomputed
+        hw -= (fwd["blocks"] + fwd["adapter"]) * speed.checkpoint_keep / model.num_blocks
     res.update(params_total=summary["params_total"], params_trainable=summary["params_trainable"],
                params_adapter=summary["params_adapter"], tokens=fwd["tokens"], flops_model=flops,
                flops_hardware=hw, checkpointing=ckpt, optimizer="AdamW fused (conf/optim/adamw.yaml)",
@@ -632,18 +633,10 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             keep = "auto"
         elif v.startswith("auto"):
             keep, memory_gib = "auto", float(v[4:])
-    model.set_attention_backend(backend)
-    model.set_self_attention_kernel(self_kernel)
-    blocks = list(model.transformer.blocks)
-    if fp8 != model.frozen_fp8:
-        if not fp8:
-            raise RuntimeError("a case without +fp8 after an fp8 case on the same model (run() orders fp8 last)")
-        for block in blocks:  # convert the eager blocks; compiled again below
-            block._compiled_call_impl = None
-        model._compile_options = None
-        model.set_frozen_fp8()
-    if fp8:
-        model.set_fp8_backward(fp8_backward)
+    from ft_train.speed import SpeedOptions, apply, speed_state
+
+    if speed_state(model).frozen_fp8 and not fp8:
+        raise RuntimeError("a case without +fp8 after an fp8 case on the same model (run() orders fp8 last)")
     if compiled:
         # Each case compiles as a fresh process would: the cases of one model change grad mode,
         # batch, processors and fp8 layers, and their graphs would otherwise pile up on the one
@@ -651,16 +644,13 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
         # Inductor's on-disk cache still serves graphs compiled before.
         torch._dynamo.reset()
         _dynamo_counters().clear()
-    if compiled and blocks[0]._compiled_call_impl is None:
-        model.compile_blocks()
-    elif not compiled:
-        for block in blocks:
-            block._compiled_call_impl = None
-        model._compile_options = None
-    model.checkpoint_auto = keep == "auto" and model.transformer.gradient_checkpointing
-    model.checkpoint_memory_gib = memory_gib
-    if model.transformer.gradient_checkpointing:  # auto: keep the last block, to measure it
-        model.set_checkpointing(True, keep=1 if keep == "auto" else keep, offload=offload, save_attention=save_attention)
+    # The checkpointing variants act on the yaml's checkpointing; without it they are not asked.
+    checkpointing = bool(model_cfg.get("gradient_checkpointing")) or bool(model.transformer.gradient_checkpointing)
+    apply(model, SpeedOptions(
+        gradient_checkpointing=checkpointing, checkpoint_keep=keep if checkpointing else 0,
+        checkpoint_memory_gib=memory_gib, checkpoint_offload=offload and checkpointing,
+        checkpoint_save_attention=save_attention and checkpointing, attention_backend=backend,
+        self_attention_kernel=self_kernel, compile_blocks=compiled, frozen_fp8=fp8, frozen_fp8_backward=fp8 and fp8_backward))
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
             "self_attention_kernel": self_kernel or "as attention_backend",
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
@@ -921,10 +911,13 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                 if options.get("compiled"):
                     res.update(compile_stats())
                 if family == "ours" and options.get("self_attention_kernel") == "auto":
-                    res.update(self_attention_kernel_used=model.self_attention_kernel,
-                               self_attention_kernel_default=model.self_attention_default,
+                    from ft_train.speed import self_attention_kernel, speed_state
+
+                    speed = speed_state(model)
+                    res.update(self_attention_kernel_used=self_attention_kernel(model),
+                               self_attention_kernel_default=speed.self_attention_default,
                                self_attention_timings_ms={k: None if t is None else round(t * 1e3, 2)
-                                                          for k, t in (model.self_attention_timings or {}).items()})
+                                                          for k, t in (speed.self_attention_timings or {}).items()})
                 status = ("ok" if res.get("iters") else
                           WARMUP_ONLY if res.get("warmup_s") else "skipped: time budget")
             except Exception as exc:  # noqa: BLE001 - record OOM (or any failure) and go on

@@ -83,7 +83,7 @@ class Model:
 def count(model_yaml: str) -> Model:
     """Parameters of ``conf/model/<model_yaml>`` built on the meta device (no memory, no weights)."""
     from ft_train.models import build_model
-    from ft_train.models.fp8 import Fp8FrozenLinear
+    from ft_train.speed.fp8 import Fp8FrozenLinear
 
     cfg = yaml.safe_load((REPO / "conf" / "model" / model_yaml).read_text())
     tcfg = cfg["transformer"]

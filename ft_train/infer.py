@@ -517,14 +517,14 @@ class TalkingPortraitPipeline:
              compile_blocks: bool = False, frozen_fp8: bool = False) -> "TalkingPortraitPipeline":
         """Load the DiT from ``<wan>/transformer``, put ``spec``'s adapters in it, and load the
         encoders and the VAE (on the CPU when ``offload``). ``compile_blocks``: ``torch.compile``
-        the DiT's blocks (:meth:`~ft_train.models.FantasyTalkingDiT.compile_blocks`);
-        ``frozen_fp8``: their linear weights in float8, quantised once on ``device``
-        (:meth:`~ft_train.models.FantasyTalkingDiT.set_frozen_fp8`)."""
+        the DiT's blocks; ``frozen_fp8``: their linear weights in float8, quantised once on
+        ``device`` (both :func:`ft_train.speed.apply`)."""
         from .diffusion import FlowMatchSampler
         from .metrics.callback import WanVAEDecoder
         from .models import build_model
         from .models.encoders import load_audio_encoder, load_image_encoder, load_text_encoder
         from .models.weights import check_compatible
+        from .speed import SpeedOptions, apply
 
         device = device if isinstance(device, torch.device) else resolve_device(device)
         dtype = resolve_dtype_name(dtype, device)
@@ -540,10 +540,7 @@ class TalkingPortraitPipeline:
         for module in model.adapter_modules().values():
             module.to(getattr(torch, dtype))
         model.requires_grad_(False).eval().to(device)
-        if frozen_fp8:
-            model.set_frozen_fp8()
-        if compile_blocks:
-            model.compile_blocks()
+        apply(model, SpeedOptions(compile_blocks=compile_blocks, frozen_fp8=frozen_fp8))
 
         vae = WanVAEDecoder(wan, device=home, dtype=vae_dtype, key="wan")
         if vae_tiling:

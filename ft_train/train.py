@@ -45,38 +45,19 @@ def validate_config(cfg) -> None:
 
 
 def check_model_options(cfg) -> None:
-    """Settings that only make sense together: the speed options need checkpointing, and raw-mode
-    data must give the identity branch the face input its encoder reads."""
+    """Settings that only make sense together: the speed options' rules (one place:
+    :meth:`ft_train.speed.SpeedOptions.validate`), and raw-mode data must give the identity branch
+    the face input its encoder reads."""
     from omegaconf import OmegaConf
+
+    from .speed import SpeedOptions
 
     def get(key, default=None):
         value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
         return default if value is None else value
 
-    if not get("model.gradient_checkpointing", False):
-        keep = get("model.checkpoint_keep", 0)
-        if keep == "auto" or int(keep):
-            raise ValueError(f"model.checkpoint_keep={keep} needs model.gradient_checkpointing=true (it picks blocks NOT to recompute)")
-        if get("model.checkpoint_offload", False):
-            raise ValueError("model.checkpoint_offload=true needs model.gradient_checkpointing=true (it offloads the recomputed blocks' inputs)")
-        if get("model.checkpoint_save_attention", False):
-            raise ValueError("model.checkpoint_save_attention=true needs model.gradient_checkpointing=true (it changes what recomputed blocks keep)")
-    if get("model.frozen_fp8_backward", False) and not get("model.frozen_fp8", False):
-        raise ValueError("model.frozen_fp8_backward=true needs model.frozen_fp8=true (it changes the float8 layers' backward)")
-    if get("model.frozen_fp8", False) and get("model.train_backbone", False):
-        raise ValueError("model.frozen_fp8=true stores the frozen backbone in float8; it cannot train it (model.train_backbone=true)"
-                         " (speed=fp8 and speed=offload set it; speed=compiled is their exact form)")
-    if get("model.checkpoint_offload", False) and get("model.checkpoint_save_attention", False):
-        raise ValueError("model.checkpoint_offload and model.checkpoint_save_attention cannot be combined; pick one")
-    kernel = get("model.self_attention_kernel")
-    if kernel is not None:
-        from .models.adapter import SDPA_KERNELS
-
-        if kernel not in SDPA_KERNELS and kernel != "auto":
-            raise ValueError(f"model.self_attention_kernel must be one of {', '.join(SDPA_KERNELS)}, auto or null, got {kernel!r}")
-        if kernel in ("cudnn", "efficient") and get("trainer.accelerator") == "cpu":
-            raise ValueError(f"model.self_attention_kernel={kernel} needs a CUDA GPU but trainer.accelerator=cpu; "
-                             "set model.self_attention_kernel=null or flash")
+    speed = SpeedOptions(**{k: get(f"model.{k}") for k in SpeedOptions.keys() if get(f"model.{k}") is not None})
+    speed.validate(train_backbone=bool(get("model.train_backbone", False)), accelerator=get("trainer.accelerator"))
     if not get("model.identity.enabled", False):
         return
     encoder, face = get("model.identity.encoder", "precomputed"), get("data.face")

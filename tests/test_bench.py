@@ -199,18 +199,19 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     assert all(c.partition(":")[0] in ts.CONFIGS for c in ts.parse_cases("session", tiny=False))
 
     from ft_train.models import build_model
+    from ft_train.speed import set_checkpointing, speed_state
 
     model = build_model(transformer=dict(tiny_transformer_config), gradient_checkpointing=True)
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["flash", "keep1"])
-    assert got["checkpoint_keep"] == model.checkpoint_keep == 1 and got["attention_backend"] == "_native_flash"
+    assert got["checkpoint_keep"] == speed_state(model).checkpoint_keep == 1 and got["attention_backend"] == "_native_flash"
     assert all(b.attn2.processor._attention_backend == "_native_flash" for b in model.transformer.blocks)
-    assert not model.checkpoint_offload
+    assert not speed_state(model).checkpoint_offload
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["sac"])
-    assert got["checkpoint_save_attention"] and model.checkpoint_save_attention
+    assert got["checkpoint_save_attention"] and speed_state(model).checkpoint_save_attention
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["offload"])
-    assert got["checkpoint_offload"] and model.checkpoint_offload and model.checkpoint_keep == 0
+    assert got["checkpoint_offload"] and speed_state(model).checkpoint_offload and speed_state(model).checkpoint_keep == 0
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, ["auto"])  # measures the last block first
-    assert got["checkpoint_keep"] == "auto" and model.checkpoint_auto and model.checkpoint_keep == 1
+    assert got["checkpoint_keep"] == "auto" and speed_state(model).checkpoint_auto and speed_state(model).checkpoint_keep == 1
     assert model.transformer._gradient_checkpointing_func.measure is not None
     # A compiled case starts from a clean dynamo, as a fresh process would, and counts its own graphs.
     from torch._dynamo.utils import counters
@@ -221,8 +222,8 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
     assert got["compiled"] and model.transformer.blocks[0]._compiled_call_impl is not None
     assert ts.compile_stats() == {"compiled_graphs": 0, "graph_breaks": 0}
     got = ts.apply_variants(model, {"checkpoint_keep": 0}, [])  # back to the yaml's values
-    assert not model.checkpoint_auto and model.transformer.blocks[0]._compiled_call_impl is None
-    assert model.checkpoint_keep == 0 and not model.checkpoint_offload and got["attention_backend"].startswith("torch SDPA")
+    assert not speed_state(model).checkpoint_auto and model.transformer.blocks[0]._compiled_call_impl is None
+    assert speed_state(model).checkpoint_keep == 0 and not speed_state(model).checkpoint_offload and got["attention_backend"].startswith("torch SDPA")
     assert all(b.attn2.processor._attention_backend is None for b in model.transformer.blocks)
 
     # A variant case runs next to the plain one and gets its own comparison row.
@@ -241,7 +242,7 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
         ("tiny:train_ours", "ok", False, False), ("tiny:train_ours+fp8bwd", "ok", True, True),
         ("tiny:train_ours+fp8", "ok", True, False)]
     with pytest.raises(RuntimeError, match="after an fp8 case"):
-        model.set_checkpointing(True)
+        set_checkpointing(model, True)
         ts.apply_variants(model, {}, ["fp8"])
         ts.apply_variants(model, {}, [])
 

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ft_train.models import build_model
-from ft_train.models import fp8 as fp8_module
-from ft_train.models.fp8 import FP8_MAX, Fp8FrozenLinear, convert_frozen_linears, quantize_rows, scaled_mm_rowwise
+from ft_train.speed import fp8 as fp8_module
+from ft_train.speed.fp8 import FP8_MAX, Fp8FrozenLinear, convert_frozen_linears, quantize_rows, scaled_mm_rowwise
+from ft_train.speed import compile_blocks, convert_to_fp8, fp8_buffer_names, set_fp8_backward
 
 from .test_model_speed_options import _inputs
 
@@ -154,7 +155,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fp8_model_approximates_the_full_precision_model_and_its_adapter_gradients(tiny_transformer_config, device):
     full, fp8 = _pair(tiny_transformer_config, device)
     linears = sum(isinstance(m, nn.Linear) for m in full.transformer.blocks.modules())
-    assert len(fp8.fp8_buffer_names()) == 2 * linears  # every block linear: weight bits + scales
+    assert len(fp8_buffer_names(fp8)) == 2 * linears  # every block linear: weight bits + scales
     assert not any(n.startswith("transformer.blocks") and n.endswith(("to_q.weight", "proj.weight"))
                    for n in fp8.state_dict())  # the bf16 copies are gone
     assert set(fp8.adapter_state_dict()) == set(full.adapter_state_dict())
@@ -179,10 +180,10 @@ def test_fp8_backward_model_keeps_the_adapter_gradients_close(tiny_transformer_c
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     for name in grads[0]:
         assert _cos(grads[0][name], grads[1][name]) > 0.95, name
-    fp8.set_fp8_backward(False)
+    set_fp8_backward(fp8, False)
     assert not any(getattr(m, "fp8_backward", False) for m in fp8.modules())
     with pytest.raises(ValueError, match="needs model.frozen_fp8=true"):
-        full.set_fp8_backward(True)
+        set_fp8_backward(full, True)
     with pytest.raises(ValueError, match="needs model.frozen_fp8=true"):
         build_model(pretrained=None, transformer=tiny_transformer_config, frozen_fp8_backward=True)
 
@@ -207,7 +208,7 @@ def test_fp8_with_checkpointing_gives_the_fp8_gradients(tiny_transformer_config,
 def test_fp8_blocks_compile_without_a_graph_break(tiny_transformer_config):
     eager, compiled = (_pair(tiny_transformer_config, "cpu")[1] for _ in range(2))
     torch._dynamo.reset()
-    compiled.compile_blocks(backend="eager", fullgraph=True)
+    compile_blocks(compiled, backend="eager", fullgraph=True)
     for model in (eager, compiled):
         model(**_inputs("cpu")).square().mean().backward()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
@@ -224,7 +225,7 @@ def test_fp8_with_saved_attention_in_a_compiled_checkpoint(tiny_transformer_conf
     eager(**_inputs(device)).square().mean().backward()
     torch._dynamo.reset()
     model = _pair(cfg, device, gradient_checkpointing=True, checkpoint_save_attention=True, frozen_fp8_backward=True)[1]
-    model.compile_blocks(backend="aot_eager", fullgraph=True)
+    compile_blocks(model, backend="aot_eager", fullgraph=True)
     model(**_inputs(device)).square().mean().backward()
     grads = dict(model.named_parameters())
     for name, p in eager.named_parameters():
@@ -238,7 +239,7 @@ def test_fp8_blocks_compile_with_inductor_on_the_gpu(tiny_transformer_config):
     graph, the fp8 backward's per-step weight transpose) gives the eager fp8 outputs and gradients."""
     eager, compiled = (_pair(tiny_transformer_config, "cuda", frozen_fp8_backward=True)[1] for _ in range(2))
     torch._dynamo.reset()
-    compiled.compile_blocks(fullgraph=True)
+    compile_blocks(compiled, fullgraph=True)
     outs = []
     for model in (eager, compiled):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -255,6 +256,6 @@ def test_fp8_needs_a_frozen_backbone_and_comes_before_compiling(tiny_transformer
     with pytest.raises(ValueError, match="model.train_backbone=false"):
         build_model(pretrained=None, transformer=tiny_transformer_config, frozen_fp8=True, train_backbone=True)
     model = build_model(pretrained=None, transformer=tiny_transformer_config)
-    model.compile_blocks(backend="eager")
+    compile_blocks(model, backend="eager")
     with pytest.raises(ValueError, match="before compile_blocks"):
-        model.set_frozen_fp8()
+        convert_to_fp8(model)

@@ -394,7 +394,7 @@ def test_compiled_blocks_sample_the_same_video(files):
 def test_fp8_blocks_sample_nearly_the_same_video(files):
     """frozen_fp8=true (ft-infer key) quantises the loaded DiT's block weights on the device and
     samples a video close to the full-precision one."""
-    from ft_train.models.fp8 import Fp8FrozenLinear
+    from ft_train.speed.fp8 import Fp8FrozenLinear
 
     outs = []
     for fp8 in (False, True):

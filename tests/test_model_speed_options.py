@@ -11,6 +11,16 @@ import torch
 
 from ft_train.models import build_model
 from ft_train.models.adapter import FantasyTalkingAttnProcessor
+from ft_train.speed import (
+    compile_blocks,
+    kept_block_bytes,
+    set_attention_backend,
+    set_self_attention_kernel,
+    self_attention_kernel,
+    size_checkpointing,
+    speed_state,
+)
+from ft_train.speed.attention import AUTO_KERNELS, self_attention_shape
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -80,7 +90,7 @@ def test_checkpoint_keep_runs_the_last_blocks_without_recompute(tiny_transformer
     for keep in (0, 1, 3):
         calls.clear()
         model = _model(cfg, gradient_checkpointing=True, checkpoint_keep=keep)
-        assert model.checkpoint_keep == keep
+        assert speed_state(model).checkpoint_keep == keep
         out, grads = _loss_and_grads(model)
         assert len(calls) == 3 - keep, f"keep={keep}: {len(calls)} checkpointed blocks"
         # The kept blocks are the last ones.
@@ -96,27 +106,27 @@ def test_auto_checkpoint_keep_sizes_the_kept_blocks_to_the_budget(tiny_transform
     """checkpoint_keep="auto" keeps the last block in the first step and measures what it leaves
     allocated (faked on the CPU, real on CUDA); sizing then keeps as many blocks as the budget
     has room for, and the step still computes plain backward's gradients."""
-    from ft_train.models import fantasytalking
+    from ft_train.speed import checkpointing
 
     cfg = dict(tiny_transformer_config, num_layers=4)
     if device == "cpu":  # torch counts no CPU memory: each reading is 1000 bytes above the last
         readings = iter(range(0, 10**9, 1000))
-        monkeypatch.setattr(fantasytalking, "allocated_bytes", lambda dev: next(readings))
+        monkeypatch.setattr(checkpointing, "allocated_bytes", lambda dev: next(readings))
     ref_out, ref_grads = _loss_and_grads(_model(cfg, device), device)
     model = _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="auto")
-    assert model.checkpoint_auto and model.checkpoint_keep == 1 and model.kept_block_bytes() is None
+    assert speed_state(model).checkpoint_auto and speed_state(model).checkpoint_keep == 1 and kept_block_bytes(model) is None
     out, grads = _loss_and_grads(model, device)
     torch.testing.assert_close(out, ref_out, **_tol(device))
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], **_tol(device), msg=name)
-    per_block = model.kept_block_bytes()
+    per_block = kept_block_bytes(model)
     if device == "cpu":
         assert per_block == 1000
     else:  # at least the block's output and the largest activations it saved (its FFN hidden)
         hidden = 1 * 5 * 4 * 4 * cfg["num_attention_heads"] * cfg["attention_head_dim"] * 4
         assert per_block >= hidden
-    assert model.size_checkpointing(peak_bytes=10 * per_block, budget_bytes=12 * per_block + 1) == 3
-    assert model.checkpoint_keep == 3 and not model.checkpoint_auto
+    assert size_checkpointing(model, peak_bytes=10 * per_block, budget_bytes=12 * per_block + 1) == 3
+    assert speed_state(model).checkpoint_keep == 3 and not speed_state(model).checkpoint_auto
     kept = [b for b in model.transformer.blocks][1:]
     assert model.transformer._gradient_checkpointing_func.kept == frozenset(id(b) for b in kept)
     assert model.transformer._gradient_checkpointing_func.measure is None  # measured once
@@ -126,7 +136,7 @@ def test_auto_checkpoint_keep_sizes_the_kept_blocks_to_the_budget(tiny_transform
     # The budget bounds it both ways.
     for peak, budget, want in ((0, 10**12, 4), (10**6, 10, 0)):
         m = _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="auto")
-        assert m.size_checkpointing(peak, budget, per_block_bytes=1000) == want
+        assert size_checkpointing(m, peak, budget, per_block_bytes=1000) == want
     with pytest.raises(ValueError, match="model.checkpoint_keep must be a number of blocks or auto"):
         _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="most")
 
@@ -136,8 +146,8 @@ def test_auto_checkpoint_keep_adds_the_optimizer_state_the_first_step_created(ti
     peak lacks them while every later step's has them: sizing adds what the step left allocated
     (less the gradients still held) to the peak. On CUDA that is the real state; on the CPU,
     where torch counts no memory, the readings are faked around a real AdamW step."""
-    from ft_train.models import fantasytalking
-    from ft_train.models.fantasytalking import auto_checkpoint_keep
+    from ft_train.speed import checkpointing
+    from ft_train.speed import auto_checkpoint_keep
 
     cfg = dict(tiny_transformer_config, num_layers=4)
     model = _model(cfg, device, gradient_checkpointing=True, checkpoint_keep="auto")
@@ -145,7 +155,7 @@ def test_auto_checkpoint_keep_adds_the_optimizer_state_the_first_step_created(ti
     start = 10**6
     if device == "cpu":
         readings = iter(range(start, 10**9, 1000))  # the forward's start, then 1000 bytes per reading
-        monkeypatch.setattr(fantasytalking, "allocated_bytes", lambda d: next(readings))
+        monkeypatch.setattr(checkpointing, "allocated_bytes", lambda d: next(readings))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -156,15 +166,15 @@ def test_auto_checkpoint_keep_adds_the_optimizer_state_the_first_step_created(ti
                if torch.is_tensor(t) and t.device.type == device)  # AdamW keeps its step counts on the CPU
     assert held > 0
     if device == "cpu":
-        assert model._auto_start_bytes == start
+        assert speed_state(model).auto_start_bytes == start
         fake = {"peak": start + 50_000, "now": start + held + 7}  # 7 bytes of the step's own leftovers
         monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: fake["peak"])
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: fake["now"])
         dev = torch.device("cuda")  # what sizing measures on; the gradients stay on the CPU, uncounted
     peak = torch.cuda.max_memory_allocated(dev)
-    per_block = model.kept_block_bytes()
+    per_block = kept_block_bytes(model)
     budget = peak + held + 2 * per_block + per_block // 2
-    model.checkpoint_memory_gib = budget / 2**30
+    speed_state(model).checkpoint_memory_gib = budget / 2**30
     keep, info = auto_checkpoint_keep(model, dev)
     del inputs
     if device == "cpu":
@@ -174,8 +184,8 @@ def test_auto_checkpoint_keep_adds_the_optimizer_state_the_first_step_created(ti
     assert info["peak_bytes"] == peak + info["state_bytes"]
     # Room for about 2.5 more blocks beyond the state: two more kept (one block measured);
     # without the state it would be more.
-    assert keep == 1 + (budget - peak - info["state_bytes"]) // per_block == model.checkpoint_keep
-    assert model._auto_start_bytes is None and not model.checkpoint_auto
+    assert keep == 1 + (budget - peak - info["state_bytes"]) // per_block == speed_state(model).checkpoint_keep
+    assert speed_state(model).auto_start_bytes is None and not speed_state(model).checkpoint_auto
     assert 1 + (budget - peak) // per_block > keep
     if device == "cpu":
         assert keep == 3
@@ -196,7 +206,7 @@ def test_attention_backend_reaches_every_processor_and_keeps_the_output(tiny_tra
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
-    model.set_attention_backend(None)
+    set_attention_backend(model, None)
     assert all(getattr(b.attn2.processor, "_attention_backend", None) is None for b in model.transformer.blocks)
 
 
@@ -224,7 +234,7 @@ _SDPA_OPS = {"flash": "_scaled_dot_product_flash_attention", "cudnn": "_scaled_d
 def test_torchs_own_kernel_is_the_one_it_runs(device):
     """default_sdpa_kernel names the aten op torch's SDPA dispatches to by itself (cuDNN first on
     sm_90 with a recent cuDNN since torch 2.9, flash elsewhere): checked against the op run."""
-    from ft_train.models.adapter import default_kernel_at
+    from ft_train.speed.attention import default_kernel_at
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shape = (1, 2, 64, 32)
@@ -243,20 +253,20 @@ def test_self_attention_kernel_runs_the_self_attention_through_that_kernel(tiny_
     moves. On CUDA (bf16 autocast, as training runs) the kernel asked for is cuDNN where torch
     would run flash and flash where it would run cuDNN; on the CPU it is math, with exactly the
     plain outputs."""
-    from ft_train.models.adapter import default_kernel_at
+    from ft_train.speed.attention import default_kernel_at
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     plain = _model(tiny_transformer_config, device)
     inputs = _inputs(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    own = default_kernel_at(plain.self_attention_shape(inputs["hidden_states"]), dtype, torch.device(device))
+    own = default_kernel_at(self_attention_shape(plain, inputs["hidden_states"]), dtype, torch.device(device))
     kernel = "math" if device == "cpu" else ("flash" if own == "cudnn" else "cudnn")
     plain_counter = _OpCounter()
     with autocast, plain_counter:
         ref_out, ref_grads = _loss_and_grads(plain, device)
     model = _model(tiny_transformer_config, device, self_attention_kernel=kernel)
     blocks = list(model.transformer.blocks)
-    assert model.self_attention_kernel == kernel
+    assert self_attention_kernel(model) == kernel
     assert all(isinstance(b.attn2.processor, FantasyTalkingAttnProcessor) for b in blocks)
     counter = _OpCounter()
     with autocast, counter:
@@ -277,11 +287,11 @@ def test_self_attention_kernel_runs_the_self_attention_through_that_kernel(tiny_
         for name in ref_grads:
             assert _cos(grads[name], ref_grads[name]) > 0.99, name
     # diffusers' backend setting reaches the wrapped processor; None unwraps it.
-    model.set_attention_backend("_native_math")
+    set_attention_backend(model, "_native_math")
     assert all(b.attn1.processor.inner._attention_backend == "_native_math" for b in blocks)
-    model.set_attention_backend(None)
-    model.set_self_attention_kernel(None)
-    assert model.self_attention_kernel is None
+    set_attention_backend(model, None)
+    set_self_attention_kernel(model, None)
+    assert self_attention_kernel(model) is None
     assert all(b.attn1.processor._attention_backend is None and not hasattr(b.attn1.processor, "inner") for b in blocks)
 
 
@@ -295,7 +305,7 @@ def test_self_attention_kernel_compiles_without_a_graph_break(tiny_transformer_c
     ref_out, ref_grads = _loss_and_grads(_model(tiny_transformer_config, self_attention_kernel="math"))
     model = _model(tiny_transformer_config, self_attention_kernel="math")
     torch._dynamo.reset()
-    model.compile_blocks(backend="eager", fullgraph=True)
+    compile_blocks(model, backend="eager", fullgraph=True)
     out, grads = _loss_and_grads(model)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     for name in ref_grads:
@@ -303,7 +313,7 @@ def test_self_attention_kernel_compiles_without_a_graph_break(tiny_transformer_c
 
 
 def test_sdpa_kernel_timing_and_choice(device):
-    from ft_train.models.adapter import fastest_kernel, time_sdpa_kernels
+    from ft_train.speed.attention import fastest_kernel, time_sdpa_kernels
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kernels = ("flash", "cudnn", "efficient", "math")
@@ -324,17 +334,17 @@ def test_auto_self_attention_kernel_is_picked_at_the_first_forward(tiny_transfor
     with autocast:
         ref_out, _ = _loss_and_grads(_model(tiny_transformer_config, device), device)
     model = _model(tiny_transformer_config, device, self_attention_kernel="auto")
-    assert model.self_attention_auto and model.self_attention_kernel is None
+    assert speed_state(model).self_attention_auto and self_attention_kernel(model) is None
     with autocast:
         out, _ = _loss_and_grads(model, device)
-    assert not model.self_attention_auto
+    assert not speed_state(model).self_attention_auto
     if device == "cuda":
-        times = model.self_attention_timings
-        assert set(times) == set(model.AUTO_KERNELS) and times["flash"] is not None
-        assert model.self_attention_kernel == min((k for k, t in times.items() if t is not None), key=times.get)
+        times = speed_state(model).self_attention_timings
+        assert set(times) == set(AUTO_KERNELS) and times["flash"] is not None
+        assert self_attention_kernel(model) == min((k for k, t in times.items() if t is not None), key=times.get)
         assert _cos(out, ref_out) > 0.999
     else:
-        assert model.self_attention_kernel is None and model.self_attention_timings is None
+        assert self_attention_kernel(model) is None and speed_state(model).self_attention_timings is None
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
 
 
@@ -355,7 +365,7 @@ def test_compiled_blocks_match_eager(tiny_transformer_config):
     # C++ toolchain; the GPU bench measures the default Inductor backend.
     # fullgraph: the block, our audio/face processor included, traces without a graph break
     # (no tensor is read back inside a block).
-    model.compile_blocks(backend="eager", fullgraph=True)
+    compile_blocks(model, backend="eager", fullgraph=True)
     assert all(b._compiled_call_impl is not None for b in model.transformer.blocks)
     keys = set(model.state_dict())
     assert keys == set(_model(tiny_transformer_config).state_dict()), "compiling must not rename weights"
@@ -371,7 +381,7 @@ def test_host_offloaded_checkpoint_matches_plain_backward(tiny_transformer_confi
     first block too (its inputs need no grad with a frozen backbone), for the motion module (its
     gradient flows through the time projection) and for a trained backbone — with every block's
     input kept on the host."""
-    from ft_train.models import fantasytalking
+    from ft_train.speed import checkpointing
 
     cfg = dict(tiny_transformer_config, num_layers=3)
     kw = dict(train_backbone=train_backbone, motion={"enabled": True}, identity={"enabled": True})
@@ -379,16 +389,16 @@ def test_host_offloaded_checkpoint_matches_plain_backward(tiny_transformer_confi
     assert any(n.startswith("motion.") for n in ref_grads) and any(n.startswith("face_kv.0") for n in ref_grads) and "audio_kv.0.k_proj.weight" in ref_grads
 
     copies = []
-    real = fantasytalking.to_host
+    real = checkpointing.to_host
 
     def recording(t):
         host = real(t)
         copies.append((tuple(t.shape), host.device.type, host.is_pinned() if device == "cuda" else None))
         return host
 
-    monkeypatch.setattr(fantasytalking, "to_host", recording)
+    monkeypatch.setattr(checkpointing, "to_host", recording)
     model = _model(cfg, device, gradient_checkpointing=True, checkpoint_offload=True, checkpoint_keep=1, **kw)
-    assert model.checkpoint_offload
+    assert speed_state(model).checkpoint_offload
     out, grads = _loss_and_grads(model, device)
     # Blocks 0 and 1 are recomputed from a host copy of their (B, S, d) input; block 2 is kept.
     shape = (1, 5 * 4 * 4, cfg["num_attention_heads"] * cfg["attention_head_dim"])
@@ -402,10 +412,10 @@ def test_host_offloaded_checkpoint_matches_plain_backward(tiny_transformer_confi
 def test_offloaded_inputs_come_back_one_block_ahead(tiny_transformer_config, monkeypatch, device):
     """Backward of block k starts copying block k-1's input back before block k recomputes (on
     CUDA the copy then overlaps block k's work); each input is copied out and back exactly once."""
-    from ft_train.models import fantasytalking
+    from ft_train.speed import checkpointing
 
     events = []
-    real_prefetch, real_take = fantasytalking.HostCopy.prefetch, fantasytalking.HostCopy.take
+    real_prefetch, real_take = checkpointing.HostCopy.prefetch, checkpointing.HostCopy.take
     order = {}
 
     def prefetch(self):
@@ -417,16 +427,16 @@ def test_offloaded_inputs_come_back_one_block_ahead(tiny_transformer_config, mon
         events.append(("take", order[id(self)]))
         return real_take(self)
 
-    real_init = fantasytalking.HostCopy.__init__
+    real_init = checkpointing.HostCopy.__init__
 
     def init(self, tensor, prev=None):
         real_init(self, tensor, prev)
         order[id(self)] = len(order)
         assert prev is None or order[id(prev)] == order[id(self)] - 1
 
-    monkeypatch.setattr(fantasytalking.HostCopy, "prefetch", prefetch)
-    monkeypatch.setattr(fantasytalking.HostCopy, "take", take)
-    monkeypatch.setattr(fantasytalking.HostCopy, "__init__", init)
+    monkeypatch.setattr(checkpointing.HostCopy, "prefetch", prefetch)
+    monkeypatch.setattr(checkpointing.HostCopy, "take", take)
+    monkeypatch.setattr(checkpointing.HostCopy, "__init__", init)
     cfg = dict(tiny_transformer_config, num_layers=4)
     model = _model(cfg, device, gradient_checkpointing=True, checkpoint_offload=True)
     _loss_and_grads(model, device)
@@ -443,7 +453,7 @@ def test_host_offloaded_checkpoint_recomputes_under_the_forward_autocast(tiny_tr
     in another order, so there the whole gradient's error is compared with that of a recompute
     under another autocast state than the forward's (fp16 for bf16: the bug this guards against;
     without autocast the recompute would fail on mixed dtypes), which must be far larger."""
-    from ft_train.models.fantasytalking import HostOffloadCheckpoint
+    from ft_train.speed.checkpointing import HostOffloadCheckpoint
 
     cfg = dict(tiny_transformer_config, num_layers=2)
 
@@ -483,7 +493,7 @@ def test_offload_and_keep_with_compiled_blocks(tiny_transformer_config, device):
     ref_out, ref_grads = _loss_and_grads(_model(cfg, device), device)
     torch._dynamo.reset()
     model = _model(cfg, device, gradient_checkpointing=True, checkpoint_offload=True, checkpoint_keep=1)
-    model.compile_blocks(backend="eager", fullgraph=True)
+    compile_blocks(model, backend="eager", fullgraph=True)
     out, grads = _loss_and_grads(model, device)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
@@ -500,7 +510,7 @@ class _CountSDPA(torch.utils._python_dispatch.TorchDispatchMode):
         self.self_attn = self.cross_attn = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from ft_train.models.fantasytalking import _SDPA_OPS
+        from ft_train.speed.checkpointing import _SDPA_OPS
 
         if func in _SDPA_OPS:
             if args[1].shape[-2] == args[0].shape[-2]:
@@ -543,7 +553,7 @@ def test_saved_self_attention_with_compiled_blocks(tiny_transformer_config, devi
     torch._dynamo.reset()
     counters.clear()
     model = _model(cfg, device, gradient_checkpointing=True, checkpoint_save_attention=True)
-    model.compile_blocks(backend="aot_eager", fullgraph=True)
+    compile_blocks(model, backend="aot_eager", fullgraph=True)
     out, grads = _loss_and_grads(model, device)
     # Two graphs for 3 blocks: block 0's input needs no grad (frozen patch embedding), the others' do.
     assert counters["stats"]["unique_graphs"] == 2

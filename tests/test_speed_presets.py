@@ -9,8 +9,9 @@ import pytest
 import yaml
 from hydra.utils import instantiate
 
-from ft_train.models.fp8 import Fp8FrozenLinear
+from ft_train.speed.fp8 import Fp8FrozenLinear
 from ft_train.train import check_model_options
+from ft_train.speed import speed_state
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "speed").glob("*.yaml"))
@@ -61,21 +62,21 @@ def test_presets_build_the_model_they_name():
         return instantiate(cfg.model)
 
     plain = build("model.gradient_checkpointing=true")
-    assert plain._compile_options is None and not plain.checkpoint_auto and not plain.frozen_fp8
-    assert not plain.self_attention_auto and not plain.checkpoint_save_attention
+    assert speed_state(plain).compile_options is None and not speed_state(plain).checkpoint_auto and not speed_state(plain).frozen_fp8
+    assert not speed_state(plain).self_attention_auto and not speed_state(plain).checkpoint_save_attention
 
     fast = build("speed=compiled")
-    assert fast._compile_options is not None  # every block compiled
-    assert fast.checkpoint_auto and fast.checkpoint_keep == 1  # auto measures one kept block first
-    assert fast.checkpoint_save_attention and fast.self_attention_auto and not fast.frozen_fp8
+    assert speed_state(fast).compile_options is not None  # every block compiled
+    assert speed_state(fast).checkpoint_auto and speed_state(fast).checkpoint_keep == 1  # auto measures one kept block first
+    assert speed_state(fast).checkpoint_save_attention and speed_state(fast).self_attention_auto and not speed_state(fast).frozen_fp8
 
     fp8 = build("speed=fp8")
     layers = [m for m in fp8.modules() if isinstance(m, Fp8FrozenLinear)]
     assert layers and all(m.fp8_backward for m in layers)
-    assert fp8.frozen_fp8 and fp8._compile_options is not None and fp8.checkpoint_save_attention
+    assert speed_state(fp8).frozen_fp8 and speed_state(fp8).compile_options is not None and speed_state(fp8).checkpoint_save_attention
 
     long = build("speed=offload")
-    assert long.checkpoint_offload and long.frozen_fp8 and long._compile_options is not None
+    assert speed_state(long).checkpoint_offload and speed_state(long).frozen_fp8 and speed_state(long).compile_options is not None
     assert not any(m.fp8_backward for m in long.modules() if isinstance(m, Fp8FrozenLinear))
 
 

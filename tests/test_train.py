@@ -192,7 +192,9 @@ def test_auto_checkpoint_keep_is_settled_after_the_first_step(tmp_path, caplog):
     ])
     with caplog.at_level("WARNING"):
         net = train(cfg)["module"].net
-    assert not net.checkpoint_auto and net.checkpoint_keep == 1
+    from ft_train.speed import speed_state
+
+    assert not speed_state(net).checkpoint_auto and speed_state(net).checkpoint_keep == 1
     assert sum("model.checkpoint_keep=auto needs CUDA memory statistics" in r.message for r in caplog.records) == 1
 
 

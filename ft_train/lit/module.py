@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from ..diffusion import FlowMatchingLoss, step_generator
 from ..flops import training_step_flops
 from ..models import FantasyTalkingDiT, model_summary
-from ..models.fantasytalking import auto_checkpoint_keep
 from ..models.weights import load_adapter_weights
+from ..speed import auto_checkpoint_keep, fp8_buffer_names, speed_state
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class FantasyTalkingModule(L.LightningModule):
         self.net = net
         # Float8 frozen weights (model.frozen_fp8) are quantised identically on every rank: DDP
         # need not broadcast them (its buffer sync would send the whole backbone every step).
-        if fp8 := net.fp8_buffer_names():
+        if fp8 := fp8_buffer_names(net):
             self._ddp_params_and_buffers_to_ignore = [f"net.{name}" for name in fp8]
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -248,12 +248,12 @@ class FantasyTalkingModule(L.LightningModule):
                 self.log("train/grad_norm", float(norm), batch_size=1)
         # model.checkpoint_keep=auto: size it once the first optimiser step (its state included)
         # has shown the peak memory.
-        if self.net.checkpoint_auto and self.trainer.global_step >= 1:
+        if speed_state(self.net).checkpoint_auto and self.trainer.global_step >= 1:
             self.size_checkpointing()
 
     def size_checkpointing(self) -> int:
         """``model.checkpoint_keep=auto``: keep as many blocks as ``model.checkpoint_memory_gib``
-        (default 90 % of the card) allows (:func:`~ft_train.models.fantasytalking.auto_checkpoint_keep`).
+        (default 90 % of the card) allows (:func:`~ft_train.speed.auto_checkpoint_keep`).
         All ranks take the largest peak and block cost, so they keep the same blocks."""
         strategy = self.trainer.strategy
 

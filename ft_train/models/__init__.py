@@ -18,7 +18,8 @@ from .encoders import (
     save_tiny_encoders,
 )
 from .arcface import IResNet, load_iresnet
-from .fantasytalking import FantasyTalkingDiT, build_model, load_transformer, model_summary
+from .build import build_model, load_transformer, model_summary
+from .fantasytalking import FantasyTalkingDiT
 from .identity import (
     FACE_ENCODERS,
     ArcFaceEncoder,

@@ -16,10 +16,7 @@ model fills at the start of each forward pass.
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -30,10 +27,8 @@ from diffusers.models.transformers.transformer_wan import (
 )
 from torch import nn
 
-log = logging.getLogger(__name__)
-
 # diffusers' Wan I2V processor splits image from text tokens assuming exactly this many text
-# tokens; text embeddings must be padded to it (../shared/STACK.md).
+# tokens; text embeddings must be padded to it.
 TEXT_TOKENS = 512
 
 
@@ -81,7 +76,7 @@ class AdapterContext:
     motion_emb: torch.Tensor | None = None
     window_valid: torch.Tensor | None = None
     window_empty: torch.Tensor | None = None
-    last_offload: object = None  # the forward's latest host-offloaded block input (fantasytalking.HostCopy)
+    last_offload: object = None  # the forward's latest host-offloaded block input (ft_train.speed.checkpointing.HostCopy)
 
     def set_windows(self, index: torch.Tensor, lengths: torch.Tensor, device: torch.device | str | None = None) -> None:
         """Frame-level windows and their key masks, decided once per forward pass from the host's
@@ -250,127 +245,3 @@ class FantasyTalkingAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         return hidden_states
-
-
-SDPA_KERNELS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-
-
-class SDPAKernelProcessor:
-    """An attention processor run with torch's SDPA restricted to one ``kernel`` (a key of
-    :data:`SDPA_KERNELS`), for the video self-attention (``model.self_attention_kernel``). torch's
-    own order depends on the card and the libraries: since torch 2.9 it tries cuDNN first on sm_90
-    and sm_100 with cuDNN newer than 9.15 (unless ``TORCH_CUDNN_SDPA_DEPRIORITIZED=1``), flash
-    first elsewhere. This fixes the kernel whatever that order, on the strided views diffusers'
-    native backend passes, with no copies (diffusers' ``_native_cudnn`` backend copies q, k and v
-    first). Everything else (the processor's own attributes, diffusers' backend setting) is the
-    wrapped processor's."""
-
-    _own = ("inner", "kernel", "backend")
-
-    def __init__(self, inner: Any, kernel: str):
-        from torch.nn.attention import SDPBackend
-
-        if kernel not in SDPA_KERNELS:
-            raise ValueError(f"model.self_attention_kernel must be one of {', '.join(SDPA_KERNELS)}, auto or null, got {kernel!r}")
-        object.__setattr__(self, "inner", inner)
-        object.__setattr__(self, "kernel", kernel)
-        object.__setattr__(self, "backend", getattr(SDPBackend, SDPA_KERNELS[kernel]))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(self.backend):
-            return self.inner(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self._own:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.inner, name, value)
-
-
-def median_seconds(fn, device: torch.device, iters: int = 3) -> float:
-    """Median seconds of ``fn()`` over ``iters`` calls after one warm-up (plans, autotuning):
-    CUDA events on a GPU, the host clock elsewhere."""
-    fn()
-    runs = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            runs.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - t0)
-    return sorted(runs)[len(runs) // 2]
-
-
-def time_sdpa_kernels(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device, kernels: tuple[str, ...],
-                      backward: bool = True, iters: int = 3) -> dict[str, float | None]:
-    """Median seconds of one SDPA call (forward, and backward when ``backward``) on random
-    ``(B, H, S, D)`` tensors of ``dtype`` under each of ``kernels`` (keys of :data:`SDPA_KERNELS`),
-    after one warm-up; None for a kernel torch cannot run at that shape. The inputs are laid out
-    as diffusers' processors pass them: (B, S, H, D) viewed as (B, H, S, D)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    b, h, s, d = shape
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.inference_mode(False), torch.enable_grad():
-        q, k, v = (torch.randn(b, s, h, d, generator=g, device=device, dtype=dtype).transpose(1, 2).requires_grad_(backward)
-                   for _ in range(3))
-        grad = torch.randn(b, s, h, d, generator=g, device=device, dtype=dtype).transpose(1, 2) if backward else None
-
-        def call():
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            if backward:
-                torch.autograd.backward(out, grad)
-                q.grad = k.grad = v.grad = None
-
-        times: dict[str, float | None] = {}
-        for kernel in kernels:
-            try:
-                with sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[kernel])):
-                    times[kernel] = median_seconds(call, device, iters)
-            except RuntimeError as err:  # no kernel for this shape, dtype or device (or a failing one): not a pick
-                log.debug("SDPA kernel %s cannot run (B, H, S, D) = %s %s: %s", kernel, shape, dtype, str(err).splitlines()[0])
-                times[kernel] = None
-    return times
-
-
-def default_sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        attn_mask: torch.Tensor | None = None) -> str | None:
-    """The kernel torch's SDPA dispatcher picks by itself for these inputs (a key of
-    :data:`SDPA_KERNELS`, as ``torch._fused_sdp_choice`` reports it): its order depends on the
-    card and the cuDNN version (:class:`SDPAKernelProcessor`). None where torch does not say."""
-    try:
-        choice = int(torch._fused_sdp_choice(q, k, v, attn_mask))
-    except (AttributeError, RuntimeError, TypeError):
-        return None
-    from torch.nn.attention import SDPBackend
-
-    names = {getattr(SDPBackend, name).value: key for key, name in SDPA_KERNELS.items()}
-    return names.get(choice)
-
-
-def default_kernel_at(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
-                      backward: bool = True) -> str | None:
-    """:func:`default_sdpa_kernel` for ``(B, H, S, D)`` inputs laid out as diffusers' processors
-    pass them ((B, S, H, D) viewed as (B, H, S, D)), as :func:`time_sdpa_kernels` times them."""
-    b, h, s, d = shape
-    with torch.inference_mode(False), torch.enable_grad():
-        q, k, v = (torch.empty(b, s, h, d, device=device, dtype=dtype).transpose(1, 2).requires_grad_(backward)
-                   for _ in range(3))
-        return default_sdpa_kernel(q, k, v)
-
-
-def fastest_kernel(times: dict[str, float | None]) -> str | None:
-    """The kernel of ``times`` (:func:`time_sdpa_kernels`) that ran fastest; None when none ran."""
-    ran = {k: t for k, t in times.items() if t is not None}
-    return min(ran, key=ran.get) if ran else None

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arcface import ARCFACE_INPUT
-from .fantasytalking import resolve_dtype
+from .build import resolve_dtype
 
 #: Sub-folders of a diffusers-format Wan2.1 I2V folder that the encoders read.
 WAN_PARTS = {"vae": "vae", "image": "image_encoder", "text": "text_encoder", "tokenizer": "tokenizer"}

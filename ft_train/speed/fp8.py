@@ -21,9 +21,16 @@ stay as they are.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .options import SpeedOptions
+from .state import add_forward_check, speed_state
+
+if TYPE_CHECKING:
+    from ..models.fantasytalking import FantasyTalkingDiT
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -180,3 +187,37 @@ def convert_frozen_linears(root: nn.Module, backward: bool = False) -> list[str]
                 setattr(module, child_name, Fp8FrozenLinear(child, backward))
                 replaced.append(f"{name}.{child_name}" if name else child_name)
     return replaced
+
+
+def convert_to_fp8(net: FantasyTalkingDiT, backward: bool = False) -> list[str]:
+    """Store the DiT blocks' frozen linear weights in float8 (:class:`Fp8FrozenLinear`; the
+    patch/time/text embedders and the output projection stay as they are). One-way: the bf16
+    weights are freed. Before compiling. ``backward``: the input gradients' matmuls in fp8 too.
+    Returns the converted layers' names, relative to the blocks."""
+    state = speed_state(net)
+    trains = any(p.requires_grad for p in net.transformer.blocks.parameters())
+    SpeedOptions(frozen_fp8=True, frozen_fp8_backward=backward).validate(train_backbone=trains)
+    if state.compile_options is not None:
+        raise ValueError("model.frozen_fp8: convert before compile_blocks()")
+    names = convert_frozen_linears(net.transformer.blocks, backward)
+    state.frozen_fp8 = True
+    add_forward_check(net, "frozen_fp8", lambda _, hidden: check_fp8_device(hidden.device))
+    return names
+
+
+def set_fp8_backward(net: FantasyTalkingDiT, enabled: bool) -> None:
+    """With ``frozen_fp8``: compute the float8 layers' input gradients in fp8 (True) or in the
+    gradient's dtype against the dequantised weights (False, the default)."""
+    SpeedOptions(frozen_fp8=speed_state(net).frozen_fp8, frozen_fp8_backward=enabled)
+    for module in net.modules():
+        if isinstance(module, Fp8FrozenLinear):
+            module.fp8_backward = bool(enabled)
+
+
+def fp8_buffer_names(net: nn.Module) -> list[str]:
+    """Names (in ``named_buffers()``) of the float8 weights and scales: identical on every rank
+    (each quantises the same weights), so data parallelism need not broadcast them."""
+    return [
+        f"{name}.{buf}" for name, module in net.named_modules() if isinstance(module, Fp8FrozenLinear)
+        for buf in ("weight_bits", "scale_bits")
+    ]
