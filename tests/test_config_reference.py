@@ -15,6 +15,14 @@ from ft_train.config import CONF_DIR, compose_tool_config
 from .conftest import REPO
 
 README = REPO / "README.md"
+# The README, then the guides it links to: their commands run after the README's (they use its outputs).
+DOCS = [README, REPO / "docs" / "training.md", REPO / "docs" / "scale.md"]
+
+
+def docs_text() -> str:
+    return "\n".join(p.read_text() for p in DOCS)
+
+
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 # Which config file each command composes (ft-prep task=encode reads encode.yaml).
 TOOL_CONFIG = {"ft-train": "train", "ft-prep": "prep", "ft-export": "export", "ft-eval": "eval",
@@ -109,10 +117,10 @@ def test_validation_keys_are_listed_as_a_user_types_them():
 
 
 def readme_commands() -> list[list[str]]:
-    """Every command line in the README's bash blocks, as argv lists (continuations joined,
-    `&&` chains split, leading VAR=value assignments dropped)."""
+    """Every command line in the bash blocks of the README and its guides (``DOCS``), as argv
+    lists (continuations joined, `&&` chains split, leading VAR=value assignments dropped)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", docs_text(), flags=re.S):
         text = re.sub(r"\\\n\s*", " ", block)
         for line in text.splitlines():
             line = line.split(" #", 1)[0].strip()
@@ -177,7 +185,7 @@ def _compose(name: str, overrides: list[str]):
 
 def test_config_keys_named_in_the_readme_exist():
     """Inline `key=value` spans in the prose must be settable in some tool's config."""
-    spans = set(re.findall(r"`([a-z_][\w.@/+-]*=[^`\s]*)`", README.read_text()))
+    spans = set(re.findall(r"`([a-z_][\w.@/+-]*=[^`\s]*)`", docs_text()))
     spans = {s for s in spans if not re.match(r"^[A-Z_]+=", s)}
     assert spans, "the README names no config keys?"
     bad = []
