@@ -184,7 +184,7 @@ class Demo:
     def train(self, latent: Path, raw: Path, weights: dict[str, Path | None]) -> str:
         from hydra import compose, initialize_config_dir
 
-        from .train import run
+        from .train import run as run_stages
 
         common = self.train_overrides(latent, raw, weights)
         checkpoint: str | None = None
@@ -198,7 +198,7 @@ class Demo:
                 # What `ft-train ARGV` runs: compose, then run (which honours stage= over stages=).
                 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                     cfg = compose("train", overrides=argv)
-                    [result] = run(cfg, argv)
+                [result] = run_stages(cfg, argv)
                 checkpoint = result["checkpoint"]
                 stage_dir = Path(result["stage_dir"])
                 step.outputs.update(

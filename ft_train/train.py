@@ -237,6 +237,17 @@ def train(cfg) -> dict[str, Any]:
     }
 
 
+def _compose(overrides: list[str]):
+    """``conf/train.yaml`` with ``overrides``, inside ft-train's Hydra app or on its own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
 def run(cfg, overrides: list[str] | None = None) -> list[dict[str, Any]]:
     """Run ``cfg.stages`` in order (or just ``cfg.stage``), chaining checkpoints between stages.
 
@@ -244,8 +255,6 @@ def run(cfg, overrides: list[str] | None = None) -> list[dict[str, Any]]:
     ``stage=<name>`` and ``stage.init_from=<previous final checkpoint>``. A ``stage=NAME`` among the
     ``overrides`` runs that stage alone, even where the experiment sets ``stages``.
     """
-    from hydra import compose
-
     stages = list(cfg.get("stages") or [])
     overrides = list(overrides or [])
     given = {o.split("=")[0].lstrip("+~") for o in overrides}
@@ -261,7 +270,7 @@ def run(cfg, overrides: list[str] | None = None) -> list[dict[str, Any]]:
         extra = [f"stage={name}"]
         if results:
             extra.append(f"stage.init_from='{results[-1]['checkpoint']}'")
-        stage_cfg = cfg if (i == 0 and cfg.stage.name == name) else compose("train", overrides=overrides + extra)
+        stage_cfg = cfg if (i == 0 and cfg.stage.name == name) else _compose(overrides + extra)
         results.append(train(stage_cfg))
         log.info("stage %s done: %s", name, results[-1]["checkpoint"])
     return results
