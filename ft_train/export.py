@@ -43,8 +43,6 @@ from typing import Any
 import torch
 
 from .config import CONF_DIR, compose_tool_config
-from .models.identity import IdentityConfig
-from .models.motion import MotionConfig
 from .models.weights import (
     AUDIO_PROJ_PREFIX,
     BUNDLE_CONFIG,
@@ -60,6 +58,7 @@ from .models.weights import (
     to_official,
     with_ema,
 )
+from .spec import SPEC_FILE, ModelSpec, find_run_config, load_run_config, read_data_stats, read_spec
 
 FORMATS = ("official", "bundle")
 EXPORT_DTYPES = {
@@ -69,9 +68,6 @@ EXPORT_DTYPES = {
 }
 OFFICIAL_NAME = "fantasytalking_model.ckpt"  # the released file's name, used when `out` is a folder
 BACKBONE_PREFIX = "transformer."
-# wav2vec2-base at 16 kHz: one token per 320 samples (ft_train/models/audio.py).
-AUDIO_SAMPLE_RATE = 16000
-AUDIO_TOKENS_PER_SECOND = 50
 
 log = logging.getLogger("ft_train.export")
 
@@ -123,21 +119,17 @@ def optional_module_tensors(tensors: dict[str, Any]) -> dict[str, list[str]]:
     return {section: names for section, names in found.items() if names}
 
 
-def module_configs(model_cfg: dict[str, Any], tensors: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str]]:
-    """``model_cfg`` with complete ``identity`` / ``motion`` sections (every key, defaults filled
-    for runs whose config predates them), and warnings where the config and the weights disagree:
-    a bundle is rebuilt from its config, so trained weights of a module the config disables would
-    be ignored, and an enabled module without weights would run at its zero-initialised no-op."""
-    model_cfg = dict(model_cfg)
+def module_warnings(spec: ModelSpec, tensors: dict[str, Any], path: Path) -> list[str]:
+    """Where the spec and the weights disagree: a bundle is rebuilt from its spec, so trained
+    weights of a module the spec lacks would be ignored, and a module without weights would run at
+    its zero-initialised no-op."""
     held = optional_module_tensors(tensors)
     warnings = []
-    for name, cls in (("identity", IdentityConfig), ("motion", MotionConfig)):
-        section = f"model.{name}"
-        model_cfg[name] = cls.from_dict(model_cfg.get(name)).to_dict()
-        enabled = model_cfg[name]["enabled"]
+    for name in ("identity", "motion"):
+        section, enabled = f"model.{name}", getattr(spec, name) is not None
         if section in held and not enabled:
             warnings.append(
-                f"{path} holds {len(held[section])} trained {section} tensors but the config says {section}.enabled=false, "
+                f"{path} holds {len(held[section])} trained {section} tensors but the run's config says {section}.enabled=false, "
                 "so a model rebuilt from this bundle ignores them; pass config=<the run's config.yaml>"
             )
         elif enabled and section not in held:
@@ -145,7 +137,7 @@ def module_configs(model_cfg: dict[str, Any], tensors: dict[str, Any], path: Pat
                 f"the config enables {section} but {path} holds no weights for it; "
                 "a model rebuilt from this bundle runs it at its zero-initialised state (no effect)"
             )
-    return model_cfg, warnings
+    return warnings
 
 
 def export_official(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -162,31 +154,16 @@ def export_official(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype) -> t
     return out, flat
 
 
-def find_run_config(ckpt_path: Path) -> Path | None:
-    """The run's ``config.yaml``: in the stage folder above ``<stage_dir>/checkpoints/step-XXXXXXXX[/model.ckpt|.ckpt]``."""
-    here = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
-    for folder in [here, *here.parents][:4]:
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    return None
+def bundle_info(ckpt: AdapterCheckpoint, spec: ModelSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                data_stats: dict[str, Any] | None, run: dict[str, Any]) -> dict[str, Any]:
+    """``adapter.json``: what ``ft-infer`` and ``stage.init_from`` need to rebuild the model.
 
-
-def bundle_info(ckpt: AdapterCheckpoint, run_cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
-                dtype: torch.dtype, data_stats: dict[str, Any] | None) -> dict[str, Any]:
-    """``adapter.json``: what ``ft-infer`` needs to rebuild the model and feed it audio.
-
-    Keys: ``format``/``format_version``; ``stage``, ``audio_mode``, ``global_step``; ``model``
-    (the run's resolved ``model`` config: backbone shape, adapter widths); ``audio`` (mode,
-    widths, ``expand`` = window widening per side in tokens, training ``fps`` and ``num_frames``
-    when the data config fixes them, 16 kHz / 50 tokens/s); ``modules`` (parameters per adapter
-    module); ``data_stats`` (ft-prep's ``stats.json``, normalises the motion intensities) or null;
-    ``source``. ``model.identity`` / ``model.motion`` are always complete sections
-    (:func:`module_configs`).
+    Keys: ``format``/``format_version``; ``spec`` (:class:`~ft_train.spec.ModelSpec`: audio mode,
+    widths and window widening, identity / motion settings, backbone shape, the training clips'
+    fps and length); ``global_step``; ``num_blocks``; ``modules`` (parameters per adapter module);
+    ``data_stats`` (ft-prep's ``stats.json``, normalises the motion intensities) or null; ``run``
+    (name, run id, seed); ``source``.
     """
-    model_cfg, _ = module_configs(dict(run_cfg.get("model") or {}), tensors, ckpt.path)
-    data_cfg = dict(run_cfg.get("data") or {})
-    stage = ckpt.meta.get("stage") or (run_cfg.get("stage") or {}).get("name")
-    audio_mode = ckpt.meta.get("audio_mode") or stage  # the stages are named after their audio mode
     modules: dict[str, int] = {}
     for name, value in tensors.items():
         modules[name.split(".", 1)[0]] = modules.get(name.split(".", 1)[0], 0) + value.numel()
@@ -199,30 +176,19 @@ def bundle_info(ckpt: AdapterCheckpoint, run_cfg: dict[str, Any], tensors: dict[
         "format_version": BUNDLE_VERSION,
         "weights": BUNDLE_WEIGHTS,
         "dtype": str(dtype).removeprefix("torch."),
-        "stage": stage,
-        "audio_mode": audio_mode,
         "global_step": ckpt.meta.get("global_step"),
         "num_blocks": audio_block_count(tensors),
         "modules": modules,
-        "model": model_cfg,
-        "audio": {
-            "mode": audio_mode,
-            "in_dim": model_cfg.get("audio_in_dim"),
-            "proj_dim": model_cfg.get("audio_proj_dim"),
-            "expand": model_cfg.get("audio_expand"),
-            "fps": training_fps(run_cfg, data_stats),
-            "num_frames": data_cfg.get("num_frames") or (data_stats or {}).get("num_frames"),
-            "sample_rate": AUDIO_SAMPLE_RATE,
-            "tokens_per_second": AUDIO_TOKENS_PER_SECOND,
-        },
+        "spec": spec.to_dict(),
         "data_stats": data_stats,
-        "run": {k: run_cfg.get(k) for k in ("name", "run_id", "seed")},
+        "run": run,
         "source": {"checkpoint": str(ckpt.path), "layout": ckpt.layout, "ft_train": version},
     }
 
 
-def export_bundle(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, run_cfg: dict[str, Any],
-                  data_stats: dict[str, Any] | None) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+def export_bundle(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, spec: ModelSpec,
+                  data_stats: dict[str, Any] | None, run: dict[str, Any] | None = None,
+                  ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
     """Write ``out/adapter.safetensors`` + ``out/adapter.json``. Returns the folder, tensors, info."""
     from safetensors.torch import save_file
 
@@ -230,11 +196,11 @@ def export_bundle(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, run_cf
     if not tensors:
         raise ValueError(f"ckpt: {ckpt.path} holds no adapter tensors (only backbone weights)")
     audio_tensors(tensors, ckpt.path)  # fail early if the audio adapter is incomplete
-    info = bundle_info(ckpt, run_cfg, tensors, dtype, data_stats)
-    if info["audio"]["fps"] is None:
+    info = bundle_info(ckpt, spec, tensors, dtype, data_stats, run or {})
+    if spec.fps is None:
         log.warning("the run's data records no frame rate (shards from before ft-prep wrote fps into stats.json?): "
                     "the bundle carries fps null and ft-infer will use the release's 23 fps unless given fps=")
-    layers = (info["model"].get("transformer") or {}).get("num_layers")
+    layers = (spec.transformer or {}).get("num_layers")
     if layers is not None and layers != info["num_blocks"]:
         log.warning("config says model.transformer.num_layers=%s but %s has %d blocks: is it this run's config?",
                     layers, ckpt.path, info["num_blocks"])
@@ -282,68 +248,15 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _run_config(checkpoint: AdapterCheckpoint, config: str | Path | None) -> dict[str, Any]:
-    """The training config a bundle describes: ``config``, else the run's own ``config.yaml``
-    next to the checkpoint, else (re-exporting a bundle, e.g. to fp16) the bundle's JSON."""
-    if config is not None:
-        path = Path(config).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"config: no file at {path}")
-        return _load_run_config(path)
-    if checkpoint.layout == "bundle":
-        info = checkpoint.meta["bundle"]
-        return {"model": info.get("model") or {}, "data": dict(info.get("audio") or {}), **(info.get("run") or {})}
-    path = find_run_config(checkpoint.path)
-    if path is None:
-        raise FileNotFoundError(
-            f"config: no config.yaml in the folders above {checkpoint.path}; pass config=<stage_dir>/config.yaml "
-            "(the run's resolved config, written by ft-train)"
-        )
-    return _load_run_config(path)
-
-
-def _load_run_config(path: Path) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as exc:
-        raise ValueError(f"config: cannot read {path} as YAML ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
-        raise ValueError(f"config: {path} has no `model` section; pass the run's config.yaml (written by ft-train)")
-    return cfg
-
-
-def stats_beside_shards(run_cfg: dict[str, Any]) -> Path | None:
-    """The ``stats.json`` ft-prep (and the encode pass, copying it) wrote beside the run's
-    ``data.shards`` when that is a folder; raw mode reads the same file when ``data.stats`` is null."""
-    shards = (run_cfg.get("data") or {}).get("shards")
-    if not isinstance(shards, str) or "${" in shards:
-        return None
-    path = Path(shards).expanduser() / "stats.json"
-    return path if path.is_file() else None
-
-
-def training_fps(run_cfg: dict[str, Any], data_stats: dict[str, Any] | None) -> float | None:
-    """Frame rate of the clips a run trained on: the data config's ``fps`` (synthetic data), else
-    the shards' ``stats.json`` (ft-prep records its ``fps`` there); None when neither says."""
-    for fps in ((run_cfg.get("data") or {}).get("fps"), (data_stats or {}).get("fps")):
-        if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0:
-            return float(fps)
-    return None
-
-
-def _data_stats(stats: str | None, run_cfg: dict[str, Any]) -> dict[str, Any] | None:
-    path = stats or (run_cfg.get("data") or {}).get("stats") or stats_beside_shards(run_cfg)
-    if not path:
-        return None
-    path = Path(str(path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"stats: no file at {path} (ft-prep writes stats.json next to the shards)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"stats: {path} is not valid JSON ({exc})") from exc
+def _run_info(checkpoint: AdapterCheckpoint, config: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's config as a dict, or {}; its name, run id and seed) for a bundle's ``run``."""
+    if checkpoint.layout == "bundle" and config is None:
+        return {}, dict(checkpoint.meta["bundle"].get("run") or {})
+    path = Path(config).expanduser() if config is not None else find_run_config(checkpoint.path)
+    if path is None or not path.is_file():
+        return {}, {}
+    cfg = load_run_config(path)
+    return cfg, {k: cfg.get(k) for k in ("name", "run_id", "seed")}
 
 
 def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: str = "fp32",
@@ -388,15 +301,20 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
     if format == "official":
         written, tensors = export_official(checkpoint, target, torch_dtype)
     else:
-        run_cfg = _run_config(checkpoint, config)
+        spec = read_spec(checkpoint, config)
+        if spec is None:
+            raise FileNotFoundError(
+                f"config: {checkpoint.path} says nothing of its model (no {SPEC_FILE} or config.yaml beside it); "
+                "pass config=<stage_dir>/config.yaml (the run's resolved config, written by ft-train)")
+        run_cfg, run = _run_info(checkpoint, config)
         bundle_tensors = {k: v for k, v in checkpoint.tensors.items() if not k.startswith(BACKBONE_PREFIX)}
-        for message in module_configs(dict(run_cfg.get("model") or {}), bundle_tensors, checkpoint.path)[1]:
+        for message in module_warnings(spec, bundle_tensors, checkpoint.path):
             log.warning(message)
             warnings.append(message)
-        data_stats = _data_stats(str(stats) if stats else None, run_cfg)
+        data_stats = read_data_stats(run_cfg, stats) if (stats or run_cfg) else None
         if data_stats is None and checkpoint.layout == "bundle":
             data_stats = checkpoint.meta["bundle"].get("data_stats")
-        written, tensors, _ = export_bundle(checkpoint, out, torch_dtype, run_cfg, data_stats)
+        written, tensors, _ = export_bundle(checkpoint, out, torch_dtype, spec, data_stats, run)
     size = sum(p.stat().st_size for p in ([written] if written.is_file() else written.rglob("*")) if p.is_file())
     return {
         "out": str(written),

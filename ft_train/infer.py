@@ -218,41 +218,6 @@ class AdapterSpec:
         }
 
 
-def _run_config(ckpt: AdapterCheckpoint) -> dict[str, Any]:
-    """The training config the adapters come with: a bundle's JSON (``model``, and ``audio``
-    standing in for ``data``), an ft-train run's ``config.yaml`` above a step folder, else {}."""
-    if ckpt.layout == "bundle":
-        info = ckpt.meta["bundle"]
-        return {"model": info.get("model") or {}, "data": info.get("audio") or {}}
-    if ckpt.layout in ("lightning", "deepspeed"):
-        from omegaconf import OmegaConf
-
-        from .export import find_run_config, stats_beside_shards
-
-        path = find_run_config(ckpt.path)
-        if path is not None:
-            try:
-                cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-            except Exception as exc:
-                log.warning("adapters: cannot read the run config %s (%s); using the file's own settings", path, exc)
-                return {}
-            if not isinstance(cfg, dict):
-                return {}
-            data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-            if data.get("fps") is None and (stats := stats_beside_shards(cfg)) is not None:
-                try:  # latent / raw shards: ft-prep recorded the clips' fps in stats.json
-                    data = {**data, "fps": json.loads(stats.read_text()).get("fps")}
-                except ValueError:
-                    pass
-                cfg = {**cfg, "data": data}
-            return cfg
-    return {}
-
-
-def _enabled(section: Any) -> dict[str, Any] | None:
-    return dict(section) if isinstance(section, dict) and section.get("enabled") else None
-
-
 def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand: int | None = None,
                   ema: bool = False) -> AdapterSpec:
     """Read ``path`` (any layout :func:`~ft_train.models.weights.read_checkpoint` reads) and
@@ -267,6 +232,7 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
     """
     from .models.fantasytalking import AUDIO_MODES
     from .models.weights import AUDIO_PROJ_PREFIX, read_checkpoint, with_ema
+    from .spec import read_spec
 
     ckpt = read_checkpoint(path, key="adapters")
     if ema:
@@ -275,25 +241,21 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
     proj = ckpt.tensors.get(f"{AUDIO_PROJ_PREFIX}proj.weight")
     if proj is None or proj.ndim != 2:
         raise ValueError(f"{where} holds no audio adapter ({AUDIO_PROJ_PREFIX}proj.weight is missing)")
-    run_cfg = _run_config(ckpt)
-    model_cfg = run_cfg.get("model") if isinstance(run_cfg.get("model"), dict) else {}
-    data_cfg = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else {}
-
-    mode = audio_mode or ckpt.meta.get("audio_mode") or data_cfg.get("mode") or model_cfg.get("audio_mode")
+    spec = read_spec(ckpt)  # the one reader of every layout's model description
+    mode = audio_mode or (spec.audio_mode if spec else None) or ckpt.meta.get("audio_mode")
     if mode is None:
         mode = RELEASE_AUDIO_MODE
         if ckpt.layout != "official":
             log.info("adapters: %s does not say its audio mode; using %s (the release's)", ckpt.path, mode)
     if mode not in AUDIO_MODES:
         raise ValueError(f"audio_mode: {mode!r} is not one of {AUDIO_MODES}")
-    expand = audio_expand if audio_expand is not None else model_cfg.get("audio_expand")
-    expand = RELEASE_EXPAND if expand is None else expand
+    expand = audio_expand if audio_expand is not None else (spec.audio_expand if spec else RELEASE_EXPAND)
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 0:
         raise ValueError(f"audio_expand: must be a whole number of tokens >= 0, got {expand!r}")
 
-    motion = _enabled(model_cfg.get("motion"))
+    motion = spec.motion if spec else None
     motion_keys = [k for k in ckpt.tensors if k.startswith("motion.")]
-    identity = _enabled(model_cfg.get("identity"))
+    identity = spec.identity if spec else None
     identity_keys = [k for k in ckpt.tensors if k.startswith(("identity.", "face_kv."))]
     for name, section, keys in (("motion", motion, motion_keys), ("identity", identity, identity_keys)):
         if section is not None and not keys:
@@ -313,8 +275,6 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
             f"{where} holds identity-branch tensors but no model.identity settings; export it with its run "
             "config: ft-export ckpt=... out=<folder> format=bundle config=<stage_dir>/config.yaml"
         )
-    fps, frames = data_cfg.get("fps"), data_cfg.get("num_frames")
-    pretrained = model_cfg.get("pretrained")
     return AdapterSpec(
         checkpoint=ckpt,
         audio_mode=mode,
@@ -323,9 +283,9 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
         audio_proj_dim=int(proj.shape[0]),
         identity=identity,
         motion=motion,
-        pretrained=str(pretrained) if isinstance(pretrained, str) and "${" not in pretrained else None,
-        fps=float(fps) if isinstance(fps, (int, float)) and fps > 0 else None,
-        num_frames=int(frames) if isinstance(frames, int) else None,
+        pretrained=spec.pretrained if spec else None,
+        fps=spec.fps if spec else None,
+        num_frames=spec.num_frames if spec else None,
     )
 
 

@@ -214,6 +214,14 @@ def train(cfg) -> dict[str, Any]:
     if checkpointer is None:
         raise ValueError("callbacks: a StepCheckpoint (callbacks.checkpoint) is required; it saves and finds resume points")
     ckpt_path = resume_path(cfg.resume, checkpointer.dirpath)
+    from .spec import ModelSpec, read_data_stats
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        data_stats = read_data_stats(resolved)
+    except (FileNotFoundError, ValueError):
+        data_stats = None  # the datamodule reports a missing or broken stats file itself
+    checkpointer.spec = ModelSpec.from_run_config(resolved, audio_mode=net.audio_mode, data_stats=data_stats)
     changes = config_changes(previous, cfg) if ckpt_path and previous is not None else []
     if rank_zero_only.rank == 0:  # one writer; the others would race it to the file
         config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))

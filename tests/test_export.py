@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from ft_train.models.weights import (
     read_checkpoint,
     to_official,
 )
+from ft_train.spec import ModelSpec, read_spec
 from ft_train.train import train
 
 from .conftest import CONF
@@ -138,10 +140,15 @@ def test_bundle_round_trips_with_its_config(run, fresh, inputs, tmp_path):
     export(run["checkpoint"], out, format="bundle")
     assert sorted(p.name for p in out.iterdir()) == [BUNDLE_CONFIG, BUNDLE_WEIGHTS]
     info = json.loads((out / BUNDLE_CONFIG).read_text())
-    assert (info["format"], info["format_version"]) == ("ft_train.adapter", 1)
-    assert (info["stage"], info["audio_mode"], info["global_step"], info["num_blocks"]) == ("clip", "clip", 2, 2)
-    assert info["model"]["pretrained"] and info["model"]["audio_proj_dim"] == 2048
-    assert info["audio"]["expand"] == 4 and info["audio"]["fps"] == 23.0 and info["audio"]["num_frames"] == 81
+    assert (info["format"], info["format_version"]) == ("ft_train.adapter", 2)
+    spec = info["spec"]  # one description of the model, each fact once
+    assert (spec["audio_mode"], info["global_step"], info["num_blocks"]) == ("clip", 2, 2)
+    assert spec["pretrained"] and spec["audio_proj_dim"] == 2048 and spec["audio_in_dim"] == 768
+    assert spec["audio_expand"] == 4 and spec["fps"] == 23.0 and spec["num_frames"] == 81
+    assert json.dumps(info).count("audio_expand") == 1 and "model" not in info and "audio" not in info
+    # ft-train wrote the same spec beside the checkpoint; the bundle carries it unchanged.
+    beside = json.loads((Path(run["checkpoint"]).parent / "model_spec.json").read_text())
+    assert beside == spec
     assert info["modules"] == {"audio_proj": 768 * 2048 + 2 * 2048, "audio_kv": 2 * 2 * 64 * 2048}
     assert set(load_file(out / BUNDLE_WEIGHTS)) == set(run["net"].adapter_state_dict())
     for path in (out, out / BUNDLE_CONFIG):  # the folder or its JSON
@@ -154,7 +161,7 @@ def test_bundle_round_trips_with_its_config(run, fresh, inputs, tmp_path):
     # A bundle converts to the official file (and re-exports keeping its config).
     export(out, tmp_path / "from_bundle.ckpt")
     export(out, tmp_path / "bundle16", format="bundle", dtype="fp16")
-    assert json.loads((tmp_path / "bundle16" / BUNDLE_CONFIG).read_text())["model"] == info["model"]
+    assert json.loads((tmp_path / "bundle16" / BUNDLE_CONFIG).read_text())["spec"] == info["spec"]
 
 
 def test_stage_init_from_accepts_the_official_file(run, fresh, tmp_path):
@@ -284,7 +291,7 @@ def test_export_reports_what_the_official_format_cannot_carry(run, fresh, tmp_pa
     assert "backbone tensors" in result["warnings"][0]
     # The run's config disables identity: a model rebuilt from the bundle would ignore that tensor.
     assert "model.identity.enabled=false" in result["warnings"][1] and len(result["warnings"]) == 2
-    assert json.loads((tmp_path / "bundle" / BUNDLE_CONFIG).read_text())["model"]["identity"]["enabled"] is False
+    assert json.loads((tmp_path / "bundle" / BUNDLE_CONFIG).read_text())["spec"]["identity"] is None
     assert "identity.queries" in load_file(tmp_path / "bundle" / BUNDLE_WEIGHTS)
     caplog.clear()
     load_adapter_weights(fresh, tmp_path / "bundle")  # a model without that module: loads, warns
@@ -385,13 +392,15 @@ def test_bundle_with_identity_and_motion_round_trips_through_init_from(run_both,
     result = export(run_both["checkpoint"], out, format="bundle")
     assert result["warnings"] == []
     info = json.loads((out / BUNDLE_CONFIG).read_text())
-    assert info["model"]["identity"] == dict(run_both["net"].identity_config.to_dict())
-    assert info["model"]["identity"]["enabled"] and info["model"]["identity"]["num_queries"] == 4
-    assert info["model"]["motion"] == run_both["net"].motion_config.to_dict() and info["model"]["motion"]["enabled"]
+    spec = info["spec"]
+    assert spec["identity"] == dict(run_both["net"].identity_config.to_dict())
+    assert spec["identity"]["enabled"] and spec["identity"]["num_queries"] == 4
+    assert spec["motion"] == run_both["net"].motion_config.to_dict() and spec["motion"]["enabled"]
     assert {"audio_proj", "audio_kv", "identity", "face_kv", "motion"} == set(info["modules"])
     assert set(load_file(out / BUNDLE_WEIGHTS)) == set(run_both["net"].adapter_state_dict())
-    # ft-infer's way back: rebuild the model from the bundle's own config, start it from the bundle.
-    net = instantiate(info["model"])
+    # ft-infer's way back: rebuild the model from the bundle's own spec, start it from the bundle.
+    net = build_model(pretrained=spec["pretrained"], transformer=spec["transformer"],
+                      **ModelSpec.from_dict(spec).model_kwargs())
     module = ClipStageModule(net=net, loss=FlowMatchingLoss(), init_from=str(out))
     fresh = module.net.eval()
     assert_same_adapter(fresh, run_both["net"])
@@ -470,3 +479,28 @@ def test_partial_or_mismatched_identity_motion_weights_fail(run_both, tiny_pretr
     assert all(torch.equal(v, before[k]) for k, v in new_module_state(net).items())
     for key, value in run["net"].adapter_state_dict().items():
         assert torch.equal(net.adapter_state_dict()[key], value), key
+
+
+def test_a_bundle_of_the_first_format_still_reads(tmp_path):
+    """tests/assets/bundle_v1 was written by ft-export before bundles carried one model spec
+    (format_version 1: the run's model config plus an audio section; a tiny frame-level run with
+    identity and motion, fp16). The one reader gives its spec, ft-infer's reader the same settings,
+    and the model rebuilt from it takes every tensor; re-exported it becomes format 2."""
+    from ft_train.infer import read_adapters
+
+    folder = Path(__file__).parent / "assets" / "bundle_v1"
+    old = json.loads((folder / BUNDLE_CONFIG).read_text())
+    assert old["format_version"] == 1 and "spec" not in old
+    spec = read_spec(read_checkpoint(folder))
+    assert (spec.audio_mode, spec.audio_in_dim, spec.audio_proj_dim, spec.audio_expand) == ("frame", 8, 16, 4)
+    assert spec.fps == 23.0 and spec.num_frames == 81 and spec.transformer["num_layers"] == 2
+    assert spec.identity == old["model"]["identity"] and spec.motion == old["model"]["motion"]
+    adapters = read_adapters(folder)
+    assert (adapters.audio_mode, adapters.audio_expand, adapters.fps) == ("frame", 4, 23.0)
+    assert adapters.identity == spec.identity and adapters.motion == spec.motion
+    net = build_model(transformer=spec.transformer, **spec.model_kwargs())
+    loaded = load_adapter_weights(net, folder)
+    assert sorted(loaded) == sorted(net.adapter_state_dict()) and len(loaded) == 53
+    export(folder, tmp_path / "v2", format="bundle")
+    new = json.loads((tmp_path / "v2" / BUNDLE_CONFIG).read_text())
+    assert new["format_version"] == 2 and ModelSpec.from_dict(new["spec"]) == spec

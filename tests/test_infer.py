@@ -19,6 +19,8 @@ from PIL import Image
 
 from ft_train.diffusion import FlowMatchSampler
 from ft_train.export import export_bundle, export_official
+from ft_train.models.motion import MotionConfig
+from ft_train.spec import ModelSpec
 from ft_train.infer import (
     TalkingPortraitPipeline,
     detect_face_box,
@@ -83,7 +85,7 @@ def files(tmp_path_factory, tiny_transformer_config):
     trained = AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(),
                                 {"stage": "frame", "audio_mode": "frame", "global_step": 100})
     export_bundle(trained, root / "bundle", torch.float32,
-                  {"model": model_cfg, "data": {"fps": FPS, "num_frames": 17}}, None)
+                  ModelSpec.from_run_config({"model": model_cfg, "data": {"fps": FPS, "num_frames": 17}}, "frame"), None)
     audio_only = {k: v for k, v in net.adapter_state_dict().items() if not k.startswith("motion.")}
     export_official(AdapterCheckpoint(root / "run", "state_dict", audio_only), root / "fantasytalking_model.ckpt",
                     torch.float32)
@@ -92,7 +94,8 @@ def files(tmp_path_factory, tiny_transformer_config):
     identity_cfg["identity"] = {**identity_cfg["identity"], "enabled": True}
     net = random_adapters(build_model(**identity_cfg, audio_mode="clip"), seed=2)
     export_bundle(AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(), {"audio_mode": "clip"}),
-                  root / "identity_bundle", torch.float32, {"model": identity_cfg, "data": {"fps": FPS}}, None)
+                  root / "identity_bundle", torch.float32,
+                  ModelSpec.from_run_config({"model": identity_cfg, "data": {"fps": FPS}}, "clip"), None)
 
     Image.fromarray(astronaut()[:, 64:448]).save(root / "face.png")  # 384×512 (w×h), a 3:4 portrait
     t = np.arange(int(SECONDS * 16000)) / 16000
@@ -166,7 +169,7 @@ def test_adapter_settings_come_from_each_layout(files, tmp_path):
     (stage / "config.yaml").write_text(yaml.safe_dump(run_cfg))
     lightning = read_adapters(step)
     assert (lightning.audio_mode, lightning.audio_expand, lightning.fps, lightning.num_frames) == ("clip", 3, 24.0, 49)
-    assert lightning.motion == run_cfg["model"]["motion"] and lightning.pretrained == "/elsewhere/wan"
+    assert lightning.motion == MotionConfig.from_dict(motion).to_dict() and lightning.pretrained == "/elsewhere/wan"
 
     torch.save(dict(tensors), tmp_path / "bare.pt")
     bare = read_adapters(tmp_path / "bare.pt")
@@ -272,7 +275,8 @@ def arcface_bundle(files, tiny_transformer_config):
     net = random_adapters(build_model(**model_cfg, audio_mode="clip"), seed=4)
     model_cfg["identity"]["arcface_path"] = "/train/weights/backbone.pth"
     export_bundle(AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(), {"audio_mode": "clip"}),
-                  root / "arcface_bundle", torch.float32, {"model": model_cfg, "data": {"fps": FPS}}, None)
+                  root / "arcface_bundle", torch.float32,
+                  ModelSpec.from_run_config({"model": model_cfg, "data": {"fps": FPS}}, "clip"), None)
     return root / "arcface_bundle", backbone
 
 

@@ -95,6 +95,9 @@ class StepCheckpoint(L.Callback):
         self.keep_last = keep_last
         self.last_saved_step = -1
         self.last_path: Path | None = None
+        # The model these weights need (ft_train.spec.ModelSpec), written into every step folder
+        # by ft-train, so export and inference rebuild it from the folder alone.
+        self.spec = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -118,6 +121,10 @@ class StepCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp / CKPT_NAME)
         trainer.strategy.barrier("ft_ckpt_written")
         if trainer.is_global_zero:
+            if self.spec is not None:
+                from ..spec import write_spec
+
+                write_spec(tmp, self.spec)
             marker = {"step": step, "world_size": trainer.world_size, "files": _file_sizes(tmp)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=1))
             if final.exists():  # a previous attempt at this step (e.g. before a requeue)

@@ -17,7 +17,7 @@ exporting deal with one naming only. Layouts:
     ``audio_processor.`` prefixes (what the official loader also accepts).
 ``bundle``
     An ``ft-export format=bundle`` folder: ``adapter.safetensors`` (this project's naming) and
-    ``adapter.json`` (model config, stage, audio settings, step; :data:`BUNDLE_VERSION`).
+    ``adapter.json`` (the model spec, step, data statistics; :data:`BUNDLE_VERSION`).
 ``state_dict``
     A bare dict of tensors in this project's naming (with or without ``net.``).
 
@@ -56,7 +56,8 @@ OFFICIAL_KV_KEY = re.compile(r"^blocks\.(\d+)\.cross_attn\.processor\.([kv])_pro
 OPTIONAL_MODULES = {"model.identity": ("identity.", "face_kv."), "model.motion": ("motion.",)}
 # Bundle folder (ft-export format=bundle).
 BUNDLE_FORMAT = "ft_train.adapter"
-BUNDLE_VERSION = 1
+# 1: the run's model config + an audio section; 2: one model spec (ft_train.spec.ModelSpec).
+BUNDLE_VERSION = 2
 BUNDLE_WEIGHTS = "adapter.safetensors"
 BUNDLE_CONFIG = "adapter.json"
 # The Lightning file inside an ft-train step folder (ft_train/lit/checkpointing.py: CKPT_NAME);
@@ -321,7 +322,9 @@ def _read_bundle(folder: Path, key: str) -> AdapterCheckpoint:
     if not weights_path.is_file():
         raise FileNotFoundError(f"{key}: bundle {folder} lacks {BUNDLE_WEIGHTS}")
     tensors = _load_safetensors(weights_path, key)
-    meta = {k: info.get(k) for k in ("stage", "audio_mode", "global_step")}
+    meta = {k: info.get(k) for k in ("stage", "audio_mode", "global_step")}  # format_version 1
+    if isinstance(info.get("spec"), dict):  # format_version 2: the model spec holds the audio mode
+        meta["audio_mode"] = info["spec"].get("audio_mode")
     meta["bundle"] = info
     return AdapterCheckpoint(folder, "bundle", tensors, meta)
 
