@@ -451,7 +451,7 @@ def read_image(path: str | Path, key: str = "image"):
 def read_speech(path: str | Path, key: str = "audio") -> np.ndarray:
     """The speech as mono float32 ``(N,)`` at 16 kHz (wav2vec2's rate), from any file FFmpeg reads."""
     from .media import AUDIO_RATE
-    from .metrics.callback import read_audio
+    from .models.vae import read_audio
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -520,7 +520,7 @@ class TalkingPortraitPipeline:
         the DiT's blocks; ``frozen_fp8``: their linear weights in float8, quantised once on
         ``device`` (both :func:`ft_train.speed.apply`)."""
         from .diffusion import FlowMatchSampler
-        from .metrics.callback import WanVAEDecoder
+        from .models.vae import WanVAEDecoder
         from .models import build_model
         from .models.encoders import load_audio_encoder, load_image_encoder, load_text_encoder
         from .models.weights import check_compatible
