@@ -1,7 +1,7 @@
 """Clips per second of the latent-cache encode (``ft-prep task=encode``) on one GPU, real-size encoders.
 
 The encode pass (``data_tools/encode.py``) turns each raw clip into the tensors training reads, by
-:func:`ft_train.models.encoders.encode_clips` over the four frozen encoders. This script times that
+:func:`ft_train.data.clip_prep.encode_clips` over the four frozen encoders. This script times that
 very function, and each encoder alone, for a clip of 81 frames at 512×512 (25 fps), with
 random-init encoders of the real sizes built straight on the device (no weights are read):
 
@@ -94,7 +94,7 @@ class EncoderSizes:
 
     @property
     def audio_samples(self) -> int:
-        from ft_train.models.encoders import clip_audio_samples
+        from ft_train.data.clip_prep import clip_audio_samples
 
         return clip_audio_samples(self.frames, self.fps)
 
@@ -211,7 +211,7 @@ def make_clips(sizes: EncoderSizes, batch: int, seed: int) -> dict[str, Any]:
 def device_video(clips: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's input as ``encode_clips`` makes it — (2B, 3, F, H, W): the clips then their I2V
     conditions — and frame 0 (B, 3, H, W), on ``device``, float32 in [-1, 1]."""
-    from ft_train.models.encoders import frames_to_video
+    from ft_train.data.clip_prep import frames_to_video
 
     video = frames_to_video(clips["frames"]).to(device)
     condition = torch.zeros_like(video)
@@ -334,7 +334,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Builds: " + "; ".join(f"{k} {v.get('status')} {fmt(v.get('build_s'), '.1f')} s" for k, v in b.items())]
     lines += ["", "vae = one WanVAEEncoder call on the clip and its I2V condition (batch 2 per clip); clip = one "
               "CLIPImageEncoder call (the pass makes two per clip: frame 0 and the face crop); encode_clips = "
-              "the whole ft_train.models.encoders.encode_clips from uint8 frames in host memory.", ""]
+              "the whole ft_train.data.clip_prep.encode_clips from uint8 frames in host memory.", ""]
     return "\n".join(lines)
 
 
@@ -489,7 +489,8 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                 call = lambda: encoders["wav2vec"](clips["audio"])  # noqa: E731
                 res.update(audio_samples=sizes.audio_samples, params=count(encoders["wav2vec"].model))
             else:
-                from ft_train.models import FrozenEncoders, encode_clips
+                from ft_train.data.clip_prep import encode_clips
+                from ft_train.models import FrozenEncoders
 
                 frozen = FrozenEncoders(vae=encoders[vae_key], image=encoders["clip"], text=encoders["umt5"],
                                         audio=encoders["wav2vec"])

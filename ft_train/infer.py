@@ -588,7 +588,7 @@ class TalkingPortraitPipeline:
         """The identity branch's ``face`` for ``image`` (see the module docstring): CLIP tokens
         ``(1, N, D)`` or pixels ``(1, 3, 112, 112)`` in [-1, 1] of the crop around ``face_box``;
         None = no face (a ``precomputed`` branch then reads the CLIP image tokens)."""
-        from .models.encoders import FACE_PIXELS_SIZE, face_crops
+        from .data.clip_prep import FACE_PIXELS_SIZE, face_crops
 
         identity = self.model.identity
         if identity is None:
@@ -630,7 +630,7 @@ class TalkingPortraitPipeline:
         Returns:
             uint8 RGB frames ``(num_frames, H, W, 3)`` on the CPU.
         """
-        from .models.encoders import clip_audio_samples
+        from .data.clip_prep import clip_audio_samples
 
         width, height = image.size
         if width % self.grid or height % self.grid:
