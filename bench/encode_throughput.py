@@ -115,7 +115,7 @@ REAL = EncoderSizes(
 )
 TINY = EncoderSizes(
     name="tiny",
-    # The sizes of ft_train.models.encoders.save_tiny_encoders (same strides, same code).
+    # The sizes of ft_train.tiny.save_tiny_encoders (same strides, same code).
     vae=dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
     clip=dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
               patch_size=14, projection_dim=32),
@@ -136,11 +136,12 @@ TINY = EncoderSizes(
 
 def wordlevel_tokenizer():
     """An offline umT5 stand-in: WordLevel over ``TINY_VOCAB``, ``</s>`` appended, pad id 0 (as
-    :func:`ft_train.models.encoders.save_tiny_encoders` builds it)."""
+    :func:`ft_train.tiny.save_tiny_encoders` builds it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from ft_train.models.encoders import TEXT_TOKENS, TINY_VOCAB
+    from ft_train.models.encoders import TEXT_TOKENS
+    from ft_train.tiny import TINY_VOCAB
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(TINY_VOCAB))}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -18,7 +18,8 @@ from ft_train.data.clip_prep import (
     face_form,
     lip_mask_to_latent,
 )
-from ft_train.models.encoders import EncoderWeightsError, load_encoders, save_tiny_encoders
+from ft_train.models.encoders import EncoderWeightsError, load_encoders
+from ft_train.tiny import save_tiny_encoders
 
 # Deliberately not the real widths (1280/4096/768): every width must come from the loaded model.
 WIDTHS = dict(image_dim=48, text_dim=40, audio_dim=24, image_size=32, patch_size=8)

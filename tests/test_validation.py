@@ -25,7 +25,7 @@ from ft_train.eval import evaluate, main
 from ft_train.media import read_video, write_video
 from ft_train.metrics import FrechetFeatureDistance, SyncMetric
 from ft_train.lit.validation import ValidationCallback
-from ft_train.models.encoders import save_tiny_encoders
+from ft_train.tiny import save_tiny_encoders
 from ft_train.train import train
 
 from .conftest import CONF, tensorboard_events

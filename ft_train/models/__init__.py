@@ -9,7 +9,7 @@ from .audio import (
     split_audio_windows,
     wav2vec_num_tokens,
 )
-from .encoders import EncoderWeightsError, FrozenEncoders, load_encoders, save_tiny_encoders
+from .encoders import EncoderWeightsError, FrozenEncoders, load_encoders
 from .arcface import IResNet, load_iresnet
 from .build import build_model, load_transformer, model_summary
 from .fantasytalking import FantasyTalkingDiT
@@ -48,7 +48,6 @@ __all__ = [
     "EncoderWeightsError",
     "FrozenEncoders",
     "load_encoders",
-    "save_tiny_encoders",
     "AdapterContext",
     "AudioKV",
     "AudioProjModel",

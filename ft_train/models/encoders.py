@@ -22,8 +22,8 @@ grid, the one call that makes every conditioning tensor) is :mod:`ft_train.data.
 Nothing here reaches a hub: every ``from_pretrained`` gets a local folder and
 ``local_files_only=True``. A missing or unloadable folder fails before anything heavy runs, with one
 line naming the config key (``encoders.wan`` / ``encoders.wav2vec``). Output widths come from the
-loaded models, so the tiny random encoders of the tests (:func:`save_tiny_encoders`) go through the
-very same code as the real weights.
+loaded models, so the tiny random encoders of the tests (:func:`ft_train.tiny.save_tiny_encoders`)
+go through the very same code as the real weights.
 """
 
 from __future__ import annotations
@@ -399,62 +399,3 @@ def load_encoders(
     if "audio" in encoders:
         out.audio = load_audio_encoder(wav2vec, device, dtype, f"{key}.wav2vec")
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# tiny random encoders (tests, the CPU demo)
-
-TINY_VOCAB = ("a person man woman is talking speaking speaks sings the an astronaut smiles "
-              "and to camera in front of at looks").split()
-
-
-def save_tiny_encoders(
-    wan: str | Path,
-    wav2vec: str | Path,
-    image_dim: int = 1280,
-    text_dim: int = 4096,
-    audio_dim: int = 768,
-    image_size: int = 224,
-    patch_size: int = 14,
-    seed: int = 0,
-) -> None:
-    """Write random tiny encoders in the real folder layouts, for tests and the CPU demo.
-
-    ``wan`` gets ``vae/``, ``image_encoder/``, ``text_encoder/``, ``tokenizer/`` (a WordLevel
-    tokenizer over a few words, built offline); ``wav2vec`` a ``Wav2Vec2Model`` with the real
-    convolution stack (so token counts are real) and a feature extractor config. Widths default to
-    the real ones, so their outputs fit the tiny DiT of ``conf/model/tiny.yaml``; everything else
-    is one layer deep. They load back through :func:`load_encoders` like real weights.
-    """
-    from diffusers import AutoencoderKLWan
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (
-        CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel,
-        Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model,
-    )
-
-    wan, wav2vec = Path(wan), Path(wav2vec)
-    torch.manual_seed(seed)
-    # The smallest VAE diffusers' own tests use: same strides (4, 8, 8) and z_dim 16 as the real one.
-    AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                     temperal_downsample=[False, True, True]).save_pretrained(wan / WAN_PARTS["vae"])
-    clip = CLIPVisionConfig(hidden_size=image_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=image_size, patch_size=patch_size, projection_dim=32)
-    CLIPVisionModel(clip).save_pretrained(wan / WAN_PARTS["image"])
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(TINY_VOCAB))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=TEXT_TOKENS).save_pretrained(wan / WAN_PARTS["tokenizer"])
-    t5 = UMT5Config(vocab_size=len(vocab), d_model=text_dim, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                    relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    UMT5EncoderModel(t5).save_pretrained(wan / WAN_PARTS["text"])
-
-    w2v = Wav2Vec2Config(hidden_size=audio_dim, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-                         vocab_size=32)
-    Wav2Vec2Model(w2v).save_pretrained(wav2vec)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=AUDIO_RATE, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=False).save_pretrained(wav2vec)
