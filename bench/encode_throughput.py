@@ -1,7 +1,7 @@
 """Clips per second of the latent-cache encode (``ft-prep task=encode``) on one GPU, real-size encoders.
 
 The encode pass (``data_tools/encode.py``) turns each raw clip into the tensors training reads, by
-:func:`ft_train.models.encoders.encode_clips` over the four frozen encoders. This script times that
+:func:`ft_train.data.clip_prep.encode_clips` over the four frozen encoders. This script times that
 very function, and each encoder alone, for a clip of 81 frames at 512×512 (25 fps), with
 random-init encoders of the real sizes built straight on the device (no weights are read):
 
@@ -94,7 +94,7 @@ class EncoderSizes:
 
     @property
     def audio_samples(self) -> int:
-        from ft_train.models.encoders import clip_audio_samples
+        from ft_train.data.clip_prep import clip_audio_samples
 
         return clip_audio_samples(self.frames, self.fps)
 
@@ -115,7 +115,7 @@ REAL = EncoderSizes(
 )
 TINY = EncoderSizes(
     name="tiny",
-    # The sizes of ft_train.models.encoders.save_tiny_encoders (same strides, same code).
+    # The sizes of ft_train.tiny.save_tiny_encoders (same strides, same code).
     vae=dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
     clip=dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
               patch_size=14, projection_dim=32),
@@ -136,11 +136,12 @@ TINY = EncoderSizes(
 
 def wordlevel_tokenizer():
     """An offline umT5 stand-in: WordLevel over ``TINY_VOCAB``, ``</s>`` appended, pad id 0 (as
-    :func:`ft_train.models.encoders.save_tiny_encoders` builds it)."""
+    :func:`ft_train.tiny.save_tiny_encoders` builds it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from ft_train.models.encoders import TEXT_TOKENS, TINY_VOCAB
+    from ft_train.models.encoders import TEXT_TOKENS
+    from ft_train.tiny import TINY_VOCAB
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(TINY_VOCAB))}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -211,7 +212,7 @@ def make_clips(sizes: EncoderSizes, batch: int, seed: int) -> dict[str, Any]:
 def device_video(clips: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's input as ``encode_clips`` makes it — (2B, 3, F, H, W): the clips then their I2V
     conditions — and frame 0 (B, 3, H, W), on ``device``, float32 in [-1, 1]."""
-    from ft_train.models.encoders import frames_to_video
+    from ft_train.data.clip_prep import frames_to_video
 
     video = frames_to_video(clips["frames"]).to(device)
     condition = torch.zeros_like(video)
@@ -334,7 +335,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Builds: " + "; ".join(f"{k} {v.get('status')} {fmt(v.get('build_s'), '.1f')} s" for k, v in b.items())]
     lines += ["", "vae = one WanVAEEncoder call on the clip and its I2V condition (batch 2 per clip); clip = one "
               "CLIPImageEncoder call (the pass makes two per clip: frame 0 and the face crop); encode_clips = "
-              "the whole ft_train.models.encoders.encode_clips from uint8 frames in host memory.", ""]
+              "the whole ft_train.data.clip_prep.encode_clips from uint8 frames in host memory.", ""]
     return "\n".join(lines)
 
 
@@ -489,7 +490,8 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                 call = lambda: encoders["wav2vec"](clips["audio"])  # noqa: E731
                 res.update(audio_samples=sizes.audio_samples, params=count(encoders["wav2vec"].model))
             else:
-                from ft_train.models import FrozenEncoders, encode_clips
+                from ft_train.data.clip_prep import encode_clips
+                from ft_train.models import FrozenEncoders
 
                 frozen = FrozenEncoders(vae=encoders[vae_key], image=encoders["clip"], text=encoders["umt5"],
                                         audio=encoders["wav2vec"])

@@ -85,7 +85,7 @@ class EncodeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from ft_train.models.encoders import LIP_MASK_RESIZE, face_form
+        from ft_train.data.clip_prep import LIP_MASK_RESIZE, face_form
 
         self.encoders = dict(self.encoders)
         problems = []
@@ -182,7 +182,7 @@ def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[st
     """Encode clips (any sizes; equal sizes share encoder calls) → latent WebDataset samples."""
     import torch
 
-    from ft_train.models.encoders import encode_clips
+    from ft_train.data.clip_prep import encode_clips
 
     dtype = STORAGE_DTYPES[cfg.storage_dtype]
     groups: dict[tuple, list[Clip]] = {}

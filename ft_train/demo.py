@@ -6,7 +6,7 @@ same thing on their own data):
 1. ``ft-prep``: the sample talking clip → raw shards (face mesh, lip masks, ω_l / ω_b).
 2. weights: the user's local folders, or tiny random stand-ins in the real layouts (a tiny Wan
    I2V DiT + VAE + CLIP + umT5 folder and a tiny wav2vec2 folder, written with
-   ``save_pretrained`` and loaded back like real weights).
+   ``save_pretrained`` by :mod:`ft_train.tiny` and loaded back like real weights).
 3. ``ft-prep task=encode``: raw shards → latent shards.
 4. ``ft-train`` stage 1 (clip-level audio) then stage 2 (frame-level windows, lip-weighted loss,
    started from stage 1), the adapter only, with the validation callback sampling clips and
@@ -112,6 +112,8 @@ class Demo:
         made: list[str] = []
 
         def run(step: Step) -> None:
+            from .tiny import write_random_state, write_tiny_base
+
             if w["wan"] is None or w["wav2vec"] is None:
                 wan, wav2vec = folder / "wan", folder / "wav2vec"
                 if not (wan / "transformer" / "config.json").exists() or not (wav2vec / "config.json").exists():
@@ -318,38 +320,6 @@ def loss_ends(metrics_csv: Path) -> tuple[float | None, float | None]:
                 if v not in (None, "") and math.isfinite(float(v)):
                     values.append(float(v))
     return (values[0], values[-1]) if values else (None, None)
-
-
-def write_tiny_base(wan: Path, wav2vec: Path) -> None:
-    """A tiny random Wan2.1-I2V folder (the DiT of ``conf/model/tiny.yaml`` + tiny encoders) and a
-    tiny wav2vec2 folder, in the real layouts, so every later step loads them like real weights."""
-    import torch
-    from diffusers import WanTransformer3DModel
-    from omegaconf import OmegaConf
-
-    from .models.encoders import save_tiny_encoders
-
-    save_tiny_encoders(wan, wav2vec)
-    tiny = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml").transformer)
-    torch.manual_seed(0)
-    WanTransformer3DModel(**tiny).save_pretrained(wan / "transformer")
-
-
-def write_random_state(path: Path, kind: str) -> None:
-    """Randomly initialised metric networks saved as the weight files the real ones come in."""
-    import torch
-
-    torch.manual_seed(0)
-    if kind == "fid":
-        from .metrics.fid import FIDInceptionV3
-
-        net = FIDInceptionV3()
-    else:
-        from .metrics.syncnet import SyncNet
-
-        net = SyncNet()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
 
 
 def write_inference_inputs(video: Path, folder: Path, seconds: float) -> tuple[Path, Path]:

@@ -9,7 +9,7 @@ Usage::
 Options are the keys of ``conf/eval.yaml``. Videos pair up by file name (``a.mp4`` in both
 folders); unpaired and unreadable files are counted, listed in the JSON and left out. Any subset of
 the metrics runs: those whose weights are not given are skipped. Same metric code as the training
-validation (:class:`ft_train.metrics.callback.VideoMetrics`), so other systems' outputs are scored
+validation (:class:`ft_train.metrics.video.VideoMetrics`), so other systems' outputs are scored
 exactly as our samples are:
 
 * FID: every frame (or ``fid_frames`` evenly spaced per video) of both sides, pytorch-fid resize.
@@ -31,7 +31,7 @@ import torch
 
 from .config import CONF_DIR, compose_tool_config
 from .media import read_video
-from .metrics.callback import VideoMetrics, build_metric
+from .metrics.video import VideoMetrics, build_metric
 
 log = logging.getLogger(__name__)
 

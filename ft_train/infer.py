@@ -411,7 +411,7 @@ def read_image(path: str | Path, key: str = "image"):
 def read_speech(path: str | Path, key: str = "audio") -> np.ndarray:
     """The speech as mono float32 ``(N,)`` at 16 kHz (wav2vec2's rate), from any file FFmpeg reads."""
     from .media import AUDIO_RATE
-    from .metrics.callback import read_audio
+    from .models.vae import read_audio
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -480,7 +480,7 @@ class TalkingPortraitPipeline:
         the DiT's blocks; ``frozen_fp8``: their linear weights in float8, quantised once on
         ``device`` (both :func:`ft_train.speed.apply`)."""
         from .diffusion import FlowMatchSampler
-        from .metrics.callback import WanVAEDecoder
+        from .models.vae import WanVAEDecoder
         from .models import build_model
         from .models.encoders import load_audio_encoder, load_image_encoder, load_text_encoder
         from .models.weights import check_compatible
@@ -548,7 +548,7 @@ class TalkingPortraitPipeline:
         """The identity branch's ``face`` for ``image`` (see the module docstring): CLIP tokens
         ``(1, N, D)`` or pixels ``(1, 3, 112, 112)`` in [-1, 1] of the crop around ``face_box``;
         None = no face (a ``precomputed`` branch then reads the CLIP image tokens)."""
-        from .models.encoders import FACE_PIXELS_SIZE, face_crops
+        from .data.clip_prep import FACE_PIXELS_SIZE, face_crops
 
         identity = self.model.identity
         if identity is None:
@@ -590,7 +590,7 @@ class TalkingPortraitPipeline:
         Returns:
             uint8 RGB frames ``(num_frames, H, W, 3)`` on the CPU.
         """
-        from .models.encoders import clip_audio_samples
+        from .data.clip_prep import clip_audio_samples
 
         width, height = image.size
         if width % self.grid or height % self.grid:

@@ -111,7 +111,7 @@ def test_validation_samples_with_the_average_and_training_keeps_its_weights(tmp_
     same clips are sampled with the moved weights."""
     from hydra.utils import instantiate
 
-    from ft_train.metrics.callback import ValidationCallback
+    from ft_train.lit.validation import ValidationCallback
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_workers=0",

@@ -18,7 +18,9 @@ from data_tools.prep import PrepConfig, main, normalise_motion, run_prep
 from data_tools.sample_format import decode_lip_masks, decode_npz
 from ft_train.data import decode_sample
 from ft_train.models.audio import clip_audio_tokens
-from ft_train.models.encoders import crop_face, load_encoders, save_tiny_encoders
+from ft_train.data.clip_prep import crop_face
+from ft_train.models.encoders import load_encoders
+from ft_train.tiny import save_tiny_encoders
 
 SAMPLE = Path(__file__).parent / "assets" / "sample_talking.mp4"
 # 3 clips of 17 frames (5 latent frames) at 96×96 px (12×12 latent): small enough for CPU.

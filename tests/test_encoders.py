@@ -9,18 +9,17 @@ import torch
 from safetensors.torch import load_file
 
 from ft_train.models.audio import wav2vec_num_tokens
-from ft_train.models.encoders import (
+from ft_train.data.clip_prep import (
     FACE_CROP_SIZE,
-    EncoderWeightsError,
     clip_audio_window,
     crop_face,
     encode_clips,
     face_crop_box,
     face_form,
     lip_mask_to_latent,
-    load_encoders,
-    save_tiny_encoders,
 )
+from ft_train.models.encoders import EncoderWeightsError, load_encoders
+from ft_train.tiny import save_tiny_encoders
 
 # Deliberately not the real widths (1280/4096/768): every width must come from the loaded model.
 WIDTHS = dict(image_dim=48, text_dim=40, audio_dim=24, image_size=32, patch_size=8)

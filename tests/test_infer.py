@@ -37,7 +37,8 @@ from ft_train.infer import (
 )
 from ft_train.media import read_video
 from ft_train.models import build_model
-from ft_train.models.encoders import face_crops, save_tiny_encoders
+from ft_train.data.clip_prep import face_crops
+from ft_train.tiny import save_tiny_encoders
 from ft_train.models.weights import AdapterCheckpoint
 
 from .conftest import CONF

@@ -20,7 +20,8 @@ from ft_train.data import LatentShardDataModule, RawShardDataModule
 from ft_train.data.datamodule import collate_samples
 from ft_train.data.raw import apply_geometry, plan_geometry
 from ft_train.models.audio import clip_audio_tokens, split_audio_windows
-from ft_train.models.encoders import crop_face, encode_clips, load_encoders
+from ft_train.data.clip_prep import crop_face, encode_clips
+from ft_train.models.encoders import load_encoders
 from ft_train.train import train
 
 from .conftest import CONF

@@ -76,7 +76,8 @@ class World:
     def __init__(self, root: Path):
         from data_tools.prep import main as prep
 
-        from ft_train.demo import write_inference_inputs, write_random_state, write_tiny_base
+        from ft_train.demo import write_inference_inputs
+        from ft_train.tiny import write_random_state, write_tiny_base
 
         from .test_metrics_fvd import StandInI3D
 

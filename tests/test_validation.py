@@ -24,8 +24,8 @@ from ft_train.diffusion import FlowMatchSampler
 from ft_train.eval import evaluate, main
 from ft_train.media import read_video, write_video
 from ft_train.metrics import FrechetFeatureDistance, SyncMetric
-from ft_train.metrics.callback import ValidationCallback
-from ft_train.models.encoders import save_tiny_encoders
+from ft_train.lit.validation import ValidationCallback
+from ft_train.tiny import save_tiny_encoders
 from ft_train.train import train
 
 from .conftest import CONF, tensorboard_events
@@ -282,7 +282,7 @@ def test_validation_list_file_picks_clips_by_key_or_video_in_its_order(tmp_path)
     import webdataset as wds
 
     from ft_train.data.synthetic import write_synthetic_shards
-    from ft_train.metrics.callback import read_validation_samples
+    from ft_train.data.validation_set import read_validation_samples
 
     src = write_synthetic_shards(tmp_path / "syn", num_samples=4, samples_per_shard=4, num_frames=17)
     keys = ["WRA_Obama_000_1a2b3c4d_00000", "WRA_Obama_000_1a2b3c4d_00001", "RD_Radio_9f8e7d6c_00000",

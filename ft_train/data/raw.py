@@ -283,7 +283,7 @@ def load_clip(
     from data_tools.prep import normalise_motion
     from data_tools.sample_format import decode_lip_masks, decode_npz
 
-    from ..models.encoders import clip_audio_window
+    from .clip_prep import clip_audio_window
 
     key = raw.get("__key__", "?")
     meta = read_meta(raw)
@@ -376,7 +376,7 @@ def encode_raw_clips(encoders, clips: dict[str, Any], lip_mask_resize: str, face
     them. ``face`` is the face form (:data:`~ft_train.models.encoders.FACE_FORMS`). Samples keep
     ``__key__`` and ``start_frame`` (the window's first frame in the raw clip).
     """
-    from ..models.encoders import encode_clips
+    from .clip_prep import encode_clips
 
     boxes = None
     if face != "none":
@@ -565,7 +565,8 @@ class RawShardDataModule(LatentShardDataModule):
         default_caption: str = "",
         **kwargs: Any,
     ):
-        from ..models.encoders import LIP_MASK_RESIZE, check_encoder_paths, face_form
+        from ..models.encoders import check_encoder_paths
+        from .clip_prep import LIP_MASK_RESIZE, face_form
 
         super().__init__(shards=shards, **kwargs)
         encoders = dict(encoders or {})

@@ -26,7 +26,7 @@ member              dtype         shape                      content
 ``face.npy``        float16/32    (257, 1280)                optional (``encode.face=clip``): CLIP tokens
                                                              (as ``clip.npy``) of a square crop around
                                                              the first frame's face
-                                                             (``ft_train.models.encoders.crop_face``),
+                                                             (``ft_train.data.clip_prep.crop_face``),
                                                              for ``model.identity.encoder=precomputed``
 ``face_pixels.npy`` uint8         (3, 112, 112)              optional (``encode.face=pixels``): that crop
                                                              itself, RGB, for

@@ -9,14 +9,7 @@ from .audio import (
     split_audio_windows,
     wav2vec_num_tokens,
 )
-from .encoders import (
-    EncoderWeightsError,
-    FrozenEncoders,
-    encode_clips,
-    load_encoders,
-    lip_mask_to_latent,
-    save_tiny_encoders,
-)
+from .encoders import EncoderWeightsError, FrozenEncoders, load_encoders
 from .arcface import IResNet, load_iresnet
 from .build import build_model, load_transformer, model_summary
 from .fantasytalking import FantasyTalkingDiT
@@ -54,10 +47,7 @@ __all__ = [
     "register_face_encoder",
     "EncoderWeightsError",
     "FrozenEncoders",
-    "encode_clips",
     "load_encoders",
-    "lip_mask_to_latent",
-    "save_tiny_encoders",
     "AdapterContext",
     "AudioKV",
     "AudioProjModel",

@@ -32,321 +32,36 @@ Choices, and why:
 * Logged with ``logger.log_metrics`` at the current step (``LightningModule.log`` from a batch hook
   is written only on ``log_every_n_steps`` boundaries and is not allowed in ``on_train_end``); the
   values also go into ``trainer.callback_metrics``.
+
+The clip list is read by :mod:`ft_train.data.validation_set`, scored by
+:class:`ft_train.metrics.video.VideoMetrics` (as ``ft-eval`` scores) and decoded by
+:class:`ft_train.models.vae.WanVAEDecoder`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from lightning.pytorch import Callback
 from torch import Tensor
-from torchmetrics import Metric
 
+from ..data.validation_set import find_audio, read_clip_list, read_validation_samples
 from ..media import AUDIO_RATE, write_video
-from .fid import FrechetInceptionDistance
-from .fvd import FVD_CLIP_FRAMES, FrechetVideoDistance, split_clips
-from .sync import SYNC_FPS, SyncMetric, resample_fps
+from ..metrics.video import VideoMetrics, build_metric
+from ..models.vae import WanVAEDecoder
 
 log = logging.getLogger(__name__)
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
-METRIC_NAMES = ("fid", "fvd", "sync")
 
 # latents (B, 16, F, H, W), VAE-normalised → uint8 RGB frames (B, T, H·8, W·8, 3)
 Decoder = Callable[[Tensor], Tensor]
 
-
-# ----------------------------------------------------------------------------------------------
-# pieces shared with ft-eval
-
-
-def read_audio(source: str | Path | bytes, sample_rate: int = AUDIO_RATE) -> np.ndarray:
-    """Any audio FFmpeg reads (a file path or the bytes of one) → mono float32 ``(N,)`` at ``sample_rate`` Hz."""
-    where = "audio bytes" if isinstance(source, bytes) else str(source)
-    try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
-            if not container.streams.audio:
-                raise ValueError(f"{where}: has no audio stream")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks = []
-            for frame in container.decode(container.streams.audio[0]):
-                chunks.extend(o.to_ndarray().reshape(-1) for o in resampler.resample(frame))
-            chunks.extend(o.to_ndarray().reshape(-1) for o in resampler.resample(None))
-    except av.FFmpegError as e:
-        raise ValueError(f"{where}: cannot be decoded ({e})") from e
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-
-
-def build_metric(spec: Any, name: str, key: str, keep_real: bool = False) -> Metric | None:
-    """A metric from its config value: a local weight path, a ready ``Metric``, or None (skipped).
-
-    ``name`` is ``fid`` (``pt_inception-2015-12-05-6726825d.pth``), ``fvd`` (``i3d_torchscript.pt``)
-    or ``sync`` (``syncnet_v2.model``). ``keep_real``: FID/FVD keep the reference statistics across
-    ``reset()``. Errors name ``key`` (the config key to change).
-    """
-    if spec is None or (isinstance(spec, str) and not spec.strip()):
-        return None
-    if isinstance(spec, Metric):
-        return spec
-    if not isinstance(spec, (str, Path)):
-        raise TypeError(f"{key}: expected a weight path or a torchmetrics Metric, got {type(spec).__name__}")
-    try:
-        if name == "fid":
-            return FrechetInceptionDistance(spec, reset_real_features=not keep_real)
-        if name == "fvd":
-            return FrechetVideoDistance(spec, reset_real_features=not keep_real)
-        if name == "sync":
-            return SyncMetric(weights=str(spec))
-    except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"{key}: {e}") from None
-    raise ValueError(f"unknown metric {name!r}; choose from {METRIC_NAMES}")
-
-
-def _clip_frames(metric: Metric) -> int:
-    return int(getattr(getattr(metric, "net", None), "clip_frames", FVD_CLIP_FRAMES))
-
-
-def _evenly(n: int, k: int | None) -> Tensor:
-    """Indices of ``k`` evenly spaced items out of ``n`` (all when ``k`` is None or ≥ n)."""
-    if k is None or k >= n:
-        return torch.arange(n)
-    return torch.linspace(0, n - 1, k).round().long()
-
-
-class VideoMetrics:
-    """The optional FID / FVD / Sync metrics, fed one video at a time (used by the callback and ft-eval).
-
-    Args:
-        fid, fvd, sync: ``Metric`` or None (skipped).
-        fid_frames: frames per video that enter FID, evenly spaced (None = every frame).
-    Counters: ``fvd_too_short`` (videos shorter than one FVD clip), ``sync_no_audio``.
-    """
-
-    def __init__(self, fid: Metric | None = None, fvd: Metric | None = None, sync: Metric | None = None,
-                 fid_frames: int | None = None):
-        self.metrics = {k: m for k, m in (("fid", fid), ("fvd", fvd), ("sync", sync)) if m is not None}
-        self.fid_frames = fid_frames
-        self.fvd_too_short = 0
-        self.sync_no_audio = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.metrics)
-
-    def to(self, device: torch.device | str) -> "VideoMetrics":
-        for m in self.metrics.values():
-            m.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        m = next(iter(self.metrics.values()), None)
-        return m.device if m is not None else torch.device("cpu")
-
-    def needs_reference(self) -> bool:
-        """False once FID/FVD hold reference statistics they keep across ``reset()``."""
-        frechet = [self.metrics[k] for k in ("fid", "fvd") if k in self.metrics]
-        return any(getattr(m, "reset_real_features", True) or int(m.real_n) == 0 for m in frechet)
-
-    @torch.no_grad()
-    def update(self, generated: Tensor, reference: Tensor | None, fps: float, audio: np.ndarray | None) -> None:
-        """One video pair. ``generated``/``reference``: uint8 RGB ``(T, H, W, 3)``; ``fps`` in frames/s;
-        ``audio``: 16 kHz mono waveform of the clip, or None (Sync skipped for this video)."""
-        device = self.device
-        gen = generated.to(device).permute(0, 3, 1, 2)  # (T, 3, H, W)
-        ref = reference.to(device).permute(0, 3, 1, 2) if reference is not None else None
-        if "fid" in self.metrics:
-            fid = self.metrics["fid"]
-            fid.update(gen[_evenly(gen.shape[0], self.fid_frames).to(device)], real=False)
-            if ref is not None:
-                fid.update(ref[_evenly(ref.shape[0], self.fid_frames).to(device)], real=True)
-        if "fvd" in self.metrics:
-            fvd = self.metrics["fvd"]
-            n = _clip_frames(fvd)
-            if gen.shape[0] < n or (ref is not None and ref.shape[0] < n):
-                self.fvd_too_short += 1
-            else:
-                fvd.update(split_clips(gen.transpose(0, 1), n), real=False)
-                if ref is not None:
-                    fvd.update(split_clips(ref.transpose(0, 1), n), real=True)
-        if "sync" in self.metrics:
-            if audio is None or len(audio) == 0:
-                self.sync_no_audio += 1
-            else:
-                self.metrics["sync"].update(resample_fps(gen, float(fps), SYNC_FPS), audio)
-
-    def compute(self) -> dict[str, float]:
-        """``fid``, ``fvd``, ``sync_c``, ``sync_d`` (and ``av_offset``) for the metrics present (NaN if empty)."""
-        out: dict[str, float] = {}
-        for name in ("fid", "fvd"):
-            if name in self.metrics:
-                try:
-                    out[name] = float(self.metrics[name].compute())
-                except RuntimeError as e:  # fewer than 2 samples on a side
-                    log.warning("%s not computed: %s", name, e)
-                    out[name] = float("nan")
-        if "sync" in self.metrics:
-            res = self.metrics["sync"].compute()
-            out.update(sync_c=float(res["sync_c"]), sync_d=float(res["sync_d"]), av_offset=float(res["av_offset"]))
-        return out
-
-    def reset(self) -> None:
-        for m in self.metrics.values():
-            m.reset()
-        self.fvd_too_short = self.sync_no_audio = 0
-
-
-def to_uint8_frames(video: Tensor) -> Tensor:
-    """Float video ``(B, 3, T, H, W)`` in [-1, 1] → uint8 RGB frames ``(B, T, H, W, 3)``."""
-    return video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
-
-
-class WanVAEDecoder:
-    """Decode VAE-normalised latents ``(B, 16, F, H, W)`` → uint8 frames ``(B, 4(F−1)+1, 8H, 8W, 3)``.
-
-    Loads ``AutoencoderKLWan`` from ``<wan>/vae`` (a diffusers Wan2.1 folder) through the encoders'
-    loader and undoes the per-channel normalisation (``z·std + mean``) before ``vae.decode``, as
-    diffusers' Wan pipelines do.
-    """
-
-    def __init__(self, wan: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
-                 key: str = "callbacks.validation.vae"):
-        from ..models.encoders import load_vae_encoder
-
-        self.enc = load_vae_encoder(wan, device=device, dtype=dtype, key=key)
-
-    def to(self, device) -> "WanVAEDecoder":
-        self.enc.to(device)
-        return self
-
-    @torch.no_grad()
-    def __call__(self, latents: Tensor) -> Tensor:
-        param = next(self.enc.vae.parameters())
-        z = latents.to(param.device).float() * self.enc.std + self.enc.mean
-        video = self.enc.vae.decode(z.to(param.dtype)).sample
-        return to_uint8_frames(video)
-
-
-# ----------------------------------------------------------------------------------------------
-# the fixed validation list
-
-
-def read_clip_list(path: str | Path, key: str = "callbacks.validation.clips") -> list[str]:
-    """Entries of a validation list file: one per line, a sample key (``<video>_<hash>_<clip>``, as
-    ``ft-prep`` names them) or a source video (its name, with or without extension or folder);
-    blank lines and ``#`` comments are ignored."""
-    file = Path(str(path)).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"{key}: no file at {path}; give a text file with one clip key or video name per line")
-    entries = [line.split("#", 1)[0].strip() for line in file.read_text().splitlines()]
-    entries = [e for e in entries if e]
-    if not entries:
-        raise ValueError(f"{key}: {path} lists no clips")
-    return entries
-
-
-def _video_of(sample_key: str) -> str:
-    """The source-video part of an ``ft-prep`` sample key (``<stem>_<8 hex>_<5 digits>``)."""
-    parts = sample_key.rsplit("_", 2)
-    if len(parts) == 3 and len(parts[1]) == 8 and parts[2].isdigit():
-        return parts[0]
-    return sample_key
-
-
-def _entry_video(entry: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(entry).stem if Path(entry).suffix else Path(entry).name)
-
-
-def read_validation_samples(
-    shards: str | Sequence[str], num_samples: int, key: str, clips: str | Path | None = None
-) -> list[dict[str, Any]]:
-    """The validation list: with ``clips`` (:func:`read_clip_list`), the listed clips in the list's
-    order (a video entry contributes its first clip in shard order); without, the first
-    ``num_samples`` samples of the latent shards (sorted shard order, no shuffling)."""
-    import webdataset as wds
-
-    from ..data.datamodule import resolve_shards
-    from ..data.schema import decode_sample
-
-    urls = resolve_shards(shards, key=key)
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
-    if clips is not None:
-        entries = read_clip_list(clips)
-        found: dict[str, dict[str, Any]] = {}
-        for raw in ds.decode():
-            sample_key = raw["__key__"]
-            for entry in entries:
-                if entry in found:
-                    continue
-                if entry == sample_key or _entry_video(entry) == _video_of(sample_key):
-                    found[entry] = raw
-            if len(found) == len(entries):
-                break
-        missing = [e for e in entries if e not in found]
-        if missing:
-            raise ValueError(
-                f"callbacks.validation.clips: {len(missing)} of {len(entries)} entries of {clips} are not in "
-                f"{key} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); fix the list or the shards"
-            )
-        out = []
-        for entry in entries:
-            sample = decode_sample(found[entry])
-            sample["__key__"] = found[entry]["__key__"]
-            out.append(sample)
-        return out
-    out: list[dict[str, Any]] = []
-    for raw in ds.decode():
-        sample = decode_sample(raw)
-        sample["__key__"] = raw["__key__"]
-        out.append(sample)
-        if len(out) == num_samples:
-            break
-    if not out:
-        raise ValueError(f"{key}: no samples in {shards!r}")
-    if len(out) < num_samples:
-        log.warning("%s: only %d validation samples found (num_samples=%d)", key, len(out), num_samples)
-    return out
-
-
-def find_audio(keys: Sequence[str], audio_dir: str | Path | None, raw_shards: Any) -> dict[str, np.ndarray]:
-    """Waveforms of the validation clips by sample key, from ``<audio_dir>/<key>.<ext>`` or raw shards' ``flac``."""
-    found: dict[str, np.ndarray] = {}
-    if audio_dir:
-        folder = Path(audio_dir).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"callbacks.validation.audio_dir: no folder at {folder}")
-        for k in keys:
-            for ext in AUDIO_EXTENSIONS:
-                if (folder / f"{k}{ext}").is_file():
-                    found[k] = read_audio(folder / f"{k}{ext}")
-                    break
-    if raw_shards and len(found) < len(keys):
-        import webdataset as wds
-
-        from ..data.datamodule import resolve_shards
-
-        wanted = set(keys) - set(found)
-        urls = resolve_shards(raw_shards, key="callbacks.validation.raw_shards")
-        for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None):
-            if raw["__key__"] in wanted and "flac" in raw:
-                found[raw["__key__"]] = read_audio(raw["flac"])
-                wanted.discard(raw["__key__"])
-                if not wanted:
-                    break
-    return found
-
-
-# ----------------------------------------------------------------------------------------------
-# the callback
 
 class ValidationCallback(Callback):
     """Sample a fixed validation list every N steps; log FID / FVD / Sync-C / Sync-D; write sample mp4s.
@@ -477,7 +192,7 @@ class ValidationCallback(Callback):
         self.last_step = int(state_dict.get("last_step", -1))
 
     def _ema_callback(self, trainer):
-        from ..lit.ema import AdapterEMA
+        from .ema import AdapterEMA
 
         found = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, AdapterEMA) and c.enabled]
         if not found:
@@ -577,13 +292,4 @@ class ValidationCallback(Callback):
             logger.log_video_frames(f"val_samples/{index:03d}_{key}", generated.numpy(), step)
 
 
-__all__ = [
-    "ValidationCallback",
-    "VideoMetrics",
-    "WanVAEDecoder",
-    "build_metric",
-    "find_audio",
-    "read_audio",
-    "read_validation_samples",
-    "to_uint8_frames",
-]
+__all__ = ["ValidationCallback"]
