@@ -117,7 +117,7 @@ def time_raw_decode(raw_dir: Path, passes: int, frames: int) -> dict[str, Any]:
     import webdataset as wds
 
     from data_tools import media
-    from data_tools.sample_format import decode_lip_masks, decode_npz
+    from ft_train.data.raw_format import decode_lip_masks, decode_npz
 
     urls = sorted(str(p) for p in raw_dir.glob("shard-*.tar"))
     stage = {"read": 0.0, "mp4": 0.0, "flac": 0.0, "lipmask": 0.0, "landmarks": 0.0}

@@ -10,10 +10,10 @@ Usage::
 
 Options are the keys of ``conf/prep.yaml`` (Hydra override syntax). Output folder:
 
-    shard-000000.tar ...   WebDataset shards (sample layout: ``data_tools/sample_format.py``)
+    shard-000000.tar ...   WebDataset shards (sample layout: ``ft_train/data/raw_format.py``)
     parts/shard-*.json     one record per finished shard: its sources, samples, rejects, timing
     manifest.json          per shard: samples, bytes, sha256
-    stats.json             ω_l / ω_b quantiles, to normalise both to [0, 1] (:func:`normalise_motion`)
+    stats.json             ω_l / ω_b quantiles, to normalise both to [0, 1] (:func:`ft_train.data.raw_format.normalise_motion`)
     report.json/.txt       counts per reject reason, timing; every rejected file/clip with why
     previews/*.jpg         a few clips with lip mask, landmarks and face box drawn
 
@@ -41,7 +41,7 @@ import numpy as np
 from data_tools import media
 from ft_train.config import CONF_DIR, compose_tool_config
 from data_tools.media import AUDIO_RATE, MediaError
-from data_tools.sample_format import encode_lip_masks, encode_npz, sample_key
+from ft_train.data.raw_format import encode_lip_masks, encode_npz, sample_key
 
 
 #: Every reason a file or clip is rejected; the report counts each.
@@ -418,15 +418,6 @@ def _process_shard_task(args) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # merge: manifest, statistics, report
-
-
-def normalise_motion(raw: float | None, stats: dict) -> float:
-    """Raw ω (``omega_l_raw``/``omega_b_raw``) → [0, 1] with one entry of ``stats.json``
-    (``stats["omega_l"]`` or ``stats["omega_b"]``): ``clip((raw - low) / (high - low), 0, 1)``.
-    A missing value (no body seen) becomes the dataset median, normalised the same way."""
-    value = stats["median"] if raw is None else raw
-    span = stats["high"] - stats["low"]
-    return float(np.clip((value - stats["low"]) / span, 0.0, 1.0)) if span > 0 else 0.5
 
 
 def motion_stats(values: list[float | None], quantiles: tuple[float, float]) -> dict:

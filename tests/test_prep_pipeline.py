@@ -17,7 +17,7 @@ from data_tools import face as facemod
 from data_tools import media
 from data_tools.make_sample_clip import write_mp4
 from data_tools.prep import REJECT_REASONS, PrepConfig, load_config, main, run_prep
-from data_tools.sample_format import SAMPLE_KEYS, decode_lip_masks, encode_lip_masks
+from ft_train.data.raw_format import SAMPLE_KEYS, decode_lip_masks, encode_lip_masks
 
 SAMPLE = Path(__file__).parent / "assets" / "sample_talking.mp4"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -247,7 +247,7 @@ def test_same_named_wav_supplies_missing_audio(tmp_path):
 
 
 def test_stats_normalise_motion_to_unit_range(prepared):
-    from data_tools.prep import normalise_motion
+    from ft_train.data.raw_format import normalise_motion
 
     cfg, _, _ = prepared
     stats = json.loads((Path(cfg.output) / "stats.json").read_text())

@@ -2,7 +2,7 @@
 
 The latent-cache pass (``ft-prep task=encode``, ``data_tools/encode.py``) encodes each raw clip
 once, whole. Raw mode (``data=raw``, :class:`RawShardDataModule`) skips that pass: it reads the
-raw shards (sample layout: ``data_tools/sample_format.py``), takes a random window of
+raw shards (sample layout: :mod:`ft_train.data.raw_format`), takes a random window of
 ``num_frames`` frames from each clip — a new one on every visit, which a cache cannot give —
 fits it to the training resolution, and runs the same frozen encoders through the same
 functions as the encode pass (:func:`load_clip` here, then
@@ -280,10 +280,9 @@ def load_clip(
         SampleError: with a :data:`RAW_REJECT_REASONS` reason.
     """
     from data_tools import media
-    from data_tools.prep import normalise_motion
-    from data_tools.sample_format import decode_lip_masks, decode_npz
 
     from ..models.encoders import clip_audio_window
+    from .raw_format import decode_lip_masks, decode_npz, normalise_motion
 
     key = raw.get("__key__", "?")
     meta = read_meta(raw)
