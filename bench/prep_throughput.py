@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data_tools import face as facemod
 from data_tools import media
+from ft_train.data import face as facemod
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "assets" / "sample_talking.mp4"

@@ -202,7 +202,7 @@ def load_audio(source: Path, info: media.VideoInfo) -> tuple[np.ndarray, float]:
 def process_video(source: Path, cfg: PrepConfig, timing: Counter):
     """Yield, for each clip of ``source``, either a ``(sample dict, preview data)`` pair or a
     :class:`Reject`; a whole-file problem yields one Reject and stops."""
-    from data_tools import face as facemod
+    from ft_train.data import face as facemod
 
     t = time.perf_counter()
     try:
@@ -254,7 +254,7 @@ def process_video(source: Path, cfg: PrepConfig, timing: Counter):
 
 def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing):
     """Filter one clip; return (sample, preview data) or a Reject."""
-    from data_tools import face as facemod
+    from ft_train.data import face as facemod
 
     t = time.perf_counter()
     frames = np.stack([f for f, _ in window])  # (F, H, W, 3)
@@ -463,8 +463,8 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
         "omega_l": motion_stats(omega_l, cfg.stats_quantiles),
         "omega_b": motion_stats(omega_b, cfg.stats_quantiles),
         "normalisation": "omega = clip((raw - low) / (high - low), 0, 1); raw None -> median",
-        "omega_l_definition": "data_tools.face.landmark_motion",
-        "omega_b_definition": "data_tools.face.body_motion",
+        "omega_l_definition": "ft_train.data.face.landmark_motion",
+        "omega_b_definition": "ft_train.data.face.body_motion",
         # The clips' frame rate and length: training records them in its bundles, ft-infer samples at that fps.
         "fps": cfg.fps,
         "num_frames": cfg.num_frames,

@@ -41,7 +41,7 @@ What runs, in the released ``infer.py``'s order (../shared/research/paper.md §3
 
 **The identity branch**, when the adapters have one, reads the face of the photo as training did
 (``face=auto``): the face is found with the data tools' own mediapipe face mesh
-(:class:`data_tools.face.FrameAnalyzer`), its box is the landmarks' extent (the box ``ft-prep``
+(:class:`ft_train.data.face.FrameAnalyzer`), its box is the landmarks' extent (the box ``ft-prep``
 stores), and the square crop around it is cut from the resized first frame by
 :func:`ft_train.models.encoders.crop_face` with ``face_margin``. A ``precomputed`` branch gets the
 crop's CLIP tokens, an ``arcface`` one the 112×112 crop itself (its ArcFace network comes from
@@ -365,10 +365,10 @@ def resolve_arcface(identity: dict[str, Any], arcface: str | Path | None) -> dic
 
 def detect_face_box(image) -> list[float] | None:
     """The face box ``(x0, y0, x1, y1)`` in px of an RGB ``PIL.Image``: the extent of mediapipe's
-    478 face-mesh landmarks, found by the data tools' :class:`~data_tools.face.FrameAnalyzer` —
+    478 face-mesh landmarks, found by the data tools' :class:`~ft_train.data.face.FrameAnalyzer` —
     the box ``ft-prep`` stores for training clips, so the crop around it matches training's.
     None when no face is found; several faces log a warning (the mesh takes the most prominent)."""
-    from data_tools.face import FrameAnalyzer, stack_results
+    from .data.face import FrameAnalyzer, stack_results
 
     frame = np.array(image.convert("RGB"), dtype=np.uint8)
     with FrameAnalyzer(pose_every=0) as analyze:

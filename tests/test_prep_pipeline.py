@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_tools import face as facemod
 from data_tools import media
 from data_tools.make_sample_clip import write_mp4
 from data_tools.prep import REJECT_REASONS, PrepConfig, load_config, main, run_prep
+from ft_train.data import face as facemod
 from ft_train.data.raw_format import SAMPLE_KEYS, decode_lip_masks, encode_lip_masks
 
 SAMPLE = Path(__file__).parent / "assets" / "sample_talking.mp4"

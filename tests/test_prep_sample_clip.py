@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools import face as facemod
 from data_tools import media
+from ft_train.data import face as facemod
 
 SAMPLE = Path(__file__).parent / "assets" / "sample_talking.mp4"
 

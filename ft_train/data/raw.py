@@ -239,7 +239,7 @@ def window_motion(landmarks: dict[str, np.ndarray] | None, meta: dict, start: in
     over the stored landmarks and pose; the clip's json values when the sample has no landmarks."""
     if landmarks is None:
         return meta.get("omega_l_raw"), meta.get("omega_b_raw")
-    from data_tools.face import body_motion, landmark_motion
+    from .face import body_motion, landmark_motion
 
     sl = slice(start, start + num_frames)
     omega_l = landmark_motion(landmarks["face"][sl], landmarks["face_found"][sl])
