@@ -116,7 +116,7 @@ def time_raw_decode(raw_dir: Path, passes: int, frames: int) -> dict[str, Any]:
     """Per-member decode time of raw shards on one core, and raw-mode ``load_clip`` if present."""
     import webdataset as wds
 
-    from data_tools import media
+    from ft_train import media
     from ft_train.data.raw_format import decode_lip_masks, decode_npz
 
     urls = sorted(str(p) for p in raw_dir.glob("shard-*.tar"))

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools import media
+from ft_train import media
 from ft_train.config import CONF_DIR, compose_tool_config
-from data_tools.media import AUDIO_RATE, MediaError
 from ft_train.data.raw_format import encode_lip_masks, encode_npz, sample_key
+from ft_train.media import AUDIO_RATE, MediaError
 
 
 #: Every reason a file or clip is rejected; the report counts each.
@@ -190,13 +190,16 @@ def _frame_used(k: int, cfg: PrepConfig) -> bool:
 def load_audio(source: Path, info: media.VideoInfo) -> tuple[np.ndarray, float]:
     """The video's own audio track, else a same-named .wav beside it (assumed to start with the
     first video frame). Returns (16 kHz mono samples, start time in the video's clock)."""
-    if info.has_audio:
-        return media.read_audio(source)
     wav = source.with_suffix(".wav")
-    if wav.is_file():
-        audio, _ = media.read_audio(wav)
-        return audio, info.start_s
-    raise MediaError("no_audio", f"{source}: has no audio stream and no {wav.name} beside it; add one or drop the file")
+    if info.has_audio:
+        file, (audio, start) = source, media.read_audio(source, with_start=True)
+    elif wav.is_file():
+        file, audio, start = wav, media.read_audio(wav), info.start_s
+    else:
+        raise MediaError("no_audio", f"{source}: has no audio stream and no {wav.name} beside it; add one or drop the file")
+    if not audio.size:
+        raise MediaError("no_audio", f"{file}: audio stream is empty; supply a same-named .wav")
+    return audio, start
 
 
 def process_video(source: Path, cfg: PrepConfig, timing: Counter):

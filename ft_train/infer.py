@@ -450,8 +450,7 @@ def read_image(path: str | Path, key: str = "image"):
 
 def read_speech(path: str | Path, key: str = "audio") -> np.ndarray:
     """The speech as mono float32 ``(N,)`` at 16 kHz (wav2vec2's rate), from any file FFmpeg reads."""
-    from .media import AUDIO_RATE
-    from .metrics.callback import read_audio
+    from .media import AUDIO_RATE, read_audio
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -12,9 +12,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_tools import media
 from data_tools.encode import REJECT_REASONS, EncodeConfig, run_encode
 from data_tools.prep import PrepConfig, main, run_prep
+from ft_train import media
 from ft_train.data import decode_sample
 from ft_train.data.raw_format import decode_lip_masks, decode_npz, normalise_motion
 from ft_train.models.audio import clip_audio_tokens

@@ -121,7 +121,7 @@ def test_phone_video_with_a_display_rotation_comes_out_as_players_show_it(tmp_pa
 
     import imageio_ffmpeg
 
-    from data_tools.media import iter_frames, probe
+    from ft_train.media import iter_frames, probe
 
     stored = gradient_frames(num_frames=5, height=48, width=64)
     stored[:, :12, :8] = (255, 255, 255)  # a white corner: which way the frame is turned

@@ -12,7 +12,7 @@ import webdataset as wds
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from data_tools import media
+from ft_train import media
 from ft_train.data import LatentShardDataModule, RawShardDataModule
 from ft_train.data.datamodule import collate_samples
 from ft_train.data.face import landmark_motion

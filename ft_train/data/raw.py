@@ -1,6 +1,6 @@
 """Raw-mode training: read ``ft-prep``'s raw shards and encode clips on the fly.
 
-The latent-cache pass (``ft-prep task=encode``, ``data_tools/encode.py``) encodes each raw clip
+The latent-cache pass (``ft-prep task=encode``) encodes each raw clip
 once, whole. Raw mode (``data=raw``, :class:`RawShardDataModule`) skips that pass: it reads the
 raw shards (sample layout: :mod:`ft_train.data.raw_format`), takes a random window of
 ``num_frames`` frames from each clip — a new one on every visit, which a cache cannot give —
@@ -279,8 +279,7 @@ def load_clip(
     Raises:
         SampleError: with a :data:`RAW_REJECT_REASONS` reason.
     """
-    from data_tools import media
-
+    from .. import media
     from ..models.encoders import clip_audio_window
     from .raw_format import decode_lip_masks, decode_npz, normalise_motion
 

@@ -36,7 +36,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import re
@@ -45,14 +44,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 from torchmetrics import Metric
 
-from ..media import AUDIO_RATE, write_video
+from ..media import AUDIO_RATE, read_audio, write_video
 from .fid import FrechetInceptionDistance
 from .fvd import FVD_CLIP_FRAMES, FrechetVideoDistance, split_clips
 from .sync import SYNC_FPS, SyncMetric, resample_fps
@@ -68,23 +66,6 @@ Decoder = Callable[[Tensor], Tensor]
 
 # ----------------------------------------------------------------------------------------------
 # pieces shared with ft-eval
-
-
-def read_audio(source: str | Path | bytes, sample_rate: int = AUDIO_RATE) -> np.ndarray:
-    """Any audio FFmpeg reads (a file path or the bytes of one) → mono float32 ``(N,)`` at ``sample_rate`` Hz."""
-    where = "audio bytes" if isinstance(source, bytes) else str(source)
-    try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
-            if not container.streams.audio:
-                raise ValueError(f"{where}: has no audio stream")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks = []
-            for frame in container.decode(container.streams.audio[0]):
-                chunks.extend(o.to_ndarray().reshape(-1) for o in resampler.resample(frame))
-            chunks.extend(o.to_ndarray().reshape(-1) for o in resampler.resample(None))
-    except av.FFmpegError as e:
-        raise ValueError(f"{where}: cannot be decoded ({e})") from e
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
 def build_metric(spec: Any, name: str, key: str, keep_real: bool = False) -> Metric | None:
