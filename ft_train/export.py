@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from .config import CONF_DIR, compose_tool_config
+from .media import AUDIO_RATE
 from .models.identity import IdentityConfig
 from .models.motion import MotionConfig
 from .models.weights import (
@@ -70,7 +71,6 @@ EXPORT_DTYPES = {
 OFFICIAL_NAME = "fantasytalking_model.ckpt"  # the released file's name, used when `out` is a folder
 BACKBONE_PREFIX = "transformer."
 # wav2vec2-base at 16 kHz: one token per 320 samples (ft_train/models/audio.py).
-AUDIO_SAMPLE_RATE = 16000
 AUDIO_TOKENS_PER_SECOND = 50
 
 log = logging.getLogger("ft_train.export")
@@ -212,7 +212,7 @@ def bundle_info(ckpt: AdapterCheckpoint, run_cfg: dict[str, Any], tensors: dict[
             "expand": model_cfg.get("audio_expand"),
             "fps": training_fps(run_cfg, data_stats),
             "num_frames": data_cfg.get("num_frames") or (data_stats or {}).get("num_frames"),
-            "sample_rate": AUDIO_SAMPLE_RATE,
+            "sample_rate": AUDIO_RATE,
             "tokens_per_second": AUDIO_TOKENS_PER_SECOND,
         },
         "data_stats": data_stats,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..media import AUDIO_RATE
+
 # wav2vec2-base feature-extractor convolutions (kernel, stride); hop = 5*2^6 = 320 samples.
 WAV2VEC2_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
 
@@ -26,7 +28,7 @@ def wav2vec_num_tokens(num_samples: int) -> int:
     return max(length, 0)
 
 
-def clip_audio_tokens(num_frames: int, fps: float, sample_rate: int = 16000) -> int:
+def clip_audio_tokens(num_frames: int, fps: float, sample_rate: int = AUDIO_RATE) -> int:
     """wav2vec2 tokens for the audio of a clip of ``num_frames`` video frames at ``fps``.
 
     The official code cuts the waveform to ``num_frames / fps`` seconds before encoding
