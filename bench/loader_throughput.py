@@ -12,7 +12,7 @@ Two numbers a user needs to size ``data.num_workers`` per GPU (issue 10, item 4)
            read from the page cache: this is decode cost, not disk or network bandwidth.
   raw      ``ft-prep`` shards (``data_tools.prep.run_prep`` on tests/assets/sample_talking.mp4,
            81-frame 512×512 clips), read with WebDataset and decoded member by member with
-           ``data_tools`` (mp4 → RGB frames, flac → 16 kHz audio, lip masks, landmarks), pinned
+           ``ft_train.media`` / ``ft_train.data.raw_format`` (mp4 → RGB frames, flac → 16 kHz audio, lip masks, landmarks), pinned
            to one core: clips/s per core. Also raw-mode training's ``ft_train.data.raw.load_clip``
            (the same decode plus the training window and resize) when that module is present.
 

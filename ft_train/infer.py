@@ -14,7 +14,7 @@ Hydra reads it as a list). ``adapters`` is an ``ft-export format=bundle`` folder
 ``.ckpt``. Nothing is downloaded: the base model comes from ``wan`` (a local diffusers-format
 Wan2.1-I2V folder; by default the folder the bundle was trained on) and ``wav2vec``.
 
-What runs, in the released ``infer.py``'s order (../shared/research/paper.md §3.2):
+What runs, in the order of the released FantasyTalking ``infer.py``:
 
 1. **Checks first.** Every path, ω, frame and device setting is checked before any weights are
    read; a bad one stops with one line naming its key.

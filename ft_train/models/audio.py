@@ -5,7 +5,7 @@ at 16 kHz, i.e. 50 tokens/s). The projector maps them to 2048-d; every DiT block
 them through its own zero-initialised key/value projections (see ``adapter.py``).
 
 The window derivation reproduces the released inference code (FantasyTalking ``model.py``,
-``split_audio_sequence`` + ``split_tensor_with_padding``; ../shared/research/paper.md §1.2), so a
+``split_audio_sequence`` + ``split_tensor_with_padding``), so a
 model trained here sees exactly the windows the official inference code builds.
 """
 
