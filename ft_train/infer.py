@@ -40,7 +40,7 @@ What runs, in the order of the released FantasyTalking ``infer.py``:
    carries the original speech.
 
 **The identity branch**, when the adapters have one, reads the face of the photo as training did
-(``face=auto``): the face is found with the data tools' own mediapipe face mesh
+(``face=auto``): the face is found with ``ft-prep``'s own mediapipe face mesh
 (:class:`ft_train.data.face.FrameAnalyzer`), its box is the landmarks' extent (the box ``ft-prep``
 stores), and the square crop around it is cut from the resized first frame by
 :func:`ft_train.models.encoders.crop_face` with ``face_margin``. A ``precomputed`` branch gets the
@@ -365,7 +365,7 @@ def resolve_arcface(identity: dict[str, Any], arcface: str | Path | None) -> dic
 
 def detect_face_box(image) -> list[float] | None:
     """The face box ``(x0, y0, x1, y1)`` in px of an RGB ``PIL.Image``: the extent of mediapipe's
-    478 face-mesh landmarks, found by the data tools' :class:`~ft_train.data.face.FrameAnalyzer` —
+    478 face-mesh landmarks, found by ``ft-prep``'s :class:`~ft_train.data.face.FrameAnalyzer` —
     the box ``ft-prep`` stores for training clips, so the crop around it matches training's.
     None when no face is found; several faces log a warning (the mesh takes the most prominent)."""
     from .data.face import FrameAnalyzer, stack_results

@@ -235,8 +235,9 @@ class RawClip:
 
 
 def window_motion(landmarks: dict[str, np.ndarray] | None, meta: dict, start: int, num_frames: int, width: int, height: int):
-    """Raw (ω_l, ω_b) of frames ``start … start+num_frames−1``, by the data tools' own functions
-    over the stored landmarks and pose; the clip's json values when the sample has no landmarks."""
+    """Raw (ω_l, ω_b) of frames ``start … start+num_frames−1``, by ``ft-prep``'s own functions
+    (:mod:`ft_train.data.face`) over the stored landmarks and pose; the clip's json values when
+    the sample has no landmarks."""
     if landmarks is None:
         return meta.get("omega_l_raw"), meta.get("omega_b_raw")
     from .face import body_motion, landmark_motion
