@@ -179,7 +179,7 @@ def build_encoder(which: str, sizes: EncoderSizes, device: torch.device, dtype: 
     if which == "wav2vec":
         from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-        from ft_train.models.encoders import AUDIO_RATE
+        from ft_train.media import AUDIO_RATE
 
         extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=AUDIO_RATE, padding_value=0.0,
                                              do_normalize=True, return_attention_mask=False)

@@ -12,7 +12,7 @@ Two numbers a user needs to size ``data.num_workers`` per GPU (issue 10, item 4)
            read from the page cache: this is decode cost, not disk or network bandwidth.
   raw      ``ft-prep`` shards (``data_tools.prep.run_prep`` on tests/assets/sample_talking.mp4,
            81-frame 512×512 clips), read with WebDataset and decoded member by member with
-           ``data_tools`` (mp4 → RGB frames, flac → 16 kHz audio, lip masks, landmarks), pinned
+           ``ft_train.media`` / ``ft_train.data.raw_format`` (mp4 → RGB frames, flac → 16 kHz audio, lip masks, landmarks), pinned
            to one core: clips/s per core. Also raw-mode training's ``ft_train.data.raw.load_clip``
            (the same decode plus the training window and resize) when that module is present.
 
@@ -116,8 +116,8 @@ def time_raw_decode(raw_dir: Path, passes: int, frames: int) -> dict[str, Any]:
     """Per-member decode time of raw shards on one core, and raw-mode ``load_clip`` if present."""
     import webdataset as wds
 
-    from data_tools import media
-    from data_tools.sample_format import decode_lip_masks, decode_npz
+    from ft_train import media
+    from ft_train.data.raw_format import decode_lip_masks, decode_npz
 
     urls = sorted(str(p) for p in raw_dir.glob("shard-*.tar"))
     stage = {"read": 0.0, "mp4": 0.0, "flac": 0.0, "lipmask": 0.0, "landmarks": 0.0}

@@ -5,7 +5,7 @@ sample clip (512×512, 25 fps, 100 frames) passed ``--repeats`` times; each stag
 the median over the passes. The speed settings (``detect_every``, ``pose_every``) and the lip
 dilation come from ``conf/prep.yaml`` unless given. Stages:
 
-  decode       PyAV decode + resample to 25 fps + RGB at 512 px (data_tools.media.iter_frames),
+  decode       PyAV decode + resample to 25 fps + RGB at 512 px (ft_train.media.iter_frames),
                opening the file included
   face_mesh    face mesh (478 landmarks, tracking mode) + landmarks to pixels, every frame
   face_detect  full-range face detection, on the frames FrameAnalyzer picks (detect_every,
@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data_tools import face as facemod
-from data_tools import media
+from ft_train import media
+from ft_train.data import face as facemod
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "assets" / "sample_talking.mp4"

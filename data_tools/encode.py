@@ -6,7 +6,7 @@ Usage::
         encoders.wav2vec=wav2vec2-base-960h/ [batch_size=4] [task_index=3 num_tasks=16]
 
 Options are the keys of ``conf/encode.yaml``. For every raw shard ``input/shard-XXXXXX.tar``
-(sample layout: ``data_tools/sample_format.py``) it writes ``output/shard-XXXXXX.tar`` with the same
+(sample layout: ``ft_train/data/raw_format.py``) it writes ``output/shard-XXXXXX.tar`` with the same
 sample keys in the latent-shard schema (``ft_train/data/schema.py``): the frozen encoders
 (``ft_train/models/encoders.py``) run once here, so training reads tensors instead of videos.
 Per clip: VAE latents of the whole clip; the I2V condition ``VAE([frame 0, zeros × (F−1)])``;

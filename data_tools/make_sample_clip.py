@@ -31,10 +31,10 @@ import cv2
 import numpy as np
 import soundfile as sf
 
+from ft_train.media import AUDIO_RATE
+
 # A pangram-ish sentence with many open/closed mouth alternations (plosives, open vowels).
 DEFAULT_TEXT = "Hello! Papa bought a big map of Paris today."
-
-AUDIO_RATE = 16_000
 
 
 def synthesize_speech(text: str, words_per_minute: int = 160) -> np.ndarray:

@@ -10,10 +10,10 @@ Usage::
 
 Options are the keys of ``conf/prep.yaml`` (Hydra override syntax). Output folder:
 
-    shard-000000.tar ...   WebDataset shards (sample layout: ``data_tools/sample_format.py``)
+    shard-000000.tar ...   WebDataset shards (sample layout: ``ft_train/data/raw_format.py``)
     parts/shard-*.json     one record per finished shard: its sources, samples, rejects, timing
     manifest.json          per shard: samples, bytes, sha256
-    stats.json             ω_l / ω_b quantiles, to normalise both to [0, 1] (:func:`normalise_motion`)
+    stats.json             ω_l / ω_b quantiles, to normalise both to [0, 1] (:func:`ft_train.data.raw_format.normalise_motion`)
     report.json/.txt       counts per reject reason, timing; every rejected file/clip with why
     previews/*.jpg         a few clips with lip mask, landmarks and face box drawn
 
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools import media
+from ft_train import media
 from ft_train.config import CONF_DIR, compose_tool_config
-from data_tools.media import AUDIO_RATE, MediaError
-from data_tools.sample_format import encode_lip_masks, encode_npz, sample_key
+from ft_train.data.raw_format import encode_lip_masks, encode_npz, sample_key
+from ft_train.media import AUDIO_RATE, MediaError
 
 
 #: Every reason a file or clip is rejected; the report counts each.
@@ -190,19 +190,22 @@ def _frame_used(k: int, cfg: PrepConfig) -> bool:
 def load_audio(source: Path, info: media.VideoInfo) -> tuple[np.ndarray, float]:
     """The video's own audio track, else a same-named .wav beside it (assumed to start with the
     first video frame). Returns (16 kHz mono samples, start time in the video's clock)."""
-    if info.has_audio:
-        return media.read_audio(source)
     wav = source.with_suffix(".wav")
-    if wav.is_file():
-        audio, _ = media.read_audio(wav)
-        return audio, info.start_s
-    raise MediaError("no_audio", f"{source}: has no audio stream and no {wav.name} beside it; add one or drop the file")
+    if info.has_audio:
+        file, (audio, start) = source, media.read_audio(source, with_start=True)
+    elif wav.is_file():
+        file, audio, start = wav, media.read_audio(wav), info.start_s
+    else:
+        raise MediaError("no_audio", f"{source}: has no audio stream and no {wav.name} beside it; add one or drop the file")
+    if not audio.size:
+        raise MediaError("no_audio", f"{file}: audio stream is empty; supply a same-named .wav")
+    return audio, start
 
 
 def process_video(source: Path, cfg: PrepConfig, timing: Counter):
     """Yield, for each clip of ``source``, either a ``(sample dict, preview data)`` pair or a
     :class:`Reject`; a whole-file problem yields one Reject and stops."""
-    from data_tools import face as facemod
+    from ft_train.data import face as facemod
 
     t = time.perf_counter()
     try:
@@ -254,7 +257,7 @@ def process_video(source: Path, cfg: PrepConfig, timing: Counter):
 
 def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing):
     """Filter one clip; return (sample, preview data) or a Reject."""
-    from data_tools import face as facemod
+    from ft_train.data import face as facemod
 
     t = time.perf_counter()
     frames = np.stack([f for f, _ in window])  # (F, H, W, 3)
@@ -420,15 +423,6 @@ def _process_shard_task(args) -> dict:
 # merge: manifest, statistics, report
 
 
-def normalise_motion(raw: float | None, stats: dict) -> float:
-    """Raw ω (``omega_l_raw``/``omega_b_raw``) → [0, 1] with one entry of ``stats.json``
-    (``stats["omega_l"]`` or ``stats["omega_b"]``): ``clip((raw - low) / (high - low), 0, 1)``.
-    A missing value (no body seen) becomes the dataset median, normalised the same way."""
-    value = stats["median"] if raw is None else raw
-    span = stats["high"] - stats["low"]
-    return float(np.clip((value - stats["low"]) / span, 0.0, 1.0)) if span > 0 else 0.5
-
-
 def motion_stats(values: list[float | None], quantiles: tuple[float, float]) -> dict:
     """Quantiles of raw motion values (None dropped): ``low``/``high`` map to 0/1."""
     v = np.array([x for x in values if x is not None], dtype=np.float64)
@@ -472,8 +466,8 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
         "omega_l": motion_stats(omega_l, cfg.stats_quantiles),
         "omega_b": motion_stats(omega_b, cfg.stats_quantiles),
         "normalisation": "omega = clip((raw - low) / (high - low), 0, 1); raw None -> median",
-        "omega_l_definition": "data_tools.face.landmark_motion",
-        "omega_b_definition": "data_tools.face.body_motion",
+        "omega_l_definition": "ft_train.data.face.landmark_motion",
+        "omega_b_definition": "ft_train.data.face.body_motion",
         # The clips' frame rate and length: training records them in its bundles, ft-infer samples at that fps.
         "fps": cfg.fps,
         "num_frames": cfg.num_frames,

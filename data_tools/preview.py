@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_tools.face import LIP_INDICES
+from ft_train.data.face import LIP_INDICES
 
 
 def draw_frame(frame: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray) -> np.ndarray:

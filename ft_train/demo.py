@@ -37,6 +37,18 @@ SAMPLE = REPO / "tests" / "assets" / "sample_talking.mp4"
 PROMPT = "a person is talking"
 
 
+def command_main(name: str) -> Callable[[list[str]], int]:
+    """The ``main`` of the installed console script ``name`` (e.g. ``ft-prep``), looked up by its
+    command name: the demo runs the data tools as the user would, while the library itself never
+    imports the command-line tools' package (they import the library)."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="console_scripts", name=name))
+    if not found:
+        raise SystemExit(f"ft-demo: the {name} command is not installed; install the project (pip install -e .)")
+    return found[0].load()
+
+
 @dataclass
 class Step:
     """One pipeline step, for the progress lines and the summary."""
@@ -77,7 +89,7 @@ class Demo:
 
     # -- 1: data tools --------------------------------------------------------------------------
     def prep(self) -> Path:
-        from data_tools.prep import main as prep_main
+        prep_main = command_main("ft-prep")
 
         videos = self.cfg["videos"]
         if videos is None:
@@ -142,7 +154,7 @@ class Demo:
 
     # -- 3: latent cache --------------------------------------------------------------------------
     def encode(self, raw: Path, weights: dict[str, Path | None]) -> Path:
-        from data_tools.prep import main as prep_main
+        prep_main = command_main("ft-prep")
 
         latent = self.out / "latent"
         argv = ["task=encode", f"input={raw}", f"output={latent}", f"encoders.wan={weights['wan']}",

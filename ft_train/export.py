@@ -10,7 +10,7 @@ Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the check
 (no backbone weights, no model is built). Formats:
 
 ``official``
-    Exactly the released ``fantasytalking_model.ckpt`` layout (../shared/research/paper.md §3.3),
+    Exactly the released ``fantasytalking_model.ckpt`` layout (the released FantasyTalking weights),
     so the official inference code and ComfyUI ports load it: a ``torch.save``d dict
     ``{"proj_model": {"proj.weight" [2048, 768], "norm.weight", "norm.bias"}, "audio_processor":
     {"blocks.{i}.cross_attn.processor.{k,v}_proj.weight" [dim, 2048] for every block}}`` with the

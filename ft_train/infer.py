@@ -14,7 +14,7 @@ Hydra reads it as a list). ``adapters`` is an ``ft-export format=bundle`` folder
 ``.ckpt``. Nothing is downloaded: the base model comes from ``wan`` (a local diffusers-format
 Wan2.1-I2V folder; by default the folder the bundle was trained on) and ``wav2vec``.
 
-What runs, in the released ``infer.py``'s order (../shared/research/paper.md §3.2):
+What runs, in the order of the released FantasyTalking ``infer.py``:
 
 1. **Checks first.** Every path, ω, frame and device setting is checked before any weights are
    read; a bad one stops with one line naming its key.
@@ -40,8 +40,8 @@ What runs, in the released ``infer.py``'s order (../shared/research/paper.md §3
    carries the original speech.
 
 **The identity branch**, when the adapters have one, reads the face of the photo as training did
-(``face=auto``): the face is found with the data tools' own mediapipe face mesh
-(:class:`data_tools.face.FrameAnalyzer`), its box is the landmarks' extent (the box ``ft-prep``
+(``face=auto``): the face is found with ``ft-prep``'s own mediapipe face mesh
+(:class:`ft_train.data.face.FrameAnalyzer`), its box is the landmarks' extent (the box ``ft-prep``
 stores), and the square crop around it is cut from the resized first frame by
 :func:`ft_train.models.encoders.crop_face` with ``face_margin``. A ``precomputed`` branch gets the
 crop's CLIP tokens, an ``arcface`` one the 112×112 crop itself (its ArcFace network comes from
@@ -325,10 +325,10 @@ def resolve_arcface(identity: dict[str, Any], arcface: str | Path | None) -> dic
 
 def detect_face_box(image) -> list[float] | None:
     """The face box ``(x0, y0, x1, y1)`` in px of an RGB ``PIL.Image``: the extent of mediapipe's
-    478 face-mesh landmarks, found by the data tools' :class:`~data_tools.face.FrameAnalyzer` —
+    478 face-mesh landmarks, found by ``ft-prep``'s :class:`~ft_train.data.face.FrameAnalyzer` —
     the box ``ft-prep`` stores for training clips, so the crop around it matches training's.
     None when no face is found; several faces log a warning (the mesh takes the most prominent)."""
-    from data_tools.face import FrameAnalyzer, stack_results
+    from .data.face import FrameAnalyzer, stack_results
 
     frame = np.array(image.convert("RGB"), dtype=np.uint8)
     with FrameAnalyzer(pose_every=0) as analyze:
@@ -410,8 +410,7 @@ def read_image(path: str | Path, key: str = "image"):
 
 def read_speech(path: str | Path, key: str = "audio") -> np.ndarray:
     """The speech as mono float32 ``(N,)`` at 16 kHz (wav2vec2's rate), from any file FFmpeg reads."""
-    from .media import AUDIO_RATE
-    from .models.vae import read_audio
+    from .media import AUDIO_RATE, read_audio
 
     path = Path(path).expanduser()
     if not path.is_file():

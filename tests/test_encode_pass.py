@@ -12,11 +12,11 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_tools import media
 from data_tools.encode import REJECT_REASONS, EncodeConfig, run_encode
-from data_tools.prep import PrepConfig, main, normalise_motion, run_prep
-from data_tools.sample_format import decode_lip_masks, decode_npz
+from data_tools.prep import PrepConfig, main, run_prep
+from ft_train import media
 from ft_train.data import decode_sample
+from ft_train.data.raw_format import decode_lip_masks, decode_npz, normalise_motion
 from ft_train.models.audio import clip_audio_tokens
 from ft_train.data.clip_prep import crop_face
 from ft_train.models.encoders import load_encoders

@@ -1,4 +1,4 @@
-"""mp4 writing: H.264 + AAC that reads back with the right frames, rate, sound and timing."""
+"""mp4 writing: H.264 + AAC that reads back with the right frames, rate, sound and timing; reading audio."""
 
 from fractions import Fraction
 
@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from ft_train.media import AUDIO_RATE, MediaWriteError, read_video, write_video
+from ft_train.media import AUDIO_RATE, MediaError, MediaWriteError, read_audio, read_video, write_video
 
 AAC_FRAME = 1024  # samples; decoders keep the padding that fills the last AAC frame
 
@@ -112,6 +112,31 @@ def test_bad_inputs_fail_clearly(tmp_path):
         read_video(tmp_path / "junk.mp4")
 
 
+def test_read_audio_from_a_path_or_bytes_with_its_start_time(tmp_path):
+    """One reader for every caller: a file's path or its bytes give the same 16 kHz samples; the
+    start time (ft-prep aligns audio to video with it) on request; files without sound fail with
+    a reject reason, as a ValueError."""
+    frames = gradient_frames(num_frames=10)
+    audio = burst(10 / 25, at_s=0.1)
+    path = write_video(tmp_path / "clip.mp4", frames, 25.0, audio)
+    from_path = read_audio(path)
+    assert from_path.dtype == np.float32 and len(audio) <= len(from_path) <= len(audio) + AAC_FRAME
+    np.testing.assert_array_equal(read_audio(path.read_bytes()), from_path)
+    samples, start = read_audio(path, with_start=True)
+    np.testing.assert_array_equal(samples, from_path)
+    assert start == pytest.approx(0.0, abs=0.1)
+    assert len(read_audio(path, 8000)) == pytest.approx(len(from_path) / 2, abs=AAC_FRAME)
+
+    silent = write_video(tmp_path / "silent.mp4", frames, 25.0)
+    with pytest.raises(MediaError, match="no audio stream") as info:
+        read_audio(silent)
+    assert info.value.reason == "no_audio" and isinstance(info.value, ValueError)
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    with pytest.raises(MediaError, match="cannot be decoded") as info:
+        read_audio(tmp_path / "junk.wav")
+    assert info.value.reason == "unreadable"
+
+
 @pytest.mark.parametrize("rotation", [90, -90, 180])
 def test_phone_video_with_a_display_rotation_comes_out_as_players_show_it(tmp_path, rotation):
     """A video stored landscape with a display rotation (how phones record portrait) decodes as
@@ -121,7 +146,7 @@ def test_phone_video_with_a_display_rotation_comes_out_as_players_show_it(tmp_pa
 
     import imageio_ffmpeg
 
-    from data_tools.media import iter_frames, probe
+    from ft_train.media import iter_frames, probe
 
     stored = gradient_frames(num_frames=5, height=48, width=64)
     stored[:, :12, :8] = (255, 255, 255)  # a white corner: which way the frame is turned

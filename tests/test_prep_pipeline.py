@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_tools import face as facemod
-from data_tools import media
 from data_tools.make_sample_clip import write_mp4
 from data_tools.prep import REJECT_REASONS, PrepConfig, load_config, main, run_prep
-from data_tools.sample_format import SAMPLE_KEYS, decode_lip_masks, encode_lip_masks
+from ft_train import media
+from ft_train.data import face as facemod
+from ft_train.data.raw_format import SAMPLE_KEYS, decode_lip_masks, encode_lip_masks
 
 SAMPLE = Path(__file__).parent / "assets" / "sample_talking.mp4"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -32,7 +32,7 @@ def ffmpeg(*args: str) -> None:
 def sample_frames_audio(seconds: float):
     info = media.probe(SAMPLE)
     frames = np.stack(list(media.iter_frames(info, 25.0, 512)))[: int(seconds * 25)]
-    audio, _ = media.read_audio(SAMPLE)
+    audio = media.read_audio(SAMPLE)
     return frames, audio[: int(seconds * media.AUDIO_RATE)]
 
 
@@ -145,7 +145,7 @@ def test_shard_reads_back_with_webdataset(prepared):
         expect = facemod.lip_masks(lm["face"], lm["face_box"], 512, 512, meta["lip_dilation_frac"])
         np.testing.assert_array_equal(masks, expect)
         # And the audio is the sample's audio at that time (aligned, not shifted).
-        src, _ = media.read_audio(SAMPLE)
+        src = media.read_audio(SAMPLE)
         start = round(meta["start_s"] * media.AUDIO_RATE)
         np.testing.assert_allclose(audio, src[start : start + len(audio)], atol=1.5 / 32768)
         assert meta["omega_l_raw"] > 0
@@ -242,12 +242,12 @@ def test_same_named_wav_supplies_missing_audio(tmp_path):
     report = run_prep(cfg)
     assert report["samples"] == 1 and not report["rejects"]
     (sample,) = read_shards(Path(cfg.output))
-    src, _ = media.read_audio(SAMPLE)
+    src = media.read_audio(SAMPLE)
     np.testing.assert_allclose(media.decode_flac(sample["flac"]), src[: round(33 / 25 * 16000)], atol=2e-3)
 
 
 def test_stats_normalise_motion_to_unit_range(prepared):
-    from data_tools.prep import normalise_motion
+    from ft_train.data.raw_format import normalise_motion
 
     cfg, _, _ = prepared
     stats = json.loads((Path(cfg.output) / "stats.json").read_text())

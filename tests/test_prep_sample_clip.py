@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools import face as facemod
-from data_tools import media
+from ft_train import media
+from ft_train.data import face as facemod
 
 SAMPLE = Path(__file__).parent / "assets" / "sample_talking.mp4"
 
@@ -27,7 +27,7 @@ def test_sample_clip_is_small_talking_video_with_audio():
     info = media.probe(SAMPLE)
     assert (info.width, info.height, info.fps) == (512, 512, 25.0)
     assert info.has_audio and 3.2 <= info.duration_s <= 5.0  # ≥ one 81-frame clip at 25 fps
-    audio, _ = media.read_audio(SAMPLE)
+    audio = media.read_audio(SAMPLE)
     assert media.loudness_dbfs(audio) > -30  # real speech, not silence
     # The mouth moves: frames differ from the first one only around the mouth.
     frames = np.stack(list(media.iter_frames(info, 25.0, 512)))

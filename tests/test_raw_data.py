@@ -12,13 +12,12 @@ import webdataset as wds
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from data_tools import media
-from data_tools.face import landmark_motion
-from data_tools.prep import normalise_motion
-from data_tools.sample_format import decode_lip_masks, decode_npz
+from ft_train import media
 from ft_train.data import LatentShardDataModule, RawShardDataModule
 from ft_train.data.datamodule import collate_samples
+from ft_train.data.face import landmark_motion
 from ft_train.data.raw import apply_geometry, plan_geometry
+from ft_train.data.raw_format import decode_lip_masks, decode_npz, normalise_motion
 from ft_train.models.audio import clip_audio_tokens, split_audio_windows
 from ft_train.data.clip_prep import crop_face, encode_clips
 from ft_train.models.encoders import load_encoders

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.arcface import ARCFACE_INPUT
-from ..models.encoders import AUDIO_RATE, FrozenEncoders
+from ..media import AUDIO_RATE
+from ..models.encoders import FrozenEncoders
 
 LIP_MASK_RESIZE = ("trilinear", "area")
 #: Side of the face crop in pixels: the input size of CLIP ViT-H/14 (the crop is resized once, here).

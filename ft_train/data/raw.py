@@ -1,8 +1,8 @@
 """Raw-mode training: read ``ft-prep``'s raw shards and encode clips on the fly.
 
-The latent-cache pass (``ft-prep task=encode``, ``data_tools/encode.py``) encodes each raw clip
+The latent-cache pass (``ft-prep task=encode``) encodes each raw clip
 once, whole. Raw mode (``data=raw``, :class:`RawShardDataModule`) skips that pass: it reads the
-raw shards (sample layout: ``data_tools/sample_format.py``), takes a random window of
+raw shards (sample layout: :mod:`ft_train.data.raw_format`), takes a random window of
 ``num_frames`` frames from each clip — a new one on every visit, which a cache cannot give —
 fits it to the training resolution, and runs the same frozen encoders through the same
 functions as the encode pass (:func:`load_clip` here, then
@@ -235,11 +235,12 @@ class RawClip:
 
 
 def window_motion(landmarks: dict[str, np.ndarray] | None, meta: dict, start: int, num_frames: int, width: int, height: int):
-    """Raw (ω_l, ω_b) of frames ``start … start+num_frames−1``, by the data tools' own functions
-    over the stored landmarks and pose; the clip's json values when the sample has no landmarks."""
+    """Raw (ω_l, ω_b) of frames ``start … start+num_frames−1``, by ``ft-prep``'s own functions
+    (:mod:`ft_train.data.face`) over the stored landmarks and pose; the clip's json values when
+    the sample has no landmarks."""
     if landmarks is None:
         return meta.get("omega_l_raw"), meta.get("omega_b_raw")
-    from data_tools.face import body_motion, landmark_motion
+    from .face import body_motion, landmark_motion
 
     sl = slice(start, start + num_frames)
     omega_l = landmark_motion(landmarks["face"][sl], landmarks["face_found"][sl])
@@ -279,11 +280,9 @@ def load_clip(
     Raises:
         SampleError: with a :data:`RAW_REJECT_REASONS` reason.
     """
-    from data_tools import media
-    from data_tools.prep import normalise_motion
-    from data_tools.sample_format import decode_lip_masks, decode_npz
-
+    from .. import media
     from .clip_prep import clip_audio_window
+    from .raw_format import decode_lip_masks, decode_npz, normalise_motion
 
     key = raw.get("__key__", "?")
     meta = read_meta(raw)

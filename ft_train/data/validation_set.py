@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..models.vae import read_audio
+from ..media import read_audio
 
 log = logging.getLogger(__name__)
 

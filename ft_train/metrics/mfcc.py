@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-SAMPLE_RATE = 16000
+from ..media import AUDIO_RATE as SAMPLE_RATE  # the reference's rate: 16 kHz
 WIN_LENGTH = 400  # 0.025 s
 HOP_LENGTH = 160  # 0.01 s
 NFFT = 512

@@ -5,7 +5,7 @@ at 16 kHz, i.e. 50 tokens/s). The projector maps them to 2048-d; every DiT block
 them through its own zero-initialised key/value projections (see ``adapter.py``).
 
 The window derivation reproduces the released inference code (FantasyTalking ``model.py``,
-``split_audio_sequence`` + ``split_tensor_with_padding``; ../shared/research/paper.md §1.2), so a
+``split_audio_sequence`` + ``split_tensor_with_padding``), so a
 model trained here sees exactly the windows the official inference code builds.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..media import AUDIO_RATE
 
 # wav2vec2-base feature-extractor convolutions (kernel, stride); hop = 5*2^6 = 320 samples.
 WAV2VEC2_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
@@ -26,7 +28,7 @@ def wav2vec_num_tokens(num_samples: int) -> int:
     return max(length, 0)
 
 
-def clip_audio_tokens(num_frames: int, fps: float, sample_rate: int = 16000) -> int:
+def clip_audio_tokens(num_frames: int, fps: float, sample_rate: int = AUDIO_RATE) -> int:
     """wav2vec2 tokens for the audio of a clip of ``num_frames`` video frames at ``fps``.
 
     The official code cuts the waveform to ``num_frames / fps`` seconds before encoding

@@ -40,13 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..media import AUDIO_RATE
 from .build import resolve_dtype
 
 #: Sub-folders of a diffusers-format Wan2.1 I2V folder that the encoders read.
 WAN_PARTS = {"vae": "vae", "image": "image_encoder", "text": "text_encoder", "tokenizer": "tokenizer"}
 ALL_ENCODERS = ("vae", "image", "text", "audio")
 TEXT_TOKENS = 512
-AUDIO_RATE = 16000
 # OpenAI CLIP normalisation, which Wan's open-clip ViT-H/14 also uses (Wan clip.py).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

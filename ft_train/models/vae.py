@@ -2,37 +2,15 @@
 
 Validation decodes its samples and their reference latents with it, and ``ft-infer`` the
 generated video. It loads through the encoders' own loader, so a wrong folder fails the same way
-as for the encode pass. :func:`read_audio` sits here only until it joins :mod:`ft_train.media`.
+as for the encode pass.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import av
-import numpy as np
 import torch
 from torch import Tensor
-
-from ..media import AUDIO_RATE
-
-
-def read_audio(source: str | Path | bytes, sample_rate: int = AUDIO_RATE) -> np.ndarray:
-    """Any audio FFmpeg reads (a file path or the bytes of one) → mono float32 ``(N,)`` at ``sample_rate`` Hz."""
-    where = "audio bytes" if isinstance(source, bytes) else str(source)
-    try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
-            if not container.streams.audio:
-                raise ValueError(f"{where}: has no audio stream")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks = []
-            for frame in container.decode(container.streams.audio[0]):
-                chunks.extend(o.to_ndarray().reshape(-1) for o in resampler.resample(frame))
-            chunks.extend(o.to_ndarray().reshape(-1) for o in resampler.resample(None))
-    except av.FFmpegError as e:
-        raise ValueError(f"{where}: cannot be decoded ({e})") from e
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
 def to_uint8_frames(video: Tensor) -> Tensor:
@@ -66,4 +44,4 @@ class WanVAEDecoder:
         return to_uint8_frames(video)
 
 
-__all__ = ["WanVAEDecoder", "read_audio", "to_uint8_frames"]
+__all__ = ["WanVAEDecoder", "to_uint8_frames"]

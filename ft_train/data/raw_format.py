@@ -1,4 +1,8 @@
-"""The layout of one WebDataset sample (one clip) written by ``ft-prep``, and its codecs.
+"""The raw sample format: one WebDataset sample (one clip) as ``ft-prep`` writes it, its codecs,
+and :func:`normalise_motion` for its ω values.
+
+It lives in the library because both sides use it: ``ft-prep`` writes these members, and raw-mode
+training (:mod:`ft_train.data.raw`) and the encode pass read them back.
 
 A sample is a group of tar members sharing the key ``{stem}_{hash8}_{clip:05d}`` (file stem with
 dots replaced, 8 hex digits of the source path's sha1 so equal stems in different folders never
@@ -16,7 +20,8 @@ collide, clip index within the source video). Members, for a clip of F frames of
 ``lipmask.npz``    ``np.savez_compressed``: ``packed`` (F, H, ceil(W / 8)) uint8 =
                    ``np.packbits(mask, axis=-1)``, ``shape`` (3,) int64 = (F, H, W). Lossless;
                    decode with :func:`decode_lip_masks`.
-``json``           metadata (UTF-8), see :func:`metadata`.
+``json``           metadata (UTF-8): ``fps``, ``num_frames``, ``face_box``, ``omega_l_raw`` /
+                   ``omega_b_raw``, ``caption``, ... (``ft-prep``'s ``_make_clip``).
 =================  ==========================================================================
 """
 
@@ -60,3 +65,12 @@ def decode_lip_masks(data: bytes | dict) -> np.ndarray:
     z = decode_npz(data) if isinstance(data, bytes | bytearray) else data
     f, h, w = (int(v) for v in z["shape"])
     return np.unpackbits(z["packed"], axis=-1, count=w).astype(bool).reshape(f, h, w)
+
+
+def normalise_motion(raw: float | None, stats: dict) -> float:
+    """Raw ω (``omega_l_raw``/``omega_b_raw``) → [0, 1] with one entry of ``stats.json``
+    (``stats["omega_l"]`` or ``stats["omega_b"]``): ``clip((raw - low) / (high - low), 0, 1)``.
+    A missing value (no body seen) becomes the dataset median, normalised the same way."""
+    value = stats["median"] if raw is None else raw
+    span = stats["high"] - stats["low"]
+    return float(np.clip((value - stats["low"]) / span, 0.0, 1.0)) if span > 0 else 0.5
