@@ -20,7 +20,7 @@ multiples of ``size_multiple`` first (the VAE needs multiples of 8, the DiT's 2Ã
 multiples of 16).
 
 A raw sample is decoded by :func:`ft_train.data.raw.load_clip` and encoded by
-:func:`ft_train.models.encoders.encode_clips`, the very functions raw-mode training
+:func:`ft_train.data.clip_prep.encode_clips`, the very functions raw-mode training
 (``data=raw``) uses on its random windows, so the two paths cannot drift apart.
 
 Output folder:

@@ -43,7 +43,7 @@ What runs, in the order of the released FantasyTalking ``infer.py``:
 (``face=auto``): the face is found with ``ft-prep``'s own mediapipe face mesh
 (:class:`ft_train.data.face.FrameAnalyzer`), its box is the landmarks' extent (the box ``ft-prep``
 stores), and the square crop around it is cut from the resized first frame by
-:func:`ft_train.models.encoders.crop_face` with ``face_margin``. A ``precomputed`` branch gets the
+:func:`ft_train.data.clip_prep.crop_face` with ``face_margin``. A ``precomputed`` branch gets the
 crop's CLIP tokens, an ``arcface`` one the 112×112 crop itself (its ArcFace network comes from
 ``arcface``, default the path it was trained with). Without a face in the photo (or with
 ``face=none``) a ``precomputed`` branch reads the whole image's CLIP tokens, the fallback it was
@@ -76,7 +76,7 @@ log = logging.getLogger("ft_train.infer")
 
 EXAMPLE = ("ft-infer image=face.png audio=speech.wav adapters=fantasytalking_model.ckpt "
            "wan=weights/Wan2.1-I2V-14B-720P-Diffusers wav2vec=weights/wav2vec2-base-960h out=talk.mp4")
-RELEASE_FPS = 23.0          # the released inference's --fps (the model's clips; paper.md §1.2)
+RELEASE_FPS = 23.0          # the released inference's --fps default (its infer.py)
 RELEASE_AUDIO_MODE = "frame"  # the released code always cuts per-latent-frame audio windows
 RELEASE_EXPAND = 4          # ... widened by 4 tokens per side
 MIN_FRAMES = 5              # one latent frame after the reference frame
@@ -448,13 +448,13 @@ class TalkingPortraitPipeline:
         model: :class:`~ft_train.models.FantasyTalkingDiT` with its adapters loaded, on ``device``.
         image_encoder, text_encoder, audio_encoder: the frozen encoders of
             :mod:`ft_train.models.encoders`.
-        vae: :class:`~ft_train.metrics.callback.WanVAEDecoder` (its ``enc`` also encodes the
+        vae: :class:`~ft_train.models.vae.WanVAEDecoder` (its ``enc`` also encodes the
             first-frame condition, so the VAE is loaded once).
         sampler: :class:`~ft_train.diffusion.FlowMatchSampler`.
         device: where the DiT runs (and the encoders while they run).
         offload: the encoders and VAE live on the CPU between uses.
         face_margin: context around the face box in the identity branch's crop
-            (:func:`~ft_train.models.encoders.face_crop_box`); the training data's ``face_margin``.
+            (:func:`~ft_train.data.clip_prep.face_crop_box`); the training data's ``face_margin``.
     """
 
     def __init__(self, model, image_encoder, text_encoder, audio_encoder, vae, sampler,

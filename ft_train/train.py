@@ -1,6 +1,6 @@
 """``ft-train``: compose the Hydra config, build everything at the top, train one or more stages.
 
-Everything below this file receives objects, never the config (STYLE.md §2), so each part is
+Everything below this file receives objects, never the config, so each part is
 testable without Hydra. ``train(cfg)`` runs one stage and returns its metrics and objects;
 ``run(cfg, overrides)`` runs ``cfg.stages`` in sequence, each later stage starting from the
 previous stage's final checkpoint.
@@ -19,7 +19,7 @@ log = logging.getLogger("ft_train")
 
 
 def validate_config(cfg) -> None:
-    """Reject impossible settings before any weights or devices are touched (STYLE.md §5)."""
+    """Reject impossible settings before any weights or devices are touched."""
     from omegaconf import OmegaConf
 
 
@@ -88,7 +88,7 @@ def check_precision(cfg) -> None:
 
 def check_slurm(cfg) -> None:
     """Under SLURM, tasks per node and nodes must equal trainer.devices and trainer.num_nodes
-    (Lightning needs `--ntasks-per-node`, reliability.md §3)."""
+    (Lightning needs `--ntasks-per-node`; it rejects `--ntasks` alone)."""
     if "SLURM_JOB_ID" not in os.environ or "SLURM_NTASKS" not in os.environ:
         return
     per_node = os.environ.get("SLURM_NTASKS_PER_NODE")

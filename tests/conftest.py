@@ -2,7 +2,7 @@
 
 import os
 
-# Never reach a hub; run DeepSpeed on its CPU accelerator (../shared/STACK.md).
+# Never reach a hub; run DeepSpeed on its CPU accelerator.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

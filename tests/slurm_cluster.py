@@ -6,7 +6,7 @@ private temp folder, starts munged, slurmctld and slurmd in the foreground as ch
 (their pids kept), waits until the node is idle, and ``stop()`` ends exactly those processes.
 Anything that makes this impossible raises :class:`SlurmUnavailable` with the reason.
 
-Settings found by hand (../shared/STACK.md, "Real single-node SLURM on this machine"):
+Settings found by hand on a single-node cluster:
 ``SlurmUser=root``, ``ProctrackType=proctrack/linuxproc``, ``TaskPlugin=task/none``, no
 accounting (use ``scontrol show job``), one node ``NodeAddr=127.0.0.1`` named after this host
 with CPUs/RealMemory from ``slurmd -C``; ``AuthInfo=cred_expire=10`` and 1 s scheduler intervals

@@ -1,4 +1,4 @@
-"""Audio windows reproduce the released derivation (paper.md §1.2)."""
+"""Audio windows reproduce the released inference code's derivation."""
 
 import pytest
 import torch

@@ -222,3 +222,12 @@ def _has_key(name: str, key: str) -> bool:
 def test_compose_tool_config_names_the_file_for_unknown_keys():
     with pytest.raises(SystemExit, match="export.yaml"):
         compose_tool_config("export", ["no_such_key=1"], "ft-export", "ft-export ckpt=A out=B")
+
+
+def test_paths_the_readme_names_exist():
+    """Every repository path the README and its guides name in code spans (the "where is X"
+    table among them) exists."""
+    names = set(re.findall(r"`((?:ft_train|data_tools|conf|slurm|bench|tests|docs)/[\w./-]*)`", docs_text()))
+    assert len(names) > 20
+    missing = sorted(n for n in names if not (REPO / n).exists() and "*" not in n)
+    assert missing == [], f"README / docs name paths that do not exist: {missing}"

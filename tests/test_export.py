@@ -222,7 +222,7 @@ def test_released_layout_for_the_14b_model(tmp_path):
     assert {k: tuple(v.shape) for k, v in sd["proj_model"].items()} == PROJ_SHAPES
     assert set(sd["audio_processor"]) == released_keys(40)
     assert all(tuple(v.shape) == (5120, 2048) for v in sd["audio_processor"].values())
-    assert sum(v.numel() for group in sd.values() for v in group.values()) == 840_437_760  # paper.md §3.3
+    assert sum(v.numel() for group in sd.values() for v in group.values()) == 840_437_760  # the released file
 
 
 def save(obj, path):

@@ -76,7 +76,7 @@ def test_float_input_is_scaled_to_int16_range():
     # float in [−1, 1] is multiplied by 32768 → identical features
     np.testing.assert_allclose(syncnet_mfcc(audio.astype(np.float32) / 32768), from_int, rtol=1e-5, atol=1e-5)
     # scaling the signal by a moves only c0 (log energy), by 2·ln a — the reason float input must be
-    # scaled: unscaled [−1, 1] audio would shift c0 by −2·ln 32768 = −20.79 (metrics.md §1.3)
+    # scaled: unscaled [−1, 1] audio would shift c0 by −2·ln 32768 = −20.79
     doubled = syncnet_mfcc(audio.astype(np.int64) * 2)
     np.testing.assert_allclose(doubled[:, 0] - from_int[:, 0], 2 * np.log(2), atol=1e-9)
     np.testing.assert_allclose(doubled[:, 1:], from_int[:, 1:], atol=1e-9)

@@ -6,7 +6,7 @@ raw shards (sample layout: :mod:`ft_train.data.raw_format`), takes a random wind
 ``num_frames`` frames from each clip — a new one on every visit, which a cache cannot give —
 fits it to the training resolution, and runs the same frozen encoders through the same
 functions as the encode pass (:func:`load_clip` here, then
-:func:`ft_train.models.encoders.encode_clips`, then :func:`ft_train.data.schema.training_sample`).
+:func:`ft_train.data.clip_prep.encode_clips`, then :func:`ft_train.data.schema.training_sample`).
 A batch therefore has exactly the cached-mode layout; for a window covering the whole clip at
 the clip's own size it holds the numbers the encode pass would have written.
 
@@ -215,7 +215,7 @@ def apply_geometry(frames: np.ndarray, masks: np.ndarray, geo: Geometry) -> tupl
 class RawClip:
     """One training window of a raw sample, decoded, cut and resized, ready for the encoders.
 
-    ``frames`` (F, H, W, 3) uint8; ``audio`` (:func:`~ft_train.models.encoders.clip_audio_samples`,)
+    ``frames`` (F, H, W, 3) uint8; ``audio`` (:func:`~ft_train.data.clip_prep.clip_audio_samples`,)
     float32 16 kHz from the window's first frame; ``masks`` (F, H, W) uint8 lip-mask coverage
     0–255; ``face_box`` the reference (first) frame's face box in output pixels, or None;
     ``omega_l``/``omega_b`` normalised to [0, 1]; ``meta`` what the latent json records.
@@ -372,7 +372,7 @@ def encode_raw_clips(encoders, clips: dict[str, Any], lip_mask_resize: str, face
     ``clips`` holds ``frames`` (B, F, H, W, 3) uint8, ``audio`` (B, N) float, ``lip_masks``
     (B, F, H, W) uint8, ``face_box`` (B, 4) (NaN = none), ``motion`` (B, 2), ``fps`` (B,),
     ``start_frame`` (B,), ``caption`` and ``__key__`` (B strings), as :func:`clip_tensors` makes
-    them. ``face`` is the face form (:data:`~ft_train.models.encoders.FACE_FORMS`). Samples keep
+    them. ``face`` is the face form (:data:`~ft_train.data.clip_prep.FACE_FORMS`). Samples keep
     ``__key__`` and ``start_frame`` (the window's first frame in the raw clip).
     """
     from .clip_prep import encode_clips
@@ -539,7 +539,7 @@ class RawShardDataModule(LatentShardDataModule):
             ``model.identity.encoder=precomputed``; ``pixels`` the crop itself, float
             (3, 112, 112) in [-1, 1], for ``model.identity.encoder=arcface``; ``none`` no ``face``
             (``true`` / ``false`` read as ``clip`` / ``none``).
-        face_margin: context around the face box (:func:`ft_train.models.encoders.face_crop_box`).
+        face_margin: context around the face box (:func:`ft_train.data.clip_prep.face_crop_box`).
         default_caption: prompt for clips without a caption.
         batch_size, num_workers, shuffle_buffer, seed: as :class:`LatentShardDataModule`.
     """

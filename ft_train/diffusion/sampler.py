@@ -1,8 +1,7 @@
 """Euler flow-matching sampler with FantasyTalking's three-pass text + audio guidance.
 
 What the released inference code does (FantasyTalking ``diffsynth/pipelines/wan_video.py`` with
-``FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True)``; ../shared/research/paper.md
-§1.7, §3.2, §5.3), reproduced here:
+``FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True)``), reproduced here:
 
 * σ grid: ``linspace(1, 0, steps + 1)`` pushed through Wan's shift ``σ' = s·σ / (1 + (s−1)·σ)``
   (30 steps, shift 5); the DiT sees ``timestep = σ · 1000``.

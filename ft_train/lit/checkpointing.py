@@ -4,7 +4,7 @@ Layout: ``<dirpath>/step-00001000/`` holding the Lightning checkpoint (``model.c
 DeepSpeed shard folder ``model.ckpt/`` under ZeRO) and ``COMMITTED.json``. A step folder is
 written as ``.step-00001000.tmp`` and renamed only after every rank has finished writing and
 rank 0 has recorded the size of every file in ``COMMITTED.json`` — so a folder without the marker,
-or whose files no longer match it, is never resumed from (reliability.md §5).
+or whose files no longer match it, is never resumed from.
 """
 
 from __future__ import annotations

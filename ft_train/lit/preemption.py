@@ -2,7 +2,7 @@
 requeues itself, and the requeued job resumes from that checkpoint (``resume: auto``).
 
 The signal handler only sets a flag (saving inside a handler can run in the middle of a backward
-pass or a collective: Lightning issue #21406, reliability.md §3). At the next batch boundary the
+pass or a collective: Lightning issue #21406). At the next batch boundary the
 ranks agree on the flag with an all-reduce (MAX), so they all take the same decision at the same
 step, save through the :class:`~ft_train.lit.checkpointing.StepCheckpoint` (atomic, collective),
 and rank 0 asks SLURM to requeue the job.

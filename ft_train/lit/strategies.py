@@ -2,7 +2,7 @@
 
 Lightning's stock ``DeepSpeedStrategy`` refuses any accelerator but CUDA, and hands DeepSpeed the
 root device's index (``None`` on CPU). DeepSpeed itself runs on its CPU accelerator with gloo
-(``DS_ACCELERATOR=cpu``; ../shared/STACK.md). With the two fixes below the very same ZeRO-2/3
+(``DS_ACCELERATOR=cpu``). With the two fixes below the very same ZeRO-2/3
 code path — sharded save, resume, frozen-parameter exclusion — runs in CI on CPU as on GPUs.
 """
 

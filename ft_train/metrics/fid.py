@@ -14,8 +14,8 @@ block max-pools instead of average-pooling. Features = the 2048-d global average
 Preprocessing matches **pytorch-fid** (the library Hallo/Hallo2 report using): uint8 → [0, 1] →
 ``F.interpolate(size=299, mode="bilinear", align_corners=False)`` with no antialiasing → 2x − 1.
 torch-fidelity's TF1-style resize and torchmetrics ≥1.8's default ``antialias=True`` give other
-numbers when the input is not 299×299 (0.41 relative feature difference at 512 → 299, measured
-in ../shared/research/metrics.md §3.1); at 299×299 input all of them agree.
+numbers when the input is not 299×299 (we measured a 0.41 relative feature difference at
+512 → 299); at 299×299 input all of them agree.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sync-C / Sync-D (a.k.a. LSE-C / LSE-D): SyncNet audio-visual offset search, as the reference scorer.
 
 Protocol, from joonson/syncnet_python ``SyncNetInstance.evaluate`` / ``calc_pdist`` (the scorer
-that Hallo, Wav2Lip and LatentSync copy; see ../shared/research/metrics.md §1):
+that Hallo, Wav2Lip and LatentSync copy):
 
 1. Video at **25 fps**, face crops resized to 224×224, BGR, float 0…255 (no normalisation).
    Audio at 16 kHz mono, int16 scale → MFCC at 100 Hz (:func:`ft_train.metrics.mfcc.syncnet_mfcc`).

@@ -10,7 +10,7 @@ exporting deal with one naming only. Layouts:
     under ``net.``; ``checkpoint["ft_train"] = {"stage", "audio_mode"}``; ``global_step``. Also
     a step folder ``step-XXXXXXXX/`` holding it as ``model.ckpt``.
 ``official``
-    The released ``fantasytalking_model.ckpt`` (paper.md §3.3): a ``torch.save``d dict
+    The released ``fantasytalking_model.ckpt`` (acvlab/FantasyTalking on Hugging Face): a ``torch.save``d dict
     ``{"proj_model": {"proj.weight", "norm.weight", "norm.bias"}, "audio_processor":
     {"blocks.{i}.cross_attn.processor.{k,v}_proj.weight"}}`` (original Wan block naming, where
     diffusers says ``attn2``), or the same as ``.safetensors`` with flat ``proj_model.`` /
