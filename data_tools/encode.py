@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from ft_train.config import CONF_DIR, compose_tool_config
+from ft_train.cli import Tool
+from ft_train.config import compose_tool_config
 from ft_train.data.raw import RAW_REJECT_REASONS, SampleError
 
 #: Every reason a raw sample is skipped; the report counts each. ``too_short`` is raw-mode
@@ -454,32 +455,20 @@ def _clip_count(raw_dir: Path, shards: list[Path]) -> int | None:
     return sum(counts.get(s.name, 0) for s in shards)
 
 
+EXAMPLE = ("ft-prep task=encode input=shards/ output=latents/ encoders.wan=Wan2.1-I2V-14B-720P-Diffusers/ "
+           "encoders.wav2vec=wav2vec2-base-960h/")
+
+
 def load_config(overrides: list[str]) -> EncodeConfig:
     """Compose ``conf/encode.yaml`` with Hydra override strings into an :class:`EncodeConfig`."""
-    example = "input=shards/ output=latents/ encoders.wan=Wan2.1-I2V-14B-720P-Diffusers/ encoders.wav2vec=wav2vec2-base-960h/"
-    return EncodeConfig(**compose_tool_config("encode", overrides, "ft-prep task=encode", example))
+    return EncodeConfig(**compose_tool_config("encode", overrides, "ft-prep task=encode", EXAMPLE))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``ft-prep task=encode key=value ...`` (keys of ``conf/encode.yaml``); ``task=`` already removed."""
-    from ft_train.models.encoders import EncoderWeightsError
-
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print((CONF_DIR / "encode.yaml").read_text())
-        return 0
-    try:
-        cfg = load_config(argv)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    try:
-        report = run_encode(cfg)
-    except EncoderWeightsError as e:
-        raise SystemExit(str(e)) from None
-    print(format_report(report), end="")
-    print(f"output: {Path(cfg.output).resolve()}")
-    return 0
+# ``ft-prep task=encode key=value ...`` (keys of ``conf/encode.yaml``), through ft-prep's main.
+TOOL = Tool("ft-prep task=encode", "encode", __doc__, EXAMPLE, log_format=None,
+            build=lambda cfg: EncodeConfig(**cfg), run=lambda cfg: (run_encode(cfg), cfg),
+            report=lambda done: format_report(done[0]) + f"output: {Path(done[1].output).resolve()}")
+main = TOOL.main
 
 
 if __name__ == "__main__":

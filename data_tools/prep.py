@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from ft_train import media
-from ft_train.config import CONF_DIR, compose_tool_config
+from ft_train.cli import Tool
+from ft_train.config import compose_tool_config
 from ft_train.data.raw_format import encode_lip_masks, encode_npz, sample_key
 from ft_train.media import AUDIO_RATE, MediaError
 
@@ -586,30 +587,25 @@ def load_config(overrides: list[str]) -> PrepConfig:
     return PrepConfig(**compose_tool_config("prep", overrides, "ft-prep", "ft-prep input=videos/ output=shards/"))
 
 
+TOOL = Tool("ft-prep", "prep", __doc__, "ft-prep input=videos/ output=shards/", log_format=None,
+            build=lambda cfg: PrepConfig(**cfg), run=lambda cfg: (run_prep(cfg), cfg),
+            report=lambda done: format_report(done[0]) + f"output: {Path(done[1].output).resolve()}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``ft-prep key=value ...`` (keys of ``conf/prep.yaml``)."""
+    """Console entry point: ``ft-prep key=value ...`` (keys of ``conf/prep.yaml``); ``task=encode``
+    runs the latent-cache pass instead (keys of ``conf/encode.yaml``)."""
     argv = sys.argv[1:] if argv is None else argv
     tasks = [a.split("=", 1)[1] for a in argv if a.startswith("task=")]
     task = tasks[-1] if tasks else "prep"
-    if task == "encode":  # the latent-cache pass has its own options (conf/encode.yaml)
-        from data_tools.encode import main as encode_main
+    argv = [a for a in argv if not a.startswith("task=")]
+    if task == "encode":
+        from data_tools.encode import TOOL as ENCODE
 
-        return encode_main([a for a in argv if not a.startswith("task=")])
+        return ENCODE.main(argv)
     if task != "prep":
         raise SystemExit(f"ft-prep: task={task} is not a task; use task=prep (default) or task=encode")
-    argv = [a for a in argv if not a.startswith("task=")]
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print((CONF_DIR / "prep.yaml").read_text())
-        return 0
-    try:
-        cfg = load_config(argv)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    report = run_prep(cfg)
-    print(format_report(report), end="")
-    print(f"output: {Path(cfg.output).resolve()}")
-    return 0
+    return TOOL.main(argv)
 
 
 if __name__ == "__main__":

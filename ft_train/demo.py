@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CONF_DIR, compose_tool_config
+from .cli import Tool
+from .config import CONF_DIR
 
 REPO = CONF_DIR.parent
 SAMPLE = REPO / "tests" / "assets" / "sample_talking.mp4"
@@ -351,28 +351,20 @@ def write_inference_inputs(video: Path, folder: Path, seconds: float) -> tuple[P
     return image, speech
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``ft-demo key=value ...`` (keys of ``conf/demo.yaml``)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print((CONF_DIR / "demo.yaml").read_text())
-        return 0
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
+    if int(cfg["num_frames"]) % 4 != 1:
+        raise ValueError(f"num_frames must be 4k+1 (got {cfg['num_frames']})")
+    if int(cfg["side"]) % 16:
+        raise ValueError(f"side must be a multiple of 16 (got {cfg['side']})")
     # One line per message: the tools' own basicConfig calls are no-ops once the root logger has a
     # handler, and Lightning prints through its own handler only.
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch").propagate = False
-    cfg = compose_tool_config("demo", argv, "ft-demo", "ft-demo out=outputs/demo")
-    if int(cfg["num_frames"]) % 4 != 1:
-        raise SystemExit(f"ft-demo: num_frames must be 4k+1 (got {cfg['num_frames']})")
-    if int(cfg["side"]) % 16:
-        raise SystemExit(f"ft-demo: side must be a multiple of 16 (got {cfg['side']})")
-    Demo(cfg).run()
-    return 0
+    return cfg
+
+
+TOOL = Tool("ft-demo", "demo", __doc__, "ft-demo out=outputs/demo", build=_checked,
+            run=lambda cfg: Demo(cfg).run(), log_format="%(message)s", errors=(ValueError,))
+main = TOOL.main  # console entry point: ``ft-demo key=value ...`` (keys of ``conf/demo.yaml``)
 
 
 if __name__ == "__main__":

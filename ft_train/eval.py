@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .config import CONF_DIR, compose_tool_config
+from .cli import Tool
 from .media import read_video
 from .metrics.video import VideoMetrics, build_metric
 
@@ -125,22 +125,13 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``ft-eval key=value ...`` (keys of ``conf/eval.yaml``)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print((CONF_DIR / "eval.yaml").read_text())
-        return 0
-    logging.basicConfig(level=logging.INFO, format="ft-eval: %(levelname)s: %(message)s")
-    cfg = compose_tool_config("eval", argv, "ft-eval", EXAMPLE)
-    try:
-        result = evaluate(**cfg)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        raise SystemExit(f"ft-eval: {exc.args[0] if exc.args else exc}") from None
-    print(format_table(result))
-    print(f"ft-eval: wrote {result['out']}")
-    return 0
+def _report(result: dict[str, Any]) -> str:
+    return f"{format_table(result)}\nft-eval: wrote {result['out']}"
+
+
+TOOL = Tool("ft-eval", "eval", __doc__, EXAMPLE, run=lambda cfg: evaluate(**cfg), report=_report,
+            errors=(FileNotFoundError, ValueError, TypeError))
+main = TOOL.main  # console entry point: ``ft-eval key=value ...`` (keys of ``conf/eval.yaml``)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from typing import Any
 
 import torch
 
-from .config import CONF_DIR, compose_tool_config
+from .cli import Tool
+from .config import compose_tool_config
 from .models.weights import (
     AUDIO_PROJ_PREFIX,
     BUNDLE_CONFIG,
@@ -331,29 +332,18 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
 
 def load_config(overrides: list[str]) -> dict[str, Any]:
     """Compose ``conf/export.yaml`` with Hydra override strings."""
-    example = "ft-export ckpt=<stage_dir>/checkpoints/step-00001000 out=fantasytalking_model.ckpt"
-    return compose_tool_config("export", overrides, "ft-export", example)
+    return compose_tool_config("export", overrides, "ft-export", EXAMPLE)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``ft-export key=value ...`` (keys of ``conf/export.yaml``)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print((CONF_DIR / "export.yaml").read_text())
-        return 0
-    logging.basicConfig(level=logging.INFO, format="ft-export: %(levelname)s: %(message)s")
-    cfg = load_config(argv)
-    try:
-        result = export(**cfg)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
-        raise SystemExit(f"ft-export: {exc.args[0] if exc.args else exc}") from None
-    print(
-        f"ft-export: wrote {result['out']} ({result['format']}, {result['tensors']} tensors, "
-        f"{result['params']:,} parameters, {result['dtype']}, {result['bytes'] / 2**20:.1f} MiB"
-        + (", the EMA average)" if result["ema"] else ")")
-    )
-    return 0
+def _report(result: dict[str, Any]) -> str:
+    return (f"ft-export: wrote {result['out']} ({result['format']}, {result['tensors']} tensors, "
+            f"{result['params']:,} parameters, {result['dtype']}, {result['bytes'] / 2**20:.1f} MiB"
+            + (", the EMA average)" if result["ema"] else ")"))
+
+
+EXAMPLE = "ft-export ckpt=<stage_dir>/checkpoints/step-00001000 out=fantasytalking_model.ckpt"
+TOOL = Tool("ft-export", "export", __doc__, EXAMPLE, run=lambda cfg: export(**cfg), report=_report)
+main = TOOL.main  # console entry point: ``ft-export key=value ...`` (keys of ``conf/export.yaml``)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import CONF_DIR, compose_tool_config
+from .cli import Tool
+from .config import compose_tool_config
 from .models.weights import AdapterCheckpoint
 
 log = logging.getLogger("ft_train.infer")
@@ -778,11 +779,10 @@ def infer(
     }
 
 
-def load_config(argv: list[str]) -> dict[str, Any]:
-    """``conf/infer.yaml`` with ``key=value`` overrides, the sampler built (errors name its key)."""
+def build_sampler(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The composed ``conf/infer.yaml`` with its sampler built (errors name its key)."""
     from hydra.utils import instantiate
 
-    cfg = compose_tool_config("infer", argv, "ft-infer", EXAMPLE)
     try:
         cfg["sampler"] = instantiate(cfg["sampler"])
     except Exception as exc:
@@ -792,30 +792,22 @@ def load_config(argv: list[str]) -> dict[str, Any]:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``ft-infer key=value ...`` (keys of ``conf/infer.yaml``)."""
-    from .models.encoders import EncoderWeightsError
+def load_config(argv: list[str]) -> dict[str, Any]:
+    """``conf/infer.yaml`` with ``key=value`` overrides, the sampler built."""
+    return build_sampler(compose_tool_config("infer", argv, "ft-infer", EXAMPLE))
 
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print((CONF_DIR / "infer.yaml").read_text())
-        return 0
-    logging.basicConfig(level=logging.INFO, format="ft-infer: %(levelname)s: %(message)s")
-    cfg = load_config(argv)
-    try:
-        result = infer(**cfg)
-    except (FileNotFoundError, EncoderWeightsError, KeyError, ValueError) as exc:
-        raise SystemExit(f"ft-infer: {exc.args[0] if exc.args else exc}") from None
+
+def _report(result: dict[str, Any]) -> str:
     motion = "" if result["motion"] is None else ", ω_l {:g} ω_b {:g}".format(*result["motion"])
     if result["identity"]:
         motion += ", identity: " + ("face crop" if result["face_box"] is not None else "whole image")
-    print(
-        f"ft-infer: wrote {result['out']} ({result['width']}×{result['height']}, {result['num_frames']} frames at "
-        f"{result['fps']:g} fps = {result['duration']:.2f} s, {result['audio_mode']}-level audio{motion}, "
-        f"adapters: {result['layout']}, {result['seconds']:.0f} s)"
-    )
-    return 0
+    return (f"ft-infer: wrote {result['out']} ({result['width']}×{result['height']}, {result['num_frames']} frames at "
+            f"{result['fps']:g} fps = {result['duration']:.2f} s, {result['audio_mode']}-level audio{motion}, "
+            f"adapters: {result['layout']}, {result['seconds']:.0f} s)")
+
+
+TOOL = Tool("ft-infer", "infer", __doc__, EXAMPLE, run=lambda cfg: infer(**cfg), report=_report, build=build_sampler)
+main = TOOL.main  # console entry point: ``ft-infer key=value ...`` (keys of ``conf/infer.yaml``)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def test_config_errors_name_the_key(setup, tmp_path):
     root, args = setup
     with pytest.raises(SystemExit, match="set encoders.wan, encoders.wav2vec"):
         main(["task=encode", f"input={root / 'raw'}", f"output={tmp_path}"])
-    with pytest.raises(SystemExit, match=r"^encoders\.wan: no folder"):
+    with pytest.raises(SystemExit, match=r"^ft-prep task=encode: encoders\.wan: no folder"):
         main(["task=encode", *args[:2], f"encoders.wan={tmp_path / 'nope'}", args[3]])
     with pytest.raises(SystemExit, match="input=.*no such folder"):
         main(["task=encode", f"input={tmp_path / 'nope'}", *args[1:]])
