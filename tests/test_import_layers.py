@@ -108,7 +108,7 @@ def test_the_graph_sees_imports():
     """The parser finds the imports it must: relative, function-level, ``from pkg import module``."""
     graph = import_graph()
     assert "ft_train.media" in graph["ft_train.lit.validation"]  # from ..media import ...
-    assert "ft_train.data.face" in graph["ft_train.infer"]  # inside detect_face_box
+    assert "ft_train.data.face" in graph["ft_train.inference.adapters"]  # inside detect_face_box
     assert "ft_train.media" in graph["data_tools.prep"]  # from ft_train import media
     assert "ft_train.data.raw" in graph["data_tools.encode"]
 

@@ -2,7 +2,7 @@
 
 In the library because three parts must agree on it: ``ft-prep`` stores these landmarks, boxes,
 masks and ω values; raw-mode training recomputes ω over a window (:mod:`ft_train.data.raw`); and
-``ft-infer`` finds the photo's face the same way (:func:`ft_train.infer.detect_face_box`).
+``ft-infer`` finds the photo's face the same way (:func:`ft_train.inference.adapters.detect_face_box`).
 
 Uses the legacy ``mediapipe.solutions`` graphs of mediapipe 0.10.21, whose models ship inside the
 wheel (no download): face mesh with ``refine_landmarks`` (478 points), face detection (for a

@@ -1,0 +1,1 @@
+"""Inference pieces behind ``ft-infer`` (ft_train/infer.py): adapters, inputs, the pipeline."""

@@ -1,0 +1,210 @@
+"""What trained adapters need at inference: the model they belong to (read through the model
+spec, whatever the file's layout) and, for the identity branch, the face its input comes from."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..models.weights import AdapterCheckpoint
+
+log = logging.getLogger("ft_train.infer")
+
+RELEASE_FPS = 23.0          # the released inference's --fps default (its infer.py)
+RELEASE_AUDIO_MODE = "frame"  # the released code always cuts per-latent-frame audio windows
+RELEASE_EXPAND = 4          # ... widened by 4 tokens per side
+FACE_ENCODERS_READ = ("precomputed", "arcface")  # identity encoders whose input ft-infer can make
+
+# ----------------------------------------------------------------------------------------------
+# what the adapters need
+
+
+@dataclass
+class AdapterSpec:
+    """The adapters' tensors and the settings to rebuild the model they belong to.
+
+    Attributes:
+        checkpoint: the tensors (this project's naming) and what the file says about itself.
+        audio_mode: ``clip`` or ``frame`` audio attention.
+        audio_expand: window widening per side, tokens (frame mode).
+        audio_in_dim, audio_proj_dim: audio projector widths, read from its weight.
+        identity, motion: ``model.identity`` / ``model.motion`` settings, or None (module absent).
+        pretrained: the base folder the adapters were trained on, when known.
+        fps: the training clips' frame rate, when known.
+        num_frames: the training clips' length in frames, when known.
+    """
+
+    checkpoint: AdapterCheckpoint
+    audio_mode: str
+    audio_expand: int
+    audio_in_dim: int
+    audio_proj_dim: int
+    identity: dict[str, Any] | None = None
+    motion: dict[str, Any] | None = None
+    pretrained: str | None = None
+    fps: float | None = None
+    num_frames: int | None = None
+
+    @property
+    def has_motion(self) -> bool:
+        return self.motion is not None
+
+    @property
+    def has_identity(self) -> bool:
+        return self.identity is not None
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`ft_train.models.build_model` (besides the backbone)."""
+        return {
+            "audio_mode": self.audio_mode,
+            "audio_in_dim": self.audio_in_dim,
+            "audio_proj_dim": self.audio_proj_dim,
+            "audio_expand": self.audio_expand,
+            "identity": self.identity,
+            "motion": self.motion,
+        }
+
+
+def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand: int | None = None,
+                  ema: bool = False) -> AdapterSpec:
+    """Read ``path`` (any layout :func:`~ft_train.models.weights.read_checkpoint` reads) and
+    work out the model it needs. ``audio_mode`` / ``audio_expand`` override what the file says;
+    ``ema``: an ft-train checkpoint's moving average of the weights (``callbacks.ema``) instead.
+
+    A module is present when its tensors are there. Motion tensors without settings rebuild the
+    module from their shapes; identity tensors without settings cannot (the Q-Former's depth and
+    heads are not in the shapes) and fail with a line saying to export a bundle. A module the
+    config enables but whose tensors are absent would start zero-initialised, i.e. do nothing,
+    so it is left out.
+    """
+    from ..models.fantasytalking import AUDIO_MODES
+    from ..models.weights import AUDIO_PROJ_PREFIX, read_checkpoint, with_ema
+    from ..spec import read_spec
+
+    ckpt = read_checkpoint(path, key="adapters")
+    if ema:
+        ckpt = with_ema(ckpt, key="ema")
+    where = f"adapters: {ckpt.path}"
+    proj = ckpt.tensors.get(f"{AUDIO_PROJ_PREFIX}proj.weight")
+    if proj is None or proj.ndim != 2:
+        raise ValueError(f"{where} holds no audio adapter ({AUDIO_PROJ_PREFIX}proj.weight is missing)")
+    spec = read_spec(ckpt)  # the one reader of every layout's model description
+    mode = audio_mode or (spec.audio_mode if spec else None) or ckpt.meta.get("audio_mode")
+    if mode is None:
+        mode = RELEASE_AUDIO_MODE
+        if ckpt.layout != "official":
+            log.info("adapters: %s does not say its audio mode; using %s (the release's)", ckpt.path, mode)
+    if mode not in AUDIO_MODES:
+        raise ValueError(f"audio_mode: {mode!r} is not one of {AUDIO_MODES}")
+    expand = audio_expand if audio_expand is not None else (spec.audio_expand if spec else RELEASE_EXPAND)
+    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 0:
+        raise ValueError(f"audio_expand: must be a whole number of tokens >= 0, got {expand!r}")
+
+    motion = spec.motion if spec else None
+    motion_keys = [k for k in ckpt.tensors if k.startswith("motion.")]
+    identity = spec.identity if spec else None
+    identity_keys = [k for k in ckpt.tensors if k.startswith(("identity.", "face_kv."))]
+    for name, section, keys in (("motion", motion, motion_keys), ("identity", identity, identity_keys)):
+        if section is not None and not keys:
+            log.warning("adapters: %s enables model.%s but holds none of its weights; the module is left out",
+                        ckpt.path, name)
+    motion = motion if motion_keys else None
+    identity = identity if identity_keys else None
+    if motion is None and motion_keys:
+        embed = ckpt.tensors.get("motion.embed.0.weight")
+        if embed is None or embed.ndim != 2:
+            raise ValueError(
+                f"{where} holds motion tensors but not motion.embed.0.weight; export it as a bundle with its run config"
+            )
+        motion = {"enabled": True, "hidden_dim": int(embed.shape[0]), "freq_dim": int(embed.shape[1])}
+    if identity is None and identity_keys:
+        raise ValueError(
+            f"{where} holds identity-branch tensors but no model.identity settings; export it with its run "
+            "config: ft-export ckpt=... out=<folder> format=bundle config=<stage_dir>/config.yaml"
+        )
+    return AdapterSpec(
+        checkpoint=ckpt,
+        audio_mode=mode,
+        audio_expand=int(expand),
+        audio_in_dim=int(proj.shape[1]),
+        audio_proj_dim=int(proj.shape[0]),
+        identity=identity,
+        motion=motion,
+        pretrained=spec.pretrained if spec else None,
+        fps=spec.fps if spec else None,
+        num_frames=spec.num_frames if spec else None,
+    )
+
+
+def check_identity(identity: dict[str, Any] | None, clip_width: int | None) -> None:
+    """The identity branch must read what ft-infer gives it: CLIP tokens (``clip_width``-d) of
+    the face crop or of the whole image (``model.identity.encoder=precomputed`` with ``face_dim``
+    = that width), or the face crop's pixels (``arcface``). Other encoders are refused."""
+    if identity is None:
+        return
+    encoder = identity.get("encoder", "precomputed")
+    if encoder not in FACE_ENCODERS_READ:
+        raise ValueError(
+            f"adapters: the identity branch was trained with model.identity.encoder={encoder}; ft-infer gives it "
+            "CLIP tokens of the face crop (encoder=precomputed) or the crop's pixels (encoder=arcface) only"
+        )
+    face_dim = identity.get("face_dim")
+    if encoder == "precomputed" and clip_width is not None and face_dim is not None and int(face_dim) != int(clip_width):
+        raise ValueError(
+            f"adapters: the identity branch takes {face_dim}-d face features, but ft-infer feeds it CLIP tokens "
+            f"({clip_width}-d)"
+        )
+
+
+def resolve_arcface(identity: dict[str, Any], arcface: str | Path | None) -> dict[str, Any]:
+    """``model.identity`` of an ``arcface`` branch with its network at ``arcface`` (None = the path
+    it was trained with); one line naming ``arcface`` when that file is not here."""
+    path = arcface or identity.get("arcface_path")
+    hint = "point arcface at the insightface backbone.pth the adapters were trained with"
+    if not path:
+        raise FileNotFoundError(f"arcface: not set and the adapters name no model.identity.arcface_path; {hint}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        given = "" if arcface else " (the adapters' model.identity.arcface_path)"
+        raise FileNotFoundError(f"arcface: no file at {path}{given}; {hint}")
+    return {**identity, "arcface_path": str(path)}
+
+
+def detect_face_box(image) -> list[float] | None:
+    """The face box ``(x0, y0, x1, y1)`` in px of an RGB ``PIL.Image``: the extent of mediapipe's
+    478 face-mesh landmarks, found by ``ft-prep``'s :class:`~ft_train.data.face.FrameAnalyzer` —
+    the box ``ft-prep`` stores for training clips, so the crop around it matches training's.
+    None when no face is found; several faces log a warning (the mesh takes the most prominent)."""
+    from ..data.face import FrameAnalyzer, stack_results
+
+    frame = np.array(image.convert("RGB"), dtype=np.uint8)
+    with FrameAnalyzer(pose_every=0) as analyze:
+        result = analyze(frame, detect=True)
+    if result.face is None:
+        return None
+    if result.num_faces > 1:
+        log.warning("face: %d faces in the image; the identity branch reads the most prominent one", result.num_faces)
+    return [float(v) for v in stack_results([result])["face_box"][0]]
+
+
+def scale_box(box: Sequence[float] | None, size: tuple[int, int], new_size: tuple[int, int]) -> list[float] | None:
+    """A pixel box of an image of ``size`` (w, h) in the pixels of its resized copy of ``new_size``."""
+    if box is None:
+        return None
+    sx, sy = new_size[0] / size[0], new_size[1] / size[1]
+    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+
+def clip_width(wan: Path) -> int | None:
+    """Width of the CLIP image tokens, from ``<wan>/image_encoder/config.json`` (None if unstated)."""
+    try:
+        config = json.loads((wan / "image_encoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    width = config.get("hidden_size", (config.get("vision_config") or {}).get("hidden_size"))
+    return int(width) if isinstance(width, int) else None

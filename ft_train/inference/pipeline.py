@@ -1,0 +1,205 @@
+"""The talking-portrait pipeline: photo + speech + adapters → video frames, with the official
+three-pass guidance."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .adapters import AdapterSpec, check_identity, clip_width
+from .inputs import fit_waveform, image_to_tensor, resolve_device, resolve_dtype_name
+
+log = logging.getLogger("ft_train.infer")
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class TalkingPortraitPipeline:
+    """The loaded networks of ft-infer: call it once per (image, speech) pair.
+
+    Args:
+        model: :class:`~ft_train.models.FantasyTalkingDiT` with its adapters loaded, on ``device``.
+        image_encoder, text_encoder, audio_encoder: the frozen encoders of
+            :mod:`ft_train.models.encoders`.
+        vae: :class:`~ft_train.models.vae.WanVAEDecoder` (its ``enc`` also encodes the
+            first-frame condition, so the VAE is loaded once).
+        sampler: :class:`~ft_train.diffusion.FlowMatchSampler`.
+        device: where the DiT runs (and the encoders while they run).
+        offload: the encoders and VAE live on the CPU between uses.
+        face_margin: context around the face box in the identity branch's crop
+            (:func:`~ft_train.data.clip_prep.face_crop_box`); the training data's ``face_margin``.
+    """
+
+    def __init__(self, model, image_encoder, text_encoder, audio_encoder, vae, sampler,
+                 device: torch.device, offload: bool = False, face_margin: float = 0.2):
+        self.face_margin = float(face_margin)
+        self.model = model
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.audio_encoder = audio_encoder
+        self.vae = vae
+        self.sampler = sampler
+        self.device = torch.device(device)
+        self.offload = bool(offload) and self.device.type != "cpu"
+
+    @classmethod
+    def load(cls, spec: AdapterSpec, wan: str | Path, wav2vec: str | Path, sampler=None, device="auto",
+             dtype: str = "auto", vae_dtype: str = "float32", vae_tiling: bool = False,
+             offload: bool = False, face_margin: float = 0.2,
+             compile_blocks: bool = False, frozen_fp8: bool = False) -> "TalkingPortraitPipeline":
+        """Load the DiT from ``<wan>/transformer``, put ``spec``'s adapters in it, and load the
+        encoders and the VAE (on the CPU when ``offload``). ``compile_blocks``: ``torch.compile``
+        the DiT's blocks; ``frozen_fp8``: their linear weights in float8, quantised once on
+        ``device`` (both :func:`ft_train.speed.apply`)."""
+        from ..diffusion import FlowMatchSampler
+        from ..models.vae import WanVAEDecoder
+        from ..models import build_model
+        from ..models.encoders import load_audio_encoder, load_image_encoder, load_text_encoder
+        from ..models.weights import check_compatible
+        from ..speed import SpeedOptions, apply
+
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        dtype = resolve_dtype_name(dtype, device)
+        vae_dtype = resolve_dtype_name(vae_dtype, device, key="vae_dtype")
+        home = torch.device("cpu") if offload else device
+        check_identity(spec.identity, clip_width(Path(wan)))
+
+        model = build_model(pretrained=str(wan), dtype=dtype, **spec.model_kwargs())
+        ckpt = spec.checkpoint
+        loaded = check_compatible(model, ckpt, key="adapters")
+        model.load_state_dict({k: ckpt.tensors[k] for k in loaded}, strict=False)
+        # The release runs its adapter in the DiT's dtype too; the adapters are ~6% of 14B.
+        for module in model.adapter_modules().values():
+            module.to(getattr(torch, dtype))
+        model.requires_grad_(False).eval().to(device)
+        apply(model, SpeedOptions(compile_blocks=compile_blocks, frozen_fp8=frozen_fp8))
+
+        vae = WanVAEDecoder(wan, device=home, dtype=vae_dtype, key="wan")
+        if vae_tiling:
+            vae.enc.vae.enable_tiling()
+        image_encoder = load_image_encoder(wan, device=home, dtype=dtype, key="wan")
+        text_encoder = load_text_encoder(wan, device=home, dtype=dtype, key="wan")
+        audio_encoder = load_audio_encoder(wav2vec, device=home, dtype=dtype, key="wav2vec")
+        return cls(model, image_encoder, text_encoder, audio_encoder, vae, sampler or FlowMatchSampler(),
+                   device, offload, face_margin)
+
+    @property
+    def grid(self) -> int:
+        """Pixels per DiT token side: VAE stride × patch (8 × 2 = 16 for Wan2.1)."""
+        patch = self.model.transformer.config.patch_size
+        return self.vae.enc.spatial_stride * int(patch[1])
+
+    @contextmanager
+    def _resident(self, module):
+        """``module`` on the compute device for the duration (a no-op unless offloading)."""
+        if not self.offload:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            torch.cuda.empty_cache()
+
+    def _text(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Prompts → ``(1, 512, text_dim)`` embeddings, zero-padded (the DiT's I2V attention
+        splits image from text tokens by the count 512)."""
+        from ..models.adapter import TEXT_TOKENS
+
+        with self._resident(self.text_encoder) as enc:
+            embeddings = enc(list(prompts))
+        out = []
+        for e in embeddings:
+            padded = e.new_zeros(1, TEXT_TOKENS, e.shape[-1])
+            padded[0, : min(e.shape[0], TEXT_TOKENS)] = e[:TEXT_TOKENS]
+            out.append(padded.to(self.device))
+        return out
+
+    def _face(self, image, face_box: Sequence[float] | None) -> torch.Tensor | None:
+        """The identity branch's ``face`` for ``image`` (see the module docstring): CLIP tokens
+        ``(1, N, D)`` or pixels ``(1, 3, 112, 112)`` in [-1, 1] of the crop around ``face_box``;
+        None = no face (a ``precomputed`` branch then reads the CLIP image tokens)."""
+        from ..data.clip_prep import FACE_PIXELS_SIZE, face_crops
+
+        identity = self.model.identity
+        if identity is None:
+            return None
+        frame = np.asarray(image, dtype=np.uint8)[None]
+        if identity.encoder.input_kind == "pixels":
+            if face_box is None:
+                raise ValueError(
+                    f"face: the identity branch (model.identity.encoder={identity.config.encoder}) reads a face crop, "
+                    "and no face box was given"
+                )
+            crop = face_crops(frame, [face_box], self.face_margin, FACE_PIXELS_SIZE)
+            return crop.float().div(127.5).sub(1.0).to(self.device)
+        if face_box is None:
+            return None
+        crop = face_crops(frame, [face_box], self.face_margin)
+        with self._resident(self.image_encoder) as enc:
+            return enc(crop.float().div(127.5).sub(1.0)).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, image, speech: np.ndarray, num_frames: int, fps: float, prompt: str = "",
+                 negative_prompt: str = "", omega: tuple[float | None, float | None] = (None, None),
+                 seed: int = 0, progress: bool = False, face_box: Sequence[float] | None = None) -> torch.Tensor:
+        """Generate a clip.
+
+        Args:
+            image: the reference frame, an RGB ``PIL.Image`` whose sides are multiples of
+                :attr:`grid` px (see :func:`target_size`).
+            speech: mono float32 ``(N,)`` at 16 kHz; cut or silence-padded to ``num_frames / fps`` s.
+            num_frames: video frames, 4k+1.
+            fps: frames per second (sets which speech each frame's audio window sees).
+            prompt, negative_prompt: text and negative text ("" = the empty prompt).
+            omega: (ω_l, ω_b) in [0, 1] for the motion module; None entries = its default.
+            seed: initial-noise seed (CPU generator: the same noise on every device).
+            progress: a bar over the sampling steps.
+            face_box: the face's box (x0, y0, x1, y1) in ``image``'s px (:func:`detect_face_box`,
+                scaled), for the identity branch; None = no face (whole-image CLIP tokens for a
+                ``precomputed`` branch; an ``arcface`` branch needs a box).
+        Returns:
+            uint8 RGB frames ``(num_frames, H, W, 3)`` on the CPU.
+        """
+        from ..data.clip_prep import clip_audio_samples
+
+        width, height = image.size
+        if width % self.grid or height % self.grid:
+            raise ValueError(
+                f"image: {width}×{height} px is not a multiple of the {self.grid}-px DiT grid (use target_size)"
+            )
+        first = image_to_tensor(image)
+        wave = fit_waveform(np.asarray(speech, dtype=np.float32), clip_audio_samples(num_frames, fps))
+        with self._resident(self.audio_encoder) as enc:
+            audio = enc([wave])[0][None].to(self.device)
+        wants_negative = any(p.text == "neg" for p in self.sampler.passes(has_audio=True))
+        texts = self._text([prompt, negative_prompt] if wants_negative else [prompt])
+        with self._resident(self.image_encoder) as enc:
+            clip = enc(first).to(self.device)
+        with self._resident(self.vae) as vae:
+            image_latents = vae.enc.encode_condition(first, num_frames).to(self.device)
+
+        extra: dict[str, torch.Tensor] = {}
+        if self.model.motion is not None:
+            default = self.model.motion_config.default
+            pair = [default if w is None else float(w) for w in omega]
+            extra["motion"] = torch.tensor([pair], dtype=torch.float32, device=self.device)
+        face = self._face(image, face_box)
+        if face is not None:
+            extra["face"] = face
+        latents = self.sampler(
+            self.model, image_latents, clip, texts[0], audio,
+            negative_text=texts[1] if wants_negative else None,
+            generator=torch.Generator().manual_seed(int(seed)),
+            num_frames=num_frames, progress=progress, model_kwargs=extra,
+        )
+        with self._resident(self.vae) as vae:
+            frames = vae(latents)
+        return frames[0].cpu()
