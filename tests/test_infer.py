@@ -57,12 +57,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def random_adapters(net, seed):
-    """Trained-looking adapter weights (zero-initialised k/v and motion output would be no-ops)."""
+def random_adapters(net, seed, identity_std=0.05):
+    """Trained-looking adapter weights (zero-initialised k/v and motion output would be no-ops).
+    ``identity_std``: the Q-Former's spread; at 0.05 its ID tokens hardly depend on the face."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for value in net.adapter_state_dict().values():
-            value.copy_(torch.randn(value.shape, generator=g) * 0.05)
+        for name, value in net.adapter_state_dict().items():
+            std = identity_std if name.startswith("identity.") else 0.05
+            value.copy_(torch.randn(value.shape, generator=g) * std)
     return net
 
 
@@ -93,7 +95,7 @@ def files(tmp_path_factory, tiny_transformer_config):
 
     identity_cfg = {**model_cfg, "motion": {**model_cfg["motion"], "enabled": False}}
     identity_cfg["identity"] = {**identity_cfg["identity"], "enabled": True}
-    net = random_adapters(build_model(**identity_cfg, audio_mode="clip"), seed=2)
+    net = random_adapters(build_model(**identity_cfg, audio_mode="clip"), seed=2, identity_std=0.5)
     export_bundle(AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(), {"audio_mode": "clip"}),
                   root / "identity_bundle", torch.float32,
                   ModelSpec.from_run_config({"model": identity_cfg, "data": {"fps": FPS}}, "clip"), None)
