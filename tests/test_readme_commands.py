@@ -59,12 +59,12 @@ STEPS = 2
 SIDE = 160  # the test clip's size; raw mode trains at it instead of 512
 
 
-def make_clip(src: Path, dst: Path, seconds: float | None = None) -> None:
+def make_clip(src: Path, dst: Path, seconds: float | None = None, start: float = 0.0) -> None:
     """The shipped talking clip (4 s) cut around the face to SIDE pixels (the face stays wider than
-    ft-prep's default min_face_px), its first ``seconds``, with its speech as AAC."""
+    ft-prep's default min_face_px), ``seconds`` of it from ``start``, with its speech as AAC."""
     import imageio_ffmpeg
 
-    cut = ["-t", str(seconds)] if seconds else []
+    cut = ["-ss", str(start), "-t", str(seconds)] if seconds else []
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(src), *cut,
                     "-vf", f"crop=192:192:129:28,scale={SIDE}:{SIDE}", "-c:v", "libx264", "-pix_fmt", "yuv420p",
                     "-c:a", "aac", str(dst)], check=True)
@@ -97,9 +97,11 @@ class World:
         self.paths["videos"].mkdir(parents=True)
         make_clip(REPO / "tests" / "assets" / "sample_talking.mp4", self.paths["videos"] / "talk.mp4")
         (self.paths["videos"] / "talk.txt").write_text("a person is talking")
-        # The test set: 0.8 s of the clip as one 17-frame clip (FVD needs 16), prepared as the README prepares data.
+        # The test set: two 0.8 s pieces of the clip, one 17-frame clip each (FVD needs 16 frames and
+        # two videos), prepared as the README prepares data.
         self.paths["test_videos"].mkdir(parents=True)
-        make_clip(REPO / "tests" / "assets" / "sample_talking.mp4", self.paths["test_videos"] / "talk.mp4", 0.8)
+        for name, start in (("talk_a.mp4", 0.0), ("talk_b.mp4", 1.6)):
+            make_clip(REPO / "tests" / "assets" / "sample_talking.mp4", self.paths["test_videos"] / name, 0.8, start)
         assert prep([f"input={self.paths['test_videos']}", f"output={self.paths['test_raw']}", "fps=25",
                      "num_frames=17", "progress=false"]) == 0
         assert prep(["task=encode", f"input={self.paths['test_raw']}", f"output={self.paths['test_latents']}",
@@ -112,7 +114,8 @@ class World:
         shutil.copy(speech, self.work / "speech.wav")
         # ft-eval's `generated=results/ours`: the user's generated videos, named like their references.
         (self.work / "results" / "ours").mkdir(parents=True)
-        shutil.copy(self.paths["test_videos"] / "talk.mp4", self.work / "results" / "ours" / "talk.mp4")
+        for video in self.paths["test_videos"].glob("*.mp4"):
+            shutil.copy(video, self.work / "results" / "ours" / video.name)
         self.jobs = iter(range(12345, 12400))
 
     def substitute(self, arg: str) -> str:
@@ -226,7 +229,7 @@ def run_ft_export(world, args, monkeypatch, capsys):
     for path in [out] if out.is_file() else sorted(out.iterdir()):
         assert path.stat().st_size > 0
     if keys.get("format") == "bundle":  # the training clips' frame rate, from the shards' stats.json
-        assert json.loads((out / "adapter.json").read_text())["audio"]["fps"] == 25
+        assert json.loads((out / "adapter.json").read_text())["spec"]["fps"] == 25
 
 
 def run_ft_infer(world, args, monkeypatch, capsys):
