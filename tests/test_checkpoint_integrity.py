@@ -131,6 +131,57 @@ def test_unreadable_step_folder_falls_back_with_a_warning(run, monkeypatch, capl
     assert f"{NEWEST} is damaged (cannot read it (PermissionError" in caplog.text
 
 
+@pytest.mark.parametrize("broken", ["half-written", "a list"])
+def test_broken_config_yaml_warns_and_the_rerun_resumes(run, broken, caplog):
+    out, name, ckpt_dir = run
+    config_file = out / name / "clip" / "config.yaml"
+    text = config_file.read_text()
+    # cut short mid-write (a ParserError), or valid yaml but no mapping
+    config_file.write_text(text[: len(text) // 2] + '\n  key: "unterminated' if broken == "half-written" else "- 1\n")
+    with caplog.at_level(logging.INFO):
+        train(config(out, name, 5, "data.num_workers=0"))
+    assert f"{config_file} is unreadable" in caplog.text
+    assert NEWEST in resumed_from(caplog)
+    assert config_file.read_text().count("\n") > text.count("\n") // 2 + 5  # rewritten whole
+    assert not [p.name for p in config_file.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def damage_all(ckpt_dir):
+    for step_dir in ckpt_dir.iterdir():
+        (step_dir / MARKER).write_text("null")
+
+
+def test_all_checkpoints_damaged_stops_resume_auto_with_the_fix(run):
+    out, name, ckpt_dir = run
+    damage_all(ckpt_dir)
+    with pytest.raises(RuntimeError, match=rf"resume=auto: none of the 2 step folders in {ckpt_dir} is usable.*resume=never"):
+        train(config(out, name, 5, "data.num_workers=0"))
+
+
+def test_all_checkpoints_damaged_starts_over_under_auto_or_fresh(run, caplog):
+    _, _, ckpt_dir = run
+    damage_all(ckpt_dir)
+    with caplog.at_level(logging.WARNING):
+        assert resume_path("auto_or_fresh", ckpt_dir) is None
+    assert "resume=auto_or_fresh: none of the 2 step folders" in caplog.text
+    assert resume_path("auto", ckpt_dir.parent / "nothing-here") is None  # no folders at all: a fresh start
+
+
+@pytest.mark.parametrize("value", ["sometimes", "/nonexistent/step-00000004"])
+def test_resume_is_validated_before_anything_is_built(tmp_path, value):
+    with pytest.raises(ValueError, match=r"^resume='.*': must be auto, auto_or_fresh, never or the path of a step folder"):
+        train(config(tmp_path, "bad", 2, f"resume={value}"))
+
+
+def test_explicit_resume_folder_that_does_not_load_names_it(run):
+    _, _, ckpt_dir = run
+    sizes_only(ckpt_dir / NEWEST)
+    ckpt = ckpt_dir / NEWEST / "model.ckpt"
+    ckpt.write_bytes(bytes(ckpt.stat().st_size))
+    with pytest.raises(FileNotFoundError, match=rf"resume: {ckpt.parent} is not a usable checkpoint folder \(torch cannot"):
+        resume_path(str(ckpt.parent), ckpt_dir)
+
+
 def test_save_writes_nothing_to_tmpdir(tmp_path, monkeypatch):
     # Lightning's default CheckpointIO writes the whole file under $TMPDIR first, then moves it.
     import tempfile
@@ -172,3 +223,21 @@ def test_every_file_and_folder_is_flushed_before_the_commit_and_the_rename_after
     assert {f"{tmp}/model.ckpt", f"{tmp}/{MARKER}", tmp} <= synced_before
     assert ("fsync", str(ckpt_dir)) in events[rename:]
     assert crc32(ckpt_dir / "step-00000002" / "model.ckpt")  # and it is the file the marker names
+
+
+def test_config_yaml_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from ft_train import train as train_module
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("seed: 0\n")
+
+    def power_cut(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(train_module.os, "fsync", power_cut)  # dies after writing, before the rename
+    with pytest.raises(OSError):
+        train_module.write_atomically(config_file, "seed: 5\nlr: 1\n")
+    assert config_file.read_text() == "seed: 0\n"  # the old file, not half of the new one
+    monkeypatch.undo()
+    train_module.write_atomically(config_file, "seed: 5\n")
+    assert config_file.read_text() == "seed: 5\n"
