@@ -42,6 +42,19 @@ def validate_config(cfg) -> None:
     init_from = cfg.stage.init_from
     if init_from and not Path(str(init_from)).expanduser().exists():
         raise FileNotFoundError(f"stage.init_from: nothing at {init_from}; give a checkpoint, step folder or bundle")
+    check_resume(cfg.resume)
+
+
+RESUME_MODES = ("auto", "auto_or_fresh", "never")
+
+
+def check_resume(resume) -> None:
+    """``resume`` is one of :data:`RESUME_MODES` or the path of an existing step folder."""
+    if resume in RESUME_MODES or resume is False or resume is None:
+        return
+    if not isinstance(resume, str) or not Path(resume).expanduser().is_dir():
+        raise ValueError(f"resume={resume!r}: must be auto, auto_or_fresh, never or the path of a step folder "
+                         "(checkpoints/step-XXXXXXXX)")
 
 
 def check_model_options(cfg) -> None:
@@ -104,20 +117,65 @@ def check_slurm(cfg) -> None:
 
 
 def resume_path(resume, dirpath) -> str | None:
-    """``resume``: ``auto`` (newest complete step folder in this stage's checkpoints, if any),
-    ``never``, or the path of a step folder."""
-    from .lit.checkpointing import find_resume_checkpoint, lightning_path, verify
+    """``resume``: ``auto`` (the newest usable step folder in this stage's checkpoints; none there:
+    start fresh; some there but none usable: stop), ``auto_or_fresh`` (the same, but start fresh
+    when none is usable), ``never``, or the path of a step folder."""
+    from .lit.checkpointing import committed_steps, find_resume_checkpoint, lightning_path, usable
 
     if resume in (None, "never", False):
         return None
-    if resume == "auto":
+    if resume in ("auto", "auto_or_fresh"):
         found = find_resume_checkpoint(dirpath)
-        return str(lightning_path(found)) if found else None
+        if found:
+            return str(lightning_path(found))
+        folders = committed_steps(dirpath)
+        if folders and resume == "auto":
+            raise RuntimeError(
+                f"resume=auto: none of the {len(folders)} step folders in {dirpath} is usable (warnings above say why); "
+                f"move them away to keep them, or set resume=never to start over (resume=auto_or_fresh does that by itself)")
+        if folders:
+            log.warning("resume=auto_or_fresh: none of the %d step folders in %s is usable; starting from step 0",
+                        len(folders), dirpath)
+        return None
     folder = Path(str(resume)).expanduser()
-    problem = verify(folder)
+    problem = usable(folder)
     if problem:
-        raise FileNotFoundError(f"resume: {folder} is not a complete checkpoint folder ({problem})")
+        raise FileNotFoundError(f"resume: {folder} is not a usable checkpoint folder ({problem}); give another step "
+                                "folder, or resume=auto")
     return str(lightning_path(folder))
+
+
+def read_previous_config(config_file: Path):
+    """The config a stage last started with, or None (absent, or unreadable: warned)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not config_file.is_file():
+        return None
+    try:
+        previous = OmegaConf.load(config_file)
+    except Exception as exc:  # noqa: BLE001 - a half-written or hand-broken file must not stop the run
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    else:
+        if isinstance(previous, DictConfig):
+            return previous
+        why = "not a mapping of settings"
+    log.warning("%s is unreadable (%s); the settings changed since the last start are neither listed nor checked; "
+                "it is rewritten now", config_file, why)
+    return None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so the file is
+    always either the old or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # Keys a resumed run may change without a word: how far to train, and how to resume.
@@ -174,9 +232,12 @@ def train(cfg) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     config_file = stage_dir / "config.yaml"
-    previous = OmegaConf.load(config_file) if config_file.is_file() else None
+    previous = read_previous_config(config_file)
     dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
-    if previous is not None and cfg.resume == "auto" and dirpath and find_resume_checkpoint(dirpath):
+    if not dirpath:
+        raise ValueError("callbacks: a StepCheckpoint (callbacks.checkpoint) is required; it saves and finds resume points")
+    ckpt_path = resume_path(cfg.resume, dirpath)  # before any weights are built
+    if previous is not None and cfg.resume in ("auto", "auto_or_fresh") and ckpt_path:
         other_run = [c for c in config_changes(previous, cfg) if c.split(":", 1)[0] in RUN_IDENTITY_KEYS]
         if other_run:  # before any weights are loaded
             raise ValueError(
@@ -213,7 +274,6 @@ def train(cfg) -> dict[str, Any]:
     checkpointer = next((c for c in callbacks if isinstance(c, StepCheckpoint)), None)
     if checkpointer is None:
         raise ValueError("callbacks: a StepCheckpoint (callbacks.checkpoint) is required; it saves and finds resume points")
-    ckpt_path = resume_path(cfg.resume, checkpointer.dirpath)
     from .spec import ModelSpec, read_data_stats
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -224,7 +284,7 @@ def train(cfg) -> dict[str, Any]:
     checkpointer.spec = ModelSpec.from_run_config(resolved, audio_mode=net.audio_mode, data_stats=data_stats)
     changes = config_changes(previous, cfg) if ckpt_path and previous is not None else []
     if rank_zero_only.rank == 0:  # one writer; the others would race it to the file
-        config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_atomically(config_file, OmegaConf.to_yaml(cfg, resolve=True))
     if changes:
         log.warning("resuming from %s with settings changed since this stage last started (its config.yaml): %s; "
                     "the losses follow an uninterrupted run's only with the same seed, data, batch size and ranks",
@@ -232,7 +292,7 @@ def train(cfg) -> dict[str, Any]:
     log.info("stage %s → %s%s", cfg.stage.name, stage_dir, f" (resuming from {ckpt_path})" if ckpt_path else "")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    final = checkpointer.last_path or find_resume_checkpoint(checkpointer.dirpath)
+    final = checkpointer.last_path or find_resume_checkpoint(checkpointer.dirpath, check=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {
         "metrics": metrics,
