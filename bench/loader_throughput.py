@@ -162,7 +162,7 @@ def time_raw_decode(raw_dir: Path, passes: int, frames: int) -> dict[str, Any]:
 def time_load_clip(raw_dir: Path, samples: list[dict], passes: int, frames: int) -> dict[str, Any]:
     """Raw-mode training's per-clip load (decode + window + resize), when ft_train.data.raw exists."""
     try:
-        from ft_train.data.raw import load_clip
+        from ft_train.data.raw_clip import load_clip
     except ImportError as e:
         return {"status": f"unavailable: {e}"}
     stats = json.loads((raw_dir / "stats.json").read_text())

@@ -52,7 +52,7 @@ import numpy as np
 
 from ft_train.cli import Tool
 from ft_train.config import compose_tool_config
-from ft_train.data.raw import RAW_REJECT_REASONS, SampleError
+from ft_train.data.raw_clip import RAW_REJECT_REASONS, SampleError
 
 #: Every reason a raw sample is skipped; the report counts each. ``too_short`` is raw-mode
 #: training's (a clip shorter than its window): the encode pass always takes the whole clip.
@@ -105,7 +105,7 @@ class EncodeConfig:
             if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):
                 problems.append(f"{key}={getattr(self, key)!r} must be auto, float32, bfloat16 or float16")
         try:
-            from ft_train.data.raw import check_buckets
+            from ft_train.data.raw_clip import check_buckets
 
             self.buckets = check_buckets(self.buckets, "buckets")
         except ValueError as e:
@@ -144,7 +144,7 @@ def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
     to multiples of ``size_multiple``, or scaled and cut to its aspect-ratio bucket when
     ``buckets`` are set (:func:`ft_train.data.raw.load_clip`). Raises
     :class:`~ft_train.data.raw.SampleError`."""
-    from ft_train.data.raw import load_clip
+    from ft_train.data.raw_clip import load_clip
     from ft_train.data.schema import SCHEMA_NAME, SCHEMA_VERSION
 
     # Buckets change the aspect ratio: the cut then follows the face, as in raw-mode training.

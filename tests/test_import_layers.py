@@ -110,7 +110,7 @@ def test_the_graph_sees_imports():
     assert "ft_train.media" in graph["ft_train.lit.validation"]  # from ..media import ...
     assert "ft_train.data.face" in graph["ft_train.inference.adapters"]  # inside detect_face_box
     assert "ft_train.media" in graph["data_tools.prep"]  # from ft_train import media
-    assert "ft_train.data.raw" in graph["data_tools.encode"]
+    assert "ft_train.data.raw_clip" in graph["data_tools.encode"]
 
 
 def main() -> int:

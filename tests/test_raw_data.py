@@ -16,7 +16,7 @@ from ft_train import media
 from ft_train.data import LatentShardDataModule, RawShardDataModule
 from ft_train.data.datamodule import collate_samples
 from ft_train.data.face import landmark_motion
-from ft_train.data.raw import apply_geometry, plan_geometry
+from ft_train.data.raw_clip import apply_geometry, plan_geometry
 from ft_train.data.raw_format import decode_lip_masks, decode_npz, normalise_motion
 from ft_train.models.audio import clip_audio_tokens, split_audio_windows
 from ft_train.data.clip_prep import crop_face, encode_clips
@@ -267,7 +267,7 @@ def test_ft_train_trains_from_raw_shards(setup, tmp_path):  # noqa: F811
 
 
 def test_aspect_ratio_buckets_pick_the_nearest_shape():
-    from ft_train.data.raw import check_buckets, nearest_bucket
+    from ft_train.data.raw_clip import check_buckets, nearest_bucket
 
     buckets = [(512, 512), (480, 832), (832, 480)]
     assert nearest_bucket(720, 1280, buckets) == (480, 832)  # 16:9 landscape
