@@ -308,3 +308,12 @@ def test_resume_refuses_a_run_folder_of_other_data(tmp_path):
         train(compose_train([*common, f"data.root={tmp_path}/b"]))
     assert (tmp_path / "shared" / "clip" / "config.yaml").read_text() == config  # left as the first run wrote it
     train(compose_train([*common, f"data.root={tmp_path}/b", "resume=never"]))  # the way to start over
+
+
+def test_the_last_step_is_logged_even_off_the_logging_period(tmp_path):
+    """A run shorter than trainer.log_every_n_steps (10) still writes its last step's loss."""
+    cfg = compose_train([f"paths.output_dir={tmp_path}", "stage.max_steps=3", "data.num_workers=0",
+                         "trainer.log_every_n_steps=10"])
+    result = train(cfg)
+    steps, losses = read_metric(Path(result["stage_dir"]) / "metrics.csv", "train/loss")
+    assert steps == [2] and losses[0] == pytest.approx(result["metrics"]["train/loss"])

@@ -250,6 +250,12 @@ class FantasyTalkingModule(L.LightningModule):
         # has shown the peak memory.
         if speed_state(self.net).checkpoint_auto and self.trainer.global_step >= 1:
             self.size_checkpointing()
+        # The last step is logged whatever trainer.log_every_n_steps says (Lightning logs only on
+        # its multiples, so a short run wrote no metrics.csv at all): a stop request makes
+        # Lightning log this step, and training ends here anyway.
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and max_steps > 0 and self.trainer.global_step >= max_steps:
+            self.trainer.should_stop = True
 
     def size_checkpointing(self) -> int:
         """``model.checkpoint_keep=auto``: keep as many blocks as ``model.checkpoint_memory_gib``
