@@ -169,6 +169,23 @@ def test_preemption_signal_saves_requeues_and_the_resumed_run_matches(uninterrup
     assert losses(out, "preempt") == expected
 
 
+def test_stop_signal_saves_and_stops_without_requeueing(tmp_path, monkeypatch, caplog):
+    """SIGTERM (scancel, the time limit, node shutdown): every rank saves the step in flight and
+    the run ends; the requeue command is never run, so a cancelled SLURM job stays cancelled.
+    A USR1 arriving as well does not turn the stop into a requeue."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    marker = tmp_path / "requeued-{job_id}"
+    with caplog.at_level("WARNING"):
+        first = train(config(tmp_path, "cancel", 7, "data.num_workers=0", "+callbacks.signal._target_=tests.faults.SignalAt",
+                             "+callbacks.signal.step=3", "+callbacks.signal.signal_name=SIGTERM",
+                             "+callbacks.usr1._target_=tests.faults.SignalAt", "+callbacks.usr1.step=3",
+                             f"callbacks.preemption.requeue_command='touch {marker}'"))
+    assert first["trainer"].global_step == 4  # the step in flight finished, then it stopped
+    assert not (tmp_path / "requeued-4243").exists()
+    assert find_resume_checkpoint(tmp_path / "cancel" / "clip" / "checkpoints").name == "step-00000004"
+    assert "stop signal received" in caplog.text and "requeued" not in caplog.text
+
+
 @pytest.mark.parametrize("command, ok, message", [
     ("true", True, "requeued SLURM job 77; it will resume from step 5"),
     ("sh -c 'echo no such job >&2; exit 1'", False, "requeue failed (sh -c 'echo no such job >&2; exit 1'): no such job"),

@@ -11,6 +11,7 @@ FT_REQUIRE_SLURM=1 to make that an error instead (CI).
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -113,3 +114,23 @@ def test_preemption_signal_requeues_and_resumes_with_identical_losses(slurm, tmp
     expected = read_metric(out / "reference" / "clip" / "metrics.csv", "train/loss")
     assert expected[0] == list(range(steps))
     assert got == expected  # same steps, bit-identical losses across the preemption
+
+
+def test_scancel_saves_and_ends_the_job_without_requeueing(slurm, tmp_path):
+    """`scancel JOB` (SIGTERM to every task, SIGKILL after KillWait): every rank saves the step in
+    flight and the job ends CANCELLED, not requeued (USR1 alone means "requeue")."""
+    out = tmp_path / "runs"
+    job = submit(slurm, tmp_path, *overrides(out, 200, "callbacks.checkpoint.every_n_steps=5"))
+    ckpts = out / f"ft-train-{job}" / "clip" / "checkpoints"
+    info = slurm.wait(job, timeout=90, until=lambda i: i["JobState"] != "PENDING" and (
+        i["JobState"] != "RUNNING" or bool(committed_steps(ckpts))))
+    assert info["JobState"] == "RUNNING", job_log(info)
+    slurm.scancel(str(job))
+    info = slurm.wait(job, timeout=90)
+    time.sleep(3)  # a requeue would show in the job's state within SLURM's scheduling interval (1 s)
+    info = slurm.job(job)
+    log = job_log(info)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
+    assert "stop signal received" in log and "requeued" not in log, log
+    step = int(re.search(r"saving step (\d+) on every rank", log).group(1))
+    assert step in [s for s, _ in committed_steps(ckpts)], log  # the step in flight is saved
