@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -190,7 +191,16 @@ def run_ft_train(world, args, monkeypatch, capsys, job: int | None = None):
         extra += [f"data.height={SIDE}", f"data.width={SIDE}"]
     before = {p for p in world.work.rglob("step-*")}
     monkeypatch.setattr(sys, "argv", ["ft-train", *args, *extra])
-    main()
+    environ = dict(os.environ)
+    try:
+        main()
+    finally:
+        # A run in this process sets MASTER_PORT (and the ranks' variables), and under DeepSpeed
+        # its process group keeps listening on that port for the rest of the session (DeepSpeed
+        # holds on to the group): later multi-process tests that inherited the variable failed
+        # to bind it. Leave the environment as the command found it.
+        os.environ.clear()
+        os.environ.update(environ)
     printed = capsys.readouterr().out
     finals = re.findall(r"\[ft-train\] (\S+): final checkpoint (\S+), last train/loss (\S+)", printed)
     assert finals, printed[-2000:]
