@@ -111,10 +111,12 @@ def test_export_from_a_zero3_sharded_checkpoint_matches_ddp(tmp_path):
     for part in ("proj_model", "audio_processor"):
         assert zero3[part].keys() == ddp[part].keys()
         for key in ddp[part]:
-            # Same maths, different reduction order (and Adam's first steps amplify rounding):
-            # equal to 1% of the tensor's scale; a wrongly gathered shard would be off by ~100%.
-            diff = (zero3[part][key] - ddp[part][key]).abs().max()
-            assert zero3[part][key].shape == ddp[part][key].shape and diff <= 1e-2 * ddp[part][key].abs().max(), key
+            # Same maths, different reduction order, and Adam's first steps amplify rounding (a
+            # weight whose gradient is near zero moves by ±lr on its sign alone): the tensors agree
+            # to 5 % in norm, while a wrongly gathered shard would be off by ~100 %.
+            a, b = zero3[part][key], ddp[part][key]
+            rel = float((a - b).norm() / b.norm())
+            assert a.shape == b.shape and rel <= 0.05, (key, rel)
     assert any(v.abs().sum() > 0 for v in zero3["audio_processor"].values())  # trained away from zero
 
 
