@@ -59,6 +59,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +151,15 @@ def infer(
     picture = read_image(image, "image")
     speech = read_speech(audio, "audio")
     wav2vec_dir = check_wav2vec_folder(wav2vec)
-    spec = read_adapters(adapters, audio_mode, audio_expand, ema)
+    trained = read_adapters(adapters, audio_mode, audio_expand, ema)
+    spec = trained.spec
     wan_dir = check_wan_folder(wan, spec)
     check_identity(spec.identity, clip_width(wan_dir))
     face_box = None
-    if spec.has_identity:
+    if trained.has_identity:
         encoder = spec.identity.get("encoder", "precomputed")
         if encoder == "arcface":
-            spec.identity = resolve_arcface(spec.identity, arcface)
+            trained.spec = spec = replace(spec, identity=resolve_arcface(spec.identity, arcface))
             if face == "none":
                 raise ValueError("face: none, but the adapters' identity branch (model.identity.encoder=arcface) "
                                  "reads a face crop; use face=auto")
@@ -175,7 +177,7 @@ def infer(
         else:
             log.info("identity branch: conditioned on the whole image's CLIP tokens (face=none)")
 
-    if not spec.has_motion and any(w is not None for w in omega):
+    if not trained.has_motion and any(w is not None for w in omega):
         log.warning("omega_l/omega_b: the adapters have no motion module (model.motion), "
                     "so the motion intensities are ignored")
     if fps is not None:
@@ -194,11 +196,11 @@ def infer(
         log.info("%d frames is longer than the %d-frame clips the adapters were trained on",
                  num_frames, spec.num_frames)
 
-    pipe = TalkingPortraitPipeline.load(spec, wan_dir, wav2vec_dir, sampler=sampler, device=torch_device,
+    pipe = TalkingPortraitPipeline.load(trained, wan_dir, wav2vec_dir, sampler=sampler, device=torch_device,
                                         dtype=dtype, vae_dtype=vae_dtype, vae_tiling=vae_tiling, offload=offload,
                                         face_margin=face_margin, compile_blocks=compile_blocks,
                                         frozen_fp8=frozen_fp8)
-    spec.checkpoint.tensors.clear()  # copied into the model; drop the (possibly memory-mapped) originals
+    trained.checkpoint.tensors.clear()  # copied into the model; drop the (possibly memory-mapped) originals
     width, height = target_size(*picture.size, max_side, pipe.grid)
     # Found in the full-resolution photo (a sharper face for the mesh), cropped from the first frame.
     face_box = scale_box(face_box, picture.size, (width, height))
@@ -221,9 +223,9 @@ def infer(
         "audio_duration": min(duration, frames.shape[0] / fps),
         "audio_mode": spec.audio_mode,
         "motion": used,
-        "identity": spec.has_identity,
+        "identity": trained.has_identity,
         "face_box": face_box,
-        "layout": spec.checkpoint.layout,
+        "layout": trained.checkpoint.layout,
         "seconds": time.perf_counter() - started,
     }
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,16 +152,24 @@ def test_image_size_follows_the_release():
 def test_adapter_settings_come_from_each_layout(files, tmp_path):
     """Bundle JSON, the released file (frame mode, audio only), an ft-train step folder with its
     run's config.yaml, and bare tensors (motion rebuilt from its shapes; identity refused)."""
-    bundle = read_adapters(files["bundle"])
+    read = read_adapters(files["bundle"])
+    bundle = read.spec
     assert (bundle.audio_mode, bundle.audio_expand, bundle.fps, bundle.num_frames) == ("frame", 4, FPS, 17)
-    assert bundle.has_motion and not bundle.has_identity and bundle.pretrained == str(files["wan"])
+    assert read.has_motion and not read.has_identity and bundle.pretrained == str(files["wan"])
     assert (bundle.audio_in_dim, bundle.audio_proj_dim) == (768, 2048)
-    official = read_adapters(files["official"])
+    assert read.model_kwargs() == bundle.model_kwargs()
+    read = read_adapters(files["official"])
+    official = read.spec
     assert (official.audio_mode, official.audio_expand, official.fps, official.pretrained) == ("frame", 4, None, None)
-    assert not official.has_motion and official.checkpoint.layout == "official"
-    assert read_adapters(files["official"], audio_mode="clip", audio_expand=2).audio_mode == "clip"
+    assert not read.has_motion and read.checkpoint.layout == "official"
+    override = read_adapters(files["official"], audio_mode="clip", audio_expand=2).spec
+    assert (override.audio_mode, override.audio_expand) == ("clip", 2)
+    with pytest.raises(ValueError, match=r"^audio_mode: 'word' is not one of \('clip', 'frame'\)$"):
+        read_adapters(files["official"], audio_mode="word")
+    with pytest.raises(ValueError, match=r"^audio_expand: must be a whole number of tokens >= 0, got -1$"):
+        read_adapters(files["official"], audio_expand=-1)
 
-    tensors = bundle.checkpoint.tensors
+    tensors = read_adapters(files["bundle"]).checkpoint.tensors
     stage = tmp_path / "run" / "clip"
     step = stage / "checkpoints" / "step-00000005"
     step.mkdir(parents=True)
@@ -170,12 +179,12 @@ def test_adapter_settings_come_from_each_layout(files, tmp_path):
     run_cfg = {"model": {"pretrained": "/elsewhere/wan", "audio_expand": 3, "motion": motion},
                "data": {"fps": 24.0, "num_frames": 49}}
     (stage / "config.yaml").write_text(yaml.safe_dump(run_cfg))
-    lightning = read_adapters(step)
+    lightning = read_adapters(step).spec
     assert (lightning.audio_mode, lightning.audio_expand, lightning.fps, lightning.num_frames) == ("clip", 3, 24.0, 49)
     assert lightning.motion == MotionConfig.from_dict(motion).to_dict() and lightning.pretrained == "/elsewhere/wan"
 
     torch.save(dict(tensors), tmp_path / "bare.pt")
-    bare = read_adapters(tmp_path / "bare.pt")
+    bare = read_adapters(tmp_path / "bare.pt").spec
     assert bare.motion == {"enabled": True, "hidden_dim": 32, "freq_dim": 256}
     torch.save({**tensors, "identity.qformer.queries": torch.zeros(4, 32)}, tmp_path / "face.pt")
     with pytest.raises(ValueError, match=r"^adapters: .*face.pt holds identity-branch tensors but no model.identity"):
@@ -194,9 +203,9 @@ def test_ft_infer_writes_the_talking_video_with_its_speech(files, tmp_path, caps
 
 def test_motion_and_audio_reach_the_model(files):
     """Same seed → same video; other ω → another video; batched and one-by-one guidance passes agree."""
-    spec = read_adapters(files["bundle"])
-    assert spec.has_motion and spec.audio_mode == "frame" and spec.fps == FPS
-    pipe = TalkingPortraitPipeline.load(spec, files["wan"], files["wav2vec"],
+    adapters = read_adapters(files["bundle"])
+    assert adapters.has_motion and adapters.spec.audio_mode == "frame" and adapters.spec.fps == FPS
+    pipe = TalkingPortraitPipeline.load(adapters, files["wan"], files["wav2vec"],
                                         sampler=FlowMatchSampler(steps=2), device="cpu")
     picture = read_image(files["image"]).resize(target_size(384, 512, SIZE, pipe.grid))
     speech = read_speech(files["audio"])
@@ -224,8 +233,8 @@ def test_identity_branch_reads_the_face_crop(files, tmp_path, caplog):
     """A precomputed identity branch gets the CLIP tokens of the crop around the face mediapipe
     finds (the crop training used), which changes the video against face=none (whole-image CLIP
     tokens); a photo without a face falls back to the whole image with a warning."""
-    spec = read_adapters(files["identity"])
-    pipe = TalkingPortraitPipeline.load(spec, files["wan"], files["wav2vec"],
+    adapters = read_adapters(files["identity"])
+    pipe = TalkingPortraitPipeline.load(adapters, files["wan"], files["wav2vec"],
                                         sampler=FlowMatchSampler(steps=2), device="cpu")
     photo = read_image(files["image"])
     size = target_size(*photo.size, SIZE, pipe.grid)
@@ -288,10 +297,10 @@ def test_arcface_bundle_reads_the_pixel_crop(files, arcface_bundle, tmp_path, ca
     network comes from `arcface` (default: the path it was trained with). Without a face, or with
     face=none, there is nothing for it to read: one line says so before any weights load."""
     bundle, backbone = arcface_bundle
-    spec = read_adapters(bundle)
-    assert spec.identity["encoder"] == "arcface"
-    spec.identity = resolve_arcface(spec.identity, backbone)
-    pipe = TalkingPortraitPipeline.load(spec, files["wan"], files["wav2vec"],
+    adapters = read_adapters(bundle)
+    assert adapters.spec.identity["encoder"] == "arcface"
+    adapters.spec = replace(adapters.spec, identity=resolve_arcface(adapters.spec.identity, backbone))
+    pipe = TalkingPortraitPipeline.load(adapters, files["wan"], files["wav2vec"],
                                         sampler=FlowMatchSampler(steps=2), device="cpu")
     photo = read_image(files["image"])
     size = target_size(*photo.size, SIZE, pipe.grid)
@@ -384,7 +393,7 @@ def test_unreadable_inputs_and_unset_keys(files, tmp_path):
 
 def test_compiled_blocks_sample_the_same_video(files):
     """compile_blocks=true (Inductor) samples what the eager model samples."""
-    spec = read_adapters(files["bundle"])
+    adapters = read_adapters(files["bundle"])
     outs = []
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -394,7 +403,7 @@ def test_compiled_blocks_sample_the_same_video(files):
         picture = read_image(files["image"]).resize(target_size(384, 512, SIZE, pipe.grid))
         outs.append(pipe(picture, read_speech(files["audio"]), 9, FPS, prompt="a woman is talking",
                          omega=(0.5, 0.5), seed=3).int())
-    assert spec.audio_mode == "frame"
+    assert adapters.spec.audio_mode == "frame"
     assert (outs[0] - outs[1]).abs().max() <= 1  # kernels fused differently may move a rounding
 
 

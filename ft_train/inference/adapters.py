@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..models.weights import AdapterCheckpoint
+from ..spec import ModelSpec
 
 log = logging.getLogger("ft_train.infer")
 
@@ -26,48 +27,29 @@ FACE_ENCODERS_READ = ("precomputed", "arcface")  # identity encoders whose input
 
 @dataclass
 class AdapterSpec:
-    """The adapters' tensors and the settings to rebuild the model they belong to.
+    """The adapters' tensors and the model they belong to.
 
     Attributes:
         checkpoint: the tensors (this project's naming) and what the file says about itself.
-        audio_mode: ``clip`` or ``frame`` audio attention.
-        audio_expand: window widening per side, tokens (frame mode).
-        audio_in_dim, audio_proj_dim: audio projector widths, read from its weight.
-        identity, motion: ``model.identity`` / ``model.motion`` settings, or None (module absent).
-        pretrained: the base folder the adapters were trained on, when known.
-        fps: the training clips' frame rate, when known.
-        num_frames: the training clips' length in frames, when known.
+        spec: the model to rebuild around them (:class:`~ft_train.spec.ModelSpec`): what the file
+            says, with the audio widths read from the projector's weight, the caller's audio
+            mode / widening, and only the identity / motion modules whose tensors are here.
     """
 
     checkpoint: AdapterCheckpoint
-    audio_mode: str
-    audio_expand: int
-    audio_in_dim: int
-    audio_proj_dim: int
-    identity: dict[str, Any] | None = None
-    motion: dict[str, Any] | None = None
-    pretrained: str | None = None
-    fps: float | None = None
-    num_frames: int | None = None
+    spec: ModelSpec
 
     @property
     def has_motion(self) -> bool:
-        return self.motion is not None
+        return self.spec.motion is not None
 
     @property
     def has_identity(self) -> bool:
-        return self.identity is not None
+        return self.spec.identity is not None
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`ft_train.models.build_model` (besides the backbone)."""
-        return {
-            "audio_mode": self.audio_mode,
-            "audio_in_dim": self.audio_in_dim,
-            "audio_proj_dim": self.audio_proj_dim,
-            "audio_expand": self.audio_expand,
-            "identity": self.identity,
-            "motion": self.motion,
-        }
+        return self.spec.model_kwargs()
 
 
 def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand: int | None = None,
@@ -82,7 +64,6 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
     config enables but whose tensors are absent would start zero-initialised, i.e. do nothing,
     so it is left out.
     """
-    from ..models.fantasytalking import AUDIO_MODES
     from ..models.weights import AUDIO_PROJ_PREFIX, read_checkpoint, with_ema
     from ..spec import read_spec
 
@@ -93,28 +74,25 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
     proj = ckpt.tensors.get(f"{AUDIO_PROJ_PREFIX}proj.weight")
     if proj is None or proj.ndim != 2:
         raise ValueError(f"{where} holds no audio adapter ({AUDIO_PROJ_PREFIX}proj.weight is missing)")
-    spec = read_spec(ckpt)  # the one reader of every layout's model description
-    mode = audio_mode or (spec.audio_mode if spec else None) or ckpt.meta.get("audio_mode")
+    found = read_spec(ckpt)  # the one reader of every layout's model description
+    mode = audio_mode or (found.audio_mode if found else None) or ckpt.meta.get("audio_mode")
     if mode is None:
         mode = RELEASE_AUDIO_MODE
         if ckpt.layout != "official":
             log.info("adapters: %s does not say its audio mode; using %s (the release's)", ckpt.path, mode)
-    if mode not in AUDIO_MODES:
-        raise ValueError(f"audio_mode: {mode!r} is not one of {AUDIO_MODES}")
-    expand = audio_expand if audio_expand is not None else (spec.audio_expand if spec else RELEASE_EXPAND)
-    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 0:
-        raise ValueError(f"audio_expand: must be a whole number of tokens >= 0, got {expand!r}")
+    expand = audio_expand if audio_expand is not None else (found.audio_expand if found else RELEASE_EXPAND)
+    audio = {"audio_mode": mode, "audio_expand": expand,  # ModelSpec checks both, naming the key
+             "audio_in_dim": int(proj.shape[1]), "audio_proj_dim": int(proj.shape[0])}
+    spec = replace(found, **audio) if found else ModelSpec(**audio)
 
-    motion = spec.motion if spec else None
     motion_keys = [k for k in ckpt.tensors if k.startswith("motion.")]
-    identity = spec.identity if spec else None
     identity_keys = [k for k in ckpt.tensors if k.startswith(("identity.", "face_kv."))]
-    for name, section, keys in (("motion", motion, motion_keys), ("identity", identity, identity_keys)):
+    for name, section, keys in (("motion", spec.motion, motion_keys), ("identity", spec.identity, identity_keys)):
         if section is not None and not keys:
             log.warning("adapters: %s enables model.%s but holds none of its weights; the module is left out",
                         ckpt.path, name)
-    motion = motion if motion_keys else None
-    identity = identity if identity_keys else None
+    motion = spec.motion if motion_keys else None
+    identity = spec.identity if identity_keys else None
     if motion is None and motion_keys:
         embed = ckpt.tensors.get("motion.embed.0.weight")
         if embed is None or embed.ndim != 2:
@@ -127,18 +105,7 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
             f"{where} holds identity-branch tensors but no model.identity settings; export it with its run "
             "config: ft-export ckpt=... out=<folder> format=bundle config=<stage_dir>/config.yaml"
         )
-    return AdapterSpec(
-        checkpoint=ckpt,
-        audio_mode=mode,
-        audio_expand=int(expand),
-        audio_in_dim=int(proj.shape[1]),
-        audio_proj_dim=int(proj.shape[0]),
-        identity=identity,
-        motion=motion,
-        pretrained=spec.pretrained if spec else None,
-        fps=spec.fps if spec else None,
-        num_frames=spec.num_frames if spec else None,
-    )
+    return AdapterSpec(checkpoint=ckpt, spec=replace(spec, identity=identity, motion=motion))
 
 
 def check_identity(identity: dict[str, Any] | None, clip_width: int | None) -> None:

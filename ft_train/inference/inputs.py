@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters import AdapterSpec
+from ..spec import ModelSpec
 
 log = logging.getLogger("ft_train.infer")
 
@@ -107,7 +107,7 @@ def check_omega(value: Any, key: str) -> float | None:
 # inputs
 
 
-def check_wan_folder(wan: str | Path | None, spec: AdapterSpec | None = None) -> Path:
+def check_wan_folder(wan: str | Path | None, spec: ModelSpec | None = None) -> Path:
     """The base model folder: ``wan``, else the folder the adapters were trained on; one line
     naming ``wan`` when it is not set or lacks a part ft-infer reads."""
     if not wan:

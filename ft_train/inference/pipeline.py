@@ -49,11 +49,11 @@ class TalkingPortraitPipeline:
         self.offload = bool(offload) and self.device.type != "cpu"
 
     @classmethod
-    def load(cls, spec: AdapterSpec, wan: str | Path, wav2vec: str | Path, sampler=None, device="auto",
+    def load(cls, adapters: AdapterSpec, wan: str | Path, wav2vec: str | Path, sampler=None, device="auto",
              dtype: str = "auto", vae_dtype: str = "float32", vae_tiling: bool = False,
              offload: bool = False, face_margin: float = 0.2,
              compile_blocks: bool = False, frozen_fp8: bool = False) -> "TalkingPortraitPipeline":
-        """Load the DiT from ``<wan>/transformer``, put ``spec``'s adapters in it, and load the
+        """Load the DiT from ``<wan>/transformer``, put ``adapters``' tensors in it, and load the
         encoders and the VAE (on the CPU when ``offload``). ``compile_blocks``: ``torch.compile``
         the DiT's blocks; ``frozen_fp8``: their linear weights in float8, quantised once on
         ``device`` (both :func:`ft_train.speed.apply`)."""
@@ -68,10 +68,10 @@ class TalkingPortraitPipeline:
         dtype = resolve_dtype_name(dtype, device)
         vae_dtype = resolve_dtype_name(vae_dtype, device, key="vae_dtype")
         home = torch.device("cpu") if offload else device
-        check_identity(spec.identity, clip_width(Path(wan)))
+        check_identity(adapters.spec.identity, clip_width(Path(wan)))
 
-        model = build_model(pretrained=str(wan), dtype=dtype, **spec.model_kwargs())
-        ckpt = spec.checkpoint
+        model = build_model(pretrained=str(wan), dtype=dtype, **adapters.model_kwargs())
+        ckpt = adapters.checkpoint
         loaded = check_compatible(model, ckpt, key="adapters")
         model.load_state_dict({k: ckpt.tensors[k] for k in loaded}, strict=False)
         # The release runs its adapter in the DiT's dtype too; the adapters are ~6% of 14B.
