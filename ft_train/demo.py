@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,16 +40,16 @@ SAMPLE = REPO / "tests" / "assets" / "sample_talking.mp4"
 PROMPT = "a person is talking"
 
 
-def command_main(name: str) -> Callable[[list[str]], int]:
-    """The ``main`` of the installed console script ``name`` (e.g. ``ft-prep``), looked up by its
-    command name: the demo runs the data tools as the user would, while the library itself never
-    imports the command-line tools' package (they import the library)."""
-    from importlib.metadata import entry_points
-
-    found = list(entry_points(group="console_scripts", name=name))
-    if not found:
-        raise SystemExit(f"ft-demo: the {name} command is not installed; install the project (pip install -e .)")
-    return found[0].load()
+def run_tool(module: str, argv: list[str]) -> int:
+    """Run the command-line tool ``module`` (``data_tools.prep`` is what ``ft-prep`` runs) as a
+    child of this Python, with this checkout first on its path, and return its exit code. The demo
+    runs the data tools as a user would, while the library never imports their package (they
+    import it); no installed console script is needed, and the tool is this checkout's own."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return subprocess.run([sys.executable, "-m", module, *argv], env=env).returncode
 
 
 @dataclass
@@ -89,8 +92,6 @@ class Demo:
 
     # -- 1: data tools --------------------------------------------------------------------------
     def prep(self) -> Path:
-        prep_main = command_main("ft-prep")
-
         videos = self.cfg["videos"]
         if videos is None:
             videos = self.out / "videos"
@@ -106,7 +107,7 @@ class Demo:
                 "min_face_px=16", f"progress={str(self.cfg['progress']).lower()}"]
 
         def run(step: Step) -> None:
-            if prep_main(argv) != 0:
+            if run_tool("data_tools.prep", argv) != 0:
                 raise SystemExit("ft-demo: ft-prep failed (see above)")
             report = json.loads((raw / "report.json").read_text())
             step.outputs.update(raw_shards=str(raw), previews=str(raw / "previews"))
@@ -154,15 +155,13 @@ class Demo:
 
     # -- 3: latent cache --------------------------------------------------------------------------
     def encode(self, raw: Path, weights: dict[str, Path | None]) -> Path:
-        prep_main = command_main("ft-prep")
-
         latent = self.out / "latent"
         argv = ["task=encode", f"input={raw}", f"output={latent}", f"encoders.wan={weights['wan']}",
                 f"encoders.wav2vec={weights['wav2vec']}", "batch_size=2",
                 f"progress={str(self.cfg['progress']).lower()}"]
 
         def run(step: Step) -> None:
-            if prep_main(argv) != 0:
+            if run_tool("data_tools.prep", argv) != 0:
                 raise SystemExit("ft-demo: the encode pass failed (see above)")
             report = json.loads((latent / "report.json").read_text())
             step.outputs["latent_shards"] = str(latent)
