@@ -14,44 +14,10 @@ Hydra reads it as a list). ``adapters`` is an ``ft-export format=bundle`` folder
 ``.ckpt``. Nothing is downloaded: the base model comes from ``wan`` (a local diffusers-format
 Wan2.1-I2V folder; by default the folder the bundle was trained on) and ``wav2vec``.
 
-What runs, in the order of the released FantasyTalking ``infer.py``:
-
-1. **Checks first.** Every path, ω, frame and device setting is checked before any weights are
-   read; a bad one stops with one line naming its key.
-2. **The model** = the Wan DiT from ``<wan>/transformer`` + the adapters, rebuilt with the
-   settings the adapters were trained with: a bundle's JSON (or an ft-train run's
-   ``config.yaml``) gives the audio mode, window widening and the identity / motion modules;
-   the released file holds the audio adapter only and runs with frame-level windows widened by
-   4 tokens, as the official code does.
-3. **The image** is resized with Lanczos so its longest edge is ``max_side`` (512, scaling up
-   or down), then each side is rounded *up* to the DiT grid (VAE stride 8 × patch 2 = 16 px), as
-   the release does; the aspect ratio moves by at most that rounding.
-4. **Frames from the speech**: the shortest 4k+1 clip that covers the audio at ``fps``
-   (:func:`frames_for_audio`), at most ``max_frames``. The release's
-   ``int(fps·duration // 4)·4 + 5`` adds 1–5 frames past the speech; this adds at most 3. The
-   waveform given to wav2vec2 is cut — or padded with silence — to exactly ``frames / fps``
-   seconds, so the per-frame audio windows stay at the 50 tokens/s they were trained with (the
-   release's shorter-than-clip audio squeezes them instead).
-5. **Sampling**: :class:`~ft_train.diffusion.FlowMatchSampler` (30 Euler steps, shift 5, text
-   CFG 5, audio CFG 4.5, three passes per step), noise seeded on the CPU so a seed gives the
-   same video on every device. The motion intensities (ω_l, ω_b) reach the model in every pass
-   when the adapters have the motion module; otherwise setting them only logs a warning.
-6. **Decoding** with the Wan VAE, and the mp4 (H.264 + AAC, :func:`ft_train.media.write_video`)
-   carries the original speech.
-
-**The identity branch**, when the adapters have one, reads the face of the photo as training did
-(``face=auto``): the face is found with ``ft-prep``'s own mediapipe face mesh
-(:class:`ft_train.data.face.FrameAnalyzer`), its box is the landmarks' extent (the box ``ft-prep``
-stores), and the square crop around it is cut from the resized first frame by
-:func:`ft_train.data.clip_prep.crop_face` with ``face_margin``. A ``precomputed`` branch gets the
-crop's CLIP tokens, an ``arcface`` one the 112×112 crop itself (its ArcFace network comes from
-``arcface``, default the path it was trained with). Without a face in the photo (or with
-``face=none``) a ``precomputed`` branch reads the whole image's CLIP tokens, the fallback it was
-built with, and says so; an ``arcface`` branch has no fallback and stops with one line.
-
-Memory on one GPU: ``dtype`` (bfloat16 on CUDA by default) sets the DiT and the CLIP / umT5 /
-wav2vec2 weights, ``vae_dtype`` the VAE's; ``offload=true`` keeps the encoders and the VAE on the
-CPU and moves each to the GPU only while it runs, so during sampling the GPU holds the DiT alone.
+It follows the released FantasyTalking ``infer.py`` step by step (image size, frame count,
+three-pass guidance), so bundles of ours and the released checkpoint sample as the official code
+would; docs/inference.md says where and why it differs (audio cut to the clip, the face crop of
+the identity branch) and how it uses memory.
 """
 
 from __future__ import annotations

@@ -1,42 +1,11 @@
-"""Facial identity branch (paper §3.3, never released): face input → face encoder → Q-Former → ID tokens.
+"""Facial identity branch (paper §3.3, never released): face input → face encoder → Q-Former → ID
+tokens, read by a zero-initialised face cross-attention in every block (:class:`FaceKV`, weight λ2).
 
-The paper replaces a reference network with "face crop → face encoder (ArcFace) → Q-Former →
-face cross-attention in every block", added with weight λ2 = 0.5 beside the text, image and audio
-branches (Eq. 4). Sizes, the encoder variant and the token count are not given; the choices made
-here are in :class:`IdentityConfig`, each with its reason.
-
-Pieces:
-
-* :class:`FaceEncoder` — the pluggable interface: ``face input → (B, N_face, D_face)``, chosen by
-  ``model.identity.encoder`` from the encoders registered with :func:`register_face_encoder`:
-
-  - ``precomputed`` (:class:`PrecomputedFaceFeatures`, the default): features computed offline,
-    e.g. CLIP vision tokens of the face crop written into the latent shard under ``face``
-    (needs no extra weights), or ArcFace embeddings as ``(B, 1, 512)``;
-  - ``arcface`` (:class:`ArcFaceEncoder`): the insightface IResNet (:mod:`.arcface`) loaded from
-    ``model.identity.arcface_path``, run online on face-crop pixels; 512-d, L2-normalised.
-* :class:`QFormer` — BLIP-2-style learned queries; each layer = self-attention among the queries,
-  cross-attention to the face features, FFN (pre-norm, residual) → ``(B, num_queries, out_dim)``.
-* :class:`FaceKV` — per-block zero-initialised key/value projections of the ID tokens; the
-  processor in :mod:`.adapter` reuses the block's text query, exactly like the audio branch.
-
-The batch's ``face`` (and the model's ``face=`` argument) has one of two forms, fixed by the
-encoder's :attr:`FaceEncoder.input_kind`, so one key serves both without a second config switch:
-
-* ``features`` encoders (``precomputed``): ``(B, N, face_dim)`` tokens or ``(B, face_dim)``
-  embeddings;
-* ``pixels`` encoders (``arcface``): ``(B, 3, H, W)`` RGB face crops, float in [-1, 1]
-  (``uint8`` in [0, 255] is also accepted), ideally aligned 112×112 (other sizes are resized).
-
-Condition dropout zeroes ``face`` with the reference image (float pixels: a mid-grey crop), so
-the dropped case is a constant input the Q-Former learns to map to "no particular identity".
-
-Fallback when a batch has no ``face`` key: the reference image's CLIP tokens ``(B, 257, 1280)``
-(already in every latent shard) stand in for the face features. They describe the whole frame,
-not only the face crop, so identity is weaker than with a crop, but it lets the branch train on
-existing shards; the default ``face_dim`` = 1280 matches them, so a later ``face`` member with
-CLIP tokens of the crop drops in without changing the model. A ``pixels`` encoder has no such
-fallback (CLIP tokens are not pixels): it needs ``face`` crops and says so.
+The paper gives no sizes, encoder variant or token count; the choices are in
+:class:`IdentityConfig`, each with its reason. Face encoders plug in by name
+(:func:`register_face_encoder`), and one batch key ``face`` carries features or pixel crops, as the
+encoder's :attr:`FaceEncoder.input_kind` says. docs/training.md ("The identity branch") has the
+input forms, the condition dropout and the fallback to the reference image's CLIP tokens.
 """
 
 from __future__ import annotations
@@ -125,7 +94,7 @@ class FaceEncoder(nn.Module):
     """Interface of a face encoder: ``forward(face) → (B, N_face, out_dim)`` features.
 
     Implementations set ``out_dim`` and ``input_kind``: ``"features"`` (``face`` is ``(B, N, D)``
-    / ``(B, D)``) or ``"pixels"`` (``face`` is ``(B, 3, H, W)`` crops), see the module docstring.
+    / ``(B, D)``) or ``"pixels"`` (``face`` is ``(B, 3, H, W)`` crops in [-1, 1]).
     Frozen encoders (ArcFace, CLIP vision) should keep their parameters ``requires_grad=False``:
     they are loaded from a user path, not trained, and are not part of
     :meth:`FantasyTalkingDiT.adapter_modules` (so not in checkpoints or exports either).
@@ -288,7 +257,7 @@ class IdentityModel(nn.Module):
         self.qformer = QFormer(cfg.face_dim, cfg.num_queries, cfg.dim, cfg.depth, cfg.heads, cfg.ffn_mult, cfg.out_dim)
 
     def forward(self, face: torch.Tensor) -> torch.Tensor:
-        """``face`` in the encoder's form (module docstring) → ``(B, num_queries, out_dim)``."""
+        """``face`` in the encoder's form (:attr:`FaceEncoder.input_kind`) → ``(B, num_queries, out_dim)``."""
         if self.encoder.input_kind == "pixels" and face.ndim != 4:
             raise ValueError(
                 f"model.identity.encoder={self.config.encoder} needs face crops (B, 3, H, W) in the batch's `face`, "
