@@ -263,6 +263,7 @@ class ValidationCallback(Callback):
             for m, mode in modes.items():
                 m.training = mode
         values = {f"val/{k}": v for k, v in self.metrics.compute().items()} if self.metrics else {}
+        self.metrics.reference_done()  # kept reference statistics now hold every clip
         self.metrics.reset()
         if values:
             for logger in trainer.loggers:

@@ -78,8 +78,7 @@ def build_tracks(detections: list[np.ndarray], rules: TrackRules = TrackRules())
     """
     if len(detections) < rules.min_track:
         return []
-    left = [[np.asarray(d[:4], dtype=np.float64) for d in np.asarray(f, dtype=np.float64).reshape(len(f), -1)]
-            for f in detections]
+    left = [[np.asarray(d[:4], dtype=np.float64) for d in np.asarray(f, dtype=np.float64)] for f in detections]
     tracks: list[FaceTrack] = []
     while True:
         frames: list[int] = []

@@ -125,6 +125,7 @@ class VideoMetrics:
         self.fvd_too_short = 0
         self.sync_no_audio = 0
         self._updates = 0
+        self._reference_done = False
 
     def __bool__(self) -> bool:
         return bool(self.metrics)
@@ -140,9 +141,18 @@ class VideoMetrics:
         return m.device if m is not None else torch.device("cpu")
 
     def needs_reference(self) -> bool:
-        """False once FID/FVD hold reference statistics they keep across ``reset()``."""
+        """False once FID/FVD hold complete reference statistics that they keep across ``reset()``.
+
+        "Complete" is said by :meth:`reference_done` after a whole pass over the list: a count
+        above zero only means the first video's reference is in.
+        """
         frechet = [self.metrics[k] for k in ("fid", "fvd") if k in self.metrics]
-        return any(getattr(m, "reset_real_features", True) or int(m.real_n) == 0 for m in frechet)
+        return any(getattr(m, "reset_real_features", True) or int(m.real_n) == 0 for m in frechet) or not (
+            self._reference_done)
+
+    def reference_done(self) -> None:
+        """Every reference video has been fed once (kept statistics are complete)."""
+        self._reference_done = True
 
     def protocol(self) -> dict[str, Any]:
         """How the numbers were made, for logs and ft-eval's JSON."""
