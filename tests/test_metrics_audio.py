@@ -88,3 +88,25 @@ def test_unreadable_audio_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"\x00" * 1000)
     with pytest.raises(AudioReadError, match=r"junk\.mp4: audio cannot be decoded by ffmpeg \(.+\)"):
         read_sync_audio(tmp_path / "junk.mp4")
+
+
+def damaged_audio_mp4(path):
+    """A 3 s mp4 (H.264 + 48 kHz stereo AAC) with four audio packets overwritten: the video is whole."""
+    import av
+
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-f", "lavfi", "-i",
+            "sine=frequency=300:sample_rate=48000", "-t", "3", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            "-c:a", "aac", "-ac", "2", path)
+    data = bytearray(path.read_bytes())
+    with av.open(str(path)) as c:
+        packets = [p for p in c.demux(c.streams.audio[0]) if p.pos is not None]
+    for p in packets[40:44]:
+        data[p.pos + 2 : p.pos + p.size] = b"\xff" * (p.size - 2)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_damaged_audio_packet_is_refused_not_shifted(tmp_path):
+    path = damaged_audio_mp4(tmp_path / "damaged.mp4")
+    with pytest.raises(AudioReadError, match=r"damaged\.mp4: the audio track is damaged \(\d+ decoder errors; first: "):
+        read_sync_audio(path)

@@ -57,8 +57,9 @@ def read_sync_audio(path: str | Path, sample_rate: int = SYNC_AUDIO_RATE, timeou
     ffmpeg) and reads the samples from a pipe.
 
     Raises:
-        AudioReadError: the file has no audio stream, or ffmpeg cannot decode it (one line
-            naming the file and ffmpeg's last message).
+        AudioReadError: the file has no audio stream, ffmpeg cannot decode it, or it reports
+            decoding errors (a damaged packet: ffmpeg skips it and the rest of the track would
+            come early by the lost samples). One line naming the file and ffmpeg's message.
     """
     path = Path(path)
     cmd = [
@@ -76,6 +77,10 @@ def read_sync_audio(path: str | Path, sample_rate: int = SYNC_AUDIO_RATE, timeou
         if any("does not contain any stream" in line or "matches no streams" in line for line in err):
             raise AudioReadError(f"{path}: has no audio stream")
         raise AudioReadError(f"{path}: audio cannot be decoded by ffmpeg ({last})")
+    if err:
+        # ffmpeg goes on past a packet it cannot decode, so everything after it comes early by the
+        # lost samples: SyncNet would score a shifted track. Refuse it instead.
+        raise AudioReadError(f"{path}: the audio track is damaged ({len(err)} decoder errors; first: {err[0]})")
     samples = np.frombuffer(proc.stdout, dtype="<i2").astype(np.int16)
     if samples.size == 0:
         raise AudioReadError(f"{path}: has no audio samples" + (f" ({err[-1]})" if err else ""))

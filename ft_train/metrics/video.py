@@ -147,8 +147,10 @@ class VideoMetrics:
         above zero only means the first video's reference is in.
         """
         frechet = [self.metrics[k] for k in ("fid", "fvd") if k in self.metrics]
-        return any(getattr(m, "reset_real_features", True) or int(m.real_n) == 0 for m in frechet) or not (
-            self._reference_done)
+        if not frechet:
+            return False
+        return not self._reference_done or any(
+            getattr(m, "reset_real_features", True) or int(m.real_n) == 0 for m in frechet)
 
     def reference_done(self) -> None:
         """Every reference video has been fed once (kept statistics are complete)."""
