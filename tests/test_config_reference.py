@@ -16,7 +16,7 @@ from .conftest import REPO
 
 README = REPO / "README.md"
 # The README, then the guides it links to: their commands run after the README's (they use its outputs).
-DOCS = [README, REPO / "docs" / "training.md", REPO / "docs" / "scale.md"]
+DOCS = [README, REPO / "docs" / "training.md", REPO / "docs" / "scale.md", REPO / "docs" / "metrics.md"]
 
 
 def docs_text() -> str:
