@@ -40,3 +40,69 @@ def test_fvd_matches_stylegan_v_code(tmp_path):
         assert clip_offset(len(ref), name, FVD_SEED) == golden["real_clip_starts"][name]
         vm.update(torch.from_numpy(gen), torch.from_numpy(ref), 25.0, None, key=name)
     assert vm.compute()["fvd"] == pytest.approx(golden["fvd"], abs=1e-3)
+
+
+# -- SyncNet ------------------------------------------------------------------------------------------
+
+SYNC_INPUT = GOLDEN / "sync_input.mp4"  # 224×224, 25 fps, 48 kHz stereo AAC with different channels
+
+
+def seeded_syncnet_state() -> dict[str, torch.Tensor]:
+    """SyncNet weights from a seeded NumPy generator (the same on any torch version): weights
+    N(0, 1/fan_in), biases N(0, 0.01), BatchNorm at its initial state."""
+    from ft_train.metrics.syncnet import SyncNet
+
+    g = np.random.default_rng(11)
+    state = {}
+    for name, t in SyncNet().state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.zeros((), dtype=torch.long)
+        elif name.endswith("running_var"):
+            state[name] = torch.ones(t.shape)
+        elif name.endswith("running_mean"):
+            state[name] = torch.zeros(t.shape)
+        elif t.ndim == 1:  # biases, BN weights
+            state[name] = torch.from_numpy(g.normal(1.0 if "netcnn" in name and _is_bn(name) else 0.0, 0.1, t.shape)).float()
+        else:
+            fan_in = int(np.prod(t.shape[1:]))
+            state[name] = torch.from_numpy(g.normal(0.0, 1.0 / np.sqrt(fan_in), t.shape)).float()
+    return state
+
+
+def _is_bn(name: str) -> bool:
+    from ft_train.metrics.syncnet import SyncNet
+
+    module = SyncNet().get_submodule(name.rsplit(".", 1)[0])
+    return isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d))
+
+
+def reference_frames(video, out_dir):
+    """The frames exactly as syncnet_python's evaluate reads them: ffmpeg to JPEG, cv2.imread (BGR)."""
+    import subprocess
+
+    import cv2
+
+    from ft_train.metrics.audio import ffmpeg_exe
+
+    subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-i", str(video), "-threads", "1", "-f", "image2",
+                    str(out_dir / "%06d.jpg")], check=True)
+    return np.stack([cv2.imread(str(p)) for p in sorted(out_dir.glob("*.jpg"))])
+
+
+def test_sync_matches_syncnet_python_code(tmp_path):
+    from ft_train.metrics.audio import read_sync_audio
+    from ft_train.metrics.sync import SyncMetric
+    from ft_train.metrics.syncnet import SyncNet
+
+    golden = json.loads((GOLDEN / "sync_syncnet_python.json").read_text())
+    net = SyncNet()
+    net.load_state_dict(seeded_syncnet_state())
+    bgr = reference_frames(SYNC_INPUT, tmp_path)
+    frames = torch.from_numpy(bgr[..., ::-1].copy()).permute(0, 3, 1, 2).contiguous()  # RGB, as ours takes it
+    m = SyncMetric(net=net, crop="none")
+    m.update(frames, read_sync_audio(SYNC_INPUT))
+    out = m.compute()
+    assert int(out["videos"]) == 1
+    assert float(out["av_offset"]) == golden["offset"]
+    assert float(out["sync_d"]) == pytest.approx(golden["min_dist"], abs=1e-3)
+    assert float(out["sync_c"]) == pytest.approx(golden["confidence"], abs=1e-3)
