@@ -92,6 +92,11 @@ def evaluate(
     fvd_seed: int = 0,
     sync_crop: str = "face",
     sync_track: dict[str, Any] | None = None,
+    idc: Any = None,
+    aes: Any = None,
+    aes_head: Any = None,
+    dynamics: Any = False,
+    portrait_frames: int | None = 16,
     device: str = "cpu",
     out: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -108,12 +113,18 @@ def evaluate(
     for key, folder in folders.items():
         if not folder.is_dir():
             raise FileNotFoundError(f"{key}: no folder at {folder}")
+    specs = {"fid": fid, "fvd": fvd, "sync": sync, "idc": idc, "aes": aes, "dynamics": dynamics}
     built = {
-        name: build_metric(spec, name, name, fvd_protocol=fvd_protocol, sync_crop=sync_crop, sync_track=sync_track)
-        for name, spec in (("fid", fid), ("fvd", fvd), ("sync", sync))
+        name: build_metric(spec, name, name, fvd_protocol=fvd_protocol, sync_crop=sync_crop, sync_track=sync_track,
+                           aes_head=aes_head, frames=portrait_frames)
+        for name, spec in specs.items()
     }
     if not any(built.values()):
-        raise ValueError("give the weights of at least one metric: fid=, fvd= or sync= (local paths)")
+        raise ValueError("give the weights of at least one metric: fid=, fvd=, sync=, idc=, aes= (local paths) "
+                         "or dynamics=true")
+    for name, m in built.items():
+        if m is None:
+            log.info("%s skipped (%s is not set)", name, name)
     metrics = VideoMetrics(**built, fid_frames=fid_frames, fvd_protocol=fvd_protocol, fvd_resolution=fvd_resolution,
                            fvd_seed=fvd_seed).to(device)
     protocol = metrics.protocol()
@@ -158,7 +169,8 @@ def evaluate(
         "audio_errors": audio_errors,
         **metrics.counts(),
         "weights": {k: (str(v) if isinstance(v, (str, Path)) else type(v).__name__) for k, v in
-                    (("fid", fid), ("fvd", fvd), ("sync", sync)) if v},
+                    (("fid", fid), ("fvd", fvd), ("sync", sync), ("idc", idc), ("aes", aes), ("aes_head", aes_head))
+                    if v},
     }
     out_path = Path(out).expanduser() if out else folders["generated"] / "metrics.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)

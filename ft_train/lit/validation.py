@@ -95,6 +95,9 @@ class ValidationCallback(Callback):
             at a frame seeded by its key.
         sync_crop: ``face`` (mediapipe face tracks, the reference) or ``none`` (whole frames).
         sync_track: face-track rules (:class:`~ft_train.metrics.facetrack.TrackRules` fields).
+        idc, aes, aes_head, dynamics, portrait_frames: the paper's IDC (DINO ViT folder), Aes (CLIP
+            ViT-L/14 folder + LAION linear head file), SD/BD (true/false) over ``portrait_frames``
+            frames per clip (:mod:`ft_train.metrics.portrait`); skipped when not set.
         audio_dir: folder of ``<sample key>.wav|flac|…`` 16 kHz speech (for Sync and the mp4s).
         raw_shards: raw ``ft-prep`` shards holding the clips' ``flac`` (alternative to ``audio_dir``).
         samples_dir: where ``step-XXXXXXXX/<index>_<key>.mp4`` go (None = no videos written).
@@ -123,6 +126,11 @@ class ValidationCallback(Callback):
         fvd_seed: int = 0,
         sync_crop: str = "face",
         sync_track: Any = None,
+        idc: Any = None,
+        aes: Any = None,
+        aes_head: Any = None,
+        dynamics: Any = False,
+        portrait_frames: int | None = 16,
         audio_dir: str | None = None,
         raw_shards: Any = None,
         samples_dir: str | None = None,
@@ -156,8 +164,9 @@ class ValidationCallback(Callback):
         self.samples_dir = Path(samples_dir) if samples_dir else None
         built = {
             name: build_metric(spec, name, f"callbacks.validation.{name}", keep_real=True, fvd_protocol=fvd_protocol,
-                               sync_crop=sync_crop, sync_track=sync_track)
-            for name, spec in (("fid", fid), ("fvd", fvd), ("sync", sync))
+                               sync_crop=sync_crop, sync_track=sync_track, aes_head=aes_head, frames=portrait_frames)
+            for name, spec in (("fid", fid), ("fvd", fvd), ("sync", sync), ("idc", idc), ("aes", aes),
+                               ("dynamics", dynamics))
         }
         for name, m in built.items():
             if m is None:

@@ -19,6 +19,7 @@ from torchmetrics import Metric
 
 from .facetrack import TrackRules
 from .fid import FrechetInceptionDistance
+from .portrait import AestheticScore, IdentityConsistency, SubjectBackgroundDynamics
 from .fvd import (
     FVD_CLIP_FRAMES,
     FVD_PROTOCOLS,
@@ -32,11 +33,12 @@ from .sync import SYNC_FPS, SyncMetric, resample_fps
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("fid", "fvd", "sync")
+METRIC_NAMES = ("fid", "fvd", "sync", "idc", "aes", "dynamics")
 
 
 def build_metric(spec: Any, name: str, key: str, keep_real: bool = False, fvd_protocol: str = "stylegan_v",
-                 sync_crop: str = "face", sync_track: Any = None) -> Metric | None:
+                 sync_crop: str = "face", sync_track: Any = None, aes_head: Any = None,
+                 frames: int | None = 16) -> Metric | None:
     """A metric from its config value: a local weight path, a ready ``Metric``, or None (skipped).
 
     ``name`` is ``fid`` (``pt_inception-2015-12-05-6726825d.pth``), ``fvd`` (``i3d_torchscript.pt``)
@@ -45,10 +47,12 @@ def build_metric(spec: Any, name: str, key: str, keep_real: bool = False, fvd_pr
     ``none``) and ``sync_track`` (:class:`~ft_train.metrics.facetrack.TrackRules` fields) apply
     when a path is given. Errors name ``key`` (the config key to change).
     """
-    if spec is None or (isinstance(spec, str) and not spec.strip()):
+    if spec is None or spec is False or (isinstance(spec, str) and not spec.strip()):
         return None
     if isinstance(spec, Metric):
         return spec
+    if name == "dynamics":  # no weights: a switch
+        return SubjectBackgroundDynamics() if spec is True or str(spec).lower() == "true" else None
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"{key}: expected a weight path or a torchmetrics Metric, got {type(spec).__name__}")
     try:
@@ -58,6 +62,12 @@ def build_metric(spec: Any, name: str, key: str, keep_real: bool = False, fvd_pr
             return FrechetVideoDistance(spec, reset_real_features=not keep_real, protocol=fvd_protocol)
         if name == "sync":
             return SyncMetric(weights=str(spec), crop=sync_crop, track=_track_rules(sync_track))
+        if name == "idc":
+            return IdentityConsistency(weights=str(spec), frames=frames)
+        if name == "aes":
+            if not aes_head:
+                raise ValueError("needs the LAION predictor's linear head too: set aes_head (sa_0_4_vit_l_14_linear.pth)")
+            return AestheticScore(weights=str(spec), head=str(aes_head), frames=frames)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"{key}: {e}") from None
     raise ValueError(f"unknown metric {name!r}; choose from {METRIC_NAMES}")
@@ -83,6 +93,11 @@ def parse_fid_frames(value: Any, key: str = "fid_frames") -> int | None:
     if n < 1:
         raise ValueError(f"{key}: expected a number of frames >= 1 or 'all', got {n}")
     return n
+
+
+def _frames(metric: Metric) -> str:
+    n = getattr(metric, "frames", None)
+    return "every frame" if n is None else f"{n} frames per video"
 
 
 def _clip_frames(metric: Metric) -> int:
@@ -114,8 +129,11 @@ class VideoMetrics:
 
     def __init__(self, fid: Metric | None = None, fvd: Metric | None = None, sync: Metric | None = None,
                  fid_frames: int | str | None = None, fvd_protocol: str = "stylegan_v",
-                 fvd_resolution: int = STYLEGAN_V_RESOLUTION, fvd_seed: int = 0):
-        self.metrics = {k: m for k, m in (("fid", fid), ("fvd", fvd), ("sync", sync)) if m is not None}
+                 fvd_resolution: int = STYLEGAN_V_RESOLUTION, fvd_seed: int = 0, idc: Metric | None = None,
+                 aes: Metric | None = None, dynamics: Metric | None = None):
+        named = (("fid", fid), ("fvd", fvd), ("sync", sync), ("idc", idc), ("aes", aes), ("dynamics", dynamics))
+        self.metrics = {k: m for k, m in named if m is not None}
+        self._reference_first: dict[str, Tensor] = {}  # IDC's reference face frame, by video key
         self.fid_frames = parse_fid_frames(fid_frames)
         self.fvd_protocol = getattr(fvd, "protocol", fvd_protocol)
         if self.fvd_protocol not in FVD_PROTOCOLS:
@@ -148,7 +166,7 @@ class VideoMetrics:
         """
         frechet = [self.metrics[k] for k in ("fid", "fvd") if k in self.metrics]
         if not frechet:
-            return False
+            return "idc" in self.metrics and not self._reference_done  # IDC keeps each reference's first frame
         return not self._reference_done or any(
             getattr(m, "reset_real_features", True) or int(m.real_n) == 0 for m in frechet)
 
@@ -172,6 +190,13 @@ class VideoMetrics:
             out["sync_crop"] = getattr(sync, "crop", "none")
             if out["sync_crop"] == "face":
                 out["sync_track"] = dict(vars(sync.rules))
+        if "idc" in self.metrics:
+            out["idc"] = f"DINO CLS cosine, mediapipe face crops, {_frames(self.metrics['idc'])} vs the reference's first frame"
+        if "aes" in self.metrics:
+            out["aes"] = f"CLIP ViT-L/14 + LAION linear head, {_frames(self.metrics['aes'])}"
+        if "dynamics" in self.metrics:
+            out["dynamics"] = (f"Farneback flow at {self.metrics['dynamics'].size} px, inside (sd) / outside (bd) "
+                               "mediapipe selfie segmentation")
         return out
 
     def counts(self) -> dict[str, int]:
@@ -181,6 +206,12 @@ class VideoMetrics:
             res = self.metrics["sync"].compute()
             out["sync_no_face"] = int(res.get("no_face", 0))
             out["sync_too_short"] = int(res["skipped"])
+        if "idc" in self.metrics:
+            res = self.metrics["idc"].compute()
+            out["idc_no_face_frames"] = int(res["no_face_frames"])
+            out["idc_no_reference_face"] = int(res["no_reference_face"])
+        if "dynamics" in self.metrics:
+            out["dynamics_too_short"] = int(self.metrics["dynamics"].compute()["too_short"])
         return out
 
     @torch.no_grad()
@@ -214,6 +245,15 @@ class VideoMetrics:
                 fvd.update(split_clips(gen.transpose(0, 1), n), real=False)
                 if ref is not None:
                     fvd.update(split_clips(ref.transpose(0, 1), n), real=True)
+        if "idc" in self.metrics:
+            if ref is not None:
+                self._reference_first[key] = reference[0].cpu()
+            if key in self._reference_first:
+                self.metrics["idc"].update(generated.cpu(), self._reference_first[key])
+        if "aes" in self.metrics:
+            self.metrics["aes"].update(generated.cpu())
+        if "dynamics" in self.metrics:
+            self.metrics["dynamics"].update(generated.cpu())
         if "sync" in self.metrics:
             if audio is None or len(audio) == 0:
                 self.sync_no_audio += 1
@@ -235,6 +275,10 @@ class VideoMetrics:
         if "sync" in self.metrics:
             res = self.metrics["sync"].compute()
             out.update(sync_c=float(res["sync_c"]), sync_d=float(res["sync_d"]), av_offset=float(res["av_offset"]))
+        for name, keys in (("idc", ("idc",)), ("aes", ("aes",)), ("dynamics", ("sd", "bd"))):
+            if name in self.metrics:
+                res = self.metrics[name].compute()
+                out.update({k: float(res[k]) for k in keys})
         return out
 
     def reset(self) -> None:
