@@ -1,4 +1,4 @@
-"""``ft-eval``: FID / FVD / Sync-C / Sync-D of a folder of generated videos against reference videos.
+"""``ft-eval``: FID / FVD / Sync-C / Sync-D (and IDC, SD/BD, Aes) of a folder of generated videos against reference videos.
 
 Usage::
 
@@ -22,6 +22,9 @@ exactly as our samples are:
   videos). Audio as the reference reads it (ffmpeg → 16 kHz mono int16) from the generated file,
   or the reference's when the generated file is silent; a video whose audio cannot be decoded is
   still scored by FID/FVD and counted under ``sync_no_audio``.
+
+* IDC / SD, BD / Aes (``idc``, ``dynamics``, ``aes`` + ``aes_head``): the paper's own-module
+  metrics, :mod:`ft_train.metrics.portrait`.
 
 The protocol of every metric run is written to the JSON (``protocol``) and the log.
 """

@@ -1,4 +1,5 @@
-"""Validation metrics: FID, FVD, Sync-C/Sync-D as torchmetrics ``Metric``s, networks from local weight files."""
+"""Validation metrics: FID, FVD, Sync-C/Sync-D (and the paper's IDC, SD/BD, Aes) as torchmetrics
+``Metric``s, networks from local weight files."""
 
 from ft_train.metrics.audio import AudioReadError, read_sync_audio, to_int16
 from ft_train.metrics.facetrack import FaceTrack, TrackRules, build_tracks, face_tracks
@@ -13,6 +14,7 @@ from ft_train.metrics.fvd import (
     styleganv_resize,
 )
 from ft_train.metrics.mfcc import syncnet_mfcc
+from ft_train.metrics.portrait import AestheticScore, IdentityConsistency, SubjectBackgroundDynamics
 from ft_train.metrics.sync import (
     SyncMetric,
     SyncResult,
@@ -25,6 +27,9 @@ from ft_train.metrics.sync import (
 from ft_train.metrics.syncnet import SyncNet, load_syncnet
 
 __all__ = [
+    "AestheticScore",
+    "IdentityConsistency",
+    "SubjectBackgroundDynamics",
     "AudioReadError",
     "FaceTrack",
     "TrackRules",
