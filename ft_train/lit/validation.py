@@ -4,7 +4,8 @@
 (and at the end of training): it reads the first ``num_samples`` clips of a latent-shard set,
 samples each with :class:`~ft_train.diffusion.FlowMatchSampler` from fixed per-clip seeds, decodes
 the generated and the reference latents with the Wan VAE, updates the metrics and logs
-``val/fid``, ``val/fvd``, ``val/sync_c``, ``val/sync_d`` to every logger, and writes the samples
+``val/fid``, ``val/fvd``, ``val/sync_c``, ``val/sync_d`` (and ``val/idc``, ``val/aes``, ``val/sd``,
+``val/bd`` when those are set) to every logger, and writes the samples
 to ``<samples_dir>/step-XXXXXXXX/<index>_<key>.mp4``.
 
 Choices, and why:
