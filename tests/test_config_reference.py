@@ -16,7 +16,7 @@ from .conftest import REPO
 
 README = REPO / "README.md"
 # The README, then the guides it links to: their commands run after the README's (they use its outputs).
-DOCS = [README, *(REPO / "docs" / name for name in ("training.md", "scale.md", "inference.md"))]
+DOCS = [README, *(REPO / "docs" / name for name in ("training.md", "scale.md", "inference.md", "metrics.md"))]
 
 
 def docs_text() -> str:

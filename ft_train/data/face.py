@@ -328,3 +328,31 @@ def body_motion(
     if not variances:
         return None
     return float(np.mean(variances) / shoulder**2)
+
+
+def detect_face_boxes(
+    frames, min_confidence: float = 0.5, model_selection: int = 1
+) -> list[np.ndarray]:
+    """Every face the mediapipe detector finds in each frame, independently (no tracking).
+
+    For metrics that build their own face tracks (Sync-C/D's track pipeline). ``frames``: an
+    iterable of (H, W, 3) uint8 RGB frames. Returns one ``(n, 5)`` float32 array per frame:
+    ``x1, y1, x2, y2`` in pixels and the detector score (``n`` may be 0).
+    """
+    import mediapipe as mp
+
+    out: list[np.ndarray] = []
+    with mp.solutions.face_detection.FaceDetection(
+        model_selection=model_selection, min_detection_confidence=min_confidence
+    ) as det:
+        for frame in frames:
+            frame = np.ascontiguousarray(frame)
+            h, w = frame.shape[:2]
+            res = det.process(frame)
+            boxes = []
+            for d in res.detections or []:
+                b = d.location_data.relative_bounding_box
+                x1, y1 = b.xmin * w, b.ymin * h
+                boxes.append((x1, y1, x1 + b.width * w, y1 + b.height * h, d.score[0]))
+            out.append(np.array(boxes, dtype=np.float32).reshape(-1, 5))
+    return out

@@ -4,7 +4,8 @@
 (and at the end of training): it reads the first ``num_samples`` clips of a latent-shard set,
 samples each with :class:`~ft_train.diffusion.FlowMatchSampler` from fixed per-clip seeds, decodes
 the generated and the reference latents with the Wan VAE, updates the metrics and logs
-``val/fid``, ``val/fvd``, ``val/sync_c``, ``val/sync_d`` to every logger, and writes the samples
+``val/fid``, ``val/fvd``, ``val/sync_c``, ``val/sync_d`` (and ``val/idc``, ``val/aes``, ``val/sd``,
+``val/bd`` when those are set) to every logger, and writes the samples
 to ``<samples_dir>/step-XXXXXXXX/<index>_<key>.mp4``.
 
 Choices, and why:
@@ -25,8 +26,12 @@ Choices, and why:
   (ω_l, ω_b) when the model has the motion module, and its ``face`` (when the shard has one) when
   it has the identity branch, so validation shows what the trained modules do with real values,
   not the defaults (ω = 0.5, whole-frame CLIP tokens).
-* **Sync face crops** are the whole frame (talking-portrait clips are face-centred); per-frame face
-  boxes (:func:`~ft_train.metrics.sync.syncnet_face_crops`) are not in latent shards.
+* **Same protocols as ft-eval**: Sync-C/D on mediapipe face tracks (``sync_crop: face``), FVD by
+  StyleGAN-V's one-clip-per-video protocol (``fvd_protocol``). With the default 8 clips, FVD is
+  a Fréchet distance of 8 samples per side in 400 dimensions: a trend line, not a paper number.
+* **FID sees ``fid_frames`` frames per clip** (16 by default, evenly spaced), while papers feed
+  every frame: ``fid_frames: all`` matches them at one Inception forward per frame (81 instead of
+  16 per clip, ~5× the FID time).
 * **Metric networks never reach a checkpoint**: the metrics live on this callback, not on the
   LightningModule, and the callback's checkpoint state is only the last validated step.
 * Logged with ``logger.log_metrics`` at the current step (``LightningModule.log`` from a batch hook
@@ -84,8 +89,16 @@ class ValidationCallback(Callback):
         decode: callable latents ``(B, 16, F, H, W)`` → uint8 frames ``(B, T, H, W, 3)`` (tests).
         fid, fvd, sync: local weight path (``pt_inception-2015-12-05-6726825d.pth``,
             ``i3d_torchscript.pt``, ``syncnet_v2.model``), a ready ``Metric``, or None = skipped.
-        fid_frames: frames per clip fed to FID, evenly spaced (None = all; FID costs one Inception
-            forward per frame).
+        fid_frames: frames per clip fed to FID, evenly spaced (``"all"``/None = every frame, as
+            papers do; FID costs one Inception forward per frame).
+        fvd_protocol, fvd_resolution, fvd_seed: FVD protocol (see
+            :class:`~ft_train.metrics.video.VideoMetrics`); the reference clip of sample i starts
+            at a frame seeded by its key.
+        sync_crop: ``face`` (mediapipe face tracks, the reference) or ``none`` (whole frames).
+        sync_track: face-track rules (:class:`~ft_train.metrics.facetrack.TrackRules` fields).
+        idc, aes, aes_head, dynamics, portrait_frames: the paper's IDC (DINO ViT folder), Aes (CLIP
+            ViT-L/14 folder + LAION linear head file), SD/BD (true/false) over ``portrait_frames``
+            frames per clip (:mod:`ft_train.metrics.portrait`); skipped when not set.
         audio_dir: folder of ``<sample key>.wav|flac|…`` 16 kHz speech (for Sync and the mp4s).
         raw_shards: raw ``ft-prep`` shards holding the clips' ``flac`` (alternative to ``audio_dir``).
         samples_dir: where ``step-XXXXXXXX/<index>_<key>.mp4`` go (None = no videos written).
@@ -108,7 +121,17 @@ class ValidationCallback(Callback):
         fid: Any = None,
         fvd: Any = None,
         sync: Any = None,
-        fid_frames: int | None = 16,
+        fid_frames: int | str | None = 16,
+        fvd_protocol: str = "stylegan_v",
+        fvd_resolution: int = 256,
+        fvd_seed: int = 0,
+        sync_crop: str = "face",
+        sync_track: Any = None,
+        idc: Any = None,
+        aes: Any = None,
+        aes_head: Any = None,
+        dynamics: Any = False,
+        portrait_frames: int | None = 16,
         audio_dir: str | None = None,
         raw_shards: Any = None,
         samples_dir: str | None = None,
@@ -141,13 +164,22 @@ class ValidationCallback(Callback):
         self.audio_dir, self.raw_shards = audio_dir, raw_shards
         self.samples_dir = Path(samples_dir) if samples_dir else None
         built = {
-            name: build_metric(spec, name, f"callbacks.validation.{name}", keep_real=True)
-            for name, spec in (("fid", fid), ("fvd", fvd), ("sync", sync))
+            name: build_metric(spec, name, f"callbacks.validation.{name}", keep_real=True, fvd_protocol=fvd_protocol,
+                               sync_crop=sync_crop, sync_track=sync_track, aes_head=aes_head, frames=portrait_frames)
+            for name, spec in (("fid", fid), ("fvd", fvd), ("sync", sync), ("idc", idc), ("aes", aes),
+                               ("dynamics", dynamics))
         }
         for name, m in built.items():
             if m is None:
                 log.info("validation: %s skipped (callbacks.validation.%s is not set)", name, name)
-        self.metrics = VideoMetrics(**built, fid_frames=fid_frames)
+        try:
+            self.metrics = VideoMetrics(**built, fid_frames=fid_frames, fvd_protocol=fvd_protocol,
+                                        fvd_resolution=fvd_resolution, fvd_seed=fvd_seed)
+        except ValueError as e:
+            raise ValueError(f"callbacks.validation.{e}") from None
+        if self.metrics:
+            log.info("validation protocol: %s",
+                     ", ".join(f"{k}={v}" for k, v in self.metrics.protocol().items()))
         self.samples: list[dict[str, Any]] = []
         self.audio: dict[str, np.ndarray] = {}
         self.last_step = -1
@@ -241,6 +273,7 @@ class ValidationCallback(Callback):
             for m, mode in modes.items():
                 m.training = mode
         values = {f"val/{k}": v for k, v in self.metrics.compute().items()} if self.metrics else {}
+        self.metrics.reference_done()  # kept reference statistics now hold every clip
         self.metrics.reset()
         if values:
             for logger in trainer.loggers:
@@ -285,7 +318,7 @@ class ValidationCallback(Callback):
             # the clip's own span (what wav2vec saw when the latents were encoded)
             audio = audio[: int(generated.shape[0] / fps * AUDIO_RATE)]
         if self.metrics:
-            self.metrics.update(generated, reference, fps, audio)
+            self.metrics.update(generated, reference, fps, audio, key=key)
         if out_dir is not None:
             write_video(out_dir / f"{index:03d}_{key}.mp4", generated.numpy(), fps, audio=audio)
         for logger in show:
