@@ -357,3 +357,26 @@ def test_memory_stays_one_segment(files):
     assert set(held) == {2, 4}
     one_segment = 13 * SIZE * 48 * 3  # a segment's uint8 frames: what a leak would add per segment
     assert held[4] <= held[2] + one_segment // 4, held
+
+
+@pytest.mark.slow
+def test_long_form_bench_runs(tmp_path):
+    """bench/long_form.py on short segments: it writes its report, and 2 and 3 segments hold the
+    same tensors (each carries one overlap to the next)."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "long_form.py"), "--segments", "2,3",
+                           "--segment-frames", "9", "--steps", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = [json.loads(p.read_text()) for p in tmp_path.glob("long_form-*.json")]
+    rows = {r["segments"]: r for r in report["rows"]}
+    assert set(rows) == {2, 3} and all(r["segments_per_s"] > 0 and len(r["segment_seconds"]) == r["segments"]
+                                       for r in rows.values())
+    assert rows[2]["frames"] == 13 and rows[3]["frames"] == 17
+    assert rows[2]["held_bytes_max"] == rows[3]["held_bytes_max"]
+    assert (tmp_path / next(tmp_path.glob("long_form-*.json")).with_suffix(".md").name).is_file()
