@@ -117,7 +117,8 @@ class Spy:
 
         def on_forward(module, a, kwargs):
             hidden, audio = a[0], a[4] if len(a) > 4 else kwargs.get("audio")
-            self.segments[-1]["forwards"].append({"mask": hidden[:, 16:20].clone(),
+            self.segments[-1]["forwards"].append({"mask": hidden[:, 16:20].clone(), "image": a[3].clone(),
+                                                  "motion": kwargs.get("motion"),
                                                   "audio": None if audio is None else audio.clone()})
 
         pipe.segment = spied_segment
@@ -185,6 +186,24 @@ def test_known_frames_mask_folds_frames_as_wan_does():
     assert partial.tolist() == [1, 1, 0, 0]
 
 
+def test_sampler_takes_the_condition_mask():
+    """mask=None is Wan's first-frame mask; another mask reaches the model; a wrong shape is refused."""
+    seen = []
+
+    def model(hidden, timestep, text, image, audio, audio_scale=0.0):
+        seen.append(hidden[:, 16:20].clone())
+        return torch.zeros_like(hidden[:, :16])
+
+    sampler = FlowMatchSampler(steps=1, cfg=1.0, audio_cfg=None)
+    latents, text, image = torch.zeros(1, 16, 3, 2, 2), torch.zeros(1, 512, 8), torch.zeros(1, 257, 8)
+    sampler(model, latents, image, text)
+    torch.testing.assert_close(seen[-1], first_frame_mask(3, 2, 2))
+    sampler(model, latents, image, text, mask=known_frames_mask(9, 5, 2, 2))
+    assert seen[-1][0, :, :2].eq(1).all() and seen[-1][0, :, 2:].eq(0).all()
+    with pytest.raises(ValueError, match=r"mask has shape \(1, 4, 2, 2, 2\), expected \(1 or 1, 4, 3, 2, 2\)"):
+        sampler(model, latents, image, text, mask=known_frames_mask(5, 5, 2, 2))
+
+
 @pytest.mark.parametrize("segment, overlap", [(81, 5), (81, 1), (17, 9), (9, 5), (33, 29)])
 def test_segments_cover_the_video_with_the_overlap(segment, overlap):
     for total in range(5, 400, 4):
@@ -243,6 +262,13 @@ def test_ten_seconds_of_speech_make_one_video_in_sync(files, tmp_path, monkeypat
         torch.testing.assert_close(condition[0, :, :5], to_known(previous[-5:]).permute(1, 0, 2, 3))
         assert condition[0, :, 5:].eq(0).all()
         assert mask[:, :2].eq(1).all() and mask[:, 2:].eq(0).all()
+
+    # The identity reference is the photo in every segment: the same CLIP tokens and ω throughout.
+    reference = spy.segments[0]["forwards"][0]
+    for record in spy.segments:
+        for forward in record["forwards"]:
+            torch.testing.assert_close(forward["image"], reference["image"], rtol=0, atol=0)
+            torch.testing.assert_close(forward["motion"], reference["motion"], rtol=0, atol=0)
 
     # The video: each segment's own frames, and a cross-fade on the 5 frames two segments share.
     written = spy.written
