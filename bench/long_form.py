@@ -44,8 +44,11 @@ def live_tensor_bytes(exclude: set[int]) -> int:
     for t in tensors:
         if t.is_meta:
             continue
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
+        try:  # tensors torch.compile left behind (fake tensors) have no data to count
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+        except RuntimeError:
+            continue
         if key and key not in seen and key not in exclude:
             seen.add(key)
             total += storage.nbytes()

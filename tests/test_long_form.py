@@ -345,11 +345,11 @@ def live_tensor_bytes(exclude: set[int]) -> int:
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for obj in tensors:
         if not obj.is_meta:
-            try:
+            try:  # tensors torch.compile left behind (fake tensors) have no data to count
                 storage = obj.untyped_storage()
+                key = storage.data_ptr()
             except RuntimeError:
                 continue
-            key = storage.data_ptr()
             if key and key not in seen and key not in exclude:
                 seen.add(key)
                 total += storage.nbytes()
