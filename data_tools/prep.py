@@ -47,10 +47,12 @@ from ft_train.media import AUDIO_RATE, MediaError
 
 #: Every reason a file or clip is rejected; the report counts each.
 REJECT_REASONS = {
-    "unreadable": "file missing or FFmpeg cannot open/decode it",
-    "truncated": "file ends before the duration its header declares (cut-off download/copy)",
+    "unreadable": "file missing, a dangling symlink, a folder that cannot be listed, or FFmpeg cannot open it",
+    "truncated": "file ends before the frames/duration its header declares (cut-off download/copy) and "
+    "truncated=reject, or too little of it is left for one clip",
+    "damaged": "more than max_damaged_frac of the audio packets, or of a clip's frames, cannot be decoded",
     "no_video": "no video stream",
-    "no_audio": "no audio stream and no same-named .wav beside it",
+    "no_audio": "no audio for audio_source: no audio stream and no same-named .wav beside it",
     "silent_audio": "audio quieter than silence_dbfs (whole file, or the clip's window)",
     "too_short": "fewer than num_frames frames at the target fps",
     "no_face": "face mesh found a face in fewer than min_face_frames_frac of the clip's frames",
@@ -58,6 +60,11 @@ REJECT_REASONS = {
     "face_too_small": "median face-box width below min_face_px pixels",
     "low_confidence": "mean face-detection score below min_face_confidence",
 }
+
+
+#: Where a clip's audio comes from: ``auto`` = a same-named .wav beside the video when there is
+#: one (a user puts it there on purpose), else the video's own track.
+AUDIO_SOURCES = ("auto", "sidecar", "embedded")
 
 
 @dataclass
@@ -84,6 +91,9 @@ class PrepConfig:
     min_face_confidence: float = 0.8
     silence_dbfs: float = -50.0
     truncation_tolerance_s: float = 0.5
+    truncated: str = "keep_whole_clips"
+    max_damaged_frac: float = media.MAX_DAMAGED_FRAC
+    audio_source: str = "auto"
     stats_quantiles: tuple[float, float] = (0.05, 0.95)
     previews_per_shard: int = 1
     extensions: tuple[str, ...] = ("mp4", "mov", "mkv", "avi", "webm")
@@ -112,6 +122,12 @@ class PrepConfig:
             problems.append("videos_per_shard must be ≥ 1")
         if not 0 <= self.task_index < self.num_tasks:
             problems.append(f"task_index={self.task_index} must be in [0, num_tasks={self.num_tasks})")
+        if self.truncated not in ("keep_whole_clips", "reject"):
+            problems.append(f"truncated={self.truncated!r} must be 'keep_whole_clips' or 'reject'")
+        if self.audio_source not in AUDIO_SOURCES:
+            problems.append(f"audio_source={self.audio_source!r} must be one of {', '.join(AUDIO_SOURCES)}")
+        if not 0 <= self.max_damaged_frac <= 1:
+            problems.append(f"max_damaged_frac={self.max_damaged_frac} must be in [0, 1]")
         if self.mode not in ("run", "merge"):
             problems.append(f"mode={self.mode!r} must be 'run' or 'merge'")
         lo, hi = self.stats_quantiles
@@ -128,11 +144,20 @@ class PrepConfig:
 def list_inputs(cfg: PrepConfig) -> list[Path]:
     """Input videos, sorted: every file with a video extension under a folder (recursively), or
     the lines of a list file (blank lines and ``#`` comments skipped; relative paths are taken
-    from the list file's folder). Listed files that do not exist are kept: they are rejected
-    as ``unreadable`` and reported, not silently dropped."""
+    from the list file's folder). Listed files that do not exist, dangling symlinks and
+    sub-folders that cannot be listed are kept: they are rejected as ``unreadable`` and
+    reported with their path, not silently dropped."""
     src = Path(cfg.input)
     if src.is_dir():
-        files = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in cfg.extensions]
+        files: list[Path] = []
+
+        def unlistable(err: OSError) -> None:
+            files.append(Path(err.filename))
+
+        for folder, _, names in os.walk(src, onerror=unlistable):
+            for name in names:
+                if name.rsplit(".", 1)[-1].lower() in cfg.extensions and "." in name:
+                    files.append(Path(folder) / name)  # a dangling symlink too: reported, not lost
         return sorted(files)
     if src.is_file():
         if src.suffix.lower().lstrip(".") in cfg.extensions:
@@ -141,6 +166,18 @@ def list_inputs(cfg: PrepConfig) -> list[Path]:
         paths = [Path(ln) for ln in lines if ln and not ln.startswith("#")]
         return sorted(p if p.is_absolute() else src.parent / p for p in paths)
     raise SystemExit(f"input={cfg.input}: no such folder or list file; pass a folder of videos or a text file of paths")
+
+
+def check_readable(source: Path) -> None:
+    """Raise ``unreadable`` naming what is wrong with a path that cannot be opened."""
+    if source.is_symlink() and not source.exists():
+        raise MediaError("unreadable", f"{source}: dangling symlink to {os.readlink(source)}; fix or remove the link")
+    if source.is_dir():
+        raise MediaError("unreadable", f"{source}: folder cannot be listed (permission denied?); fix its permissions")
+    if not source.is_file():
+        raise MediaError("unreadable", f"{source}: file not found; fix the input list")
+    if not os.access(source, os.R_OK):
+        raise MediaError("unreadable", f"{source}: permission denied; make it readable")
 
 
 def shard_sources(inputs: list[Path], cfg: PrepConfig) -> list[list[Path]]:
@@ -161,6 +198,16 @@ class Reject:
 
 
 @dataclass
+class FileNote:
+    """Facts about one input file that the report lists even when its clips were kept."""
+
+    source: str
+    audio_source: str | None = None  # "embedded" | "sidecar"
+    damaged: dict = field(default_factory=dict)  # stream -> {packets, damaged, error}, when any was skipped
+    truncated: dict | None = None  # :meth:`ft_train.media.VideoInfo.truncation`
+
+
+@dataclass
 class ShardRecord:
     """What ``parts/shard-XXXXXX.json`` holds: enough to skip, merge and report."""
 
@@ -172,6 +219,8 @@ class ShardRecord:
     bytes: int = 0
     sha256: str | None = None
     rejects: list[dict] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)  # FileNote of files with anything to report
+    audio_sources: dict[str, int] = field(default_factory=dict)  # samples per audio source
     omega_l: list[float | None] = field(default_factory=list)
     omega_b: list[float | None] = field(default_factory=list)
     timing_s: dict[str, float] = field(default_factory=dict)
@@ -188,16 +237,30 @@ def _frame_used(k: int, cfg: PrepConfig) -> bool:
     return cfg.stride <= cfg.num_frames or (k % cfg.stride) < cfg.num_frames
 
 
-def load_audio(source: Path, info: media.VideoInfo) -> tuple[np.ndarray, float]:
-    """The video's own audio track, else a same-named .wav beside it (assumed to start with the
-    first video frame). Returns (16 kHz mono samples, start time in the video's clock)."""
+def load_audio(source: Path, info: media.VideoInfo, cfg: PrepConfig, note: FileNote) -> tuple[np.ndarray, float]:
+    """The clip audio of ``source`` as ``cfg.audio_source`` says (:data:`AUDIO_SOURCES`).
+
+    Alignment: embedded audio is placed by the container clock (its first sample's timestamp
+    against the first video frame's); a sidecar ``.wav`` has no clock shared with the video, so
+    its first sample is taken to be at the first video frame. Returns (16 kHz mono samples, start
+    time in the video's clock); ``note`` gets the source used and any skipped packets.
+    """
     wav = source.with_suffix(".wav")
-    if info.has_audio:
-        file, (audio, start) = source, media.read_audio(source, with_start=True)
-    elif wav.is_file():
-        file, audio, start = wav, media.read_audio(wav), info.start_s
+    use_wav = cfg.audio_source == "sidecar" or (cfg.audio_source == "auto" and wav.is_file())
+    damage = media.Damage()
+    if use_wav:
+        if not wav.is_file():
+            raise MediaError("no_audio", f"{source}: audio_source=sidecar but there is no {wav.name} beside it; add one")
+        file, audio, start = wav, media.read_audio(wav, max_damaged_frac=cfg.max_damaged_frac, damage=damage), info.start_s
+    elif info.has_audio:
+        file = source
+        audio, start = media.read_audio(source, with_start=True, max_damaged_frac=cfg.max_damaged_frac, damage=damage,
+                                        truncated=info.truncated is not None)
     else:
         raise MediaError("no_audio", f"{source}: has no audio stream and no {wav.name} beside it; add one or drop the file")
+    note.audio_source = "sidecar" if use_wav else "embedded"
+    if damage.damaged:
+        note.damaged["audio"] = damage.as_dict()
     if not audio.size:
         raise MediaError("no_audio", f"{file}: audio stream is empty; supply a same-named .wav")
     return audio, start
@@ -205,21 +268,33 @@ def load_audio(source: Path, info: media.VideoInfo) -> tuple[np.ndarray, float]:
 
 def process_video(source: Path, cfg: PrepConfig, timing: Counter):
     """Yield, for each clip of ``source``, either a ``(sample dict, preview data)`` pair or a
-    :class:`Reject`; a whole-file problem yields one Reject and stops."""
+    :class:`Reject`; a whole-file problem yields one Reject and stops. Last comes the file's
+    :class:`FileNote`."""
+    note = FileNote(str(source))
+    yield from _process_video(source, cfg, timing, note)
+    yield note
+
+
+def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNote):
     from ft_train.data import face as facemod
 
     t = time.perf_counter()
     try:
-        if not source.is_file():
-            raise MediaError("unreadable", f"{source}: file not found; fix the input list")
+        check_readable(source)
         info = media.probe(source, cfg.truncation_tolerance_s)
-        audio, audio_start = load_audio(source, info)
+        if info.truncated is not None:
+            note.truncated = info.truncation()
+            if cfg.truncated == "reject":
+                raise MediaError("truncated", f"{source}: {info.truncated}; re-download it (or truncated=keep_whole_clips)")
+        if int(info.duration_s * cfg.fps + 1e-6) < cfg.num_frames:
+            reason = "truncated" if info.truncated else "too_short"
+            raise MediaError(
+                reason, f"{source}: {info.duration_s:.2f}s{' left of a truncated file' if info.truncated else ''} "
+                f"is under {cfg.num_frames} frames at {cfg.fps} fps"
+            )
+        audio, audio_start = load_audio(source, info, cfg, note)
         if media.loudness_dbfs(audio) < cfg.silence_dbfs:
             raise MediaError("silent_audio", f"{source}: audio is silent (< {cfg.silence_dbfs} dBFS)")
-        if int(info.duration_s * cfg.fps + 1e-6) < cfg.num_frames:
-            raise MediaError(
-                "too_short", f"{source}: {info.duration_s:.2f}s is under {cfg.num_frames} frames at {cfg.fps} fps"
-            )
     except MediaError as e:
         timing["probe"] += time.perf_counter() - t
         yield Reject(str(source), e.reason, str(e))
@@ -227,12 +302,14 @@ def process_video(source: Path, cfg: PrepConfig, timing: Counter):
     timing["probe"] += time.perf_counter() - t
 
     window: deque = deque(maxlen=cfg.num_frames)
+    damaged_at: deque = deque(maxlen=cfg.num_frames)  # damage count when each window frame was decoded
+    video_damage = media.Damage()
     clip_index = 0
     caption_file = source.with_suffix(".txt")
     caption = caption_file.read_text().strip() if caption_file.is_file() else None
     # The analyzer adds its graphs' seconds to timing["face_mesh"/"face_detect"/"pose"].
     with facemod.FrameAnalyzer(pose_every=cfg.pose_every, detect_every=cfg.detect_every, timing=timing) as analyzer:
-        frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads)
+        frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads, damage=video_damage)
         k = 0
         try:
             while True:
@@ -244,19 +321,31 @@ def process_video(source: Path, cfg: PrepConfig, timing: Counter):
                 if _frame_used(k, cfg):
                     # Detector at each clip's first frame: a clip's face scores are its own.
                     window.append((frame, analyzer(frame, detect=k % cfg.stride == 0)))
+                    damaged_at.append(video_damage.damaged)
                 if _clip_starts_frame(k, cfg):
                     start = k - cfg.num_frames + 1
-                    yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption, cfg, timing)
+                    # Skipped frames in this clip (each shown as the frame before it).
+                    lost = damaged_at[-1] - damaged_at[0]
+                    if lost > cfg.max_damaged_frac * cfg.num_frames:
+                        yield Reject(str(source), "damaged", f"{source} clip {clip_index}: {lost} of {cfg.num_frames} "
+                                     f"frames cannot be decoded (> max_damaged_frac={cfg.max_damaged_frac})", clip_index)
+                    else:
+                        yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption,
+                                         cfg, timing, note)
                     clip_index += 1
                 k += 1
         except MediaError as e:
             yield Reject(str(source), e.reason, str(e))
             return
+        finally:
+            if video_damage.damaged:
+                note.damaged["video"] = video_damage.as_dict()
     if clip_index == 0:
-        yield Reject(str(source), "too_short", f"{source}: decoded {k} frames, fewer than num_frames={cfg.num_frames}")
+        reason = "truncated" if info.truncated else "too_short"
+        yield Reject(str(source), reason, f"{source}: decoded {k} frames, fewer than num_frames={cfg.num_frames}")
 
 
-def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing):
+def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing, note):
     """Filter one clip; return (sample, preview data) or a Reject."""
     from ft_train.data import face as facemod
 
@@ -307,6 +396,7 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
         "source_size": [info.width, info.height],
         "audio_rate": AUDIO_RATE,
         "audio_samples": int(clip_audio.shape[0]),
+        "audio_source": note.audio_source,  # embedded (container clock) | sidecar (.wav from the first frame)
         "face_box": [float(v) for v in np.median(arrays["face_box"][found], axis=0)],  # x0 y0 x1 y1 px
         "face_confidence": float(conf.mean()),
         "face_frames_frac": float(found.mean()),
@@ -387,6 +477,10 @@ def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
     with wds.TarWriter(str(tmp)) as writer:
         for source in sources:
             for item in process_video(source, cfg, timing):
+                if isinstance(item, FileNote):
+                    if item.damaged or item.truncated:
+                        rec.files.append(asdict(item))
+                    continue
                 if isinstance(item, Reject):
                     rec.rejects.append(asdict(item))
                     continue
@@ -397,6 +491,7 @@ def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
                 rec.samples += 1
                 rec.frames += len(frames)
                 meta = json.loads(sample["json"])
+                rec.audio_sources[meta["audio_source"]] = rec.audio_sources.get(meta["audio_source"], 0) + 1
                 rec.omega_l.append(meta["omega_l_raw"])
                 rec.omega_b.append(meta["omega_b_raw"])
                 if previews < cfg.previews_per_shard:
@@ -492,6 +587,12 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
         "rejected_files": sum(1 for x in rejects if x["clip"] is None),
         "rejected_clips": sum(1 for x in rejects if x["clip"] is not None),
         "rejects": rejects,
+        # Samples per audio source (embedded track or sidecar .wav).
+        "audio_sources": dict(sum((Counter(r.get("audio_sources", {})) for r in records), Counter())),
+        # Files with skipped packets/frames (kept or not), and files cut short, with their counts.
+        "damaged": [{"source": f["source"], **f["damaged"]} for r in records for f in r.get("files", []) if f["damaged"]],
+        "truncated": [{"source": f["source"], **f["truncated"]} for r in records for f in r.get("files", [])
+                      if f["truncated"]],
         "timing_s": {k: round(v, 3) for k, v in sorted(timing.items())},
         "frames_per_s_per_process": round(frames / timing["total"], 2) if timing["total"] else None,
         "this_run": run_info or {},
@@ -512,6 +613,13 @@ def format_report(report: dict) -> str:
     for reason, n in report["rejected"].items():
         if n:
             lines.append(f"  {reason:<16} {n:>6}   {REJECT_REASONS[reason]}")
+    if report.get("audio_sources"):
+        lines.append("audio: " + ", ".join(f"{n} samples {k}" for k, n in sorted(report["audio_sources"].items())))
+    for entry in report.get("damaged", []):
+        counts = ", ".join(f"{s} {entry[s]['damaged']}/{entry[s]['packets']} packets" for s in ("audio", "video") if s in entry)
+        lines.append(f"damaged (skipped): {entry['source']}: {counts}")
+    for entry in report.get("truncated", []):
+        lines.append(f"truncated: {entry['source']}: {entry['detail']}")
     lines.append("time in each step, summed over processes (s):")
     for step, s in report["timing_s"].items():
         lines.append(f"  {step:<16} {s:>10.1f}")
