@@ -1,0 +1,186 @@
+"""ft-prep on imperfect footage: a damaged audio packet (stereo 48 kHz AC-3 / AAC), a sidecar
+.wav against an embedded track at known offsets, truncated AVI/MP4, a dangling symlink. Every
+input is made here from the sample clip with the imageio-ffmpeg binary and Python."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import av
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import soundfile as sf
+import webdataset as wds
+
+from data_tools.prep import PrepConfig, run_prep
+from ft_train import media
+
+SAMPLE = Path(__file__).parent / "assets" / "sample_talking.mp4"
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+FAST = dict(num_frames=33, stride=33, progress=False, previews_per_shard=0)
+RATE = media.AUDIO_RATE
+
+
+def ffmpeg(*args) -> None:
+    subprocess.run([FFMPEG, "-y", "-loglevel", "error", *map(str, args)], check=True)
+
+
+def corrupt_middle_packet(src: Path, dst: Path) -> tuple[float, float]:
+    """Copy ``src`` to ``dst`` with bytes of its middle audio packet flipped (past the AC-3
+    sync word / inside the AAC payload, so the demuxer still finds the packet and the decoder
+    refuses it). Returns that packet's (start, end) time in seconds."""
+    with av.open(str(src)) as c:
+        packets = [(p.pos, p.size, float(p.pts * p.time_base), float(p.duration * p.time_base))
+                   for p in c.demux(c.streams.audio[0]) if p.size]
+    pos, size, t, dur = packets[len(packets) // 2]
+    data = bytearray(src.read_bytes())
+    for j in range(4, min(size, 36)):
+        data[pos + j] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return t, t + dur
+
+
+def read_shards(out: Path) -> list[dict]:
+    return list(wds.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")), shardshuffle=False, empty_check=False))
+
+
+@pytest.mark.parametrize("codec, ext", [("ac3", "mkv"), ("aac", "mp4")])
+def test_one_bad_audio_packet_is_skipped_as_silence_and_counted(tmp_path, codec, ext):
+    clean = tmp_path / f"clean.{ext}"
+    ffmpeg("-i", SAMPLE, "-c:v", "copy", "-c:a", codec, "-ac", 2, "-ar", 48000, clean)
+    bad = tmp_path / f"bad.{ext}"
+    t0, t1 = corrupt_middle_packet(clean, bad)
+    with av.open(str(bad)) as c:  # the stock decode loop refuses the file (what ft-prep did before)
+        with pytest.raises(av.FFmpegError):
+            for _ in c.decode(audio=0):
+                pass
+
+    ref, ref_start = media.read_audio(clean, with_start=True)
+    damage = media.Damage()
+    got, start = media.read_audio(bad, with_start=True, damage=damage)
+    assert damage.damaged == 1 and damage.packets > 100 and "send_packet" in damage.error
+    assert start == ref_start and abs(len(got) - len(ref)) <= 1
+    # Before the lost packet every sample is the clean decode's; in its place, silence; after it,
+    # the clean decode again, not shifted by a packet (the next packet or two decode a little
+    # differently: MDCT codecs overlap each frame with the one before, then the resampler's reach).
+    a, b = int((t0 - start) * RATE), int((t1 - start) * RATE)
+    n = min(len(got), len(ref))
+    np.testing.assert_allclose(got[: a - 64], ref[: a - 64], atol=1e-6)
+    assert np.abs(got[a + 16 : b - 16]).max() < 1e-3 < np.abs(ref[a:b]).max()
+    after = slice(b + 3 * (b - a), n)
+    np.testing.assert_allclose(got[after], ref[after], atol=0.02)
+    shifted = np.abs(got[after.start : n - (b - a)] - ref[after.start + b - a : n]).max()
+    assert shifted > 0.1  # a one-packet shift would be seen
+    # ft-eval's reader takes it too; with no tolerance the file is refused naming the count.
+    frames, _, audio = media.read_video(bad)
+    assert len(frames) == 100 and len(audio) == len(got)
+    with pytest.raises(media.MediaError, match="1 of .* audio packets cannot be decoded") as err:
+        media.read_audio(bad, max_damaged_frac=0.0)
+    assert err.value.reason == "damaged"
+
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    bad.rename(inputs / bad.name)
+    report = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "out"), **FAST))
+    assert report["samples"] == 3 and not report["rejects"]
+    (entry,) = report["damaged"]
+    assert entry["source"].endswith(bad.name) and entry["audio"]["damaged"] == 1
+    assert "damaged (skipped)" in (tmp_path / "out" / "report.txt").read_text()
+    strict = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "strict"), max_damaged_frac=0.0, **FAST))
+    assert strict["samples"] == 0 and strict["rejected"]["damaged"] == 1
+
+
+def test_corrupt_video_frame_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "v.mp4"
+    ffmpeg("-i", SAMPLE, "-c", "copy", path)
+    with av.open(str(path)) as c:
+        packets = [(p.pos, p.size) for p in c.demux(video=0) if p.size]
+    pos, size = packets[50]
+    data = bytearray(path.read_bytes())
+    for j in range(size // 3, size // 3 + 30):
+        data[pos + j] ^= 0xFF
+    path.write_bytes(bytes(data))
+    damage = media.Damage()
+    frames = list(media.iter_frames(media.probe(path), 25.0, 128, damage=damage))
+    assert len(frames) == 100 and damage.damaged >= 1  # the frame flagged corrupt stands in for by its predecessor
+    frames_rv, _, _ = media.read_video(path)
+    assert len(frames_rv) == 100
+
+
+def xcorr_lag(clip: np.ndarray, speech: np.ndarray, max_lag: int) -> int:
+    """Lag (samples) at which ``speech`` delayed by it best matches ``clip``."""
+    n = len(clip)
+    scores = [float(np.dot(clip[lag:], speech[: n - lag])) / max(n - lag, 1) for lag in range(0, max_lag)]
+    return int(np.argmax(scores))
+
+
+def test_sidecar_and_embedded_audio_are_aligned_as_documented(tmp_path):
+    """A sidecar .wav starts at the first video frame; an embedded track sits where its
+    container clock puts it. Known offsets: the sidecar holds the speech 0.25 s late, the
+    'late' file's track starts 0.4 s after its video."""
+    speech = media.read_audio(SAMPLE)
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    ffmpeg("-i", SAMPLE, "-t", 1.6, "-c:v", "libx264", "-c:a", "aac", inputs / "both.mp4")
+    sf.write(inputs / "both.wav", np.concatenate([np.zeros(int(0.25 * RATE), np.float32), speech]), RATE)
+    ffmpeg("-i", SAMPLE, "-itsoffset", 0.4, "-i", SAMPLE, "-map", "0:v", "-map", "1:a", "-t", 1.6,
+           "-c:v", "libx264", "-c:a", "aac", inputs / "late.mkv")
+
+    def lags(report, out):
+        assert report["samples"] == 2, report["rejects"]
+        result = {}
+        for s in read_shards(out):
+            meta = json.loads(s["json"])
+            result[Path(meta["source"]).stem] = (meta["audio_source"], xcorr_lag(media.decode_flac(s["flac"]), speech, 9000))
+        return result
+
+    out = tmp_path / "auto"
+    report = run_prep(PrepConfig(input=str(inputs), output=str(out), **FAST))
+    got = lags(report, out)
+    assert got["both"][0] == "sidecar" and abs(got["both"][1] - 0.25 * RATE) <= 16
+    assert got["late"][0] == "embedded" and abs(got["late"][1] - 0.4 * RATE) <= 16
+    assert report["audio_sources"] == {"sidecar": 1, "embedded": 1}
+
+    out = tmp_path / "embedded"
+    report = run_prep(PrepConfig(input=str(inputs), output=str(out), audio_source="embedded", **FAST))
+    got = lags(report, out)
+    assert got["both"][0] == "embedded" and got["both"][1] <= 16  # the track, aligned with its video
+    report = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "side"), audio_source="sidecar", **FAST))
+    assert report["rejected"]["no_audio"] == 1 and "late.mkv" in report["rejects"][0]["detail"]
+
+
+def test_truncated_files_and_dangling_links_are_reported(tmp_path):
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    full = tmp_path / "full.avi"
+    ffmpeg("-i", SAMPLE, "-c:v", "mpeg4", "-q:v", 5, "-c:a", "pcm_s16le", full)
+    data = full.read_bytes()
+    (inputs / "cut.avi").write_bytes(data[: len(data) * 6 // 10])  # header still says 100 frames
+    mp4 = SAMPLE.read_bytes()
+    (inputs / "cut.mp4").write_bytes(mp4[: len(mp4) * 6 // 10])
+    os.symlink(tmp_path / "gone.mp4", inputs / "link.mp4")
+
+    info = media.probe(inputs / "cut.avi")
+    assert info.declared_frames == 100 and info.packets < 70 and info.truncated
+    assert media.probe(SAMPLE).truncated is None and media.probe(full).truncated is None
+
+    out = tmp_path / "keep"
+    report = run_prep(PrepConfig(input=str(inputs), output=str(out), **FAST))
+    truncated = {Path(t["source"]).name: t for t in report["truncated"]}
+    assert set(truncated) == {"cut.avi", "cut.mp4"} and truncated["cut.avi"]["declared_frames"] == 100
+    # ~61 of 100 frames left in the AVI: one whole 33-frame clip, decoded frames all real.
+    assert report["samples"] == 1
+    (sample,) = read_shards(out)
+    assert json.loads(sample["json"])["source"].endswith("cut.avi")
+    clip = media.decode_mp4(sample["mp4"])
+    ref = np.stack(list(media.iter_frames(media.probe(full), 25.0, 512)))[:33]
+    assert np.abs(clip.astype(int) - ref.astype(int)).mean() < 3
+    reasons = {Path(r["source"]).name: (r["reason"], r["detail"]) for r in report["rejects"]}
+    assert reasons["cut.mp4"][0] == "truncated"  # 7 frames left: no clip
+    assert reasons["link.mp4"][0] == "unreadable" and "dangling symlink" in reasons["link.mp4"][1]
+    assert "truncated: " in (out / "report.txt").read_text()
+
+    report = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "reject"), truncated="reject", **FAST))
+    assert report["samples"] == 0 and report["rejected"]["truncated"] == 2 and report["rejected"]["unreadable"] == 1
