@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.shots import SCENE_DETECTORS, ShotCuts
 from ft_train import media
 from ft_train.cli import Tool
 from ft_train.config import compose_tool_config
@@ -55,6 +56,7 @@ REJECT_REASONS = {
     "no_audio": "no audio for audio_source: no audio stream and no same-named .wav beside it",
     "silent_audio": "audio quieter than silence_dbfs (whole file, or the clip's window)",
     "too_short": "fewer than num_frames frames at the target fps",
+    "shot_cut": "a clip window interrupted by a shot cut (clips start again at the cut; scene_detector)",
     "no_face": "face mesh found a face in fewer than min_face_frames_frac of the clip's frames",
     "multiple_faces": "the detector saw several faces in more than max_multi_face_frac of frames",
     "face_too_small": "median face-box width below min_face_px pixels",
@@ -94,6 +96,8 @@ class PrepConfig:
     truncated: str = "keep_whole_clips"
     max_damaged_frac: float = media.MAX_DAMAGED_FRAC
     audio_source: str = "auto"
+    scene_detector: str = "ffmpeg_scene"
+    scene_threshold: float = 0.3
     stats_quantiles: tuple[float, float] = (0.05, 0.95)
     previews_per_shard: int = 1
     extensions: tuple[str, ...] = ("mp4", "mov", "mkv", "avi", "webm")
@@ -124,6 +128,8 @@ class PrepConfig:
             problems.append(f"task_index={self.task_index} must be in [0, num_tasks={self.num_tasks})")
         if self.truncated not in ("keep_whole_clips", "reject"):
             problems.append(f"truncated={self.truncated!r} must be 'keep_whole_clips' or 'reject'")
+        if self.scene_detector not in SCENE_DETECTORS:
+            problems.append(f"scene_detector={self.scene_detector!r} must be one of {', '.join(SCENE_DETECTORS)}")
         if self.audio_source not in AUDIO_SOURCES:
             problems.append(f"audio_source={self.audio_source!r} must be one of {', '.join(AUDIO_SOURCES)}")
         if not 0 <= self.max_damaged_frac <= 1:
@@ -205,6 +211,7 @@ class FileNote:
     audio_source: str | None = None  # "embedded" | "sidecar"
     damaged: dict = field(default_factory=dict)  # stream -> {packets, damaged, error}, when any was skipped
     truncated: dict | None = None  # :meth:`ft_train.media.VideoInfo.truncation`
+    shot_cuts: list[int] = field(default_factory=list)  # frames (at cfg.fps) where a new shot starts
 
 
 @dataclass
@@ -227,7 +234,8 @@ class ShardRecord:
 
 
 def _clip_starts_frame(k: int, cfg: PrepConfig) -> bool:
-    """True if frame k is the last frame of a clip (clips start at multiples of stride)."""
+    """True if frame k (counted from the start of its shot) is the last frame of a clip (clips
+    start at multiples of stride from the shot's first frame)."""
     first = k - (cfg.num_frames - 1)
     return first >= 0 and first % cfg.stride == 0
 
@@ -311,6 +319,8 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
     with facemod.FrameAnalyzer(pose_every=cfg.pose_every, detect_every=cfg.detect_every, timing=timing) as analyzer:
         frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads, damage=video_damage)
         k = 0
+        origin = 0  # first frame of the current shot: clips are laid out from it
+        cuts = ShotCuts(cfg.scene_threshold) if cfg.scene_detector != "none" else None
         try:
             while True:
                 t = time.perf_counter()
@@ -318,11 +328,28 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
                 timing["decode"] += time.perf_counter() - t
                 if frame is None:
                     break
-                if _frame_used(k, cfg):
+                if cuts is not None:
+                    t = time.perf_counter()
+                    cut = cuts(frame)
+                    timing["shots"] += time.perf_counter() - t
+                    if cut:
+                        # Windows begun in the old shot and not yet complete: each would span the cut.
+                        j = k - origin
+                        for s0 in range(-(-max(0, j - cfg.num_frames + 1) // cfg.stride) * cfg.stride, j, cfg.stride):
+                            yield Reject(str(source), "shot_cut", f"{source} clip {clip_index} (frames {origin + s0}-"
+                                         f"{origin + s0 + cfg.num_frames - 1}): shot cut at frame {k} "
+                                         f"({k / cfg.fps:.2f}s)", clip_index)
+                            clip_index += 1
+                        note.shot_cuts.append(k)
+                        window.clear()
+                        damaged_at.clear()
+                        origin = k
+                j = k - origin
+                if _frame_used(j, cfg):
                     # Detector at each clip's first frame: a clip's face scores are its own.
-                    window.append((frame, analyzer(frame, detect=k % cfg.stride == 0)))
+                    window.append((frame, analyzer(frame, detect=j % cfg.stride == 0)))
                     damaged_at.append(video_damage.damaged)
-                if _clip_starts_frame(k, cfg):
+                if _clip_starts_frame(j, cfg):
                     start = k - cfg.num_frames + 1
                     # Skipped frames in this clip (each shown as the frame before it).
                     lost = damaged_at[-1] - damaged_at[0]

@@ -184,3 +184,41 @@ def test_truncated_files_and_dangling_links_are_reported(tmp_path):
 
     report = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "reject"), truncated="reject", **FAST))
     assert report["samples"] == 0 and report["rejected"]["truncated"] == 2 and report["rejected"]["unreadable"] == 1
+
+
+def second_face(frames: np.ndarray) -> np.ndarray:
+    """Another person for the cut: the talking astronaut mirrored, zoomed in and re-tinted."""
+    h, w = frames.shape[1:3]
+    zoom = frames[:, h // 10 : h - h // 10, ::-1][:, :, w // 10 : w - w // 10]
+    import cv2
+
+    out = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in zoom])
+    return np.clip(out.astype(np.int16) * np.array([0.7, 1.0, 1.25]), 0, 255).astype(np.uint8)
+
+
+def test_no_clip_spans_a_cut_between_two_faces(tmp_path):
+    from data_tools.make_sample_clip import write_mp4
+
+    info = media.probe(SAMPLE)
+    frames = np.stack(list(media.iter_frames(info, 25.0, 256)))  # 100 frames
+    audio = media.read_audio(SAMPLE)
+    cut = np.concatenate([frames[:50], second_face(frames[50:])])  # a cut at frame 50 (2.0 s)
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    write_mp4(inputs / "dialogue.mp4", cut, audio, 25.0, 23)
+
+    out = tmp_path / "out"
+    report = run_prep(PrepConfig(input=str(inputs), output=str(out), min_face_px=32, min_face_confidence=0.5, **FAST))
+    # Clips of 33: [0, 33) kept; [33, 66) would span the cut: dropped; clips restart at 50: [50, 83).
+    assert report["rejected"]["shot_cut"] == 1, report["rejects"]
+    assert "shot cut at frame 50" in report["rejects"][0]["detail"]
+    starts = sorted(json.loads(s["json"])["start_frame"] for s in read_shards(out))
+    assert starts == [0, 50]
+    # The clip after the cut is the second face only: its frames match the second shot, not the first.
+    second = next(s for s in read_shards(out) if json.loads(s["json"])["start_frame"] == 50)
+    got = media.decode_mp4(second["mp4"]).astype(int)
+    assert np.abs(got - cut[50:83]).mean() < 4 < np.abs(got - frames[50:83]).mean()
+
+    report = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "off"), scene_detector="none",
+                                 min_face_px=32, min_face_confidence=0.5, **FAST))
+    assert report["samples"] == 3 and report["rejected"]["shot_cut"] == 0  # before: a clip across the cut
