@@ -222,3 +222,82 @@ def test_no_clip_spans_a_cut_between_two_faces(tmp_path):
     report = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "off"), scene_detector="none",
                                  min_face_px=32, min_face_confidence=0.5, **FAST))
     assert report["samples"] == 3 and report["rejected"]["shot_cut"] == 0  # before: a clip across the cut
+
+
+def test_reference_frame_skips_a_fade_in(tmp_path):
+    """A clip that fades in from black: the reference is the first frame with a bright, sharp
+    face, its index is in the sample json, and raw mode / the encode pass take the image
+    condition, CLIP and face tokens from it."""
+    import torch
+
+    from data_tools.make_sample_clip import write_mp4
+    from ft_train.data.clip_prep import encode_clips
+    from ft_train.data.raw_clip import clip_tensors, load_clip
+    from ft_train.models.encoders import load_encoders
+    from ft_train.tiny import save_tiny_encoders
+
+    info = media.probe(SAMPLE)
+    frames = np.stack(list(media.iter_frames(info, 25.0, 256)))[:40]
+    alpha = np.clip(np.arange(len(frames)) / 8.0, 0, 1)[:, None, None, None]
+    faded = (frames * alpha).astype(np.uint8)  # frame 0 black, full brightness from frame 8
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    write_mp4(inputs / "fade.mp4", faded, media.read_audio(SAMPLE)[: 40 * RATE // 25], 25.0, 18)
+    out = tmp_path / "out"
+    report = run_prep(PrepConfig(input=str(inputs), output=str(out), min_face_px=32, **FAST))
+    assert report["samples"] == 1, report["rejects"]
+    (raw,) = read_shards(out)
+    meta = json.loads(raw["json"])
+    ref = meta["reference_frame"]
+    assert 2 <= ref <= 6 and meta["reference_brightness"] >= 40 and meta["reference_sharpness"] >= 30
+    clip_frames = media.decode_mp4(raw["mp4"])
+    assert clip_frames[0].mean() < 5 and clip_frames[ref].mean() > 30
+
+    stats = json.loads((out / "stats.json").read_text())
+    clip = load_clip(raw, stats, num_frames=17, size=(64, 64))
+    assert clip.reference == ref and clip.meta["reference_frame"] == ref
+    later = load_clip(raw, stats, start=8, num_frames=17, size=(64, 64))
+    assert later.reference == 0  # a window past the fade: its own first frame
+
+    save_tiny_encoders(tmp_path / "wan", tmp_path / "wav2vec", image_dim=48, text_dim=40, audio_dim=24, image_size=32, patch_size=8)
+    encoders = load_encoders(tmp_path / "wan", tmp_path / "wav2vec")
+    t = clip_tensors(clip)
+    enc = encode_clips(encoders, t["frames"][None], [t["audio"].numpy()], t["lip_masks"][None], [""],
+                       reference=[clip.reference])
+    # Same clip with the reference frame moved to the front: frame 0 is the condition there.
+    moved = torch.cat([t["frames"][ref:ref + 1], t["frames"][1:]])[None]
+    want = encode_clips(encoders, moved, [t["audio"].numpy()], t["lip_masks"][None], [""])
+    torch.testing.assert_close(enc["image_latents"], want["image_latents"])
+    torch.testing.assert_close(enc["clip"], want["clip"])
+    black = encode_clips(encoders, t["frames"][None], [t["audio"].numpy()], t["lip_masks"][None], [""])
+    assert not torch.allclose(black["clip"], enc["clip"])
+
+
+def test_a_smaller_second_face_is_background_a_similar_one_competes(tmp_path):
+    """The speaker (512 px frame) beside a second, smaller talking face (320 px: ~1/3 of the
+    speaker's face area as the detector boxes it). Under max_second_face_area_frac it is a
+    background face (kept, counted in the json); over it, the clip is multiple_faces, by the
+    similar-size rule."""
+    import cv2
+
+    from data_tools.make_sample_clip import write_mp4
+
+    info = media.probe(SAMPLE)
+    frames = np.stack(list(media.iter_frames(info, 25.0, 512)))[:40]
+    panel = np.full((len(frames), 512, 320, 3), 128, np.uint8)
+    panel[:, :320] = np.stack([cv2.resize(f, (320, 320), interpolation=cv2.INTER_AREA) for f in frames[::-1]])
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    write_mp4(inputs / "interview.mp4", np.concatenate([frames, panel], axis=2),
+              media.read_audio(SAMPLE)[: 40 * RATE // 25], 25.0, 20)
+
+    report = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "strict"), max_side=832, **FAST))
+    assert report["samples"] == 0 and report["rejected"]["multiple_faces"] == 1, report["rejects"]
+    assert "rule similar_size" in report["rejects"][0]["detail"]
+    out = tmp_path / "kept"
+    report = run_prep(PrepConfig(input=str(inputs), output=str(out), max_second_face_area_frac=0.5, max_side=832,
+                                 min_face_frames_frac=0.5, **FAST))  # the mesh locks on after ~10 frames here
+    assert report["samples"] == 1, report["rejects"]
+    meta = json.loads(read_shards(out)[0]["json"])
+    assert meta["background_face_frames_frac"] > 0.9
+    assert meta["face_box"][0] < 512 / 2 < meta["face_box"][2]  # the speaker's face, not the small one
