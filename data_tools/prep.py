@@ -15,7 +15,8 @@ Options are the keys of ``conf/prep.yaml`` (Hydra override syntax). Output folde
     manifest.json          per shard: samples, bytes, sha256
     stats.json             ω_l / ω_b quantiles, to normalise both to [0, 1] (:func:`ft_train.data.raw_format.normalise_motion`)
     report.json/.txt       counts per reject reason, timing; every rejected file/clip with why
-    previews/*.jpg         a few clips with lip mask, landmarks and face box drawn
+    previews/*.jpg         kept clips with lip mask, lip landmarks and face box drawn (previews_per_shard),
+                           and reject-<reason>-<key>.jpg: one per reject reason and shard, showing why
 
 Shard i holds the clips of input videos [i·videos_per_shard, (i+1)·videos_per_shard) of the
 sorted input list, so every process and every re-run agrees on what each shard contains. A shard
@@ -207,6 +208,11 @@ class Reject:
     reason: str
     detail: str
     clip: int | None = None  # None: the whole file
+    # What a preview of this reject draws: {"frames", optional "face", "box", "second_box", "labels"}.
+    preview: dict | None = field(default=None, repr=False, compare=False)
+
+    def record(self) -> dict:
+        return {"source": self.source, "reason": self.reason, "detail": self.detail, "clip": self.clip}
 
 
 @dataclass
@@ -342,9 +348,12 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
                         # Windows begun in the old shot and not yet complete: each would span the cut.
                         j = k - origin
                         for s0 in range(-(-max(0, j - cfg.num_frames + 1) // cfg.stride) * cfg.stride, j, cfg.stride):
+                            # The preview shows the two sides of the cut.
+                            sides = {"frames": np.stack([window[-1][0], frame]),
+                                     "labels": [f"frame {k - 1}: before the cut", f"frame {k}: after"]} if window else None
                             yield Reject(str(source), "shot_cut", f"{source} clip {clip_index} (frames {origin + s0}-"
                                          f"{origin + s0 + cfg.num_frames - 1}): shot cut at frame {k} "
-                                         f"({k / cfg.fps:.2f}s)", clip_index)
+                                         f"({k / cfg.fps:.2f}s)", clip_index, sides)
                             clip_index += 1
                         note.shot_cuts.append(k)
                         window.clear()
@@ -443,7 +452,8 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
                       f"{cfg.min_ref_sharpness} (best {ref_brightness:.0f}, {ref_sharpness:.0f})")
     if reason is not None:
         timing["filter"] += time.perf_counter() - t
-        return Reject(str(source), reason, f"{source} clip {clip_index} ({t0:.2f}-{t1:.2f}s): {detail}", clip_index)
+        preview = {"frames": frames, "face": arrays["face"], "box": arrays["face_box"], "second_box": arrays["second_box"]}
+        return Reject(str(source), reason, f"{source} clip {clip_index} ({t0:.2f}-{t1:.2f}s): {detail}", clip_index, preview)
 
     masks = facemod.lip_masks(arrays["face"], arrays["face_box"], h, w, cfg.lip_dilation_frac)
     omega_l = facemod.landmark_motion(arrays["face"], found)
@@ -550,6 +560,7 @@ def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
     timing: Counter = Counter()
     t_start = time.perf_counter()
     previews = 0
+    reject_previews: set[str] = set()
     with wds.TarWriter(str(tmp)) as writer:
         for source in sources:
             for item in process_video(source, cfg, timing):
@@ -558,7 +569,12 @@ def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
                         rec.files.append(asdict(item))
                     continue
                 if isinstance(item, Reject):
-                    rec.rejects.append(asdict(item))
+                    rec.rejects.append(item.record())
+                    if cfg.previews_per_shard and item.preview is not None and item.reason not in reject_previews:
+                        # One preview per reject reason and shard: what was dropped, and why.
+                        jpg = f"reject-{item.reason}-{sample_key(Path(item.source), item.clip or 0)}.jpg"
+                        save_preview(out / "previews" / jpg, **item.preview)
+                        reject_previews.add(item.reason)
                     continue
                 sample, (frames, arrays, masks) = item
                 t = time.perf_counter()
