@@ -63,6 +63,8 @@ REJECT_REASONS = {
     "max_multi_face_frac of frames (smaller background faces are kept)",
     "face_too_small": "median face-box width below min_face_px pixels",
     "low_confidence": "mean face-detection score below min_face_confidence",
+    "out_of_sync": "SyncNet's audio-video offset beyond max_av_shift_frames or its confidence below "
+    "min_sync_confidence (only with sync= weights)",
     "no_reference": "no frame of the clip can be the reference image: none has the face found, "
     "min_ref_brightness and min_ref_sharpness",
 }
@@ -103,6 +105,9 @@ class PrepConfig:
     audio_source: str = "auto"
     min_ref_brightness: float = 40.0
     min_ref_sharpness: float = 30.0
+    sync: str | None = None
+    max_av_shift_frames: int = 3
+    min_sync_confidence: float = 3.0
     scene_detector: str = "ffmpeg_scene"
     scene_threshold: float = 0.3
     stats_quantiles: tuple[float, float] = (0.05, 0.95)
@@ -135,6 +140,10 @@ class PrepConfig:
             problems.append(f"task_index={self.task_index} must be in [0, num_tasks={self.num_tasks})")
         if self.truncated not in ("keep_whole_clips", "reject"):
             problems.append(f"truncated={self.truncated!r} must be 'keep_whole_clips' or 'reject'")
+        if self.sync and not Path(self.sync).is_file():
+            problems.append(f"sync={self.sync}: no such file; give the path of syncnet_v2.model or leave it null")
+        if self.max_av_shift_frames < 0:
+            problems.append(f"max_av_shift_frames={self.max_av_shift_frames} must be ≥ 0")
         if self.scene_detector not in SCENE_DETECTORS:
             problems.append(f"scene_detector={self.scene_detector!r} must be one of {', '.join(SCENE_DETECTORS)}")
         if self.audio_source not in AUDIO_SOURCES:
@@ -240,6 +249,7 @@ class ShardRecord:
     rejects: list[dict] = field(default_factory=list)
     files: list[dict] = field(default_factory=list)  # FileNote of files with anything to report
     audio_sources: dict[str, int] = field(default_factory=dict)  # samples per audio source
+    sync: list[list[float]] = field(default_factory=list)  # (offset, confidence) of kept clips (sync=)
     omega_l: list[float | None] = field(default_factory=list)
     omega_b: list[float | None] = field(default_factory=list)
     timing_s: dict[str, float] = field(default_factory=dict)
@@ -387,6 +397,35 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
         yield Reject(str(source), reason, f"{source}: decoded {k} frames, fewer than num_frames={cfg.num_frames}")
 
 
+_SYNCNET: dict = {}  # path -> loaded SyncNet, one per process
+
+
+def measure_sync(frames: np.ndarray, boxes: np.ndarray, audio: np.ndarray, fps: float, weights: str):
+    """SyncNet's (offset in 25 fps frames, > 0: the video lags the audio; confidence) of one clip,
+    on face crops cut around ``boxes`` (F, 4) as the Sync-C/Sync-D metric cuts them
+    (:mod:`ft_train.metrics.sync`); None when the clip is shorter than one 5-frame window."""
+    import torch
+
+    from ft_train.metrics.sync import resample_fps, sync_scores, syncnet_face_crops
+    from ft_train.metrics.syncnet import load_syncnet
+
+    if weights not in _SYNCNET:
+        _SYNCNET[weights] = load_syncnet(weights)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    crops = resample_fps(syncnet_face_crops(video, boxes), fps)
+    result = sync_scores(_SYNCNET[weights], crops, audio)
+    return None if result is None else (result.offset, result.confidence)
+
+
+def sync_shift_s(offset_frames: int) -> float:
+    """Seconds to delay the audio by for a SyncNet offset (25 fps frames; > 0: video lags audio):
+    the sound the lips show at video time t was recorded at t − offset/25, so the clip's audio
+    is read from [t0 − shift, t1 − shift)."""
+    from ft_train.metrics.sync import SYNC_FPS
+
+    return offset_frames / SYNC_FPS
+
+
 def reference_frame(frames: np.ndarray, arrays: dict, cfg: PrepConfig) -> tuple[int | None, float, float]:
     """The clip's reference (image-to-video condition) frame: the first frame where the face mesh
     found the face and the face box is bright enough (mean luma ≥ ``min_ref_brightness``, 0-255)
@@ -455,6 +494,24 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
         preview = {"frames": frames, "face": arrays["face"], "box": arrays["face_box"], "second_box": arrays["second_box"]}
         return Reject(str(source), reason, f"{source} clip {clip_index} ({t0:.2f}-{t1:.2f}s): {detail}", clip_index, preview)
 
+    sync_meta = {}
+    if cfg.sync:
+        t_sync = time.perf_counter()
+        measured = measure_sync(frames, arrays["face_box"], clip_audio, cfg.fps, cfg.sync)
+        timing["sync"] += time.perf_counter() - t_sync
+        if measured is not None:
+            offset, confidence = measured
+            sync_meta = {"av_offset_frames": offset, "sync_confidence": round(confidence, 4)}
+            if abs(offset) > cfg.max_av_shift_frames or confidence < cfg.min_sync_confidence:
+                timing["filter"] += time.perf_counter() - t
+                return Reject(str(source), "out_of_sync", f"{source} clip {clip_index} ({t0:.2f}-{t1:.2f}s): SyncNet "
+                              f"offset {offset} frames (max_av_shift_frames={cfg.max_av_shift_frames}), confidence "
+                              f"{confidence:.2f} (min_sync_confidence={cfg.min_sync_confidence})", clip_index)
+            if offset:
+                shift = sync_shift_s(offset)
+                clip_audio = media.audio_segment(audio, audio_start, info.start_s, t0 - shift, t1 - shift)
+                sync_meta["audio_shift_s"] = shift
+
     masks = facemod.lip_masks(arrays["face"], arrays["face_box"], h, w, cfg.lip_dilation_frac)
     omega_l = facemod.landmark_motion(arrays["face"], found)
     omega_b = facemod.body_motion(arrays["pose"], w, h)
@@ -491,6 +548,7 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
         "omega_b_raw": omega_b,
         "lip_dilation_frac": cfg.lip_dilation_frac,
         "caption": caption,
+        **sync_meta,  # av_offset_frames, sync_confidence (SyncNet, before the shift), audio_shift_s
     }
     sample = {
         "__key__": sample_key(source, clip_index),
@@ -584,6 +642,8 @@ def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
                 rec.frames += len(frames)
                 meta = json.loads(sample["json"])
                 rec.audio_sources[meta["audio_source"]] = rec.audio_sources.get(meta["audio_source"], 0) + 1
+                if "av_offset_frames" in meta:
+                    rec.sync.append([meta["av_offset_frames"], meta["sync_confidence"]])
                 rec.omega_l.append(meta["omega_l_raw"])
                 rec.omega_b.append(meta["omega_b_raw"])
                 if previews < cfg.previews_per_shard:
@@ -623,6 +683,19 @@ def motion_stats(values: list[float | None], quantiles: tuple[float, float]) -> 
         "high": float(np.quantile(v, quantiles[1])),
         "median": float(np.median(v)),
         "quantiles": {f"{q:g}": float(np.quantile(v, q)) for q in qs},
+    }
+
+
+def sync_summary(pairs: list) -> dict:
+    """Distribution of kept clips' SyncNet offsets (count per offset) and confidences (quantiles)."""
+    if not pairs:
+        return {"clips": 0}
+    offsets = Counter(int(o) for o, _ in pairs)
+    conf = np.array([c for _, c in pairs], dtype=np.float64)
+    return {
+        "clips": len(pairs),
+        "offset_frames": {str(k): offsets[k] for k in sorted(offsets)},
+        "confidence_quantiles": {f"{q:g}": round(float(np.quantile(conf, q)), 3) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
     }
 
 
@@ -683,6 +756,7 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
         "audio_sources": dict(sum((Counter(r.get("audio_sources", {})) for r in records), Counter())),
         # Files with skipped packets/frames (kept or not), and files cut short, with their counts.
         "damaged": [{"source": f["source"], **f["damaged"]} for r in records for f in r.get("files", []) if f["damaged"]],
+        "sync": sync_summary([x for r in records for x in r.get("sync", [])]),
         "truncated": [{"source": f["source"], **f["truncated"]} for r in records for f in r.get("files", [])
                       if f["truncated"]],
         "timing_s": {k: round(v, 3) for k, v in sorted(timing.items())},
@@ -705,6 +779,10 @@ def format_report(report: dict) -> str:
     for reason, n in report["rejected"].items():
         if n:
             lines.append(f"  {reason:<16} {n:>6}   {REJECT_REASONS[reason]}")
+    if report.get("sync", {}).get("clips"):
+        sync = report["sync"]
+        lines.append(f"SyncNet: {sync['clips']} clips, offsets (frames: clips) {sync['offset_frames']}, "
+                     f"median confidence {sync['confidence_quantiles']['0.5']}")
     if report.get("audio_sources"):
         lines.append("audio: " + ", ".join(f"{n} samples {k}" for k, n in sorted(report["audio_sources"].items())))
     for entry in report.get("damaged", []):
@@ -738,6 +816,8 @@ def run_prep(cfg: PrepConfig) -> dict:
     groups = shard_sources(inputs, cfg)
     if cfg.mode == "merge":
         return merge(cfg, len(groups))
+    if not cfg.sync:
+        print("ft-prep: no sync= SyncNet weights given: audio-video sync is not measured or corrected")
     mine = [i for i in range(len(groups)) if i % cfg.num_tasks == cfg.task_index]
     todo = [i for i in mine if not shard_is_done(out, i, groups[i])]
     t0 = time.perf_counter()

@@ -301,3 +301,46 @@ def test_a_smaller_second_face_is_background_a_similar_one_competes(tmp_path):
     meta = json.loads(read_shards(out)[0]["json"])
     assert meta["background_face_frames_frac"] > 0.9
     assert meta["face_box"][0] < 512 / 2 < meta["face_box"][2]  # the speaker's face, not the small one
+
+
+def test_sync_shift_moves_the_audio_the_right_way():
+    """A synthetic offset: a click at video time 1.0 s in the audio, lips showing it 3 frames
+    (0.12 s) later — SyncNet's offset +3 (video lags audio). The corrected clip audio has the
+    click where the lips are."""
+    from data_tools.prep import sync_shift_s
+
+    audio = np.zeros(3 * RATE, np.float32)
+    audio[RATE] = 1.0  # the sound, at 1.0 s
+    shift = sync_shift_s(3)
+    assert shift == pytest.approx(0.12)
+    fixed = media.audio_segment(audio, 0.0, 0.0, 0.5 - shift, 1.5 - shift)  # clip 0.5-1.5 s
+    assert np.argmax(fixed) / RATE == pytest.approx(1.12 - 0.5, abs=1 / RATE)
+
+
+def test_sync_measured_with_random_syncnet_weights(tmp_path):
+    """The whole path with a random SyncNet: each kept clip's json has the offset and confidence,
+    the report their distribution; impossible thresholds reject every clip as out_of_sync."""
+    import torch
+
+    from ft_train.metrics.syncnet import SyncNet
+
+    torch.manual_seed(0)
+    weights = tmp_path / "syncnet_v2.model"
+    torch.save(SyncNet().state_dict(), weights)
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    ffmpeg("-i", SAMPLE, "-t", 1.6, "-c:v", "libx264", "-c:a", "aac", inputs / "talk.mp4")
+    out = tmp_path / "out"
+    report = run_prep(PrepConfig(input=str(inputs), output=str(out), sync=str(weights), max_av_shift_frames=15,
+                                 min_sync_confidence=-1e9, **FAST))
+    assert report["samples"] == 1
+    meta = json.loads(read_shards(out)[0]["json"])
+    assert abs(meta["av_offset_frames"]) <= 15 and np.isfinite(meta["sync_confidence"])
+    assert report["sync"]["clips"] == 1 and report["sync"]["offset_frames"] == {str(meta["av_offset_frames"]): 1}
+    if meta["av_offset_frames"]:
+        assert meta["audio_shift_s"] == pytest.approx(meta["av_offset_frames"] / 25)
+    strict = run_prep(PrepConfig(input=str(inputs), output=str(tmp_path / "strict"), sync=str(weights),
+                                 min_sync_confidence=1e9, **FAST))
+    assert strict["samples"] == 0 and strict["rejected"]["out_of_sync"] == 1
+    with pytest.raises(ValueError, match="sync=.*no such file"):
+        PrepConfig(input="x", output="y", sync=str(tmp_path / "missing.model"))
