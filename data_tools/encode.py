@@ -131,8 +131,9 @@ class Clip:
     audio: np.ndarray  # (int(F / fps · 16000),) float32, 16 kHz
     masks: np.ndarray  # (F, H, W) uint8 0/255, cropped like the frames
     caption: str
-    face_box: list[float] | None  # frame 0's face box in cropped pixels (None: unknown)
+    face_box: list[float] | None  # the reference frame's face box in cropped pixels (None: unknown)
     meta: dict[str, Any]  # the latent sample's json
+    reference: int = 0  # the reference (image-condition) frame: ft-prep's reference_frame
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +167,7 @@ def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
         "omega_l_raw": m["omega_l_raw"],
         "omega_b_raw": m["omega_b_raw"],
         "clip_index": m["clip_index"],
+        "reference_frame": clip.reference,  # the frame the image condition, CLIP and face tokens come from
         "start_s": m["start_s"],
         "crop": m["crop"],  # pixel offset of the cropped frame in the raw clip
         "lip_mask_resize": cfg.lip_mask_resize,
@@ -176,7 +178,7 @@ def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
         out_meta["face_margin"] = cfg.face_margin
         out_meta["face_ref_box"] = clip.face_box  # the box the face crop was cut around (None: whole frame)
     return Clip(key=clip.key, frames=clip.frames, audio=clip.audio, masks=clip.masks, caption=clip.caption,
-                face_box=clip.face_box, meta=out_meta)
+                face_box=clip.face_box, meta=out_meta, reference=clip.reference)
 
 
 def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[str, Any]]:
@@ -201,6 +203,7 @@ def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[st
             face_boxes=[c.face_box for c in group] if cfg.face != "none" else None,
             face_margin=cfg.face_margin,
             face=cfg.face,
+            reference=[c.reference for c in group],
         )
         for i, clip in enumerate(group):
             arrays = {name: _stored(out[name][i], dtype) for name in out}

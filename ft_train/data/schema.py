@@ -50,7 +50,9 @@ older reader ignores them: it reads only the members it knows).
 (motion intensities, normalised to [0, 1] with the data tools' statistics), ``caption``,
 ``source`` (where the clip came from); with ``face.npy`` / ``face_pixels.npy`` also
 ``face_ref_box`` (the face box it was cropped around, in the stored frames' pixels; null = no box
-known, the whole frame) and ``face_margin``. Unknown extra keys are kept and ignored.
+known, the whole frame) and ``face_margin``; ``reference_frame`` (the frame that
+``image_latents``, ``clip`` and the face tokens were taken from: ft-prep's chosen reference,
+0 in shards from before it). Unknown extra keys are kept and ignored.
 
 Raw-mode training (``ft_train/data/raw.py``) builds the very same training sample from a raw
 shard on the fly, through :func:`training_sample`.
