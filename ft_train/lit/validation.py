@@ -1,46 +1,9 @@
 """Validation while training: sample a fixed clip list, score FID / FVD / Sync-C / Sync-D, write mp4s.
 
-:class:`ValidationCallback` (a Lightning ``Callback``) runs every ``every_n_steps`` optimiser steps
-(and at the end of training): it reads the first ``num_samples`` clips of a latent-shard set,
-samples each with :class:`~ft_train.diffusion.FlowMatchSampler` from fixed per-clip seeds, decodes
-the generated and the reference latents with the Wan VAE, updates the metrics and logs
-``val/fid``, ``val/fvd``, ``val/sync_c``, ``val/sync_d`` (and ``val/idc``, ``val/aes``, ``val/sd``,
-``val/bd`` when those are set) to every logger, and writes the samples
-to ``<samples_dir>/step-XXXXXXXX/<index>_<key>.mp4``.
-
-Choices, and why:
-
-* **Every rank validates its share, metrics sync.** Under DeepSpeed ZeRO-3 the DiT's weights are
-  sharded and every forward is a collective, so rank 0 cannot sample alone. Rank r takes clips
-  r, r + world, …; ranks with one clip fewer run a padding clip whose result is thrown away, so
-  every rank makes the same number of forwards. The metric states are sums reduced across ranks
-  (torchmetrics), so the numbers equal a single-process pass over the list.
-* **Reference = VAE(decode) of the reference latents**, not the original pixels: latent shards hold
-  no pixels, and this way FID/FVD measure the generator, not the VAE's reconstruction error. The
-  reference statistics are computed once (``reset_real_features=False``).
-* **Audio.** Latent shards hold wav2vec features, not waveforms. Sync-C/D and the mp4's sound need
-  the waveform: give ``audio_dir`` (files ``<key>.wav|flac|…`` named by sample key) or
-  ``raw_shards`` (the ``ft-prep`` shards the latents were encoded from; their ``flac`` member).
-  Without either the videos are silent and Sync is skipped with a logged note.
-* **The clip's own conditions.** Each clip is sampled with its shard's motion intensities
-  (ω_l, ω_b) when the model has the motion module, and its ``face`` (when the shard has one) when
-  it has the identity branch, so validation shows what the trained modules do with real values,
-  not the defaults (ω = 0.5, whole-frame CLIP tokens).
-* **Same protocols as ft-eval**: Sync-C/D on mediapipe face tracks (``sync_crop: face``), FVD by
-  StyleGAN-V's one-clip-per-video protocol (``fvd_protocol``). With the default 8 clips, FVD is
-  a Fréchet distance of 8 samples per side in 400 dimensions: a trend line, not a paper number.
-* **FID sees ``fid_frames`` frames per clip** (16 by default, evenly spaced), while papers feed
-  every frame: ``fid_frames: all`` matches them at one Inception forward per frame (81 instead of
-  16 per clip, ~5× the FID time).
-* **Metric networks never reach a checkpoint**: the metrics live on this callback, not on the
-  LightningModule, and the callback's checkpoint state is only the last validated step.
-* Logged with ``logger.log_metrics`` at the current step (``LightningModule.log`` from a batch hook
-  is written only on ``log_every_n_steps`` boundaries and is not allowed in ``on_train_end``); the
-  values also go into ``trainer.callback_metrics``.
-
-The clip list is read by :mod:`ft_train.data.validation_set`, scored by
-:class:`ft_train.metrics.video.VideoMetrics` (as ``ft-eval`` scores) and decoded by
-:class:`ft_train.models.vae.WanVAEDecoder`.
+Every rank validates its share (under ZeRO-3 every forward is a collective) and the metric states
+are reduced across ranks, so the numbers equal one pass over the list by ft-eval's protocols. Why
+each choice (reference = VAE-decoded latents, where audio comes from, FID's frame count, logging):
+docs/metrics.md ("Validation during training").
 """
 
 from __future__ import annotations
