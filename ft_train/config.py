@@ -109,35 +109,41 @@ def _flat_keys(node, prefix: str = "") -> list[str]:
 
 
 def _arguments(target: str) -> list[str] | None:
-    """The argument names of the callable at ``target``, following ``**kwargs`` a class passes up
-    to its bases' ``__init__``; None when it takes any, or cannot be imported or inspected here
-    (instantiating it will report that)."""
+    """The argument names of the callable at ``target`` (its ``config_keys()`` where it has one),
+    following ``**kwargs`` a class passes up to its bases' ``__init__``; None when it takes any,
+    or cannot be imported or inspected here (instantiating it will report that)."""
     import inspect
 
     from hydra.utils import get_object
 
-    def named(fn) -> tuple[list[str], bool]:
-        params = list(inspect.signature(fn).parameters.values())
+    def named(fn, skip_first: bool) -> tuple[list[str], bool]:
+        params = list(inspect.signature(fn).parameters.values())[int(skip_first):]
         return ([p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)],
                 any(p.kind is p.VAR_KEYWORD for p in params))
 
     try:
         obj = get_object(target)
+        if callable(getattr(obj, "config_keys", None)):
+            return list(obj.config_keys())
         if not inspect.isclass(obj) or "__new__" in vars(obj):
-            names, open_ended = named(obj)
+            names, open_ended = named(obj, skip_first=False)
             return None if open_ended else names
         names = []
         for klass in obj.__mro__:
             if klass is object:
                 return None
             if "__init__" in vars(klass):
-                more, open_ended = named(klass.__init__)
-                names += more
+                more, open_ended = named(klass.__init__, skip_first=True)
+                names += [n for n in more if n not in names]
                 if not open_ended:
                     return names
     except Exception:  # noqa: BLE001 - not ours to judge here
         return None
     return None
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def check_added_keys(cfg, overrides: list[str]) -> None:
@@ -168,8 +174,8 @@ def check_added_keys(cfg, overrides: list[str]) -> None:
                 if names is None or part in names:
                     break
                 close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
-                raise ConfigError(f"+{key}={override.value()}: {target} takes no argument {part!r} "
-                                  + (f"(did you mean {close[0]}?)" if close else f"(it takes {', '.join(names)})"))
+                raise ConfigError(f"{override.input_line}: {target} takes no argument {part!r} "
+                                  + (f"(did you mean {close[0]}?)" if close else f"(it takes {_listed(names)})"))
             child = node._get_node(part) if isinstance(node, DictConfig) else None
             if isinstance(child, DictConfig) and i < len(parts) - 1:
                 node = child
@@ -179,6 +185,14 @@ def check_added_keys(cfg, overrides: list[str]) -> None:
             if known is None:
                 added_keys = {o.key_or_group for o in added}
                 known = [k for k in _flat_keys(cfg) if k not in added_keys and not k.startswith("hydra")]
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}?" if close else "see conf/README.md for the keys"
-            raise ConfigError(f"+{key}={override.value()}: no such setting, nothing would read it; {hint}")
+            parent = ".".join(parts[:i])
+            siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+            close = [f"{parent}.{c}" if parent else c for c in difflib.get_close_matches(part, siblings, n=1, cutoff=0.6)]
+            close = close or difflib.get_close_matches(key, [k for k in known if k != parent], n=1, cutoff=0.8)
+            if close:
+                hint = f"did you mean {close[0]}?"
+            elif parent:
+                hint = f"{parent} has {_listed(siblings)}"
+            else:
+                hint = "see conf/README.md for the keys"
+            raise ConfigError(f"{override.input_line}: no such setting, nothing would read it; {hint}")

@@ -105,13 +105,14 @@ def compose_train(overrides):
     ["+callbacks.signal._target_=tests.faults.SignalAt", "+callbacks.signal.step=3"],  # a new object and its argument
     ["+logger.tb={_target_:ft_train.lit.loggers.ResumableTensorBoardLogger,save_dir:/tmp}"],  # docs/training.md's form
     ["+optim.optimizer.amsgrad=true"],  # AdamW takes it
+    ["+model.audio_mode=frame"],  # one of the keys build_model passes on to the network
 ])
 def test_added_keys_that_something_reads_are_accepted(added):
     check_added_keys(compose_train(["experiment=tiny_cpu", *added]), added)
 
 
 @pytest.mark.parametrize("added, message", [
-    (["+optim.optimizer.betaz=[0.9,0.99]"], "+optim.optimizer.betaz=[0.9, 0.99]: torch.optim.AdamW takes no argument 'betaz'"),
+    (["+optim.optimizer.betaz=[0.9,0.99]"], "+optim.optimizer.betaz=[0.9,0.99]: torch.optim.AdamW takes no argument 'betaz'"),
     (["+callbacks.signal._target_=tests.faults.SignalAt", "+callbacks.signal.stepp=3"],
      "+callbacks.signal.stepp=3: tests.faults.SignalAt takes no argument 'stepp' (did you mean step?)"),
     (["+trainer.precison=bf16-mixed"], "+trainer.precison=bf16-mixed: lightning.Trainer takes no argument 'precison' "
@@ -121,6 +122,10 @@ def test_added_keys_that_something_reads_are_accepted(added):
      "(did you mean batch_size?)"),
     (["+faults.max_nonfinite=3"], "+faults.max_nonfinite=3: no such setting, nothing would read it; did you mean "
      "faults.max_nonfinite_steps?"),
+    (["+paths.tmp=/x"], "+paths.tmp=/x: no such setting, nothing would read it; paths has output_dir, run_dir, stage_dir"),
+    # build_model passes **options on; it lists the keys it reads (its own, the speed options, the network's)
+    (["+model.gradient_checkpointng=true"], "+model.gradient_checkpointng=true: ft_train.models.build_model takes no "
+     "argument 'gradient_checkpointng' (did you mean gradient_checkpointing?)"),
 ])
 def test_added_keys_that_nothing_reads_are_refused(added, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
