@@ -71,8 +71,6 @@ def check_output_dir(cfg) -> None:
         problem = f"{existing} is a file, not a folder"
     elif not os.access(existing, os.W_OK | os.X_OK):
         problem = f"{existing} is not writable"
-    elif existing == stage_dir and not os.access(stage_dir, os.W_OK):
-        problem = f"{stage_dir} is not writable"
     if problem:
         raise ConfigError(f"paths.output_dir={output_dir}: cannot write the stage folder {stage_dir} ({problem}); "
                           "give a folder you can write to (paths.output_dir=... or FT_OUTPUT_DIR)")

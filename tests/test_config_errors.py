@@ -137,3 +137,15 @@ def test_report_times(capsys):
     with capsys.disabled():
         for name, seconds in TIMES.items():
             print(f"\n  ft-train config error {name}: {seconds:.1f} s", end="")
+
+
+def test_output_dir_is_checked_in_process_too(tmp_path):
+    # train(cfg) without the command line (tests, notebooks): the same check, nothing created
+    from ft_train.train import validate_config
+
+    (tmp_path / "a_file").write_text("in the way")
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path / 'a_file' / 'runs'}"])
+    with pytest.raises(ConfigError, match=re.escape(f"paths.output_dir={tmp_path / 'a_file' / 'runs'}: cannot write the "
+                                                    f"stage folder {tmp_path / 'a_file' / 'runs' / 'tiny_cpu' / 'clip'} "
+                                                    f"({tmp_path / 'a_file'} is a file, not a folder)")):
+        validate_config(cfg)
