@@ -8,31 +8,32 @@ previous stage's final checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from .config import CONF_DIR
+from .config import CONF_DIR, ConfigError, check_added_keys, check_required, check_values
 
 log = logging.getLogger("ft_train")
 
 
 def validate_config(cfg) -> None:
-    """Reject impossible settings before any weights or devices are touched."""
+    """Reject impossible settings before any weights or devices are touched (and before torch or
+    Lightning is imported for the cheap checks, so a typo fails within seconds)."""
     from omegaconf import OmegaConf
 
-
+    check_required(cfg)
+    check_values(cfg)
     stage_names = ("clip", "frame")
     if cfg.stage.name not in stage_names:
-        raise ValueError(f"stage.name must be one of {stage_names}, got {cfg.stage.name!r}")
+        raise ConfigError(f"stage.name={cfg.stage.name}: must be one of {', '.join(stage_names)}")
+    check_strategy_callbacks(cfg)
+    check_output_dir(cfg)
     frames = OmegaConf.select(cfg, "data.num_frames")
     if frames is not None and (int(frames) - 1) % 4:
         raise ValueError(f"data.num_frames = {frames}: must be 4k+1 (e.g. 81) for the Wan VAE's temporal stride 4")
-    if int(cfg.data.batch_size) < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
-    if int(cfg.stage.max_steps) < 1:
-        raise ValueError(f"stage.max_steps must be >= 1, got {cfg.stage.max_steps}")
     pretrained = OmegaConf.select(cfg, "model.pretrained", throw_on_missing=False)
     if pretrained and not Path(str(pretrained)).expanduser().exists():
         raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist; point it at a local Wan2.1-I2V diffusers folder")
@@ -43,6 +44,36 @@ def validate_config(cfg) -> None:
     if init_from and not Path(str(init_from)).expanduser().exists():
         raise FileNotFoundError(f"stage.init_from: nothing at {init_from}; give a checkpoint, step folder or bundle")
     check_resume(cfg.resume)
+
+
+def check_strategy_callbacks(cfg) -> None:
+    """Callbacks that need whole weights on every rank cannot run under ZeRO-3."""
+    from omegaconf import OmegaConf
+
+    deepspeed = "deepspeed" in str(OmegaConf.select(cfg, "strategy._target_", default="")).lower()
+    decay = OmegaConf.select(cfg, "callbacks.ema.decay", default=0) if OmegaConf.select(cfg, "callbacks.ema") else 0
+    if deepspeed and OmegaConf.select(cfg, "strategy.stage", default=None) == 3 and decay:
+        raise ConfigError(f"callbacks.ema.decay={decay} with a ZeRO-3 strategy (strategy.stage=3): ZeRO-3 splits every "
+                          "weight over the ranks, so none holds a whole tensor to average; use strategy=deepspeed_zero2 "
+                          "or strategy=ddp, or callbacks.ema.decay=0")
+
+
+def check_output_dir(cfg) -> None:
+    """The stage folder can be created and written (checked on the nearest folder that exists,
+    so nothing is created here)."""
+    stage_dir = Path(str(cfg.paths.stage_dir)).expanduser().absolute()
+    output_dir = cfg.paths.output_dir
+    existing = stage_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise ConfigError(f"paths.output_dir={output_dir}: cannot write the stage folder {stage_dir} ({problem}); "
+                          "give a folder you can write to (paths.output_dir=... or FT_OUTPUT_DIR)")
 
 
 RESUME_MODES = ("auto", "auto_or_fresh", "never")
@@ -208,6 +239,20 @@ def config_changes(before, after) -> list[str]:
             if k not in RESUME_FREE_KEYS and old.get(k, absent) != new.get(k, absent)]
 
 
+USER_ERROR = "_ft_user_error"  # set on an exception that is the user's to fix: printed as one line
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Mark the errors raised inside (the checks of a config before anything is built) as the
+    user's to fix: :func:`main` prints them as one line, without a traceback."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as exc:
+        setattr(exc, USER_ERROR, True)
+        raise
+
+
 def _strategy(cfg):
     from hydra.utils import instantiate
 
@@ -220,29 +265,34 @@ def train(cfg) -> dict[str, Any]:
     """Train one stage as configured (resuming per ``cfg.resume``). Returns ``metrics``,
     ``checkpoint`` (the final Lightning checkpoint), ``checkpoint_dir`` (its step folder),
     ``stage_dir``, ``trainer``, ``module`` and ``datamodule``."""
+    from omegaconf import OmegaConf
+
+    with user_errors():  # the checks before anything is built: one line each from ft-train
+        validate_config(cfg)  # first, before torch and Lightning are imported
+        stage_dir = Path(cfg.paths.stage_dir)
+        try:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"paths.output_dir={cfg.paths.output_dir}: cannot create {stage_dir} ({exc.strerror}); "
+                              "give a folder you can write to (paths.output_dir=... or FT_OUTPUT_DIR)") from exc
+        config_file = stage_dir / "config.yaml"
+        previous = read_previous_config(config_file)
+        dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
+        if not dirpath:
+            raise ConfigError("callbacks.checkpoint is not set: a StepCheckpoint is required; it saves and finds resume points")
+        ckpt_path = resume_path(cfg.resume, dirpath)  # before any weights are built
+        if previous is not None and cfg.resume in ("auto", "auto_or_fresh") and ckpt_path:
+            other_run = [c for c in config_changes(previous, cfg) if c.split(":", 1)[0] in RUN_IDENTITY_KEYS]
+            if other_run:  # before any weights are loaded
+                raise ValueError(
+                    f"run_id={cfg.run_id}: {stage_dir} holds a run of other data or another model ({'; '.join(other_run)}); "
+                    f"give this run its own run_id=NAME, or resume=never to start {stage_dir} over")
     import lightning as L
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from lightning.pytorch.utilities import rank_zero_only
 
     from .lit.checkpointing import StepCheckpoint, find_resume_checkpoint, lightning_path
 
-    validate_config(cfg)
-    stage_dir = Path(cfg.paths.stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    from lightning.pytorch.utilities import rank_zero_only
-
-    config_file = stage_dir / "config.yaml"
-    previous = read_previous_config(config_file)
-    dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
-    if not dirpath:
-        raise ValueError("callbacks: a StepCheckpoint (callbacks.checkpoint) is required; it saves and finds resume points")
-    ckpt_path = resume_path(cfg.resume, dirpath)  # before any weights are built
-    if previous is not None and cfg.resume in ("auto", "auto_or_fresh") and ckpt_path:
-        other_run = [c for c in config_changes(previous, cfg) if c.split(":", 1)[0] in RUN_IDENTITY_KEYS]
-        if other_run:  # before any weights are loaded
-            raise ValueError(
-                f"run_id={cfg.run_id}: {stage_dir} holds a run of other data or another model ({'; '.join(other_run)}); "
-                f"give this run its own run_id=NAME, or resume=never to start {stage_dir} over")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     net = instantiate(cfg.model)
@@ -325,6 +375,8 @@ def run(cfg, overrides: list[str] | None = None) -> list[dict[str, Any]]:
     """
     stages = list(cfg.get("stages") or [])
     overrides = list(overrides or [])
+    with user_errors():
+        check_added_keys(cfg, overrides)
     given = {o.split("=")[0].lstrip("+~") for o in overrides}
     if "stage" in given and "stages" in given and stages:
         raise ValueError("set either `stages` (a sequence) or `stage` (one stage), not both")
@@ -345,22 +397,75 @@ def run(cfg, overrides: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    """Console entry point ``ft-train`` (Hydra CLI: ``ft-train experiment=tiny_cpu key=value``)."""
+    """Console entry point ``ft-train`` (Hydra CLI: ``ft-train experiment=tiny_cpu key=value``).
+
+    A configuration error (a value out of range, an unknown added key, an unset required key, an
+    unwritable output folder, Hydra's own override errors) ends the command with one line naming
+    the key, before torch or Lightning is imported; ``HYDRA_FULL_ERROR=1`` shows the traceback."""
     # Weights only ever come from local paths: make any accidental hub access fail fast.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    user_setting = os.environ.get("HYDRA_FULL_ERROR")
+    full_error = user_setting == "1"
+    started = False
+
+    def restore_setting() -> None:
+        if user_setting is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_setting
+
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
     def _main(cfg) -> None:
-        results = run(cfg, list(HydraConfig.get().overrides.task))
+        nonlocal started
+        started = True
+        restore_setting()  # from here on Hydra reports errors as it would (and ranks it starts inherit this)
+        try:
+            results = run(cfg, list(HydraConfig.get().overrides.task))
+        except Exception as exc:
+            if getattr(exc, USER_ERROR, False) and not full_error:
+                raise SystemExit(f"ft-train: {exc}") from None  # passes Hydra's handler: no traceback
+            raise
         for r in results:
             loss = r["metrics"].get("train/loss")
             print(f"[ft-train] {r['stage_dir']}: final checkpoint {r['checkpoint']}"
                   + (f", last train/loss {loss:.4f}" if loss is not None else ""))
 
-    _main()
+    # Until the task starts (composing, creating the run folder), Hydra's errors come here instead
+    # of being printed with a stack, so they can be told as one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _main()
+    except Exception as exc:
+        if full_error or started:
+            raise
+        raise SystemExit(_startup_error(exc, HydraConfig)) from None
+    finally:
+        restore_setting()
+
+
+def _startup_error(exc: Exception, hydra_config) -> str:
+    """One line for an error raised while Hydra composes the config or creates the run folder."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, OSError):  # the run folder (hydra.run.dir = paths.run_dir = <output_dir>/<run_id>)
+        try:
+            run_dir = str(hydra_config.get().runtime.output_dir)
+        except Exception:  # noqa: BLE001 - Hydra failed before it knew the folder
+            run_dir = exc.filename
+        output_dir = Path(run_dir).parent if run_dir else "?"
+        return (f"ft-train: paths.output_dir={output_dir}: cannot create the run folder {run_dir or exc.filename} "
+                f"({exc.strerror or exc}); give a folder you can write to (paths.output_dir=... or FT_OUTPUT_DIR)")
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        lines = [str(exc).strip()]
+        if isinstance(exc.__cause__, OmegaConfBaseException) and str(exc.__cause__).strip() not in lines[0]:
+            lines.append(str(exc.__cause__).strip().splitlines()[0])
+        return "ft-train: " + "\n".join(lines) + "\n(the full stack with HYDRA_FULL_ERROR=1)"
+    raise exc
 
 
 if __name__ == "__main__":

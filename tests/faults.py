@@ -37,3 +37,30 @@ class SignalAt:
                     os.kill(os.getpid(), getattr(signal, signal_name))
 
         return _SignalAt()
+
+
+class KillAfterCommit:
+    """Lightning callback that SIGKILLs this process the moment the step checkpoint of ``step``
+    is committed (renamed into place): a crash right after a commit, as a node failure would."""
+
+    def __new__(cls, step):
+        import signal
+
+        import lightning as L
+
+        from ft_train.lit.checkpointing import StepCheckpoint
+
+        class _KillAfterCommit(L.Callback):
+            def setup(self, trainer, pl_module, stage):
+                checkpointer = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))
+                commit = checkpointer.commit
+
+                def commit_then_die(trainer):
+                    folder = commit(trainer)
+                    if folder is not None and folder.name == f"step-{step:08d}":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return folder
+
+                checkpointer.commit = commit_then_die
+
+        return _KillAfterCommit()

@@ -34,6 +34,16 @@ class SlurmUnavailable(RuntimeError):
     """SLURM cannot be installed or started on this machine (the reason is the message)."""
 
 
+def skip_or_fail(reason: str) -> None:
+    """No cluster: the SLURM tests skip, or with ``FT_REQUIRE_SLURM=1`` (set by ``.ci/run``) fail,
+    naming why, so a broken install cannot turn them off silently in CI."""
+    import pytest
+
+    if os.environ.get("FT_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SLURM required (FT_REQUIRE_SLURM=1) but unavailable: {reason}")
+    pytest.skip(f"no SLURM test cluster on this machine: {reason}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

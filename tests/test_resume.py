@@ -10,16 +10,18 @@ from ft_train.lit import read_metric
 from ft_train.lit.checkpointing import committed_steps, find_resume_checkpoint, verify
 from ft_train.train import train
 
-from .conftest import CONF, tensorboard_events
+from .conftest import CONF, REPO, tensorboard_events
+
+
+def overrides(out, run, steps, *extra):
+    return ["experiment=tiny_cpu", f"paths.output_dir={out}", f"run_id={run}", "stages=null",
+            f"stage.max_steps={steps}", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=2",
+            "callbacks.checkpoint.keep_last=10", *extra]
 
 
 def config(out, run, steps, *extra):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[
-            "experiment=tiny_cpu", f"paths.output_dir={out}", f"run_id={run}", "stages=null",
-            f"stage.max_steps={steps}", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=2",
-            "callbacks.checkpoint.keep_last=10", *extra,
-        ])
+        return compose("train", overrides=overrides(out, run, steps, *extra))
 
 
 def losses(out, run, stage="clip"):
@@ -41,6 +43,29 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(uninterrupted, stop_a
     resumed = train(config(out, run, 7, "data.num_workers=2"))
     assert resumed["trainer"].global_step == 7
     assert losses(out, run) == expected  # same steps, bit-identical losses
+
+
+def test_killed_right_after_a_commit_the_resumed_log_has_every_step_once(uninterrupted, tmp_path):
+    """SIGKILL the instant step 4's folder is committed (nothing flushed or finalised after it):
+    metrics.csv already holds every step before the checkpoint's, and the resumed run continues
+    it with each step exactly once and the uninterrupted run's losses."""
+    import os
+    import subprocess
+    import sys
+
+    out, expected = uninterrupted
+    command = [sys.executable, "-m", "ft_train.train",
+               *overrides(out, "killed", 7, "data.num_workers=2", "+callbacks.kill._target_=tests.faults.KillAfterCommit",
+                          "+callbacks.kill.step=4")]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert find_resume_checkpoint(out / "killed" / "clip" / "checkpoints").name == "step-00000004"
+    assert losses(out, "killed")[0] == [0, 1, 2, 3]  # on disk before the commit: step 4's own row too
+    train(config(out, "killed", 7, "data.num_workers=2"))
+    steps, values = losses(out, "killed")
+    assert steps == list(range(7))
+    assert (steps, values) == expected
 
 
 def test_damaged_latest_checkpoint_falls_back_to_previous(uninterrupted, caplog):

@@ -23,7 +23,7 @@ from ft_train.lit import read_metric
 from ft_train.lit.checkpointing import committed_steps
 
 from .conftest import REPO
-from .slurm_cluster import SlurmCluster, SlurmUnavailable
+from .slurm_cluster import SlurmCluster, SlurmUnavailable, skip_or_fail
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +44,7 @@ def slurm():
     try:
         cluster = SlurmCluster().start()
     except SlurmUnavailable as e:
-        if os.environ.get("FT_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SLURM required (FT_REQUIRE_SLURM=1) but unavailable: {e}")
-        pytest.skip(f"no SLURM test cluster on this machine: {e}")
+        skip_or_fail(str(e))
     yield cluster
     cluster.stop()
 

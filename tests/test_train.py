@@ -122,9 +122,9 @@ def test_impossible_settings_fail_early_naming_the_key(tmp_path):
     (["model.frozen_fp8_backward=true"], "model.frozen_fp8_backward=true needs model.frozen_fp8=true"),
     (["model.self_attention_kernel=cudnn"], "model.self_attention_kernel=cudnn needs a CUDA GPU but trainer.accelerator=cpu"),
     (["model.self_attention_kernel=fast"], "model.self_attention_kernel must be one of cudnn, flash, efficient, math"),
-    (["data=raw", "data.shards=/x", "model.identity.enabled=true", "model.identity.encoder=arcface"],
+    (["data=raw", "data.shards=/x", "data.encoders.wan=/x", "data.encoders.wav2vec=/x", "model.identity.enabled=true", "model.identity.encoder=arcface"],
      "model.identity.encoder=arcface reads face-crop pixels but data.face=clip; set data.face=pixels"),
-    (["data=raw", "data.shards=/x", "model.identity.enabled=true", "data.face=pixels"],
+    (["data=raw", "data.shards=/x", "data.encoders.wan=/x", "data.encoders.wav2vec=/x", "model.identity.enabled=true", "data.face=pixels"],
      "model.identity.encoder=precomputed reads CLIP face tokens but data.face=pixels; set data.face=clip"),
 ])
 def test_options_that_need_each_other_fail_early(tmp_path, overrides, message):
@@ -136,7 +136,7 @@ def test_options_that_need_each_other_fail_early(tmp_path, overrides, message):
 def test_matching_options_pass_the_early_check(tmp_path):
     for overrides in (["model.gradient_checkpointing=true", "model.checkpoint_offload=true", "model.checkpoint_keep=1"],
                       ["model.self_attention_kernel=math"],
-                      ["data=raw", "data.shards=/x", "model.identity.enabled=true", "model.identity.encoder=arcface",
+                      ["data=raw", "data.shards=/x", "data.encoders.wan=/x", "data.encoders.wav2vec=/x", "model.identity.enabled=true", "model.identity.encoder=arcface",
                        "data.face=pixels"],
                       ["model.identity.enabled=true", "model.identity.encoder=arcface"]):  # latent shards: checked per batch
         validate_config(compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", *overrides]))

@@ -6,6 +6,8 @@ written as ``.step-00001000.tmp`` and renamed only after every rank has finished
 flushed its files to disk) and rank 0 has recorded the size and CRC-32 of every file in
 ``COMMITTED.json`` — so a folder without the marker, or whose files no longer match it (truncated,
 or changed in place at the same size), or whose checkpoint torch cannot open, is never resumed from.
+The rename waits until Lightning has logged the step's metrics and the loggers are flushed, so a
+crash right after a commit leaves ``metrics.csv`` with every step before the checkpoint's.
 
 Cost of the checksum: ``zlib.crc32`` streamed in 4 MiB chunks runs at about 3 GB/s on one core
 (2.2 GB/s including the read from the page cache), so a 14B adapter checkpoint (0.84B trainable
@@ -207,6 +209,7 @@ class StepCheckpoint(L.Callback):
         self.keep_last = keep_last
         self.last_saved_step = -1
         self.last_path: Path | None = None
+        self._pending: tuple[int, Path, Path] | None = None  # (step, temporary folder, final folder)
         # The model these weights need (ft_train.spec.ModelSpec), written into every step folder
         # by ft-train, so export and inference rebuild it from the folder alone.
         self.spec = None
@@ -224,11 +227,26 @@ class StepCheckpoint(L.Callback):
             if (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0:
                 self.save(trainer, step)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.commit(trainer)  # Lightning has logged the saved step's metrics row by now
+
     def on_train_end(self, trainer, pl_module) -> None:
+        self.commit(trainer)
         if trainer.global_step != self.last_saved_step:
             self.save(trainer, trainer.global_step)
+            self.commit(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # A written step whose metrics row was logged is still committed (rank 0 alone: the other
+        # ranks may be anywhere now, so no barrier).
+        if self._pending is not None and trainer.is_global_zero and self._row_logged(trainer):
+            self._commit(trainer)
 
     def save(self, trainer: L.Trainer, step: int) -> Path:
+        """Write step ``step`` into its temporary folder on every rank, with the marker (collective).
+        The folder is renamed into place by :meth:`commit`, once Lightning has logged that step's
+        metrics row (after this hook): committing first let a process killed in between resume
+        past a row that was never written."""
         final = self.dirpath / step_dir_name(step)
         tmp = self.dirpath / f".{step_dir_name(step)}.tmp"
         if trainer.is_global_zero:
@@ -247,15 +265,40 @@ class StepCheckpoint(L.Callback):
             marker = {"step": step, "world_size": trainer.world_size, "files": _file_records(tmp)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=1))
             _fsync_tree(tmp)  # the files, the marker and the folder, before the rename commits them
-            if final.exists():  # a previous attempt at this step (e.g. before a requeue)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync(self.dirpath)  # the rename itself
-            self._prune()
-        trainer.strategy.barrier("ft_ckpt_committed")
         self.last_saved_step = step
+        self._pending = (step, tmp, final)
+        return final
+
+    @staticmethod
+    def _row_logged(trainer) -> bool:
+        # Lightning counts a step in ``_batches_that_stepped`` right after logging its row.
+        return trainer.fit_loop.epoch_loop._batches_that_stepped >= trainer.global_step
+
+    def commit(self, trainer: L.Trainer) -> Path | None:
+        """Make the step written by :meth:`save` visible (collective; nothing when none waits):
+        rank 0 flushes the loggers, so ``metrics.csv`` holds every step before the checkpoint's,
+        then renames the folder into place and prunes old ones. Returns the committed folder."""
+        if self._pending is None:
+            return None
+        final = self._pending[2]
+        if trainer.is_global_zero:
+            self._commit(trainer)
+        trainer.strategy.barrier("ft_ckpt_committed")
+        self._pending = None
         self.last_path = final
         return final
+
+    def _commit(self, trainer) -> None:
+        step, tmp, final = self._pending
+        for logger in trainer.loggers:
+            logger.save()  # rows buffered in memory (Lightning flushes every 100 steps) reach the disk first
+        if final.exists():  # a previous attempt at this step (e.g. before a requeue)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(self.dirpath)  # the rename itself
+        self._prune()
+        self._pending = None
+        self.last_path = final
 
     def _prune(self) -> None:
         complete = [folder for _, folder in committed_steps(self.dirpath) if verify(folder, checksums=False) is None]

@@ -73,6 +73,16 @@ class Preemption(L.Callback):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if self.preempted_at is None:
+            return
+        # The requeue ends this job at once, so the checkpoint is committed first (it waits for
+        # the step's metrics row, logged after on_train_batch_end).
+        checkpointer = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+        if checkpointer is not None:
+            checkpointer.commit(trainer)
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if trainer.is_global_zero and job_id and self.requeue_command:
+            self.requeue(job_id, self.preempted_at)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % max(1, trainer.accumulate_grad_batches):
@@ -94,10 +104,7 @@ class Preemption(L.Callback):
         if wants == STOP:
             self.stopped_at = step
             return
-        self.preempted_at = step
-        job_id = os.environ.get("SLURM_JOB_ID")
-        if trainer.is_global_zero and job_id and self.requeue_command:
-            self.requeue(job_id, step)
+        self.preempted_at = step  # requeued in on_train_end, once the checkpoint is committed
 
     def requeue(self, job_id: str, step: int) -> bool:
         """Run the requeue command for ``job_id``; True when SLURM took the request. SLURM ends

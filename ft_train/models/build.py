@@ -117,6 +117,19 @@ def build_model(
     return net
 
 
+def _build_model_keys() -> list[str]:
+    """The ``model.*`` keys :func:`build_model` reads: its own arguments, the speed options and
+    :class:`FantasyTalkingDiT`'s (its ``**options``). ft-train refuses a ``+model.KEY`` outside them."""
+    import inspect
+
+    own = [n for n in inspect.signature(build_model).parameters if n != "options"]
+    net = [n for n in inspect.signature(FantasyTalkingDiT.__init__).parameters if n not in ("self", "transformer")]
+    return own + list(SpeedOptions.keys()) + net
+
+
+build_model.config_keys = _build_model_keys
+
+
 def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
     """Parameter counts (total, trainable, adapter) for logs and reports; float8-stored frozen
     weights (``model.frozen_fp8``) count in the total."""
