@@ -23,8 +23,8 @@ Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the check
 ``lora``
     The trained LoRA on the DiT (``model.lora``) alone, as one ``.safetensors`` file in the key
     format diffusers saves and ``WanImageToVideoPipeline.load_lora_weights`` loads
-    (``transformer.blocks.{i}.attn1.to_q.lora_A.weight``, …), the scale alpha/r folded into B and
-    diffusers' adapter metadata beside it (:func:`ft_train.models.lora.to_diffusers`).
+    (``transformer.blocks.{i}.attn1.to_q.lora_A.weight``, …), the scale alpha/r folded into B
+    (:func:`ft_train.models.lora.to_diffusers`).
 ``bundle``
     A folder with ``adapter.safetensors`` (every adapter tensor, this project's naming: audio,
     identity Q-Former + ``face_kv``, motion, the LoRA) and ``adapter.json`` (:func:`bundle_info`; its
@@ -228,8 +228,8 @@ def adapter_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def export_lora(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, spec: ModelSpec | None
                 ) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Write the trained LoRA as diffusers' ``.safetensors`` (keys and adapter metadata as
-    ``WanImageToVideoPipeline.save_lora_weights`` writes them). Returns the path and tensors."""
+    """Write the trained LoRA as diffusers' ``.safetensors`` (written by
+    ``WanImageToVideoPipeline.save_lora_weights``). Returns the path and tensors."""
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
     if not any(is_lora_key(k) for k in ckpt.tensors):
@@ -242,7 +242,7 @@ def export_lora(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, spec: Mo
     if out.suffix != ".safetensors":
         raise ValueError(f"out: {out} must end in .safetensors (the form diffusers and ComfyUI load LoRAs from)")
     settings = LoraSettings.from_dict(spec.lora)
-    tensors, metadata = to_diffusers(cast(ckpt.tensors, torch.float32), settings, where=f"ckpt: {ckpt.path}")
+    tensors = to_diffusers(cast(ckpt.tensors, torch.float32), settings, where=f"ckpt: {ckpt.path}")
     tensors = cast(tensors, dtype)
 
     # diffusers writes into a folder: a temporary sibling, whose file then replaces `out` at once.
@@ -250,8 +250,8 @@ def export_lora(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, spec: Mo
     _remove(staging)
     staging.mkdir(parents=True)
     try:
-        WanLoraLoaderMixin.save_lora_weights(staging, transformer_lora_layers=tensors, weight_name=out.name,
-                                             transformer_lora_adapter_metadata=metadata)
+        layers = {k.removeprefix("transformer."): v for k, v in tensors.items()}  # diffusers adds the prefix
+        WanLoraLoaderMixin.save_lora_weights(staging, transformer_lora_layers=layers, weight_name=out.name)
         _plain_modes(staging / out.name)
         os.replace(staging / out.name, out)
     finally:

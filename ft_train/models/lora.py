@@ -158,13 +158,14 @@ def backbone_trains(net: nn.Module) -> bool:
 
 
 # -- diffusers' file format --------------------------------------------------------------------
-def to_diffusers(tensors: dict[str, torch.Tensor], settings: LoraSettings, where: str = "ckpt"
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def to_diffusers(tensors: dict[str, torch.Tensor], settings: LoraSettings, where: str = "ckpt") -> dict[str, torch.Tensor]:
     """Our LoRA tensors (``transformer.blocks.i.<layer>.lora_{A,B}.default.weight``, other keys
-    ignored) → (diffusers' keys ``transformer.blocks.i.<layer>.lora_{A,B}.weight``, the adapter
-    metadata diffusers saves with them). The scale ``alpha / rank`` is folded into B and the
-    metadata says ``lora_alpha = r``, so loaders that ignore metadata (ComfyUI, older diffusers)
-    apply the same update as those that read it."""
+    ignored) → diffusers' keys (``transformer.blocks.i.<layer>.lora_{A,B}.weight``).
+
+    The scale ``alpha / rank`` is folded into B and no adapter metadata is written: every loader
+    then reads the file as alpha = rank and applies the same update — diffusers infers its config
+    from the keys (including the zero image k/v LoRA its Wan loader adds to LoRAs without one,
+    which a metadata target list would not name), and ComfyUI reads no metadata at all."""
     out: dict[str, torch.Tensor] = {}
     for name, value in tensors.items():
         m = _OURS.match(name)
@@ -176,9 +177,7 @@ def to_diffusers(tensors: dict[str, torch.Tensor], settings: LoraSettings, where
         out[f"transformer.blocks.{block}.{layer}.lora_{ab}.weight"] = value * settings.scale if ab == "B" else value
     if not out:
         raise ValueError(f"{where}: holds no LoRA tensors (was it trained with {KEY}.rank > 0?)")
-    metadata = {"r": settings.rank, "lora_alpha": settings.rank, "target_modules": settings.target_regex(),
-                "lora_dropout": 0.0, "init_lora_weights": True}
-    return out, metadata
+    return out
 
 
 @dataclass
@@ -289,8 +288,9 @@ def load_lora_file_into(net: nn.Module, lora: LoraFile, settings: LoraSettings, 
 def add_extra_lora(transformer: nn.Module, lora: LoraFile, name: str) -> None:
     """Add ``lora`` to ``transformer`` as one more (frozen) adapter called ``name``, through
     diffusers' ``load_lora_adapter`` (the scale is folded into B, so its config says alpha = r)."""
-    metadata = {"r": lora.rank, "lora_alpha": lora.rank, "init_lora_weights": True,
-                "target_modules": LoraSettings(rank=lora.rank, targets=lora.layers).target_regex()}
+    metadata = {f"transformer.{k}": v for k, v in {
+        "r": lora.rank, "lora_alpha": lora.rank, "init_lora_weights": True,
+        "target_modules": LoraSettings(rank=lora.rank, targets=lora.layers).target_regex()}.items()}
     transformer.load_lora_adapter(dict(lora.tensors), prefix="transformer", adapter_name=name, metadata=metadata)
     for n, p in transformer.named_parameters():
         if f".{name}." in n:

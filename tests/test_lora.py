@@ -1,0 +1,219 @@
+"""LoRA on the DiT (``model.lora``): peft layers from diffusers' ``add_adapter``, trained with the
+adapters; exact resume, EMA, checkpointing, fp8, compile; ``ft-export format=lora`` read back by
+diffusers' own Wan LoRA loader; a diffusers-format file as ``model.init_from``."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ft_train.lit import read_metric
+from ft_train.models import build_model
+from ft_train.models.lora import LoraSettings, read_lora_file
+from ft_train.models.weights import read_checkpoint
+from ft_train.train import train, validate_config
+
+from .conftest import CONF
+
+LORA = ("model.train_backbone=false", "model.lora.rank=4", "model.lora.alpha=8")
+
+
+def config(out, run, steps, *extra):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[
+            "experiment=tiny_cpu", f"paths.output_dir={out}", f"run_id={run}", "stages=null",
+            f"stage.max_steps={steps}", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=2",
+            "callbacks.checkpoint.keep_last=10", "data.num_workers=0", *extra,
+        ])
+
+
+def inputs(seed=0, frames=3):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 36, frames, 8, 8, generator=g), timestep=torch.tensor([600.0]),
+                text=torch.randn(1, 512, 4096, generator=g), image=torch.randn(1, 257, 1280, generator=g),
+                audio=torch.randn(1, 20, 768, generator=g))
+
+
+def randomise_lora(net, seed=1, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in net.lora_state():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_lora_layers_are_peft_start_as_no_op_and_are_the_only_new_trainables(tiny_transformer_config):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    torch.manual_seed(0)
+    plain = build_model(transformer=tiny_transformer_config)
+    torch.manual_seed(0)
+    net = build_model(transformer=tiny_transformer_config, lora={"rank": 4, "alpha": 8})
+    layer = net.transformer.blocks[1].attn2.to_out[0]
+    assert isinstance(layer, LoraLinear) and layer.scaling["default"] == 2.0
+    assert not isinstance(net.transformer.blocks[1].attn2.add_k_proj, LoraLinear)  # photo's CLIP k/v left alone
+    wrapped = {n.rsplit(".lora_", 1)[0] for n, _ in net.lora_state()}
+    assert len(wrapped) == 10 * 2  # default targets × 2 blocks
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == set(net.adapter_state_dict()) == set(plain.adapter_state_dict()) | {n for n, _ in net.lora_state()}
+    assert all(p.dtype == torch.float32 for _, p in net.lora_state())
+    with torch.no_grad():
+        assert torch.equal(net(**inputs()), plain(**inputs()))  # B = 0: exactly the plain model
+        randomise_lora(net)
+        assert not torch.allclose(net(**inputs()), plain(**inputs()))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lora.rank=-1", "model.lora.rank"),
+    ("model.lora.alpha=0", "model.lora.alpha"),
+    ("model.lora.dropout=1.0", "model.lora.dropout"),
+    ("model.lora.targets=[attn1.to_q,attn3.to_x]", "model.lora.targets: 'attn3.to_x'"),
+    ("+model.lora.ranks=4", "model.lora.ranks"),
+    ("model.lora.rank=4", "model.train_backbone=true"),  # tiny_cpu trains the backbone
+])
+def test_bad_lora_settings_fail_before_anything_is_built(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        validate_config(config(tmp_path, "bad", 1, override))
+
+
+def test_lora_file_as_init_from_needs_a_lora_rank(tmp_path, tiny_transformer_config):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "style.safetensors"
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 64),
+               "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 4)}, str(path))
+    with pytest.raises(ValueError, match="model.lora.rank"):
+        validate_config(config(tmp_path, "x", 1, "model.train_backbone=false", f"model.init_from={path}"))
+    with pytest.raises(FileNotFoundError, match="model.init_from"):
+        validate_config(config(tmp_path, "x", 1, *LORA, f"model.init_from={tmp_path / 'none.safetensors'}"))
+    with pytest.raises(ValueError, match="model.lora.rank=4"):
+        build_model(transformer=tiny_transformer_config, lora={"rank": 8}, init_from=str(path))
+
+
+def test_resume_is_exact_with_lora_dropout_ema_and_checkpointing(tmp_path):
+    extra = (*LORA, "model.lora.dropout=0.1", "callbacks.ema.decay=0.9", "model.gradient_checkpointing=true")
+    full = train(config(tmp_path, "full", 5, *extra))
+    train(config(tmp_path, "cut", 2, *extra))
+    train(config(tmp_path, "cut", 5, *extra))
+    a = read_metric(tmp_path / "full" / "clip" / "metrics.csv", "train/loss")
+    b = read_metric(tmp_path / "cut" / "clip" / "metrics.csv", "train/loss")
+    assert len(a[1]) == 5 and a == b
+    ckpts = [read_checkpoint(tmp_path / run / "clip" / "checkpoints" / "step-00000005") for run in ("full", "cut")]
+    lora_keys = {n for n in ckpts[0].tensors if ".lora_" in n}
+    assert len(lora_keys) == 40 and lora_keys <= set(ckpts[0].ema)
+    for name in ckpts[0].tensors:
+        assert torch.equal(ckpts[0].tensors[name], ckpts[1].tensors[name]), name
+        assert torch.equal(ckpts[0].ema[name], ckpts[1].ema[name]), name
+    # the LoRA trained (B left zero) while the backbone did not move
+    assert any(ckpts[0].tensors[n].abs().sum() > 0 for n in lora_keys if ".lora_B." in n)
+    assert not any(n.startswith("transformer.") and ".lora_" not in n for n in ckpts[0].tensors)
+    spec = json.loads((tmp_path / "full" / "clip" / "checkpoints" / "step-00000005" / "model_spec.json").read_text())
+    assert spec["version"] == 2 and spec["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.1,
+                                                     "targets": list(LoraSettings().targets)}
+    assert full["module"].net.lora_config.rank == 4
+
+
+def test_frozen_fp8_keeps_the_base_in_float8_and_trains_the_lora(tiny_transformer_config):
+    from ft_train.speed.fp8 import Fp8FrozenLinear
+
+    torch.manual_seed(0)
+    ref = build_model(transformer=tiny_transformer_config, lora={"rank": 16})
+    torch.manual_seed(0)
+    fp8 = build_model(transformer=tiny_transformer_config, lora={"rank": 16}, frozen_fp8=True)
+    randomise_lora(ref), randomise_lora(fp8)
+    layer = fp8.transformer.blocks[0].ffn.net[2]
+    assert isinstance(layer.base_layer, Fp8FrozenLinear)
+    assert type(layer.lora_A["default"]) is torch.nn.Linear and layer.lora_A["default"].weight.dtype == torch.float32
+    outs = []
+    for net in (ref, fp8):
+        out = net(**inputs())
+        out.square().mean().backward()
+        outs.append(out.detach())
+    # fp8 is approximate: close, not equal, and every LoRA weight gets a gradient close to the exact one's
+    assert torch.allclose(outs[0], outs[1], rtol=0.1, atol=0.05)
+    for (name, a), (_, b) in zip(ref.lora_state(), fp8.lora_state()):
+        assert b.grad is not None and b.grad.abs().sum() > 0, name
+        assert float((a.grad - b.grad).norm() / a.grad.norm()) < 0.15, name
+
+
+def test_compiled_blocks_give_the_eager_lora_gradients(tiny_transformer_config):
+    from ft_train.speed.apply import compile_blocks
+
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = build_model(transformer=tiny_transformer_config, lora={"rank": 4})
+        randomise_lora(net)
+        nets.append(net)
+    compile_blocks(nets[1], backend="aot_eager")
+    for net in nets:
+        net(**inputs()).square().mean().backward()
+    for (name, a), (_, b) in zip(nets[0].lora_state(), nets[1].lora_state()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-step LoRA run (alpha ≠ rank, so the exported scale matters) and its final step folder."""
+    out = tmp_path_factory.mktemp("lora_run")
+    train(config(out, "run", 3, *LORA))
+    return out / "run" / "clip" / "checkpoints" / "step-00000003"
+
+
+def test_exported_lora_loads_into_diffusers_wan_and_gives_ft_train_outputs(trained, tmp_path, tiny_transformer_config):
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from ft_train.export import export
+    from ft_train.models.weights import load_adapter_weights
+
+    file = tmp_path / "lora.safetensors"
+    result = export(trained, file, format="lora")
+    assert result["tensors"] == 40
+    torch.manual_seed(0)
+    net = build_model(transformer=tiny_transformer_config, lora={"rank": 4, "alpha": 8})
+    load_adapter_weights(net, trained)
+    assert any(p.abs().sum() > 0 for n, p in net.lora_state() if ".lora_B." in n)
+    # the same base weights, plain diffusers, the file through the pipeline's own loader
+    base = WanTransformer3DModel(**tiny_transformer_config)
+    base.load_state_dict({k: v for k, v in net.transformer.state_dict().items() if ".lora_" not in k
+                          and "base_layer" not in k} | {k.replace(".base_layer", ""): v for k, v in
+                          net.transformer.state_dict().items() if ".base_layer." in k})
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, image_encoder=None, image_processor=None,
+                                   transformer=base, vae=None, scheduler=None)
+    pipe.load_lora_weights(str(file))
+    x = inputs()
+    with torch.no_grad():
+        ours = net(**{**x, "audio": None})  # audio branch off: the plain Wan forward + the LoRA
+        theirs = base(hidden_states=x["hidden_states"], timestep=x["timestep"], encoder_hidden_states=x["text"],
+                      encoder_hidden_states_image=x["image"], return_dict=False)[0]
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        base.disable_lora()
+        assert not torch.allclose(base(hidden_states=x["hidden_states"], timestep=x["timestep"],
+                                       encoder_hidden_states=x["text"], encoder_hidden_states_image=x["image"],
+                                       return_dict=False)[0], ours, atol=1e-5)
+
+
+def test_a_diffusers_lora_file_starts_training_with_the_same_update(trained, tmp_path, tiny_transformer_config):
+    from ft_train.export import export
+
+    file = tmp_path / "style.safetensors"
+    export(trained, file, format="lora")
+    ref = build_model(transformer=tiny_transformer_config, lora={"rank": 4, "alpha": 8}, init_from=str(trained))
+    # another alpha: the file's update B·A is kept, so B is rescaled
+    net = build_model(transformer=tiny_transformer_config, lora={"rank": 4, "alpha": 2}, init_from=str(file))
+    for (name, a), (_, b) in zip(ref.lora_state(), net.lora_state()):
+        torch.testing.assert_close(a * (4.0 if ".lora_B." in name else 1.0), b, msg=name)
+    assert read_lora_file(file, "x").rank == 4
+
+
+def test_original_wan_keys_are_converted_by_diffusers_reader(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = torch.randn(4, 64), torch.randn(64, 4)
+    path = tmp_path / "comfy.safetensors"
+    save_file({"diffusion_model.blocks.1.self_attn.q.lora_A.weight": a,
+               "diffusion_model.blocks.1.self_attn.q.lora_B.weight": b}, str(path))
+    lora = read_lora_file(path, "extra_lora")
+    assert lora.layers == ("attn1.to_q",) and lora.rank == 4
+    torch.testing.assert_close(lora.tensors["transformer.blocks.1.attn1.to_q.lora_B.weight"] @
+                               lora.tensors["transformer.blocks.1.attn1.to_q.lora_A.weight"], b @ a)
