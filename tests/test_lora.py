@@ -217,3 +217,113 @@ def test_original_wan_keys_are_converted_by_diffusers_reader(tmp_path):
     assert lora.layers == ("attn1.to_q",) and lora.rank == 4
     torch.testing.assert_close(lora.tensors["transformer.blocks.1.attn1.to_q.lora_B.weight"] @
                                lora.tensors["transformer.blocks.1.attn1.to_q.lora_A.weight"], b @ a)
+
+
+# -- inference ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def infer_files(tmp_path_factory, tiny_transformer_config):
+    """Base weights + tiny encoders, a bundle with a trained-looking LoRA (alpha ≠ rank), the net
+    it came from, a photo and a wav."""
+    import numpy as np
+    import soundfile
+    import yaml
+    from PIL import Image
+    from skimage.data import astronaut
+
+    from ft_train.export import export_bundle
+    from ft_train.models.weights import AdapterCheckpoint
+    from ft_train.spec import ModelSpec
+    from ft_train.tiny import save_tiny_encoders
+
+    root = tmp_path_factory.mktemp("lora_infer")
+    wan, wav2vec = root / "wan", root / "wav2vec"
+    torch.manual_seed(0)
+    from diffusers import WanTransformer3DModel
+
+    WanTransformer3DModel(**tiny_transformer_config).save_pretrained(wan / "transformer")
+    save_tiny_encoders(wan, wav2vec)
+    model_cfg = yaml.safe_load((CONF / "model" / "tiny.yaml").read_text())
+    model_cfg.pop("_target_")
+    model_cfg.update(pretrained=str(wan), lora={**model_cfg["lora"], "rank": 4, "alpha": 8})
+    net = build_model(**model_cfg, audio_mode="frame")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for value in net.adapter_state_dict().values():
+            value.copy_(torch.randn(value.shape, generator=g) * 0.05)
+    ckpt = AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(), {"audio_mode": "frame"})
+    export_bundle(ckpt, root / "bundle", torch.float32,
+                  ModelSpec.from_run_config({"model": model_cfg, "data": {"fps": 25.0}}, "frame"), None)
+    Image.fromarray(astronaut()[:, 64:448]).save(root / "face.png")
+    t = np.arange(16000) / 16000
+    soundfile.write(root / "speech.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    return {"root": root, "wan": wan, "wav2vec": wav2vec, "bundle": root / "bundle", "net": net.eval()}
+
+
+def load_pipe(files, **kw):
+    from ft_train.diffusion import FlowMatchSampler
+    from ft_train.inference.adapters import read_adapters
+    from ft_train.inference.pipeline import TalkingPortraitPipeline
+
+    return TalkingPortraitPipeline.load(read_adapters(files["bundle"]), files["wan"], files["wav2vec"],
+                                        sampler=FlowMatchSampler(steps=2), device="cpu", dtype="float32", **kw)
+
+
+def test_inference_applies_the_bundles_lora_at_lora_scale(infer_files):
+    from ft_train.inference.adapters import read_adapters
+
+    assert read_adapters(infer_files["bundle"]).spec.lora["alpha"] == 8
+    net, x = infer_files["net"], inputs(frames=7)
+    with torch.no_grad():
+        trained = net(**x)
+        for scale in (1.0, 0.5, 0.0):
+            pipe = load_pipe(infer_files, lora_scale=scale)
+            got = pipe.model(**x)
+            # reference: the trained net with its LoRA update scaled by hand
+            saved = {n: p.detach().clone() for n, p in net.lora_state()}
+            for n, p in net.lora_state():
+                if ".lora_B." in n:
+                    p.mul_(scale)
+            want = net(**x)
+            for n, p in net.lora_state():
+                p.copy_(saved[n])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert (scale == 1.0) == torch.allclose(got, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_an_extra_diffusers_lora_adds_its_update_at_its_scale(infer_files, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(4, 64, generator=g) * 0.1, torch.randn(64, 4, generator=g) * 0.1
+    path = tmp_path / "style.safetensors"
+    save_file({"transformer.blocks.1.attn1.to_v.lora_A.weight": a,
+               "transformer.blocks.1.attn1.to_v.lora_B.weight": b}, str(path))
+    pipe = load_pipe(infer_files, lora_scale=0.0, extra_lora=[path], extra_lora_scale=0.5)
+    base = load_pipe(infer_files, lora_scale=0.0)
+    with torch.no_grad():  # reference: the update merged into the weight by hand
+        layer = base.model.transformer.blocks[1].attn1.to_v.base_layer
+        layer.weight += 0.5 * b @ a
+        x = inputs(frames=7)
+        torch.testing.assert_close(pipe.model(**x), base.model(**x), rtol=1e-5, atol=1e-5)
+
+
+def test_ft_infer_with_a_lora_bundle_and_an_extra_lora(infer_files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from ft_train.infer import main
+    from ft_train.media import read_video
+
+    path = tmp_path / "style.safetensors"
+    save_file({"diffusion_model.blocks.0.ffn.0.lora_A.weight": torch.randn(4, 64) * 0.1,
+               "diffusion_model.blocks.0.ffn.0.lora_B.weight": torch.randn(128, 4) * 0.1}, str(path))
+    out = tmp_path / "talk.mp4"
+    f = infer_files
+    argv = [f"image={f['root'] / 'face.png'}", f"audio={f['root'] / 'speech.wav'}", f"adapters={f['bundle']}",
+            f"wav2vec={f['wav2vec']}", f"out={out}", "max_side=64", "sampler.steps=2", "max_frames=9",
+            "device=cpu", "progress=false", "lora_scale=0.7", f"extra_lora={path}", "extra_lora_scale=0.3"]
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert read_video(out)[0].shape[0] == 9
+    for bad, message in (("lora_scale=abc", "lora_scale"), (f"extra_lora={tmp_path / 'no.safetensors'}", "extra_lora")):
+        with pytest.raises(SystemExit, match=message):
+            main([a for a in argv if not a.startswith(bad.split("=")[0] + "=")] + [bad])
