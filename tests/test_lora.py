@@ -327,3 +327,31 @@ def test_ft_infer_with_a_lora_bundle_and_an_extra_lora(infer_files, tmp_path, ca
     for bad, message in (("lora_scale=abc", "lora_scale"), (f"extra_lora={tmp_path / 'no.safetensors'}", "extra_lora")):
         with pytest.raises(SystemExit, match=message):
             main([a for a in argv if not a.startswith(bad.split("=")[0] + "=")] + [bad])
+
+
+@pytest.mark.slow
+def test_lora_trains_under_ddp_and_zero3_in_two_processes_alike(tmp_path):
+    """Two processes each: DDP and ZeRO-3 (every weight, the LoRA's included, sharded over the
+    ranks) train the same LoRA; ft-export format=lora gathers ZeRO-3's shards into the same file."""
+    from ft_train.export import export
+
+    from .test_strategies import ft_train
+
+    lora = ("model.train_backbone=false", "model.lora.rank=4", "model.lora.alpha=8")
+    files = {}
+    for strategy in ("ddp", "deepspeed_zero3"):
+        steps, losses = ft_train(tmp_path, strategy, 3, f"strategy={strategy}", *lora)
+        assert steps == [0, 1, 2] and all(v == v for v in losses)
+        step = tmp_path / strategy / "clip" / "checkpoints" / "step-00000003"
+        files[strategy] = read_lora_file(export(step, tmp_path / f"{strategy}.safetensors", format="lora")["out"], "x")
+    ddp, zero3 = files["ddp"], files["deepspeed_zero3"]
+    assert ddp.tensors.keys() == zero3.tensors.keys() and len(ddp.tensors) == 40
+    trained = 0
+    for name, b in ddp.tensors.items():
+        a = zero3.tensors[name]
+        # as in test_strategies: same maths, another reduction order, Adam's first steps amplify
+        # rounding; a wrongly gathered shard would be ~100 % off
+        rel = float((a - b).norm() / b.norm().clamp(min=1e-12))
+        assert a.shape == b.shape and rel <= 0.05, (name, rel)
+        trained += ".lora_B." in name and bool(b.abs().sum() > 0)
+    assert trained == 20  # every B moved away from its zero start
