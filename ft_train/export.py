@@ -5,6 +5,7 @@ Usage::
     ft-export ckpt=<stage_dir>/checkpoints/step-00020000 out=fantasytalking_model.ckpt
     ft-export ckpt=... out=fantasytalking_fp16.safetensors dtype=fp16
     ft-export ckpt=... out=exports/my-run format=bundle
+    ft-export ckpt=... out=exports/my-run-lora.safetensors format=lora
 
 Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the checkpoint is loaded
 (no backbone weights, no model is built). Formats:

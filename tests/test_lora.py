@@ -355,3 +355,16 @@ def test_lora_trains_under_ddp_and_zero3_in_two_processes_alike(tmp_path):
         assert a.shape == b.shape and rel <= 0.05, (name, rel)
         trained += ".lora_B." in name and bool(b.abs().sum() > 0)
     assert trained == 20  # every B moved away from its zero start
+
+
+def test_step_flops_count_the_lora_not_a_full_fine_tune(tiny_transformer_config):
+    from ft_train.flops import training_step_flops
+
+    shape, audio = (1, 16, 3, 8, 8), 20
+    torch.manual_seed(0)
+    frozen = training_step_flops(build_model(transformer=tiny_transformer_config), shape, audio)
+    full = training_step_flops(build_model(transformer=tiny_transformer_config, train_backbone=True), shape, audio)
+    net = build_model(transformer=tiny_transformer_config, lora={"rank": 4, "targets": ["attn1.to_q"]})
+    # one rank-4 LoRA on attn1.to_q (64 → 64) per block over 3·4·4 = 48 video tokens: 3 matmuls × 2 FLOPs
+    lora = 2 * 3 * 2 * 48 * (4 * 64 + 64 * 4)
+    assert training_step_flops(net, shape, audio) == pytest.approx(frozen + lora) and frozen + lora < full
