@@ -204,6 +204,12 @@ def test_a_diffusers_lora_file_starts_training_with_the_same_update(trained, tmp
     for (name, a), (_, b) in zip(ref.lora_state(), net.lora_state()):
         torch.testing.assert_close(a * (4.0 if ".lora_B." in name else 1.0), b, msg=name)
     assert read_lora_file(file, "x").rank == 4
+    # a list loads in order: the adapters from the checkpoint, then the LoRA from the file
+    both = build_model(transformer=tiny_transformer_config, lora={"rank": 4, "alpha": 2},
+                       init_from=[str(trained), str(file)])
+    for name, value in both.adapter_state_dict().items():
+        want = dict(net.lora_state())[name] if ".lora_" in name else ref.adapter_state_dict()[name]
+        torch.testing.assert_close(value, want, msg=name)
 
 
 def test_original_wan_keys_are_converted_by_diffusers_reader(tmp_path):

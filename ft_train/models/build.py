@@ -127,13 +127,14 @@ def build_model(
 
 
 def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
-    """Parameter counts (total, trainable, adapter) for logs and reports; float8-stored frozen
+    """Parameter counts (total, trainable, adapter, LoRA) for logs and reports; float8-stored frozen
     weights (``model.frozen_fp8``) count in the total."""
     fp8 = sum(m.weight_bits.numel() for m in model.modules() if isinstance(m, Fp8FrozenLinear))
     total = sum(p.numel() for p in model.parameters()) + fp8
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter = sum(p.numel() for m in model.adapter_modules().values() for p in m.parameters())
-    return {"params_total": total, "params_trainable": trainable, "params_adapter": adapter}
+    lora = sum(p.numel() for _, p in model.lora_state())
+    return {"params_total": total, "params_trainable": trainable, "params_adapter": adapter, "params_lora": lora}
 
 
 __all__ = ["build_model", "load_transformer", "model_summary", "resolve_dtype"]
