@@ -5,35 +5,10 @@ Usage::
     ft-prep task=encode input=shards/ output=latents/ encoders.wan=Wan2.1-I2V-14B-720P-Diffusers/ \\
         encoders.wav2vec=wav2vec2-base-960h/ [batch_size=4] [task_index=3 num_tasks=16]
 
-Options are the keys of ``conf/encode.yaml``. For every raw shard ``input/shard-XXXXXX.tar``
-(sample layout: ``ft_train/data/raw_format.py``) it writes ``output/shard-XXXXXX.tar`` with the same
-sample keys in the latent-shard schema (``ft_train/data/schema.py``): the frozen encoders
-(``ft_train/models/encoders.py``) run once here, so training reads tensors instead of videos.
-Per clip: VAE latents of the whole clip; the I2V condition ``VAE([frame 0, zeros × (F−1)])``;
-CLIP tokens of frame 0; umT5 tokens of the caption; wav2vec2 features of exactly the clip's
-audio (``int(F / fps · 16000)`` samples); the pixel lip masks resized to the latent grid; ω_l, ω_b
-normalised with the raw folder's ``stats.json``; and the identity branch's input from a square crop
-around frame 0's face, as ``face`` says: ``clip`` (default) its CLIP tokens (``face.npy``, for
-``model.identity.encoder=precomputed``), ``pixels`` the 112×112 crop itself (``face_pixels.npy``
-uint8, for ``model.identity.encoder=arcface``), ``none`` neither. Frames are centre-cropped to
-multiples of ``size_multiple`` first (the VAE needs multiples of 8, the DiT's 2×2 patches
-multiples of 16).
-
-A raw sample is decoded by :func:`ft_train.data.raw.load_clip` and encoded by
-:func:`ft_train.data.clip_prep.encode_clips`, the very functions raw-mode training
-(``data=raw``) uses on its random windows, so the two paths cannot drift apart.
-
-Output folder:
-
-    shard-000000.tar ...  latent shards (a raw shard whose clips were all rejected gets none)
-    null_text.npy         umT5 embedding of the empty prompt (L, D), for text dropout
-    stats.json            copy of the raw folder's ω statistics (to normalise ω at inference)
-    parts/shard-*.json    one record per finished shard: source size, samples, rejects, timing
-    report.json/.txt      counts per reject reason, encoder widths, timing
-
-Like ``ft-prep``, a shard is written to ``.tar.tmp`` and renamed when complete, then its record;
-a re-run skips shards whose record matches (same raw shard size, tar present) and redoes the rest.
-Unreadable samples are skipped and counted by reason, never a crash.
+Options are the keys of ``conf/encode.yaml``. The frozen encoders run once here, so training reads
+tensors instead of videos; a raw sample is decoded and encoded by the very functions raw-mode
+training uses, so the two paths cannot drift apart. What each clip gives, the output folder and
+the re-run rules: docs/data.md ("The encode pass").
 """
 
 from __future__ import annotations
@@ -131,8 +106,9 @@ class Clip:
     audio: np.ndarray  # (int(F / fps · 16000),) float32, 16 kHz
     masks: np.ndarray  # (F, H, W) uint8 0/255, cropped like the frames
     caption: str
-    face_box: list[float] | None  # frame 0's face box in cropped pixels (None: unknown)
+    face_box: list[float] | None  # the reference frame's face box in cropped pixels (None: unknown)
     meta: dict[str, Any]  # the latent sample's json
+    reference: int = 0  # the reference (image-condition) frame: ft-prep's reference_frame
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +142,7 @@ def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
         "omega_l_raw": m["omega_l_raw"],
         "omega_b_raw": m["omega_b_raw"],
         "clip_index": m["clip_index"],
+        "reference_frame": clip.reference,  # the frame the image condition, CLIP and face tokens come from
         "start_s": m["start_s"],
         "crop": m["crop"],  # pixel offset of the cropped frame in the raw clip
         "lip_mask_resize": cfg.lip_mask_resize,
@@ -176,7 +153,7 @@ def prepare_sample(raw: dict[str, Any], stats: dict, cfg: EncodeConfig) -> Clip:
         out_meta["face_margin"] = cfg.face_margin
         out_meta["face_ref_box"] = clip.face_box  # the box the face crop was cut around (None: whole frame)
     return Clip(key=clip.key, frames=clip.frames, audio=clip.audio, masks=clip.masks, caption=clip.caption,
-                face_box=clip.face_box, meta=out_meta)
+                face_box=clip.face_box, meta=out_meta, reference=clip.reference)
 
 
 def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[str, Any]]:
@@ -201,6 +178,7 @@ def encode_batch(clips: list[Clip], encoders, cfg: EncodeConfig) -> list[dict[st
             face_boxes=[c.face_box for c in group] if cfg.face != "none" else None,
             face_margin=cfg.face_margin,
             face=cfg.face,
+            reference=[c.reference for c in group],
         )
         for i, clip in enumerate(group):
             arrays = {name: _stored(out[name][i], dtype) for name in out}

@@ -15,7 +15,8 @@ Options are the keys of ``conf/prep.yaml`` (Hydra override syntax). Output folde
     manifest.json          per shard: samples, bytes, sha256
     stats.json             ω_l / ω_b quantiles, to normalise both to [0, 1] (:func:`ft_train.data.raw_format.normalise_motion`)
     report.json/.txt       counts per reject reason, timing; every rejected file/clip with why
-    previews/*.jpg         a few clips with lip mask, landmarks and face box drawn
+    previews/*.jpg         kept clips with lip mask, lip landmarks and face box drawn (previews_per_shard),
+                           and reject-<reason>-<key>.jpg: one per reject reason and shard, showing why
 
 Shard i holds the clips of input videos [i·videos_per_shard, (i+1)·videos_per_shard) of the
 sorted input list, so every process and every re-run agrees on what each shard contains. A shard
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.shots import SCENE_DETECTORS, ShotCuts
 from ft_train import media
 from ft_train.cli import Tool
 from ft_train.config import compose_tool_config
@@ -47,17 +49,30 @@ from ft_train.media import AUDIO_RATE, MediaError
 
 #: Every reason a file or clip is rejected; the report counts each.
 REJECT_REASONS = {
-    "unreadable": "file missing or FFmpeg cannot open/decode it",
-    "truncated": "file ends before the duration its header declares (cut-off download/copy)",
+    "unreadable": "file missing, a dangling symlink, a folder that cannot be listed, or FFmpeg cannot open it",
+    "truncated": "file ends before the frames/duration its header declares (cut-off download/copy) and "
+    "truncated=reject, or too little of it is left for one clip",
+    "damaged": "more than max_damaged_frac of the audio packets, or of a clip's frames, cannot be decoded",
     "no_video": "no video stream",
-    "no_audio": "no audio stream and no same-named .wav beside it",
+    "no_audio": "no audio for audio_source: no audio stream and no same-named .wav beside it",
     "silent_audio": "audio quieter than silence_dbfs (whole file, or the clip's window)",
     "too_short": "fewer than num_frames frames at the target fps",
+    "shot_cut": "a clip window interrupted by a shot cut (clips start again at the cut; scene_detector)",
     "no_face": "face mesh found a face in fewer than min_face_frames_frac of the clip's frames",
-    "multiple_faces": "the detector saw several faces in more than max_multi_face_frac of frames",
+    "multiple_faces": "a second face at least max_second_face_area_frac of the speaker's area in more than "
+    "max_multi_face_frac of frames (smaller background faces are kept)",
     "face_too_small": "median face-box width below min_face_px pixels",
     "low_confidence": "mean face-detection score below min_face_confidence",
+    "out_of_sync": "SyncNet's audio-video offset beyond max_av_shift_frames or its confidence below "
+    "min_sync_confidence (only with sync= weights)",
+    "no_reference": "no frame of the clip can be the reference image: none has the face found, "
+    "min_ref_brightness and min_ref_sharpness",
 }
+
+
+#: Where a clip's audio comes from: ``auto`` = a same-named .wav beside the video when there is
+#: one (a user puts it there on purpose), else the video's own track.
+AUDIO_SOURCES = ("auto", "sidecar", "embedded")
 
 
 @dataclass
@@ -81,9 +96,20 @@ class PrepConfig:
     min_face_frames_frac: float = 0.9
     min_face_px: int = 64
     max_multi_face_frac: float = 0.1
+    max_second_face_area_frac: float = 0.25
     min_face_confidence: float = 0.8
     silence_dbfs: float = -50.0
     truncation_tolerance_s: float = 0.5
+    truncated: str = "keep_whole_clips"
+    max_damaged_frac: float = media.MAX_DAMAGED_FRAC
+    audio_source: str = "auto"
+    min_ref_brightness: float = 40.0
+    min_ref_sharpness: float = 30.0
+    sync: str | None = None
+    max_av_shift_frames: int = 3
+    min_sync_confidence: float = 3.0
+    scene_detector: str = "ffmpeg_scene"
+    scene_threshold: float = 0.3
     stats_quantiles: tuple[float, float] = (0.05, 0.95)
     previews_per_shard: int = 1
     extensions: tuple[str, ...] = ("mp4", "mov", "mkv", "avi", "webm")
@@ -112,6 +138,18 @@ class PrepConfig:
             problems.append("videos_per_shard must be ≥ 1")
         if not 0 <= self.task_index < self.num_tasks:
             problems.append(f"task_index={self.task_index} must be in [0, num_tasks={self.num_tasks})")
+        if self.truncated not in ("keep_whole_clips", "reject"):
+            problems.append(f"truncated={self.truncated!r} must be 'keep_whole_clips' or 'reject'")
+        if self.sync and not Path(self.sync).is_file():
+            problems.append(f"sync={self.sync}: no such file; give the path of syncnet_v2.model or leave it null")
+        if self.max_av_shift_frames < 0:
+            problems.append(f"max_av_shift_frames={self.max_av_shift_frames} must be ≥ 0")
+        if self.scene_detector not in SCENE_DETECTORS:
+            problems.append(f"scene_detector={self.scene_detector!r} must be one of {', '.join(SCENE_DETECTORS)}")
+        if self.audio_source not in AUDIO_SOURCES:
+            problems.append(f"audio_source={self.audio_source!r} must be one of {', '.join(AUDIO_SOURCES)}")
+        if not 0 <= self.max_damaged_frac <= 1:
+            problems.append(f"max_damaged_frac={self.max_damaged_frac} must be in [0, 1]")
         if self.mode not in ("run", "merge"):
             problems.append(f"mode={self.mode!r} must be 'run' or 'merge'")
         lo, hi = self.stats_quantiles
@@ -128,11 +166,20 @@ class PrepConfig:
 def list_inputs(cfg: PrepConfig) -> list[Path]:
     """Input videos, sorted: every file with a video extension under a folder (recursively), or
     the lines of a list file (blank lines and ``#`` comments skipped; relative paths are taken
-    from the list file's folder). Listed files that do not exist are kept: they are rejected
-    as ``unreadable`` and reported, not silently dropped."""
+    from the list file's folder). Listed files that do not exist, dangling symlinks and
+    sub-folders that cannot be listed are kept: they are rejected as ``unreadable`` and
+    reported with their path, not silently dropped."""
     src = Path(cfg.input)
     if src.is_dir():
-        files = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in cfg.extensions]
+        files: list[Path] = []
+
+        def unlistable(err: OSError) -> None:
+            files.append(Path(err.filename))
+
+        for folder, _, names in os.walk(src, onerror=unlistable):
+            for name in names:
+                if name.rsplit(".", 1)[-1].lower() in cfg.extensions and "." in name:
+                    files.append(Path(folder) / name)  # a dangling symlink too: reported, not lost
         return sorted(files)
     if src.is_file():
         if src.suffix.lower().lstrip(".") in cfg.extensions:
@@ -141,6 +188,18 @@ def list_inputs(cfg: PrepConfig) -> list[Path]:
         paths = [Path(ln) for ln in lines if ln and not ln.startswith("#")]
         return sorted(p if p.is_absolute() else src.parent / p for p in paths)
     raise SystemExit(f"input={cfg.input}: no such folder or list file; pass a folder of videos or a text file of paths")
+
+
+def check_readable(source: Path) -> None:
+    """Raise ``unreadable`` naming what is wrong with a path that cannot be opened."""
+    if source.is_symlink() and not source.exists():
+        raise MediaError("unreadable", f"{source}: dangling symlink to {os.readlink(source)}; fix or remove the link")
+    if source.is_dir():
+        raise MediaError("unreadable", f"{source}: folder cannot be listed (permission denied?); fix its permissions")
+    if not source.is_file():
+        raise MediaError("unreadable", f"{source}: file not found; fix the input list")
+    if not os.access(source, os.R_OK):
+        raise MediaError("unreadable", f"{source}: permission denied; make it readable")
 
 
 def shard_sources(inputs: list[Path], cfg: PrepConfig) -> list[list[Path]]:
@@ -158,6 +217,22 @@ class Reject:
     reason: str
     detail: str
     clip: int | None = None  # None: the whole file
+    # What a preview of this reject draws: {"frames", optional "face", "box", "second_box", "labels"}.
+    preview: dict | None = field(default=None, repr=False, compare=False)
+
+    def record(self) -> dict:
+        return {"source": self.source, "reason": self.reason, "detail": self.detail, "clip": self.clip}
+
+
+@dataclass
+class FileNote:
+    """Facts about one input file that the report lists even when its clips were kept."""
+
+    source: str
+    audio_source: str | None = None  # "embedded" | "sidecar"
+    damaged: dict = field(default_factory=dict)  # stream -> {packets, damaged, error}, when any was skipped
+    truncated: dict | None = None  # :meth:`ft_train.media.VideoInfo.truncation`
+    shot_cuts: list[int] = field(default_factory=list)  # frames (at cfg.fps) where a new shot starts
 
 
 @dataclass
@@ -172,13 +247,17 @@ class ShardRecord:
     bytes: int = 0
     sha256: str | None = None
     rejects: list[dict] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)  # FileNote of files with anything to report
+    audio_sources: dict[str, int] = field(default_factory=dict)  # samples per audio source
+    sync: list[list[float]] = field(default_factory=list)  # (offset, confidence) of kept clips (sync=)
     omega_l: list[float | None] = field(default_factory=list)
     omega_b: list[float | None] = field(default_factory=list)
     timing_s: dict[str, float] = field(default_factory=dict)
 
 
 def _clip_starts_frame(k: int, cfg: PrepConfig) -> bool:
-    """True if frame k is the last frame of a clip (clips start at multiples of stride)."""
+    """True if frame k (counted from the start of its shot) is the last frame of a clip (clips
+    start at multiples of stride from the shot's first frame)."""
     first = k - (cfg.num_frames - 1)
     return first >= 0 and first % cfg.stride == 0
 
@@ -188,16 +267,30 @@ def _frame_used(k: int, cfg: PrepConfig) -> bool:
     return cfg.stride <= cfg.num_frames or (k % cfg.stride) < cfg.num_frames
 
 
-def load_audio(source: Path, info: media.VideoInfo) -> tuple[np.ndarray, float]:
-    """The video's own audio track, else a same-named .wav beside it (assumed to start with the
-    first video frame). Returns (16 kHz mono samples, start time in the video's clock)."""
+def load_audio(source: Path, info: media.VideoInfo, cfg: PrepConfig, note: FileNote) -> tuple[np.ndarray, float]:
+    """The clip audio of ``source`` as ``cfg.audio_source`` says (:data:`AUDIO_SOURCES`).
+
+    Alignment: embedded audio is placed by the container clock (its first sample's timestamp
+    against the first video frame's); a sidecar ``.wav`` has no clock shared with the video, so
+    its first sample is taken to be at the first video frame. Returns (16 kHz mono samples, start
+    time in the video's clock); ``note`` gets the source used and any skipped packets.
+    """
     wav = source.with_suffix(".wav")
-    if info.has_audio:
-        file, (audio, start) = source, media.read_audio(source, with_start=True)
-    elif wav.is_file():
-        file, audio, start = wav, media.read_audio(wav), info.start_s
+    use_wav = cfg.audio_source == "sidecar" or (cfg.audio_source == "auto" and wav.is_file())
+    damage = media.Damage()
+    if use_wav:
+        if not wav.is_file():
+            raise MediaError("no_audio", f"{source}: audio_source=sidecar but there is no {wav.name} beside it; add one")
+        file, audio, start = wav, media.read_audio(wav, max_damaged_frac=cfg.max_damaged_frac, damage=damage), info.start_s
+    elif info.has_audio:
+        file = source
+        audio, start = media.read_audio(source, with_start=True, max_damaged_frac=cfg.max_damaged_frac, damage=damage,
+                                        truncated=info.truncated is not None)
     else:
         raise MediaError("no_audio", f"{source}: has no audio stream and no {wav.name} beside it; add one or drop the file")
+    note.audio_source = "sidecar" if use_wav else "embedded"
+    if damage.damaged:
+        note.damaged["audio"] = damage.as_dict()
     if not audio.size:
         raise MediaError("no_audio", f"{file}: audio stream is empty; supply a same-named .wav")
     return audio, start
@@ -205,21 +298,33 @@ def load_audio(source: Path, info: media.VideoInfo) -> tuple[np.ndarray, float]:
 
 def process_video(source: Path, cfg: PrepConfig, timing: Counter):
     """Yield, for each clip of ``source``, either a ``(sample dict, preview data)`` pair or a
-    :class:`Reject`; a whole-file problem yields one Reject and stops."""
+    :class:`Reject`; a whole-file problem yields one Reject and stops. Last comes the file's
+    :class:`FileNote`."""
+    note = FileNote(str(source))
+    yield from _process_video(source, cfg, timing, note)
+    yield note
+
+
+def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNote):
     from ft_train.data import face as facemod
 
     t = time.perf_counter()
     try:
-        if not source.is_file():
-            raise MediaError("unreadable", f"{source}: file not found; fix the input list")
+        check_readable(source)
         info = media.probe(source, cfg.truncation_tolerance_s)
-        audio, audio_start = load_audio(source, info)
+        if info.truncated is not None:
+            note.truncated = info.truncation()
+            if cfg.truncated == "reject":
+                raise MediaError("truncated", f"{source}: {info.truncated}; re-download it (or truncated=keep_whole_clips)")
+        if int(info.duration_s * cfg.fps + 1e-6) < cfg.num_frames:
+            reason = "truncated" if info.truncated else "too_short"
+            raise MediaError(
+                reason, f"{source}: {info.duration_s:.2f}s{' left of a truncated file' if info.truncated else ''} "
+                f"is under {cfg.num_frames} frames at {cfg.fps} fps"
+            )
+        audio, audio_start = load_audio(source, info, cfg, note)
         if media.loudness_dbfs(audio) < cfg.silence_dbfs:
             raise MediaError("silent_audio", f"{source}: audio is silent (< {cfg.silence_dbfs} dBFS)")
-        if int(info.duration_s * cfg.fps + 1e-6) < cfg.num_frames:
-            raise MediaError(
-                "too_short", f"{source}: {info.duration_s:.2f}s is under {cfg.num_frames} frames at {cfg.fps} fps"
-            )
     except MediaError as e:
         timing["probe"] += time.perf_counter() - t
         yield Reject(str(source), e.reason, str(e))
@@ -227,13 +332,17 @@ def process_video(source: Path, cfg: PrepConfig, timing: Counter):
     timing["probe"] += time.perf_counter() - t
 
     window: deque = deque(maxlen=cfg.num_frames)
+    damaged_at: deque = deque(maxlen=cfg.num_frames)  # damage count when each window frame was decoded
+    video_damage = media.Damage()
     clip_index = 0
     caption_file = source.with_suffix(".txt")
     caption = caption_file.read_text().strip() if caption_file.is_file() else None
     # The analyzer adds its graphs' seconds to timing["face_mesh"/"face_detect"/"pose"].
     with facemod.FrameAnalyzer(pose_every=cfg.pose_every, detect_every=cfg.detect_every, timing=timing) as analyzer:
-        frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads)
+        frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads, damage=video_damage)
         k = 0
+        origin = 0  # first frame of the current shot: clips are laid out from it
+        cuts = ShotCuts(cfg.scene_threshold) if cfg.scene_detector != "none" else None
         try:
             while True:
                 t = time.perf_counter()
@@ -241,22 +350,107 @@ def process_video(source: Path, cfg: PrepConfig, timing: Counter):
                 timing["decode"] += time.perf_counter() - t
                 if frame is None:
                     break
-                if _frame_used(k, cfg):
+                if cuts is not None:
+                    t = time.perf_counter()
+                    cut = cuts(frame)
+                    timing["shots"] += time.perf_counter() - t
+                    if cut:
+                        # Windows begun in the old shot and not yet complete: each would span the cut.
+                        j = k - origin
+                        for s0 in range(-(-max(0, j - cfg.num_frames + 1) // cfg.stride) * cfg.stride, j, cfg.stride):
+                            # The preview shows the two sides of the cut.
+                            sides = {"frames": np.stack([window[-1][0], frame]),
+                                     "labels": [f"frame {k - 1}: before the cut", f"frame {k}: after"]} if window else None
+                            yield Reject(str(source), "shot_cut", f"{source} clip {clip_index} (frames {origin + s0}-"
+                                         f"{origin + s0 + cfg.num_frames - 1}): shot cut at frame {k} "
+                                         f"({k / cfg.fps:.2f}s)", clip_index, sides)
+                            clip_index += 1
+                        note.shot_cuts.append(k)
+                        window.clear()
+                        damaged_at.clear()
+                        origin = k
+                j = k - origin
+                if _frame_used(j, cfg):
                     # Detector at each clip's first frame: a clip's face scores are its own.
-                    window.append((frame, analyzer(frame, detect=k % cfg.stride == 0)))
-                if _clip_starts_frame(k, cfg):
+                    window.append((frame, analyzer(frame, detect=j % cfg.stride == 0)))
+                    damaged_at.append(video_damage.damaged)
+                if _clip_starts_frame(j, cfg):
                     start = k - cfg.num_frames + 1
-                    yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption, cfg, timing)
+                    # Skipped frames in this clip (each shown as the frame before it).
+                    lost = damaged_at[-1] - damaged_at[0]
+                    if lost > cfg.max_damaged_frac * cfg.num_frames:
+                        yield Reject(str(source), "damaged", f"{source} clip {clip_index}: {lost} of {cfg.num_frames} "
+                                     f"frames cannot be decoded (> max_damaged_frac={cfg.max_damaged_frac})", clip_index)
+                    else:
+                        yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption,
+                                         cfg, timing, note)
                     clip_index += 1
                 k += 1
         except MediaError as e:
             yield Reject(str(source), e.reason, str(e))
             return
+        finally:
+            if video_damage.damaged:
+                note.damaged["video"] = video_damage.as_dict()
     if clip_index == 0:
-        yield Reject(str(source), "too_short", f"{source}: decoded {k} frames, fewer than num_frames={cfg.num_frames}")
+        reason = "truncated" if info.truncated else "too_short"
+        yield Reject(str(source), reason, f"{source}: decoded {k} frames, fewer than num_frames={cfg.num_frames}")
 
 
-def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing):
+_SYNCNET: dict = {}  # path -> loaded SyncNet, one per process
+
+
+def measure_sync(frames: np.ndarray, boxes: np.ndarray, audio: np.ndarray, fps: float, weights: str):
+    """SyncNet's (offset in 25 fps frames, > 0: the video lags the audio; confidence) of one clip,
+    on face crops cut around ``boxes`` (F, 4) as the Sync-C/Sync-D metric cuts them
+    (:mod:`ft_train.metrics.sync`); None when the clip is shorter than one 5-frame window."""
+    import torch
+
+    from ft_train.metrics.sync import resample_fps, sync_scores, syncnet_face_crops
+    from ft_train.metrics.syncnet import load_syncnet
+
+    if weights not in _SYNCNET:
+        _SYNCNET[weights] = load_syncnet(weights)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    crops = resample_fps(syncnet_face_crops(video, boxes), fps)
+    result = sync_scores(_SYNCNET[weights], crops, audio)
+    return None if result is None else (result.offset, result.confidence)
+
+
+def sync_shift_s(offset_frames: int) -> float:
+    """Seconds to delay the audio by for a SyncNet offset (25 fps frames; > 0: video lags audio):
+    the sound the lips show at video time t was recorded at t − offset/25, so the clip's audio
+    is read from [t0 − shift, t1 − shift)."""
+    from ft_train.metrics.sync import SYNC_FPS
+
+    return offset_frames / SYNC_FPS
+
+
+def reference_frame(frames: np.ndarray, arrays: dict, cfg: PrepConfig) -> tuple[int | None, float, float]:
+    """The clip's reference (image-to-video condition) frame: the first frame where the face mesh
+    found the face and the face box is bright enough (mean luma ≥ ``min_ref_brightness``, 0-255)
+    and sharp enough (variance of the Laplacian of its luma ≥ ``min_ref_sharpness``: ~800 for
+    the sample's face at 512 px, ~12 after a 3 px Gaussian blur). Returns (index or None, its
+    brightness, its sharpness) — for None, the best values seen."""
+    import cv2
+
+    best = (0.0, 0.0)
+    h, w = frames.shape[1:3]
+    for i in np.flatnonzero(arrays["face_found"]):
+        x0, y0, x1, y1 = arrays["face_box"][i]
+        x0, y0 = max(int(x0), 0), max(int(y0), 0)
+        x1, y1 = min(int(np.ceil(x1)), w), min(int(np.ceil(y1)), h)
+        if x1 - x0 < 3 or y1 - y0 < 3:
+            continue
+        gray = cv2.cvtColor(np.ascontiguousarray(frames[i, y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+        brightness, sharpness = float(gray.mean()), float(cv2.Laplacian(gray, cv2.CV_64F).var())
+        if brightness >= cfg.min_ref_brightness and sharpness >= cfg.min_ref_sharpness:
+            return int(i), brightness, sharpness
+        best = max(best, (brightness, sharpness))
+    return None, *best
+
+
+def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing, note):
     """Filter one clip; return (sample, preview data) or a Reject."""
     from ft_train.data import face as facemod
 
@@ -271,8 +465,15 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
     widths = arrays["face_box"][:, 2] - arrays["face_box"][:, 0]
     reason = detail = None
     # Several faces first: the mesh tracks one face only, and often none when two are small.
-    if (arrays["num_faces"] > 1).mean() > cfg.max_multi_face_frac:
-        reason, detail = "multiple_faces", f"several faces in {(arrays['num_faces'] > 1).mean():.0%} of frames"
+    # A second face counts only when it competes with the speaker's in size (a dialogue two-shot);
+    # a small face in the background (an interview, a street) does not.
+    several = arrays["num_faces"] > 1
+    competing = several & (arrays["second_face"] > cfg.max_second_face_area_frac)
+    if competing.mean() > cfg.max_multi_face_frac:
+        reason = "multiple_faces"
+        detail = (f"rule similar_size: a second face ≥ {cfg.max_second_face_area_frac:.0%} of the speaker's area "
+                  f"(median {np.median(arrays['second_face'][competing]):.0%}) in {competing.mean():.0%} of frames "
+                  f"(> max_multi_face_frac={cfg.max_multi_face_frac})")
     elif found.mean() < cfg.min_face_frames_frac:
         reason, detail = "no_face", f"face in {found.mean():.0%} of frames (< {cfg.min_face_frames_frac:.0%})"
     elif np.median(widths[found]) < cfg.min_face_px:
@@ -282,9 +483,34 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
         detail = f"mean detector score {arrays['face_conf'][found].mean():.2f} < {cfg.min_face_confidence}"
     elif media.loudness_dbfs(clip_audio) < cfg.silence_dbfs:
         reason, detail = "silent_audio", f"clip audio {media.loudness_dbfs(clip_audio):.0f} dBFS < {cfg.silence_dbfs}"
+    else:
+        ref, ref_brightness, ref_sharpness = reference_frame(frames, arrays, cfg)
+        if ref is None:
+            reason = "no_reference"
+            detail = (f"no frame with the face found, brightness ≥ {cfg.min_ref_brightness} and sharpness ≥ "
+                      f"{cfg.min_ref_sharpness} (best {ref_brightness:.0f}, {ref_sharpness:.0f})")
     if reason is not None:
         timing["filter"] += time.perf_counter() - t
-        return Reject(str(source), reason, f"{source} clip {clip_index} ({t0:.2f}-{t1:.2f}s): {detail}", clip_index)
+        preview = {"frames": frames, "face": arrays["face"], "box": arrays["face_box"], "second_box": arrays["second_box"]}
+        return Reject(str(source), reason, f"{source} clip {clip_index} ({t0:.2f}-{t1:.2f}s): {detail}", clip_index, preview)
+
+    sync_meta = {}
+    if cfg.sync:
+        t_sync = time.perf_counter()
+        measured = measure_sync(frames, arrays["face_box"], clip_audio, cfg.fps, cfg.sync)
+        timing["sync"] += time.perf_counter() - t_sync
+        if measured is not None:
+            offset, confidence = measured
+            sync_meta = {"av_offset_frames": offset, "sync_confidence": round(confidence, 4)}
+            if abs(offset) > cfg.max_av_shift_frames or confidence < cfg.min_sync_confidence:
+                timing["filter"] += time.perf_counter() - t
+                return Reject(str(source), "out_of_sync", f"{source} clip {clip_index} ({t0:.2f}-{t1:.2f}s): SyncNet "
+                              f"offset {offset} frames (max_av_shift_frames={cfg.max_av_shift_frames}), confidence "
+                              f"{confidence:.2f} (min_sync_confidence={cfg.min_sync_confidence})", clip_index)
+            if offset:
+                shift = sync_shift_s(offset)
+                clip_audio = media.audio_segment(audio, audio_start, info.start_s, t0 - shift, t1 - shift)
+                sync_meta["audio_shift_s"] = shift
 
     masks = facemod.lip_masks(arrays["face"], arrays["face_box"], h, w, cfg.lip_dilation_frac)
     omega_l = facemod.landmark_motion(arrays["face"], found)
@@ -297,6 +523,10 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
         "source": str(source),
         "clip_index": clip_index,
         "start_frame": start,
+        # The image-to-video reference: the first good frame (reference_frame()), not frame 0 blindly.
+        "reference_frame": ref,
+        "reference_brightness": round(ref_brightness, 2),
+        "reference_sharpness": round(ref_sharpness, 2),
         "start_s": t0,
         "end_s": t1,
         "fps": cfg.fps,
@@ -307,14 +537,18 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
         "source_size": [info.width, info.height],
         "audio_rate": AUDIO_RATE,
         "audio_samples": int(clip_audio.shape[0]),
+        "audio_source": note.audio_source,  # embedded (container clock) | sidecar (.wav from the first frame)
         "face_box": [float(v) for v in np.median(arrays["face_box"][found], axis=0)],  # x0 y0 x1 y1 px
         "face_confidence": float(conf.mean()),
         "face_frames_frac": float(found.mean()),
+        # Frames with a smaller face in the background (kept: below max_second_face_area_frac).
+        "background_face_frames_frac": float((several & ~competing).mean()),
         "audio_dbfs": media.loudness_dbfs(clip_audio),
         "omega_l_raw": omega_l,
         "omega_b_raw": omega_b,
         "lip_dilation_frac": cfg.lip_dilation_frac,
         "caption": caption,
+        **sync_meta,  # av_offset_frames, sync_confidence (SyncNet, before the shift), audio_shift_s
     }
     sample = {
         "__key__": sample_key(source, clip_index),
@@ -384,11 +618,21 @@ def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
     timing: Counter = Counter()
     t_start = time.perf_counter()
     previews = 0
+    reject_previews: set[str] = set()
     with wds.TarWriter(str(tmp)) as writer:
         for source in sources:
             for item in process_video(source, cfg, timing):
+                if isinstance(item, FileNote):
+                    if item.damaged or item.truncated:
+                        rec.files.append(asdict(item))
+                    continue
                 if isinstance(item, Reject):
-                    rec.rejects.append(asdict(item))
+                    rec.rejects.append(item.record())
+                    if cfg.previews_per_shard and item.preview is not None and item.reason not in reject_previews:
+                        # One preview per reject reason and shard: what was dropped, and why.
+                        jpg = f"reject-{item.reason}-{sample_key(Path(item.source), item.clip or 0)}.jpg"
+                        save_preview(out / "previews" / jpg, **item.preview)
+                        reject_previews.add(item.reason)
                     continue
                 sample, (frames, arrays, masks) = item
                 t = time.perf_counter()
@@ -397,6 +641,9 @@ def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
                 rec.samples += 1
                 rec.frames += len(frames)
                 meta = json.loads(sample["json"])
+                rec.audio_sources[meta["audio_source"]] = rec.audio_sources.get(meta["audio_source"], 0) + 1
+                if "av_offset_frames" in meta:
+                    rec.sync.append([meta["av_offset_frames"], meta["sync_confidence"]])
                 rec.omega_l.append(meta["omega_l_raw"])
                 rec.omega_b.append(meta["omega_b_raw"])
                 if previews < cfg.previews_per_shard:
@@ -436,6 +683,19 @@ def motion_stats(values: list[float | None], quantiles: tuple[float, float]) -> 
         "high": float(np.quantile(v, quantiles[1])),
         "median": float(np.median(v)),
         "quantiles": {f"{q:g}": float(np.quantile(v, q)) for q in qs},
+    }
+
+
+def sync_summary(pairs: list) -> dict:
+    """Distribution of kept clips' SyncNet offsets (count per offset) and confidences (quantiles)."""
+    if not pairs:
+        return {"clips": 0}
+    offsets = Counter(int(o) for o, _ in pairs)
+    conf = np.array([c for _, c in pairs], dtype=np.float64)
+    return {
+        "clips": len(pairs),
+        "offset_frames": {str(k): offsets[k] for k in sorted(offsets)},
+        "confidence_quantiles": {f"{q:g}": round(float(np.quantile(conf, q)), 3) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
     }
 
 
@@ -492,6 +752,13 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
         "rejected_files": sum(1 for x in rejects if x["clip"] is None),
         "rejected_clips": sum(1 for x in rejects if x["clip"] is not None),
         "rejects": rejects,
+        # Samples per audio source (embedded track or sidecar .wav).
+        "audio_sources": dict(sum((Counter(r.get("audio_sources", {})) for r in records), Counter())),
+        # Files with skipped packets/frames (kept or not), and files cut short, with their counts.
+        "damaged": [{"source": f["source"], **f["damaged"]} for r in records for f in r.get("files", []) if f["damaged"]],
+        "sync": sync_summary([x for r in records for x in r.get("sync", [])]),
+        "truncated": [{"source": f["source"], **f["truncated"]} for r in records for f in r.get("files", [])
+                      if f["truncated"]],
         "timing_s": {k: round(v, 3) for k, v in sorted(timing.items())},
         "frames_per_s_per_process": round(frames / timing["total"], 2) if timing["total"] else None,
         "this_run": run_info or {},
@@ -512,6 +779,17 @@ def format_report(report: dict) -> str:
     for reason, n in report["rejected"].items():
         if n:
             lines.append(f"  {reason:<16} {n:>6}   {REJECT_REASONS[reason]}")
+    if report.get("sync", {}).get("clips"):
+        sync = report["sync"]
+        lines.append(f"SyncNet: {sync['clips']} clips, offsets (frames: clips) {sync['offset_frames']}, "
+                     f"median confidence {sync['confidence_quantiles']['0.5']}")
+    if report.get("audio_sources"):
+        lines.append("audio: " + ", ".join(f"{n} samples {k}" for k, n in sorted(report["audio_sources"].items())))
+    for entry in report.get("damaged", []):
+        counts = ", ".join(f"{s} {entry[s]['damaged']}/{entry[s]['packets']} packets" for s in ("audio", "video") if s in entry)
+        lines.append(f"damaged (skipped): {entry['source']}: {counts}")
+    for entry in report.get("truncated", []):
+        lines.append(f"truncated: {entry['source']}: {entry['detail']}")
     lines.append("time in each step, summed over processes (s):")
     for step, s in report["timing_s"].items():
         lines.append(f"  {step:<16} {s:>10.1f}")
@@ -538,6 +816,8 @@ def run_prep(cfg: PrepConfig) -> dict:
     groups = shard_sources(inputs, cfg)
     if cfg.mode == "merge":
         return merge(cfg, len(groups))
+    if not cfg.sync:
+        print("ft-prep: no sync= SyncNet weights given: audio-video sync is not measured or corrected")
     mine = [i for i in range(len(groups)) if i % cfg.num_tasks == cfg.task_index]
     todo = [i for i in mine if not shard_is_done(out, i, groups[i])]
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ Usage::
     ft-infer ... omega_l=0.1 omega_b=0.1 sampler.steps=20 offload=true
     ft-infer ... adapters=exports/run-arcface arcface=weights/ms1mv3_arcface_r100/backbone.pth
     ft-infer ... adapters=exports/run-lora lora_scale=0.8 extra_lora=style.safetensors
+    ft-infer ... audio=long_speech.wav segment_frames=81 overlap_frames=5 long_mode=continue
 
 Options are the keys of ``conf/infer.yaml`` (a prompt with a comma must be quoted as above, or
 Hydra reads it as a list). ``adapters`` is an ``ft-export format=bundle`` folder, the released
@@ -25,10 +26,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .cli import Tool
 from .config import compose_tool_config
@@ -39,6 +43,7 @@ from .inference.inputs import (
     FACE_MODES, check_omega, check_wan_folder, check_wav2vec_folder, frames_for_audio, read_image, read_speech,
     resolve_device, resolve_dtype_name, target_size,
 )
+from .inference.long_form import check_long_form, generate_long, plan_segments
 from .inference.pipeline import TalkingPortraitPipeline
 
 log = logging.getLogger("ft_train.infer")
@@ -59,7 +64,10 @@ def infer(
     negative_prompt: str = "",
     max_side: int = 512,
     fps: float | None = None,
-    max_frames: int = 81,
+    segment_frames: int = 81,
+    overlap_frames: int = 5,
+    max_seconds: float = 120.0,
+    long_mode: str = "continue",
     omega_l: float | None = None,
     omega_b: float | None = None,
     seed: int = 1111,
@@ -91,7 +99,8 @@ def infer(
     ``audio_duration`` (s), ``audio_mode``, ``motion`` (the (ω_l, ω_b) used, or None),
     ``identity`` (bool), ``face_box`` (the face crop's box in the video's px, None when the
     identity branch read the whole image or is absent), ``layout`` (of the adapters),
-    ``seconds`` (wall time).
+    ``seconds`` (wall time), ``segments`` (windows sampled; more than 1 = long-form) and
+    ``segment_seconds`` (wall time of each).
     """
     from PIL import Image
 
@@ -100,10 +109,7 @@ def infer(
     started = time.perf_counter()
     # -- checks that need nothing loaded: every one names its key
     omega = (check_omega(omega_l, "omega_l"), check_omega(omega_b, "omega_b"))
-    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1 or (max_frames - 1) % 4:
-        raise ValueError(
-            f"max_frames: must be 4k+1 (e.g. 81, 49) for the Wan VAE's temporal stride 4, got {max_frames!r}"
-        )
+    check_long_form(segment_frames, overlap_frames, max_seconds, long_mode)
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16:
         raise ValueError(f"max_side: must be a whole number of px >= 16, got {max_side!r}")
     if fps is not None and not (isinstance(fps, (int, float)) and fps > 0):
@@ -121,6 +127,11 @@ def infer(
         raise ValueError(f"out: {out} is a folder; give the mp4 file to write")
     picture = read_image(image, "image")
     speech = read_speech(audio, "audio")
+    if speech.shape[0] / AUDIO_RATE > max_seconds:
+        raise ValueError(
+            f"max_seconds: {audio} lasts {speech.shape[0] / AUDIO_RATE:.1f} s, longer than max_seconds={max_seconds:g}; "
+            "raise max_seconds (sampling time grows linearly with the speech) or cut the speech"
+        )
     wav2vec_dir = check_wav2vec_folder(wav2vec)
     trained = read_adapters(adapters, audio_mode, audio_expand, ema)
     spec = trained.spec
@@ -159,13 +170,14 @@ def infer(
         fps, why = RELEASE_FPS, "the released adapter's rate: the adapters record no training frame rate; set fps= to choose"
     log.info("%g fps: %s", fps, why)
     duration = speech.shape[0] / AUDIO_RATE
-    num_frames = frames_for_audio(duration, fps, max_frames)
-    if num_frames / fps < duration - 1e-6:
-        log.warning("audio: %s lasts %.2f s; the video covers its first %.2f s (max_frames=%d at %g fps); "
-                    "raise max_frames for longer clips", audio, duration, num_frames / fps, max_frames, fps)
-    if spec.num_frames and num_frames > spec.num_frames:
-        log.info("%d frames is longer than the %d-frame clips the adapters were trained on",
-                 num_frames, spec.num_frames)
+    num_frames = frames_for_audio(duration, fps, max_frames=sys.maxsize)
+    plan = plan_segments(num_frames, segment_frames, overlap_frames)
+    if len(plan) > 1:
+        log.info("long-form: %d frames in %d segments of up to %d frames overlapping by %d (long_mode=%s)",
+                 num_frames, len(plan), segment_frames, overlap_frames, long_mode)
+    if spec.num_frames and plan[0].frames > spec.num_frames:
+        log.info("%d-frame windows are longer than the %d-frame clips the adapters were trained on",
+                 plan[0].frames, spec.num_frames)
 
     pipe = TalkingPortraitPipeline.load(trained, wan_dir, wav2vec_dir, sampler=sampler, device=torch_device,
                                         dtype=dtype, vae_dtype=vae_dtype, vae_tiling=vae_tiling, offload=offload,
@@ -179,26 +191,44 @@ def infer(
     picture = picture.resize((width, height), Image.LANCZOS)
     log.info("%d×%d px, %d frames at %g fps (%.2f s), %s-level audio, %d steps on %s",
              width, height, num_frames, fps, num_frames / fps, spec.audio_mode, pipe.sampler.steps, torch_device)
-    frames = pipe(picture, speech, num_frames, fps, prompt=prompt, negative_prompt=negative_prompt,
-                  omega=omega, seed=seed, progress=progress, face_box=face_box)
-    write_video(out, frames.numpy(), fps, audio=speech)
+    if len(plan) == 1:
+        window_started = time.perf_counter()
+        frames = pipe(picture, speech, num_frames, fps, prompt=prompt, negative_prompt=negative_prompt,
+                      omega=omega, seed=seed, progress=progress, face_box=face_box).numpy()
+        write_video(out, frames, fps, audio=speech)
+        segment_seconds = [time.perf_counter() - window_started]
+    else:
+        cond = pipe.conditions(picture, prompt, negative_prompt, omega, face_box)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The frames wait on disk, not in memory, until they are encoded: a long video at 512 px is
+        # ~0.8 MB per frame.
+        with tempfile.TemporaryDirectory(prefix=".ft-infer-", dir=out.parent) as scratch:
+            frames = np.lib.format.open_memmap(Path(scratch) / "frames.npy", mode="w+", dtype=np.uint8,
+                                               shape=(num_frames, height, width, 3))
+            segment_seconds = generate_long(pipe, cond, speech, fps, plan, frames, mode=long_mode, seed=seed,
+                                            progress=progress)
+            write_video(out, frames, fps, audio=speech)
+            del frames
     used = None
     if pipe.model.motion is not None:
         used = [pipe.model.motion_config.default if w is None else w for w in omega]
     return {
         "out": str(out),
-        "num_frames": int(frames.shape[0]),
+        "num_frames": num_frames,
         "fps": fps,
         "width": width,
         "height": height,
-        "duration": frames.shape[0] / fps,
-        "audio_duration": min(duration, frames.shape[0] / fps),
+        "duration": num_frames / fps,
+        "audio_duration": min(duration, num_frames / fps),
         "audio_mode": spec.audio_mode,
         "motion": used,
         "identity": trained.has_identity,
         "face_box": face_box,
         "layout": trained.checkpoint.layout,
         "seconds": time.perf_counter() - started,
+        "segments": len(plan),
+        "long_mode": long_mode if len(plan) > 1 else None,
+        "segment_seconds": segment_seconds,
     }
 
 
@@ -224,9 +254,10 @@ def _report(result: dict[str, Any]) -> str:
     motion = "" if result["motion"] is None else ", ω_l {:g} ω_b {:g}".format(*result["motion"])
     if result["identity"]:
         motion += ", identity: " + ("face crop" if result["face_box"] is not None else "whole image")
+    long = f", {result['segments']} segments (long_mode={result['long_mode']})" if result["segments"] > 1 else ""
     return (f"ft-infer: wrote {result['out']} ({result['width']}×{result['height']}, {result['num_frames']} frames at "
             f"{result['fps']:g} fps = {result['duration']:.2f} s, {result['audio_mode']}-level audio{motion}, "
-            f"adapters: {result['layout']}, {result['seconds']:.0f} s)")
+            f"adapters: {result['layout']}{long}, {result['seconds']:.0f} s)")
 
 
 TOOL = Tool("ft-infer", "infer", __doc__, EXAMPLE, run=lambda cfg: infer(**cfg), report=_report, build=build_sampler)

@@ -14,7 +14,10 @@ FFmpeg reads works (mp4/mov/mkv/avi/webm), and every reader agrees on frames, ro
   raw-mode training decodes with too.
 
 Problems with an input file are raised as :class:`MediaError` (a ``ValueError``) carrying a
-reject-reason name, which ``ft-prep`` counts instead of crashing.
+reject-reason name, which ``ft-prep`` counts instead of crashing. Every decoder here skips a
+packet the codec refuses and a frame it flags corrupt, as FFmpeg's command-line tool does, and
+counts them (:class:`Damage`): one bad packet in a long file costs that packet (silence, or the
+previous frame repeated), and only a file past ``max_damaged_frac`` is refused (``damaged``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import numpy as np
 import soundfile as sf
 
 AUDIO_RATE = 16_000  # Hz; wav2vec2's rate, so the conditioning audio can be written unchanged
+#: Share of a stream's packets that may be undecodable before the file is refused (``damaged``).
+MAX_DAMAGED_FRAC = 0.05
 
 
 class MediaError(ValueError):
@@ -39,6 +44,83 @@ class MediaError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass
+class Damage:
+    """What a tolerant decode of one stream skipped.
+
+    ``packets``: packets with data read; ``damaged``: packets the codec refused plus frames it
+    flagged corrupt (each skipped); ``error``: the first decoder message; ``demux_error``: why
+    reading the container stopped early (a cut-off file), None if it reached the end.
+    """
+
+    packets: int = 0
+    damaged: int = 0
+    error: str | None = None
+    demux_error: str | None = None
+    first_pts_s: float | None = None  # time of the first packet read, decodable or not
+    tail: int = 0  # damaged packets since the last good one (a cut-off file's last, partial packet)
+
+    def forgive_tail(self) -> None:
+        """Stop counting the damaged packets at the very end: in a file known to be truncated the
+        last packet is cut in the middle, which is the truncation (reported), not damage."""
+        self.damaged -= self.tail
+        self.packets -= self.tail
+        self.tail = 0
+
+    @property
+    def frac(self) -> float:
+        return self.damaged / self.packets if self.packets else 0.0
+
+    def check(self, where: str, stream: str, max_damaged_frac: float) -> None:
+        """Raise :class:`MediaError` ``damaged`` when more than ``max_damaged_frac`` was skipped."""
+        if self.damaged and (not self.packets or self.frac > max_damaged_frac):
+            raise MediaError(
+                "damaged",
+                f"{where}: {self.damaged} of {self.packets} {stream} packets cannot be decoded "
+                f"({self.frac:.1%} > max_damaged_frac={max_damaged_frac}; first error: {self.error}); re-encode it",
+            )
+
+    def as_dict(self) -> dict:
+        return {"packets": self.packets, "damaged": self.damaged, "error": self.error}
+
+
+def decode_tolerant(container, stream, damage: Damage) -> Iterator:
+    """Decoded frames of ``stream``, skipping (and counting in ``damage``) packets the codec
+    refuses and frames it flags corrupt; a demux error ends the stream (``damage.demux_error``)."""
+    try:
+        for packet in container.demux(stream):
+            if packet.size:
+                damage.packets += 1
+                if damage.first_pts_s is None and packet.pts is not None:
+                    damage.first_pts_s = float(packet.pts * packet.time_base)
+            try:
+                frames = stream.decode(packet)  # an empty packet flushes the decoder
+            except av.FFmpegError as e:
+                damage.damaged += 1
+                damage.tail += 1
+                damage.error = damage.error or str(e)
+                continue
+            if packet.size:
+                damage.tail = 0
+            for frame in frames:
+                if frame.is_corrupt:
+                    damage.damaged += 1
+                    damage.error = damage.error or "frame flagged corrupt by the decoder"
+                    continue
+                yield frame
+    except av.FFmpegError as e:
+        damage.demux_error = str(e)
+
+
+def _silence_like(frame: av.AudioFrame, samples: int) -> av.AudioFrame:
+    """A frame of ``samples`` zeros in ``frame``'s format, layout and rate (fills a skipped packet)."""
+    out = av.AudioFrame(format=frame.format.name, layout=frame.layout.name, samples=samples)
+    for plane in out.planes:
+        plane.update(bytes(plane.buffer_size))
+    out.sample_rate = frame.sample_rate
+    return out
 
 
 class MediaWriteError(ValueError):
@@ -127,8 +209,14 @@ def upright(rgb: np.ndarray, rotation: int | float) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
-def read_video(path: str | Path, sample_rate: int = AUDIO_RATE) -> tuple[np.ndarray, float, np.ndarray | None]:
+def read_video(
+    path: str | Path, sample_rate: int = AUDIO_RATE, max_damaged_frac: float = MAX_DAMAGED_FRAC
+) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Decode an mp4 (or any container FFmpeg reads).
+
+    A frame the decoder flags corrupt is replaced by the previous one and an undecodable packet
+    skipped (:func:`decode_tolerant`); more than ``max_damaged_frac`` of either stream's packets
+    damaged fails with :class:`MediaError` ``damaged``.
 
     Returns:
         ``(frames (T, H, W, 3) uint8 RGB, fps, audio)``: the frames upright (:func:`upright`);
@@ -138,35 +226,58 @@ def read_video(path: str | Path, sample_rate: int = AUDIO_RATE) -> tuple[np.ndar
         up to ~1024 samples.
     """
     path = Path(path)
+    damage = Damage()
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path}: has no video stream")
             vs = container.streams.video[0]
             fps = float(vs.average_rate or vs.guessed_rate or 0.0)
-            frames = [upright(f.to_ndarray(format="rgb24"), f.rotation) for f in container.decode(vs)]
+            frames = []
+            for f in decode_tolerant(container, vs, damage):
+                frames.append(upright(f.to_ndarray(format="rgb24"), f.rotation))
+            # A corrupt frame was skipped: repeat its predecessor so the clip keeps its timing.
+            expected = vs.frames or 0
             has_audio = bool(container.streams.audio)
     except av.FFmpegError as e:
         raise ValueError(f"{path}: cannot be decoded ({e})") from e
     if not frames:
         raise ValueError(f"{path}: video stream holds no frames")
-    return np.stack(frames), fps, (read_audio(path, sample_rate) if has_audio else None)
+    damage.check(str(path), "video", max_damaged_frac)
+    while expected and damage.damaged and len(frames) < expected:
+        frames.append(frames[-1])
+    return np.stack(frames), fps, (read_audio(path, sample_rate, max_damaged_frac=max_damaged_frac) if has_audio else None)
 
 
 def read_audio(
-    source: str | Path | bytes, sample_rate: int = AUDIO_RATE, *, with_start: bool = False
+    source: str | Path | bytes,
+    sample_rate: int = AUDIO_RATE,
+    *,
+    with_start: bool = False,
+    max_damaged_frac: float = MAX_DAMAGED_FRAC,
+    damage: Damage | None = None,
+    truncated: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, float]:
     """Decode the first audio stream of a file (its path, or its bytes) as mono float32 at ``sample_rate`` Hz.
 
+    A packet the decoder refuses is skipped and its time filled with silence (from the next
+    packet's timestamp), so later samples stay where the container clock puts them.
+
+    Args:
+        damage: if given, filled with what was skipped (``ft-prep`` reports it).
+        truncated: the file is known to be cut short: a damaged last packet is not counted.
     Returns:
         the samples ``(N,)`` float32 in [-1, 1] (empty when the stream holds none); with
         ``with_start``, ``(samples, start_s)`` where ``start_s`` is the presentation time of the
-        first sample, in the same clock as :attr:`VideoInfo.start_s`.
+        first sample (the first packet's, decodable or not), in the same clock as
+        :attr:`VideoInfo.start_s`.
 
     Raises:
-        MediaError: ``no_audio`` if there is no audio stream, ``unreadable`` if decoding fails.
+        MediaError: ``no_audio`` if there is no audio stream, ``unreadable`` if it cannot be
+        opened, ``damaged`` if more than ``max_damaged_frac`` of its packets cannot be decoded.
     """
     where = "audio bytes" if isinstance(source, bytes) else str(source)
+    damage = Damage() if damage is None else damage
     try:
         with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
             if not container.streams.audio:
@@ -174,16 +285,34 @@ def read_audio(
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             chunks: list[np.ndarray] = []
-            start = None
-            for frame in container.decode(stream):
-                if start is None and frame.pts is not None:
-                    start = float(frame.pts * frame.time_base)
+            next_s = start = None  # where the next frame should start; the first sample (source clock, s)
+            seen_damage = 0
+            for frame in decode_tolerant(container, stream, damage):
+                t = float(frame.pts * frame.time_base) if frame.pts is not None else next_s
+                if start is None:
+                    # Packets refused before the first frame: the audio still starts at the first packet.
+                    start = damage.first_pts_s if damage.damaged and damage.first_pts_s is not None else t
+                    next_s = start
+                if damage.damaged > seen_damage and t is not None and next_s is not None:
+                    # Packets skipped since the last frame: their time stays, as silence.
+                    gap = int(round((t - next_s) * frame.sample_rate))
+                    if gap > 0:
+                        for out in resampler.resample(_silence_like(frame, gap)):
+                            chunks.append(out.to_ndarray().reshape(-1))
+                seen_damage = damage.damaged
+                if t is not None:
+                    next_s = t + frame.samples / frame.sample_rate
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
     except av.FFmpegError as e:
         raise MediaError("unreadable", f"{where}: audio cannot be decoded ({e}); re-encode it") from e
+    if truncated:
+        damage.forgive_tail()
+    if damage.packets and damage.damaged == damage.packets:
+        raise MediaError("unreadable", f"{where}: audio cannot be decoded ({damage.error}); re-encode it")
+    damage.check(where, "audio", max_damaged_frac)
     samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     return (samples, start or 0.0) if with_start else samples
 
@@ -200,23 +329,34 @@ class VideoInfo:
     width: int
     height: int
     fps: float  # source average frame rate
-    duration_s: float  # from the demuxed packets: what is really in the file
+    duration_s: float  # from the demuxed packets: what is really in the file (whole packets only)
     declared_duration_s: float  # what the container header claims
     start_s: float  # presentation time of the first video packet
     has_audio: bool
+    packets: int = 0  # video packets present
+    declared_frames: int = 0  # frame count the header claims (0: the container does not say)
+    truncated: str | None = None  # why the file looks cut short, or None when it is whole
+
+    def truncation(self) -> dict:
+        """The report line of a truncated file."""
+        return {"packets": self.packets, "declared_frames": self.declared_frames,
+                "present_s": round(self.duration_s, 3), "declared_s": round(self.declared_duration_s, 3),
+                "detail": self.truncated}
 
 
 def probe(path: Path, truncation_tolerance_s: float = 0.5) -> VideoInfo:
     """Open ``path`` and demux (not decode) its video packets to check the file is whole.
 
     A cheap full pass over packets finds files cut short (a download that stopped, a copy that
-    failed) before any frame is decoded, so a truncated file is rejected as a whole rather than
-    leaving clips whose last frames are garbage.
+    failed) before any frame is decoded. Two checks, since containers lie differently when cut:
+    the packets present against the header's frame count (AVI's header keeps the full count
+    while its duration follows the index that is left), and the packets' end time against the
+    header's duration (MP4, MKV). A truncated file gets ``truncated`` set (what the caller does
+    with it is its choice) and ``duration_s`` ends before its last packet, which may be partial.
 
     Raises:
-        MediaError: ``unreadable`` (FFmpeg cannot open or demux it), ``no_video`` (no video
-            stream) or ``truncated`` (packets end more than ``truncation_tolerance_s`` before the
-            duration the header declares).
+        MediaError: ``unreadable`` (FFmpeg cannot open it), ``no_video`` (no video stream) or
+            ``truncated`` (not one video packet is present).
     """
     try:
         container = av.open(str(path))
@@ -227,17 +367,21 @@ def probe(path: Path, truncation_tolerance_s: float = 0.5) -> VideoInfo:
             raise MediaError("no_video", f"{path}: has no video stream; remove it from the input")
         vs = container.streams.video[0]
         tb = vs.time_base
-        first = last_end = None
+        first = last_end = prev_end = None
+        packets = 0
+        demux_error = None
         try:
             for pkt in container.demux(vs):
-                if pkt.pts is None:
+                if pkt.pts is None or not pkt.size:
                     continue  # the flush packet
+                packets += 1
                 t = float(pkt.pts * tb)
                 first = t if first is None else min(first, t)
                 end = t + float((pkt.duration or 0) * tb)
+                prev_end = last_end
                 last_end = end if last_end is None else max(last_end, end)
         except av.FFmpegError as e:
-            raise MediaError("truncated", f"{path}: demux failed at {last_end}s ({e}); re-download it") from e
+            demux_error = str(e)
         if first is None:
             raise MediaError("truncated", f"{path}: video stream holds no frames; re-download it")
         duration = last_end - first
@@ -247,21 +391,30 @@ def probe(path: Path, truncation_tolerance_s: float = 0.5) -> VideoInfo:
             declared = container.duration / 1e6
         else:
             declared = duration
-        if duration < declared - truncation_tolerance_s:
-            raise MediaError(
-                "truncated",
-                f"{path}: frames end at {duration:.2f}s but the header says {declared:.2f}s; re-download it",
-            )
         rate = vs.average_rate or vs.guessed_rate or Fraction(25)
+        declared_frames = int(vs.frames or 0)
+        tolerance_frames = truncation_tolerance_s * float(rate)
+        truncated = None
+        if demux_error is not None:
+            truncated = f"reading stopped after {packets} packets ({demux_error})"
+        elif declared_frames and packets < declared_frames - tolerance_frames:
+            truncated = f"{packets} of the {declared_frames} frames its header declares are present"
+        elif duration < declared - truncation_tolerance_s:
+            truncated = f"frames end at {duration:.2f}s but the header says {declared:.2f}s"
+        if truncated is not None and prev_end is not None:
+            duration = prev_end - first  # the last packet may be cut in the middle
         return VideoInfo(
             path=Path(path),
             width=vs.codec_context.width,
             height=vs.codec_context.height,
             fps=float(rate),
             duration_s=duration,
-            declared_duration_s=declared,
+            declared_duration_s=max(declared, declared_frames / float(rate)),
             start_s=first,
             has_audio=bool(container.streams.audio),
+            packets=packets,
+            declared_frames=declared_frames,
+            truncated=truncated,
         )
 
 
@@ -272,7 +425,7 @@ def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def iter_frames(
-    info: VideoInfo, fps: float, max_side: int, threads: int = 1
+    info: VideoInfo, fps: float, max_side: int, threads: int = 1, damage: Damage | None = None
 ) -> Iterator[np.ndarray]:
     """Decode ``info.path`` resampled to ``fps``: yields (H, W, 3) uint8 RGB frames in order.
 
@@ -280,8 +433,11 @@ def iter_frames(
     frame), so speeding up duplicates frames and slowing down drops them, without drift.
     Frames are resized (area filter) by :func:`output_size` in the same swscale pass that
     converts them to RGB, and only frames that are yielded are converted; a display rotation
-    (phone video) is applied after, so frames come out as players show them.
+    (phone video) is applied after, so frames come out as players show them. Frames end at
+    ``info.duration_s`` (a truncated file's whole packets). Corrupt packets and frames are
+    skipped (the previous frame stands in) and counted in ``damage``; the caller checks it.
     """
+    damage = Damage() if damage is None else damage
     width, height = output_size(info.width, info.height, max_side)
     step = 1.0 / fps
     k = 0
@@ -300,10 +456,12 @@ def iter_frames(
             vs = container.streams.video[0]
             vs.thread_type = "AUTO"
             vs.codec_context.thread_count = threads
-            for frame in container.decode(vs):
+            for frame in decode_tolerant(container, vs, damage):
                 if frame.pts is None:
                     continue
                 t = float(frame.pts * frame.time_base) - info.start_s
+                if t > info.duration_s + 1e-6:
+                    break  # past the whole packets of a truncated file
                 if prev_frame is not None:
                     midpoint = (prev_t + t) / 2
                     while k * step < midpoint:

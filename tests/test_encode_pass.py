@@ -229,3 +229,47 @@ def test_encode_pass_writes_each_clip_at_its_bucket(setup, tmp_path):
         assert s["lip_mask"].shape[-2:] == (8, 12)
     with pytest.raises(SystemExit, match=r"conf/encode.yaml: buckets: \[\(60, 96\)\] — give \[height, width\] pairs"):
         main(["task=encode", *args, "buckets=[[60,96]]"])
+
+
+def test_every_sample_reject_reason_is_counted(setup, tmp_path):
+    """One raw sample damaged each way the encode pass (and raw mode, same loader) must refuse;
+    a good copy of the same sample is kept, so each refusal is the damage and nothing else."""
+    from ft_train.data.raw_format import encode_lip_masks
+
+    root, _ = setup
+    good = sorted(read(root / "raw", decode=False), key=lambda s: s["__key__"])[0]
+    good = {k: v for k, v in good.items() if not k.startswith("__")}
+    frames = media.decode_mp4(good["mp4"])
+    audio = media.decode_flac(good["flac"])
+    masks = decode_lip_masks(good["lipmask.npz"])
+    damaged = {
+        "bad_metadata": {"json": b"{not json"},
+        "unreadable_audio": {"flac": b"fLaC but no stream"},
+        "unreadable_mask": {"lipmask.npz": b"PK not a zip"},
+        "unreadable_landmarks": {"landmarks.npz": b"PK not a zip"},
+        "frame_count": {"mp4": media.encode_mp4(frames[:-1], FPS)},  # a frame lost: 16 ≠ json's 17
+        "short_audio": {"flac": media.encode_flac(audio[: len(audio) // 2])},
+        "too_small": {"mp4": media.encode_mp4(frames[:, :8, :16], FPS), "lipmask.npz": encode_lip_masks(masks[:, :8, :16])},
+    }
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    shutil.copy(root / "raw" / "stats.json", raw_dir)
+    with wds.TarWriter(str(raw_dir / "shard-000000.tar")) as sink:
+        sink.write({"__key__": "a_good", **good})
+        for reason, change in damaged.items():
+            sink.write({"__key__": f"b_{reason}", **good, **change})
+    cfg = EncodeConfig(input=str(raw_dir), output=str(tmp_path / "latent"),
+                       encoders={"wan": str(root / "wan"), "wav2vec": str(root / "wav2vec")}, progress=False)
+    report = run_encode(cfg)
+    assert report["samples"] == 1
+    assert {r["key"]: r["reason"] for r in report["rejects"]} == {f"b_{reason}": reason for reason in damaged}
+    assert all(report["skipped"][reason] == 1 for reason in damaged)
+
+    # Raw-mode training's own reason: a clip shorter than the training window.
+    from ft_train.data.raw_clip import SampleError, load_clip
+
+    stats = json.loads((root / "raw" / "stats.json").read_text())
+    assert load_clip({"__key__": "a", **good}, stats, num_frames=FRAMES).frames.shape[0] == FRAMES
+    with pytest.raises(SampleError, match="no 21-frame window") as err:
+        load_clip({"__key__": "a", **good}, stats, num_frames=FRAMES + 4)
+    assert err.value.reason == "too_short"

@@ -357,7 +357,12 @@ def test_installed_command_with_the_released_file(files, tmp_path):
     ({"omega_l": 1.5}, "omega_l: 1.5 is outside [0, 1]"),
     ({"omega_b": -0.1}, "omega_b: -0.1 is outside [0, 1]"),
     ({"omega_l": "fast"}, "omega_l: must be a number in [0, 1]"),
-    ({"max_frames": 80}, "max_frames: must be 4k+1"),
+    ({"segment_frames": 80}, "segment_frames: must be 4k+1"),
+    ({"overlap_frames": 4}, "overlap_frames: must be 4m+1"),
+    ({"overlap_frames": 81}, "overlap_frames: must be 4m+1 (1, 5, 9, ...) and below segment_frames=81"),
+    ({"max_seconds": 0}, "max_seconds: must be a number of seconds > 0"),
+    ({"max_seconds": 0.5}, "lasts 1.0 s, longer than max_seconds=0.5"),  # the speech is refused
+    ({"long_mode": "loop"}, "long_mode: must be continue"),
     ({"device": "tpu"}, "device: "),
     ({"dtype": "int8"}, "dtype: unknown 'int8'"),
     ({"sampler.steps": 0}, "sampler.steps must be a positive integer"),

@@ -157,7 +157,7 @@ def test_end_to_end_delayed_envelope_gives_the_delay(k):
 def test_metric_averages_videos_counts_skips_and_merges():
     enc = BrightnessEnergyEncoder()
     clips = [_synthetic_clip(k, n_frames=60, seed=k + 3) for k in (0, 2, 5)]
-    whole = SyncMetric(net=enc)
+    whole = SyncMetric(net=enc, crop="none")  # the synthetic clips are crops already
     for f, a in clips:
         whole.update(f, a)
     whole.update(clips[0][0][:5], clips[0][1][: 5 * 640])  # no full window: skipped, not averaged
@@ -168,7 +168,7 @@ def test_metric_averages_videos_counts_skips_and_merges():
     assert float(out["sync_c"]) == pytest.approx(np.mean([r.confidence for r in singles]), rel=1e-9)
     assert float(out["sync_d"]) == pytest.approx(np.mean([r.min_dist for r in singles]), rel=1e-9)
 
-    a, b = SyncMetric(net=enc), SyncMetric(net=enc)
+    a, b = SyncMetric(net=enc, crop="none"), SyncMetric(net=enc, crop="none")
     a.update(*clips[0])
     b.update(*clips[1])
     b.update(*clips[2])
@@ -185,7 +185,7 @@ def test_random_syncnet_end_to_end_through_weights_file(syncnet_file):
     from ft_train.metrics.mfcc import syncnet_mfcc
 
     frames, audio = _synthetic_clip(0, n_frames=12)
-    m = SyncMetric(weights=syncnet_file)
+    m = SyncMetric(weights=syncnet_file, crop="none")
     m.update(frames, audio)
     out = m.compute()
     assert not any(k.startswith("net.") for k in m.state_dict())

@@ -105,7 +105,12 @@ def test_batch_completes_and_counts_each_reject_reason(prepared):
     assert json.loads((out / "report.json").read_text())["rejected"] == report["rejected"]
     text = (out / "report.txt").read_text()
     assert "multiple_faces" in text and "samples (clips): 3" in text
-    assert list((out / "previews").glob("*.jpg")), "no preview image written"
+    assert list((out / "previews").glob("a_sample_*.jpg")), "no preview of a kept clip written"
+    # One preview per clip-level reject reason (file-level ones have no frames to show), ≥ 256 px a frame.
+    shown = {p.name.split("-")[1] for p in (out / "previews").glob("reject-*.jpg")}
+    assert shown == {"no_face", "multiple_faces"}
+    for p in (out / "previews").glob("*.jpg"):
+        assert cv2.imread(str(p)).shape[0] >= 256
     # Where the time went, per model (bench/prep_throughput.md explains the figures).
     assert {"decode", "face_mesh", "face_detect", "pose", "masks", "encode"} <= set(report["timing_s"])
     assert not list(out.glob("*.tmp")), "a temporary shard was left behind"

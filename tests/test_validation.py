@@ -35,7 +35,7 @@ from .test_metrics_sync import BrightnessEnergyEncoder
 
 TINY_FID = {"_target_": "ft_train.metrics.FrechetFeatureDistance", "num_features": 16,
             "reset_real_features": False, "feature_net": {"_target_": "tests.test_metrics_fid.TinyExtractor"}}
-TINY_SYNC = {"_target_": "ft_train.metrics.SyncMetric",
+TINY_SYNC = {"_target_": "ft_train.metrics.SyncMetric", "crop": "none",  # synthetic clips have no face
              "net": {"_target_": "tests.test_metrics_sync.BrightnessEnergyEncoder"}}
 
 
@@ -234,7 +234,8 @@ def _video_folder(folder: Path, shift: int = 0, names=("a", "b", "c")) -> Path:
 
 
 def _metrics():
-    return dict(fid=FrechetFeatureDistance(TinyExtractor(), 16), sync=SyncMetric(net=BrightnessEnergyEncoder()))
+    return dict(fid=FrechetFeatureDistance(TinyExtractor(), 16),
+                sync=SyncMetric(net=BrightnessEnergyEncoder(), crop="none"))  # no face in these videos
 
 
 def test_ft_eval_identical_folders_score_zero_and_different_ones_do_not(tmp_path, i3d_file):
@@ -246,7 +247,10 @@ def test_ft_eval_identical_folders_score_zero_and_different_ones_do_not(tmp_path
     (same / "broken.mp4").write_bytes(b"not a video")
     other = _video_folder(tmp_path / "other", shift=70)
 
-    res = evaluate(gen, same, fvd=str(i3d_file), **_metrics())
+    # all_clips: both sides cut the same clips, so identical folders give 0 (stylegan_v takes the
+    # reference's clip at a random start and the generated one at frame 0: tests/test_metrics_protocols.py)
+    res = evaluate(gen, same, fvd=str(i3d_file), fvd_protocol="all_clips", **_metrics())
+    assert res["protocol"]["fvd_protocol"] == "all_clips"
     m = res["metrics"]
     assert abs(m["fid"]) < 1e-6 and abs(m["fvd"]) < 1e-6
     assert math.isfinite(m["sync_c"]) and math.isfinite(m["sync_d"])

@@ -171,6 +171,7 @@ def encode_clips(
     face_boxes: Sequence[Sequence[float] | None] | None = None,
     face_margin: float = FACE_MARGIN,
     face: str = "clip",
+    reference: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     """Every conditioning tensor of a batch of equally sized clips (float32, on the encoders' device).
 
@@ -184,6 +185,9 @@ def encode_clips(
             known face; None for the whole argument = no face output.
         face_margin: see :func:`face_crop_box`.
         face: the form of the face output, :data:`FACE_FORMS` (``none`` = none, as without boxes).
+        reference: per clip, the frame the image-to-video reference is taken from (``ft-prep``'s
+            ``reference_frame``: a frame with the face found, not dark or blurred); None = frame 0.
+            "frame 0" below means this frame; ``face_boxes`` are then its boxes.
     Returns:
         ``latents``, ``image_latents`` (B, 16, F_lat, H/8, W/8) — the clip and
         ``VAE([frame 0, zeros…])``, encoded in one VAE call; ``clip`` (B, N_img, D_img) of frame 0;
@@ -199,14 +203,20 @@ def encode_clips(
     b, f, h, w, _ = frames.shape
     _, f_lat, h_lat, w_lat = vae.latent_shape(f, h, w)
     video = frames_to_video(frames)
+    ref = torch.as_tensor([0] * b if reference is None else [int(r) for r in reference], device=frames.device)
+    if ref.shape != (b,) or bool(((ref < 0) | (ref >= f)).any()):
+        raise ValueError(f"encode_clips: reference frames {ref.tolist()} must be {b} indices in [0, {f})")
+    rows = torch.arange(b, device=frames.device)
+    ref_frames = frames[rows, ref]  # (B, H, W, 3) uint8: each clip's reference frame
+    ref_video = video[rows, :, ref]  # (B, 3, H, W) in [-1, 1]
     condition = torch.zeros_like(video)
-    condition[:, :, 0] = video[:, :, 0]
+    condition[:, :, 0] = ref_video
     both = vae(torch.cat([video, condition]))
     masks = lip_masks.float().div(255.0) if lip_masks.dtype == torch.uint8 else lip_masks
     out = {
         "latents": both[:b],
         "image_latents": both[b:],
-        "clip": image(video[:, :, 0]),
+        "clip": image(ref_video),
         "text": text(captions),
         "audio": audio_enc(audio),
         "lip_mask": lip_mask_to_latent(masks, (f_lat, h_lat, w_lat), lip_mask_resize),
@@ -218,14 +228,14 @@ def encode_clips(
         if face == "pixels":
             # No fallback features exist for a pixel encoder: a clip without a known box gets
             # the whole frame, a weak but well-formed identity input.
-            out["face_pixels"] = face_crops(frames[:, 0].cpu().numpy(), face_boxes, face_margin, FACE_PIXELS_SIZE)
+            out["face_pixels"] = face_crops(ref_frames.cpu().numpy(), face_boxes, face_margin, FACE_PIXELS_SIZE)
             return out
         # A clip without a known face box gets its CLIP image tokens: the identity branch's own
         # fallback, so such a clip trains exactly as it would without a `face` member.
         tokens = out["clip"].clone()
         have = [i for i in range(b) if face_boxes[i] is not None]
         if have:
-            crops = face_crops(frames[have, 0].cpu().numpy(), [face_boxes[i] for i in have], face_margin)
+            crops = face_crops(ref_frames[have].cpu().numpy(), [face_boxes[i] for i in have], face_margin)
             tokens[have] = image(crops.float().div(127.5).sub(1.0))
         out["face"] = tokens
     return out

@@ -79,8 +79,12 @@ class FrameResult:
         confidence: best face-detection score in [0, 1]; 0.0 when none.
         pose: (33, 4) float32 (x, y in [0, 1] of width/height, z, visibility), or None when pose
             was not run on this frame (see ``pose_every``) or found no body.
-        detected: whether the detector ran on this frame; when False, ``num_faces`` and
-            ``confidence`` are those of the latest frame it ran on (see ``detect_every``).
+        detected: whether the detector ran on this frame; when False, ``num_faces``,
+            ``confidence`` and ``second_face`` are those of the latest frame it ran on (see
+            ``detect_every``).
+        second_face: area of the second-largest detected face over the largest's (0.0 when one
+            or none): a small face in the background is ~0.05, two speakers side by side ~1.
+        second_box: that second face's box (x0, y0, x1, y1) in pixels, or None.
     """
 
     face: np.ndarray | None
@@ -88,6 +92,8 @@ class FrameResult:
     confidence: float
     pose: np.ndarray | None
     detected: bool = True
+    second_face: float = 0.0
+    second_box: tuple[float, float, float, float] | None = None
 
 
 class FrameAnalyzer:
@@ -142,7 +148,7 @@ class FrameAnalyzer:
             mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1) if pose_every > 0 else None
         )
         self._index = 0
-        self._last_detection: tuple[int, int, float] | None = None  # (frame index, faces, score)
+        self._last_detection: tuple | None = None  # (frame index, faces, score, second/first area, second box)
         self._had_face: bool | None = None
 
     def __call__(self, frame: np.ndarray, detect: bool = False) -> FrameResult:
@@ -164,8 +170,18 @@ class FrameAnalyzer:
         )
         if run_detector:
             det = self._detector.process(frame)
-            scores = [d.score[0] for d in (det.detections or [])]
-            last = self._last_detection = (self._index, len(scores), max(scores, default=0.0))
+            detections = det.detections or []
+            scores = [d.score[0] for d in detections]
+            boxes = sorted(
+                ((b.width * b.height, b) for b in (d.location_data.relative_bounding_box for d in detections)),
+                key=lambda ab: -ab[0],
+            )
+            second, second_box = 0.0, None
+            if len(boxes) > 1 and boxes[0][0] > 0:
+                second = float(boxes[1][0] / boxes[0][0])
+                b = boxes[1][1]
+                second_box = (b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h)
+            last = self._last_detection = (self._index, len(scores), max(scores, default=0.0), second, second_box)
             self.timing["face_detect"] += time.perf_counter() - t1
         self._had_face = face is not None
 
@@ -177,7 +193,7 @@ class FrameAnalyzer:
                 pose = np.array([(p.x, p.y, p.z, p.visibility) for p in res.pose_landmarks.landmark], dtype=np.float32)
             self.timing["pose"] += time.perf_counter() - t
         self._index += 1
-        return FrameResult(face, last[1], last[2], pose, detected=run_detector)
+        return FrameResult(face, last[1], last[2], pose, detected=run_detector, second_face=last[3], second_box=last[4])
 
     def close(self) -> None:
         for graph in (self._mesh, self._detector, self._pose):
@@ -202,7 +218,9 @@ def stack_results(results: list[FrameResult]) -> dict[str, np.ndarray]:
     Returns:
         face (F, 478, 3) float32 pixels; face_found (F,) bool; face_box (F, 4) float32 pixels
         (x0, y0, x1, y1, the landmarks' extent); face_conf (F,) float32; num_faces (F,) uint8;
-        pose (F, 33, 4) float32, NaN where pose was not run or found nothing.
+        second_face (F,) float32 (:attr:`FrameResult.second_face`); second_box (F, 4) float32
+        pixels, NaN without a second face; pose (F, 33, 4) float32, NaN where pose was not run
+        or found nothing.
     """
     n = len(results)
     found = np.array([r.face is not None for r in results])
@@ -223,6 +241,8 @@ def stack_results(results: list[FrameResult]) -> dict[str, np.ndarray]:
         "face_box": box.astype(np.float32),
         "face_conf": np.array([r.confidence for r in results], dtype=np.float32),
         "num_faces": np.array([min(r.num_faces, 255) for r in results], dtype=np.uint8),
+        "second_face": np.array([r.second_face for r in results], dtype=np.float32),
+        "second_box": np.array([r.second_box or (np.nan,) * 4 for r in results], dtype=np.float32).reshape(n, 4),
         "pose": pose,
     }
 
@@ -328,3 +348,31 @@ def body_motion(
     if not variances:
         return None
     return float(np.mean(variances) / shoulder**2)
+
+
+def detect_face_boxes(
+    frames, min_confidence: float = 0.5, model_selection: int = 1
+) -> list[np.ndarray]:
+    """Every face the mediapipe detector finds in each frame, independently (no tracking).
+
+    For metrics that build their own face tracks (Sync-C/D's track pipeline). ``frames``: an
+    iterable of (H, W, 3) uint8 RGB frames. Returns one ``(n, 5)`` float32 array per frame:
+    ``x1, y1, x2, y2`` in pixels and the detector score (``n`` may be 0).
+    """
+    import mediapipe as mp
+
+    out: list[np.ndarray] = []
+    with mp.solutions.face_detection.FaceDetection(
+        model_selection=model_selection, min_detection_confidence=min_confidence
+    ) as det:
+        for frame in frames:
+            frame = np.ascontiguousarray(frame)
+            h, w = frame.shape[:2]
+            res = det.process(frame)
+            boxes = []
+            for d in res.detections or []:
+                b = d.location_data.relative_bounding_box
+                x1, y1 = b.xmin * w, b.ymin * h
+                boxes.append((x1, y1, x1 + b.width * w, y1 + b.height * h, d.score[0]))
+            out.append(np.array(boxes, dtype=np.float32).reshape(-1, 5))
+    return out

@@ -1,37 +1,8 @@
 """Raw-mode training: read ``ft-prep``'s raw shards and encode clips on the fly.
 
-The latent-cache pass (``ft-prep task=encode``) encodes each raw clip
-once, whole. Raw mode (``data=raw``, :class:`RawShardDataModule`) skips that pass: it reads the
-raw shards (sample layout: :mod:`ft_train.data.raw_format`), takes a random window of
-``num_frames`` frames from each clip — a new one on every visit, which a cache cannot give —
-fits it to the training resolution, and runs the same frozen encoders through the same
-functions as the encode pass (:func:`ft_train.data.raw_clip.load_clip`, then
-:func:`ft_train.data.clip_prep.encode_clips`, then :func:`ft_train.data.schema.training_sample`).
-A batch therefore has exactly the cached-mode layout; for a window covering the whole clip at
-the clip's own size it holds the numbers the encode pass would have written.
-
-Where the encoders run (``data.encode_on``):
-
-* ``worker`` — in the DataLoader worker processes, on CPU, one clip at a time; the batch
-  arrives as tensors like a latent shard's. Simplest, and the GPU holds only the DiT; but every
-  worker loads its own copy of the encoders (umT5-XXL alone is 23 GB in float32) and a CPU needs
-  seconds to minutes per 81-frame clip at 512 px. Right for CPU runs, the tiny models and tests.
-* ``device`` — workers only decode, cut and resize (uint8 frames, audio, masks); the encoders
-  live once per rank on the training device, and :meth:`RawShardDataModule.on_after_batch_transfer`
-  encodes the whole batch there before the step. Costs their GPU memory (≈13 GB in bfloat16
-  with a float32 VAE) and step time, but is the only way real-size encoders keep up with
-  training. They are held by the datamodule, not the LightningModule, so they are never
-  wrapped by DDP/DeepSpeed, never in a checkpoint and never given to the optimiser.
-* ``auto`` (default) — ``device`` when the trainer runs on CUDA, else ``worker``.
-
-Exact resume: the window start of a sample is drawn from ``(seed, sample key, visit number)``
-in a cheap stage that reads only the metadata (:class:`WindowSampler`), before
-:class:`~ft_train.data.datamodule.ResumeSkip`; so a resumed run skips the samples already
-trained on without decoding them and continues with the same windows. Samples rejected from
-their metadata (too short, bad json, missing members) are counted before the skip and stay
-exact; a sample whose video or audio turns out to be undecodable is only found after it, so it
-shifts a resumed run by one sample (it is logged and counted in ``data/skipped``; ``ft-prep``
-writes every member itself, so this takes a damaged file).
+A new random window on every visit (which a latent cache cannot give), encoded by the same
+functions as the encode pass, so a batch has exactly the cached-mode layout. Where the encoders
+run (``data.encode_on``) and how exact resume works: docs/data.md ("Raw-mode training").
 """
 
 from __future__ import annotations

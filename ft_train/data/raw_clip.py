@@ -182,7 +182,7 @@ class RawClip:
 
     ``frames`` (F, H, W, 3) uint8; ``audio`` (:func:`~ft_train.data.clip_prep.clip_audio_samples`,)
     float32 16 kHz from the window's first frame; ``masks`` (F, H, W) uint8 lip-mask coverage
-    0–255; ``face_box`` the reference (first) frame's face box in output pixels, or None;
+    0–255; ``reference`` the reference frame's index; ``face_box`` its face box in output pixels, or None;
     ``omega_l``/``omega_b`` normalised to [0, 1]; ``meta`` what the latent json records.
     """
 
@@ -197,6 +197,7 @@ class RawClip:
     omega_l: float
     omega_b: float
     meta: dict[str, Any] = field(default_factory=dict)
+    reference: int = 0  # the reference (image-condition) frame's index in ``frames``
 
 
 def window_motion(landmarks: dict[str, np.ndarray] | None, meta: dict, start: int, num_frames: int, width: int, height: int):
@@ -288,9 +289,13 @@ def load_clip(
     except ValueError as e:
         raise SampleError("short_audio", f"{key}: {e}") from None
 
+    # The reference image: ft-prep's reference_frame (a frame with the face, not dark or blurred)
+    # when the window holds it, else the window's first frame past it (a window starting later
+    # is past a fade-in already); clips from before the key existed: the window's first frame.
+    reference = min(max(int(meta.get("reference_frame", 0)) - start, 0), n - 1)
     ref_box = meta.get("face_box")
-    if landmarks is not None and bool(landmarks["face_found"][start]):
-        ref_box = [float(v) for v in landmarks["face_box"][start]]
+    if landmarks is not None and bool(landmarks["face_found"][start + reference]):
+        ref_box = [float(v) for v in landmarks["face_box"][start + reference]]
     if buckets:
         size = nearest_bucket(h, w, buckets)
     geo = plan_geometry(h, w, size, size_multiple, crop, ref_box)
@@ -309,6 +314,7 @@ def load_clip(
         "clip_index": meta.get("clip_index"),
         "start_s": meta.get("start_s"),
         "start_frame": start,
+        "reference_frame": reference,  # in the window
         "omega_l_raw": omega_l_raw,
         "omega_b_raw": omega_b_raw,
         "crop": [geo.top, geo.left],  # pixel offset of the source window in the raw clip
@@ -324,6 +330,7 @@ def load_clip(
         caption=caption,
         fps=fps,
         start=start,
+        reference=reference,
         face_box=geo.box(ref_box) if ref_box is not None else None,
         omega_l=normalise_motion(omega_l_raw, stats["omega_l"]),
         omega_b=normalise_motion(omega_b_raw, stats["omega_b"]),
@@ -346,7 +353,8 @@ def encode_raw_clips(encoders, clips: dict[str, Any], lip_mask_resize: str, face
     if face != "none":
         boxes = [None if bool(torch.isnan(b).any()) else b.tolist() for b in clips["face_box"].cpu()]
     out = encode_clips(encoders, clips["frames"], list(clips["audio"]), clips["lip_masks"], list(clips["caption"]),
-                       lip_mask_resize, face_boxes=boxes, face_margin=face_margin, face=face)
+                       lip_mask_resize, face_boxes=boxes, face_margin=face_margin, face=face,
+                       reference=clips["reference"].tolist() if "reference" in clips else None)
     samples = []
     for i, key in enumerate(clips["__key__"]):
         arrays = {name: value[i] for name, value in out.items()}
@@ -372,4 +380,5 @@ def clip_tensors(clip: RawClip) -> dict[str, Any]:
         "motion": torch.tensor([clip.omega_l, clip.omega_b], dtype=torch.float32),
         "fps": torch.tensor(clip.fps, dtype=torch.float32),
         "start_frame": torch.tensor(clip.start),
+        "reference": torch.tensor(clip.reference),
     }

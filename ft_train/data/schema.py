@@ -1,62 +1,8 @@
 """The latent-shard schema: what one training sample holds once the frozen encoders have run.
 
-This is the one place the format is defined. Latent shards are WebDataset ``.tar`` files; each
-sample is a group of members sharing a key (``<key>.<field>``). Arrays are ``.npy`` (NumPy's own
-format, read with ``np.load``); metadata is ``.json``.
-
-Schema ``ft-latent``, version 1 (``F`` = latent frames = (frames − 1)/4 + 1; ``H, W`` = latent
-height/width = pixels/8; ``L_a`` = wav2vec tokens of the clip; ``L_t`` ≤ 512 text tokens):
-
-==================  ============  =========================  ==========================================
-member              dtype         shape                      content
-==================  ============  =========================  ==========================================
-``latents.npy``     float16/32    (16, F, H, W)              Wan VAE latents of the clip, normalised
-                                                             with the VAE's per-channel mean/std
-``image_latents.npy`` float16/32  (16, F, H, W)              VAE(first frame, zeros…): the I2V
-                                                             condition (the 4-channel mask is built
-                                                             in code, it is the same for every clip)
-``clip.npy``        float16/32    (257, 1280)                CLIP ViT-H/14 penultimate hidden state of
-                                                             the first frame at 224 px
-``text.npy``        float16/32    (L_t, 4096)                umT5-XXL embedding of the caption, only
-                                                             the real tokens (zero-padded to 512 on load)
-``audio.npy``       float16/32    (L_a, 768)                 wav2vec2-base-960h ``last_hidden_state``
-                                                             of exactly the clip's audio
-``lip_mask.npy``    float16/uint8 (F, H, W)                  lip mask on the latent grid, in [0, 1]
-                                                             (uint8 is read as /255)
-``face.npy``        float16/32    (257, 1280)                optional (``encode.face=clip``): CLIP tokens
-                                                             (as ``clip.npy``) of a square crop around
-                                                             the first frame's face
-                                                             (``ft_train.data.clip_prep.crop_face``),
-                                                             for ``model.identity.encoder=precomputed``
-``face_pixels.npy`` uint8         (3, 112, 112)              optional (``encode.face=pixels``): that crop
-                                                             itself, RGB, for
-                                                             ``model.identity.encoder=arcface``
-``json``            —             —                          metadata, below
-==================  ============  =========================  ==========================================
-
-A sample holds at most one of ``face.npy`` / ``face_pixels.npy``; either becomes the batch's
-``face`` — tokens ``(257, 1280)``, or the crop as float ``(3, 112, 112)`` in [-1, 1] (what the
-ArcFace encoder reads; a dropped condition then zeroes it to a mid-grey crop) — so the model's
-``face`` argument reads one key whatever the encoder. Which form a model needs is fixed by
-``model.identity.encoder`` (:mod:`ft_train.models.identity`): encode the data to match.
-
-Both were added without a version bump: they are optional, so shards written before them (or with
-``encode.face=none``) still load, and a precomputed identity branch then falls back to ``clip``. A
-version bump is for changes an older reader would misread, not for new optional members (an
-older reader ignores them: it reads only the members it knows).
-
-``json`` keys: ``schema`` ("ft-latent"), ``version`` (1), ``fps`` (video frames per second),
-``num_frames`` (video frames, 4k+1), ``height``/``width`` (pixels), ``omega_l``/``omega_b``
-(motion intensities, normalised to [0, 1] with the data tools' statistics), ``caption``,
-``source`` (where the clip came from); with ``face.npy`` / ``face_pixels.npy`` also
-``face_ref_box`` (the face box it was cropped around, in the stored frames' pixels; null = no box
-known, the whole frame) and ``face_margin``. Unknown extra keys are kept and ignored.
-
-Raw-mode training (``ft_train/data/raw.py``) builds the very same training sample from a raw
-shard on the fly, through :func:`training_sample`.
-
-Widths 1280/4096/768 are those of the real encoders; tiny test models may use other widths,
-which the datamodule checks against the model config before training.
+The one place the format is defined in code (members, dtypes, shapes, json keys); the table is in
+docs/data.md ("Latent shards: the format"). Optional members are added without a version bump:
+a bump is for changes an older reader would misread.
 """
 
 from __future__ import annotations

@@ -141,6 +141,7 @@ class FlowMatchSampler:
         num_frames: int | None = None,
         progress: bool = False,
         model_kwargs: dict[str, torch.Tensor | None] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample latents for a batch of clips.
 
@@ -165,6 +166,10 @@ class FlowMatchSampler:
                 ``(B or 1, …)`` that is the same in every guidance pass, e.g. ``motion`` ``(B, 2)``
                 (ω_l, ω_b) or ``face`` ``(B, N, face_dim)`` for
                 :class:`~ft_train.models.FantasyTalkingDiT`; None values are passed as None.
+            mask: ``(B or 1, 4, F, H, W)`` the I2V condition mask that goes with ``image_latents``
+                (1 where the condition holds a known frame); None = the first frame alone, as Wan
+                I2V is trained (long-form continuation passes more known frames,
+                :mod:`ft_train.inference.long_form`).
         Returns:
             ``(B, 16, F, H, W)`` float32 denoised latents (still VAE-normalised).
         """
@@ -188,7 +193,14 @@ class FlowMatchSampler:
 
         x = self._initial_noise(noise, generator, (bsz, LATENT_CHANNELS, f_lat, h, w), device)
         y = image_latents.float()
-        mask = first_frame_mask(f_lat, h, w, batch=bsz, device=device, dtype=torch.float32)
+        if mask is None:
+            mask = first_frame_mask(f_lat, h, w, batch=bsz, device=device, dtype=torch.float32)
+        else:
+            if mask.ndim != 5 or tuple(mask.shape[1:]) != (4, f_lat, h, w) or mask.shape[0] not in (1, bsz):
+                raise ValueError(
+                    f"mask has shape {tuple(mask.shape)}, expected ({bsz} or 1, 4, {f_lat}, {h}, {w}) like image_latents"
+                )
+            mask = mask.to(device=device, dtype=torch.float32).expand(bsz, -1, -1, -1, -1)
         passes = self.passes(has_audio=audio is not None)
         texts = {"pos": text, "neg": negative_text}
 

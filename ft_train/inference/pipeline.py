@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -173,22 +174,27 @@ class TalkingPortraitPipeline:
         """
         from ..data.clip_prep import clip_audio_samples
 
+        cond = self.conditions(image, prompt, negative_prompt, omega, face_box)
+        wave = fit_waveform(np.asarray(speech, dtype=np.float32), clip_audio_samples(num_frames, fps))
+        return self.segment(cond, wave, num_frames, seed=seed, progress=progress)
+
+    @torch.no_grad()
+    def conditions(self, image, prompt: str = "", negative_prompt: str = "",
+                   omega: tuple[float | None, float | None] = (None, None),
+                   face_box: Sequence[float] | None = None) -> "Conditions":
+        """What every window of a video shares (arguments as in :meth:`__call__`): the prompts'
+        embeddings, the photo's CLIP tokens, the identity branch's face and the motion
+        intensities. A long video computes them once, from the photo, for all its segments."""
         width, height = image.size
         if width % self.grid or height % self.grid:
             raise ValueError(
                 f"image: {width}×{height} px is not a multiple of the {self.grid}-px DiT grid (use target_size)"
             )
         first = image_to_tensor(image)
-        wave = fit_waveform(np.asarray(speech, dtype=np.float32), clip_audio_samples(num_frames, fps))
-        with self._resident(self.audio_encoder) as enc:
-            audio = enc([wave])[0][None].to(self.device)
         wants_negative = any(p.text == "neg" for p in self.sampler.passes(has_audio=True))
         texts = self._text([prompt, negative_prompt] if wants_negative else [prompt])
         with self._resident(self.image_encoder) as enc:
             clip = enc(first).to(self.device)
-        with self._resident(self.vae) as vae:
-            image_latents = vae.enc.encode_condition(first, num_frames).to(self.device)
-
         extra: dict[str, torch.Tensor] = {}
         if self.model.motion is not None:
             default = self.model.motion_config.default
@@ -197,12 +203,73 @@ class TalkingPortraitPipeline:
         face = self._face(image, face_box)
         if face is not None:
             extra["face"] = face
+        return Conditions(first=first, text=texts[0], negative_text=texts[1] if wants_negative else None,
+                          clip=clip, model_kwargs=extra)
+
+    @torch.no_grad()
+    def segment(self, cond: "Conditions", wave: np.ndarray, num_frames: int, known: torch.Tensor | None = None,
+                seed: int = 0, progress: bool = False) -> torch.Tensor:
+        """Sample one window of ``num_frames`` (4k+1) video frames.
+
+        Args:
+            cond: :meth:`conditions` of the photo.
+            wave: the window's speech, mono float32 16 kHz, exactly
+                :func:`~ft_train.data.clip_prep.clip_audio_samples` long and starting at the time
+                of the window's first frame (its wav2vec2 tokens then sit where the per-frame audio
+                windows expect them).
+            num_frames: video frames of the window.
+            known: ``(K, 3, H, W)`` float frames in [-1, 1] that the window starts with, held as
+                known frames in the I2V condition (latents and mask); K = 4m+1 so that they fill
+                whole latent frames. None = the photo alone (K = 1, plain Wan I2V).
+            seed: initial-noise seed.
+            progress: a bar over the sampling steps.
+        Returns:
+            uint8 RGB frames ``(num_frames, H, W, 3)`` on the CPU.
+        """
+        from .long_form import known_frames_mask
+
+        with self._resident(self.audio_encoder) as enc:
+            audio = enc([wave])[0][None].to(self.device)
+        first = cond.first
+        if known is None:
+            with self._resident(self.vae) as vae:
+                image_latents = vae.enc.encode_condition(first, num_frames).to(self.device)
+            mask = None
+        else:
+            if known.ndim != 4 or tuple(known.shape[1:]) != tuple(first.shape[1:]) or not 1 <= known.shape[0] < num_frames:
+                raise ValueError(f"known frames must be (K < {num_frames}, {', '.join(map(str, first.shape[1:]))}), "
+                                 f"got {tuple(known.shape)}")
+            video = first.new_zeros(1, 3, num_frames, *first.shape[2:])
+            video[0, :, : known.shape[0]] = known.to(video).permute(1, 0, 2, 3)
+            with self._resident(self.vae) as vae:
+                image_latents = vae.enc(video).to(self.device)
+            mask = known_frames_mask(num_frames, known.shape[0], *image_latents.shape[3:], device=self.device)
         latents = self.sampler(
-            self.model, image_latents, clip, texts[0], audio,
-            negative_text=texts[1] if wants_negative else None,
+            self.model, image_latents, cond.clip, cond.text, audio,
+            negative_text=cond.negative_text,
             generator=torch.Generator().manual_seed(int(seed)),
-            num_frames=num_frames, progress=progress, model_kwargs=extra,
+            num_frames=num_frames, progress=progress, model_kwargs=cond.model_kwargs, mask=mask,
         )
+        del image_latents, audio
         with self._resident(self.vae) as vae:
             frames = vae(latents)
         return frames[0].cpu()
+
+
+@dataclass
+class Conditions:
+    """What every window of a video shares (:meth:`TalkingPortraitPipeline.conditions`).
+
+    Attributes:
+        first: the photo ``(1, 3, H, W)`` in [-1, 1] (CPU), the first frame of a plain window.
+        text, negative_text: ``(1, 512, text_dim)`` prompt embeddings (negative: None when no
+            guidance pass uses it).
+        clip: ``(1, 257, image_dim)`` CLIP tokens of the photo.
+        model_kwargs: ``motion`` ``(1, 2)`` and/or ``face`` for the model, as the sampler takes them.
+    """
+
+    first: torch.Tensor
+    text: torch.Tensor
+    negative_text: torch.Tensor | None
+    clip: torch.Tensor
+    model_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)

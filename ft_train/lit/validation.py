@@ -1,41 +1,9 @@
 """Validation while training: sample a fixed clip list, score FID / FVD / Sync-C / Sync-D, write mp4s.
 
-:class:`ValidationCallback` (a Lightning ``Callback``) runs every ``every_n_steps`` optimiser steps
-(and at the end of training): it reads the first ``num_samples`` clips of a latent-shard set,
-samples each with :class:`~ft_train.diffusion.FlowMatchSampler` from fixed per-clip seeds, decodes
-the generated and the reference latents with the Wan VAE, updates the metrics and logs
-``val/fid``, ``val/fvd``, ``val/sync_c``, ``val/sync_d`` to every logger, and writes the samples
-to ``<samples_dir>/step-XXXXXXXX/<index>_<key>.mp4``.
-
-Choices, and why:
-
-* **Every rank validates its share, metrics sync.** Under DeepSpeed ZeRO-3 the DiT's weights are
-  sharded and every forward is a collective, so rank 0 cannot sample alone. Rank r takes clips
-  r, r + world, …; ranks with one clip fewer run a padding clip whose result is thrown away, so
-  every rank makes the same number of forwards. The metric states are sums reduced across ranks
-  (torchmetrics), so the numbers equal a single-process pass over the list.
-* **Reference = VAE(decode) of the reference latents**, not the original pixels: latent shards hold
-  no pixels, and this way FID/FVD measure the generator, not the VAE's reconstruction error. The
-  reference statistics are computed once (``reset_real_features=False``).
-* **Audio.** Latent shards hold wav2vec features, not waveforms. Sync-C/D and the mp4's sound need
-  the waveform: give ``audio_dir`` (files ``<key>.wav|flac|…`` named by sample key) or
-  ``raw_shards`` (the ``ft-prep`` shards the latents were encoded from; their ``flac`` member).
-  Without either the videos are silent and Sync is skipped with a logged note.
-* **The clip's own conditions.** Each clip is sampled with its shard's motion intensities
-  (ω_l, ω_b) when the model has the motion module, and its ``face`` (when the shard has one) when
-  it has the identity branch, so validation shows what the trained modules do with real values,
-  not the defaults (ω = 0.5, whole-frame CLIP tokens).
-* **Sync face crops** are the whole frame (talking-portrait clips are face-centred); per-frame face
-  boxes (:func:`~ft_train.metrics.sync.syncnet_face_crops`) are not in latent shards.
-* **Metric networks never reach a checkpoint**: the metrics live on this callback, not on the
-  LightningModule, and the callback's checkpoint state is only the last validated step.
-* Logged with ``logger.log_metrics`` at the current step (``LightningModule.log`` from a batch hook
-  is written only on ``log_every_n_steps`` boundaries and is not allowed in ``on_train_end``); the
-  values also go into ``trainer.callback_metrics``.
-
-The clip list is read by :mod:`ft_train.data.validation_set`, scored by
-:class:`ft_train.metrics.video.VideoMetrics` (as ``ft-eval`` scores) and decoded by
-:class:`ft_train.models.vae.WanVAEDecoder`.
+Every rank validates its share (under ZeRO-3 every forward is a collective) and the metric states
+are reduced across ranks, so the numbers equal one pass over the list by ft-eval's protocols. Why
+each choice (reference = VAE-decoded latents, where audio comes from, FID's frame count, logging):
+docs/metrics.md ("Validation during training").
 """
 
 from __future__ import annotations
@@ -84,8 +52,16 @@ class ValidationCallback(Callback):
         decode: callable latents ``(B, 16, F, H, W)`` → uint8 frames ``(B, T, H, W, 3)`` (tests).
         fid, fvd, sync: local weight path (``pt_inception-2015-12-05-6726825d.pth``,
             ``i3d_torchscript.pt``, ``syncnet_v2.model``), a ready ``Metric``, or None = skipped.
-        fid_frames: frames per clip fed to FID, evenly spaced (None = all; FID costs one Inception
-            forward per frame).
+        fid_frames: frames per clip fed to FID, evenly spaced (``"all"``/None = every frame, as
+            papers do; FID costs one Inception forward per frame).
+        fvd_protocol, fvd_resolution, fvd_seed: FVD protocol (see
+            :class:`~ft_train.metrics.video.VideoMetrics`); the reference clip of sample i starts
+            at a frame seeded by its key.
+        sync_crop: ``face`` (mediapipe face tracks, the reference) or ``none`` (whole frames).
+        sync_track: face-track rules (:class:`~ft_train.metrics.facetrack.TrackRules` fields).
+        idc, aes, aes_head, dynamics, portrait_frames: the paper's IDC (DINO ViT folder), Aes (CLIP
+            ViT-L/14 folder + LAION linear head file), SD/BD (true/false) over ``portrait_frames``
+            frames per clip (:mod:`ft_train.metrics.portrait`); skipped when not set.
         audio_dir: folder of ``<sample key>.wav|flac|…`` 16 kHz speech (for Sync and the mp4s).
         raw_shards: raw ``ft-prep`` shards holding the clips' ``flac`` (alternative to ``audio_dir``).
         samples_dir: where ``step-XXXXXXXX/<index>_<key>.mp4`` go (None = no videos written).
@@ -108,7 +84,17 @@ class ValidationCallback(Callback):
         fid: Any = None,
         fvd: Any = None,
         sync: Any = None,
-        fid_frames: int | None = 16,
+        fid_frames: int | str | None = 16,
+        fvd_protocol: str = "stylegan_v",
+        fvd_resolution: int = 256,
+        fvd_seed: int = 0,
+        sync_crop: str = "face",
+        sync_track: Any = None,
+        idc: Any = None,
+        aes: Any = None,
+        aes_head: Any = None,
+        dynamics: Any = False,
+        portrait_frames: int | None = 16,
         audio_dir: str | None = None,
         raw_shards: Any = None,
         samples_dir: str | None = None,
@@ -141,13 +127,22 @@ class ValidationCallback(Callback):
         self.audio_dir, self.raw_shards = audio_dir, raw_shards
         self.samples_dir = Path(samples_dir) if samples_dir else None
         built = {
-            name: build_metric(spec, name, f"callbacks.validation.{name}", keep_real=True)
-            for name, spec in (("fid", fid), ("fvd", fvd), ("sync", sync))
+            name: build_metric(spec, name, f"callbacks.validation.{name}", keep_real=True, fvd_protocol=fvd_protocol,
+                               sync_crop=sync_crop, sync_track=sync_track, aes_head=aes_head, frames=portrait_frames)
+            for name, spec in (("fid", fid), ("fvd", fvd), ("sync", sync), ("idc", idc), ("aes", aes),
+                               ("dynamics", dynamics))
         }
         for name, m in built.items():
             if m is None:
                 log.info("validation: %s skipped (callbacks.validation.%s is not set)", name, name)
-        self.metrics = VideoMetrics(**built, fid_frames=fid_frames)
+        try:
+            self.metrics = VideoMetrics(**built, fid_frames=fid_frames, fvd_protocol=fvd_protocol,
+                                        fvd_resolution=fvd_resolution, fvd_seed=fvd_seed)
+        except ValueError as e:
+            raise ValueError(f"callbacks.validation.{e}") from None
+        if self.metrics:
+            log.info("validation protocol: %s",
+                     ", ".join(f"{k}={v}" for k, v in self.metrics.protocol().items()))
         self.samples: list[dict[str, Any]] = []
         self.audio: dict[str, np.ndarray] = {}
         self.last_step = -1
@@ -241,6 +236,7 @@ class ValidationCallback(Callback):
             for m, mode in modes.items():
                 m.training = mode
         values = {f"val/{k}": v for k, v in self.metrics.compute().items()} if self.metrics else {}
+        self.metrics.reference_done()  # kept reference statistics now hold every clip
         self.metrics.reset()
         if values:
             for logger in trainer.loggers:
@@ -285,7 +281,7 @@ class ValidationCallback(Callback):
             # the clip's own span (what wav2vec saw when the latents were encoded)
             audio = audio[: int(generated.shape[0] / fps * AUDIO_RATE)]
         if self.metrics:
-            self.metrics.update(generated, reference, fps, audio)
+            self.metrics.update(generated, reference, fps, audio, key=key)
         if out_dir is not None:
             write_video(out_dir / f"{index:03d}_{key}.mp4", generated.numpy(), fps, audio=audio)
         for logger in show:

@@ -3,8 +3,9 @@
 FD(N(μ₁,Σ₁), N(μ₂,Σ₂)) = ‖μ₁−μ₂‖² + Tr Σ₁ + Tr Σ₂ − 2 Tr (Σ₁Σ₂)^½   (Dowson & Landau 1982;
 Heusel et al. 2017 for FID, Unterthiner et al. 2018 for FVD).
 
-Covariance estimator: **unbiased (divide by N−1)**, like ``np.cov``, pytorch-fid and torchmetrics.
-StyleGAN-V's FVD and cd-fvd divide by N; the two differ by a factor N/(N−1) on the covariances,
+Covariance estimator: **unbiased (divide by N−1)** by default, like ``np.cov``, pytorch-fid and
+torchmetrics; ``covariance="biased"`` divides by N, as StyleGAN-V's FVD and cd-fvd do (its
+``FeatureStats.get_mean_cov``). The two differ by a factor N/(N−1) on the covariances,
 which is negligible at the usual 2048+ samples but not on tiny validation sets — compare numbers
 only under the same estimator and sample count.
 
@@ -63,13 +64,21 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     return float(diff @ diff + s1.trace() + s2.trace()) - 2.0 * trace_sqrt_product(s1, s2)
 
 
-def mean_cov(feat_sum: Tensor, outer_sum: Tensor, n: int | Tensor) -> tuple[Tensor, Tensor]:
-    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` from running sums Σx and Σxxᵀ over n samples."""
+COVARIANCES = ("unbiased", "biased")
+
+
+def mean_cov(feat_sum: Tensor, outer_sum: Tensor, n: int | Tensor, covariance: str = "unbiased") -> tuple[Tensor, Tensor]:
+    """Mean ``(D,)`` and covariance ``(D, D)`` from running sums Σx and Σxxᵀ over n samples.
+
+    ``covariance``: ``unbiased`` divides by n − 1, ``biased`` by n (StyleGAN-V).
+    """
     n = int(n)
     if n < 2:
         raise ValueError(f"a covariance needs at least 2 samples, got {n}")
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
     mu = feat_sum.double() / n
-    cov = (outer_sum.double() - n * torch.outer(mu, mu)) / (n - 1)
+    cov = (outer_sum.double() - n * torch.outer(mu, mu)) / (n - 1 if covariance == "unbiased" else n)
     return mu, cov
 
 
@@ -89,14 +98,19 @@ class FrechetFeatureDistance(FrozenNetMetric):
         num_features: D.
         reset_real_features: if False, ``reset()`` keeps the real-side statistics, so a fixed
             reference set is encoded once (same meaning as in torchmetrics' FID).
+        covariance: ``unbiased`` (N − 1) or ``biased`` (N).
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, feature_net: nn.Module, num_features: int, reset_real_features: bool = True, **kwargs: Any):
+    def __init__(self, feature_net: nn.Module, num_features: int, reset_real_features: bool = True,
+                 covariance: str = "unbiased", **kwargs: Any):
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         super().__init__(feature_net, **kwargs)
+        self.covariance = covariance
         self.num_features = int(num_features)
         self.reset_real_features = reset_real_features
         d = self.num_features
@@ -125,8 +139,8 @@ class FrechetFeatureDistance(FrozenNetMetric):
                 raise RuntimeError(
                     f"{type(self).__name__}: need at least 2 {side} samples, got {int(getattr(self, f'{side}_n'))}"
                 )
-        mu1, s1 = mean_cov(self.real_sum, self.real_outer_sum, self.real_n)
-        mu2, s2 = mean_cov(self.fake_sum, self.fake_outer_sum, self.fake_n)
+        mu1, s1 = mean_cov(self.real_sum, self.real_outer_sum, self.real_n, self.covariance)
+        mu2, s2 = mean_cov(self.fake_sum, self.fake_outer_sum, self.fake_n, self.covariance)
         return torch.tensor(frechet_distance(mu1, s1, mu2, s2), dtype=torch.float64)
 
     def reset(self) -> None:

@@ -16,8 +16,10 @@ that Hallo, Wav2Lip and LatentSync copy):
    (**Sync-C**), ``offset = vshift − argmin``: positive when the video lags the audio. Both
    scores are taken at the best offset, so a constant lag can still score well (as in papers).
 
-The crop follows ``run_pipeline.py`` (``crop_video``) given per-frame face boxes, e.g. from the
-dataset's face landmarks, instead of running S3FD: see :func:`syncnet_face_crops`. In-memory
+Faces are scored per track, as ``run_pipeline.py`` builds and crops them (mediapipe's detector in
+place of S3FD: :mod:`ft_train.metrics.facetrack`, :func:`syncnet_face_crops`); a video's number
+is the mean over its tracks (the reference scores tracks one by one; LatentSync's evaluation
+averages them per video, then over videos). In-memory
 frames skip the reference's JPEG/XVID round trips, so numbers can differ slightly from the
 ffmpeg-based scripts.
 """
@@ -34,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ft_train.metrics.audio import to_int16
 from ft_train.metrics.base import FrozenNetMetric
+from ft_train.metrics.facetrack import TrackRules, face_tracks
 from ft_train.metrics.mfcc import SAMPLE_RATE, syncnet_mfcc
 from ft_train.metrics.syncnet import load_syncnet
 
@@ -107,9 +111,11 @@ def syncnet_embeddings(net: nn.Module, frames: Tensor, audio: Any, batch_size: i
     Args:
         net: has ``forward_lip((N, 3, 5, 224, 224) BGR 0…255)`` and ``forward_aud((N, 1, 13, 20))``.
         frames: uint8 RGB face crops ``(T, 3, H, W)`` at 25 fps (resized to 224 here).
-        audio: 16 kHz mono samples ``(N,)``, int16 values or float in [−1, 1].
+        audio: 16 kHz mono samples ``(N,)``, int16 values or float in [−1, 1] (rounded to int16
+            as ffmpeg does, :func:`~ft_train.metrics.audio.to_int16`).
     """
-    audio = audio.detach().cpu().numpy() if isinstance(audio, Tensor) else np.asarray(audio)
+    # int16 as ffmpeg rounds it: the reference's MFCC sees the wav's integer samples
+    audio = to_int16(audio.detach().cpu().numpy() if isinstance(audio, Tensor) else audio)
     n_win = num_sync_windows(frames.shape[0], len(audio))
     mfcc = torch.from_numpy(syncnet_mfcc(audio)).float().T  # (13, Na)
     param = next(net.parameters(), None)
@@ -185,22 +191,68 @@ def syncnet_face_crops(frames: Tensor, boxes: Any, crop_scale: float = 0.4) -> T
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
+SYNC_CROPS = ("face", "none")
+
+
+def _mean_result(results: list[SyncResult]) -> SyncResult:
+    """Per-video scores from per-track ones: the unweighted mean over tracks (LatentSync's eval)."""
+    return SyncResult(
+        offset=int(round(float(np.mean([r.offset for r in results])))),
+        confidence=float(np.mean([r.confidence for r in results])),
+        min_dist=float(np.mean([r.min_dist for r in results])),
+        num_windows=sum(r.num_windows for r in results),
+        mean_dists=torch.stack([r.mean_dists for r in results]).mean(0),
+    )
+
+
+def score_face_tracks(net: nn.Module, frames: Tensor, audio: Any, rules: TrackRules = TrackRules(),
+                      vshift: int = DEFAULT_VSHIFT, batch_size: int = 20) -> tuple[list[SyncResult], int]:
+    """Score every face track of one video, as ``run_pipeline.py`` + ``run_syncnet.py`` do.
+
+    Args:
+        frames: uint8 RGB ``(T, 3, H, W)`` at 25 fps (whole frames).
+        audio: 16 kHz mono samples of the same span (int16 values, or float in [−1, 1]).
+    Returns:
+        ``(results, n_tracks)``: one :class:`SyncResult` per track long enough for a window, and
+        the number of tracks found (0: no face track).
+    """
+    audio = to_int16(audio.detach().cpu().numpy() if isinstance(audio, Tensor) else audio)
+    tracks = face_tracks(frames.permute(0, 2, 3, 1).cpu().numpy(), rules)
+    results = []
+    for tr in tracks:
+        crops = syncnet_face_crops(frames[torch.from_numpy(tr.frames)], tr.boxes, crop_scale=rules.crop_scale)
+        # the track's own audio span (crop_video: -ss frame0/25 -to (last+1)/25)
+        span = audio[int(tr.frames[0]) * SAMPLES_PER_FRAME : (int(tr.frames[-1]) + 1) * SAMPLES_PER_FRAME]
+        res = sync_scores(net, crops, span, vshift=vshift, batch_size=batch_size)
+        if res is not None:
+            results.append(res)
+    return results, len(tracks)
+
+
 class SyncMetric(FrozenNetMetric):
     """Mean Sync-C (confidence) and Sync-D (min distance) over videos, SyncNet ``syncnet_v2.model``.
 
-    ``update(frames, audio)`` scores one video: uint8 RGB face crops ``(T, 3, H, W)`` at 25 fps
-    (:func:`syncnet_face_crops`, :func:`resample_fps`) and its 16 kHz mono audio. Videos too short
-    for one 5-frame window are counted in ``skipped``, never averaged in. States are sums
+    ``update(frames, audio)`` scores one video: uint8 RGB frames ``(T, 3, H, W)`` at 25 fps
+    (:func:`resample_fps`) and its 16 kHz mono audio (int16, or float rounded to int16 as ffmpeg
+    does). With ``crop="face"`` (default, the reference protocol) the frames are whole frames:
+    faces are detected and tracked (:mod:`ft_train.metrics.facetrack`), each track is cropped and
+    scored, and the video's score is the mean over its tracks; a video with no face track is
+    counted in ``no_face``. With ``crop="none"`` the frames are taken as face crops as they are
+    (pre-cropped videos; Wav2Lip's "direct" mode). Videos too short for one 5-frame window are
+    counted in ``skipped``. Nothing counted is averaged in. States are sums
     (``dist_reduce_fx="sum"``), so the video mean is exact across ranks.
 
     ``compute()`` → dict of scalar tensors: ``sync_c``, ``sync_d``, ``av_offset`` (mean offset in
-    frames), ``abs_av_offset``, ``videos``, ``skipped``. NaN scores if no video was scored.
+    frames), ``abs_av_offset``, ``videos``, ``skipped``, ``no_face``, ``tracks``. NaN scores if no
+    video was scored.
 
     Args:
         weights: local path of ``syncnet_v2.model``; or pass ``net`` (anything with
             ``forward_lip``/``forward_aud``, e.g. a stand-in encoder in tests).
         vshift: offset search range ±frames (15 in every reference script).
         batch_size: windows per network call (speed only; BatchNorm is in eval mode).
+        crop: ``face`` (track faces, the reference) or ``none`` (frames are already face crops).
+        track: :class:`~ft_train.metrics.facetrack.TrackRules` or a dict of its fields.
     """
 
     is_differentiable = False
@@ -208,19 +260,32 @@ class SyncMetric(FrozenNetMetric):
     full_state_update = False
 
     def __init__(self, weights: str | None = None, net: nn.Module | None = None, vshift: int = DEFAULT_VSHIFT,
-                 batch_size: int = 20, **kwargs: Any):
+                 batch_size: int = 20, crop: str = "face", track: TrackRules | dict | None = None, **kwargs: Any):
         if (weights is None) == (net is None):
             raise ValueError("SyncMetric: give exactly one of weights (path of syncnet_v2.model) or net")
+        if crop not in SYNC_CROPS:
+            raise ValueError(f"sync_crop: {crop!r} is not one of {', '.join(SYNC_CROPS)}")
         super().__init__(load_syncnet(weights) if weights is not None else net, **kwargs)
         self.vshift = vshift
         self.batch_size = batch_size
+        self.crop = crop
+        self.rules = track if isinstance(track, TrackRules) else TrackRules(**dict(track or {}))
         for name in ("conf_sum", "dist_sum", "offset_sum", "abs_offset_sum"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        for name in ("videos", "skipped"):
+        for name in ("videos", "skipped", "no_face", "tracks"):
             self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, frames: Tensor, audio: Any) -> None:
-        res = sync_scores(self.net, frames, audio, vshift=self.vshift, batch_size=self.batch_size)
+        if self.crop == "face":
+            results, n_tracks = score_face_tracks(self.net, frames, audio, self.rules, self.vshift, self.batch_size)
+            if n_tracks == 0:
+                self.no_face += 1
+                return
+            res = _mean_result(results) if results else None
+            self.tracks += len(results)
+        else:
+            res = sync_scores(self.net, frames, audio, vshift=self.vshift, batch_size=self.batch_size)
+            self.tracks += int(res is not None)
         if res is None:
             self.skipped += 1
             return
@@ -241,4 +306,6 @@ class SyncMetric(FrozenNetMetric):
             "abs_av_offset": mean(self.abs_offset_sum),
             "videos": self.videos.clone(),
             "skipped": self.skipped.clone(),
+            "no_face": self.no_face.clone(),
+            "tracks": self.tracks.clone(),
         }
