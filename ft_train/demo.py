@@ -11,7 +11,9 @@ same thing on their own data):
 4. ``ft-train`` stage 1 (clip-level audio) then stage 2 (frame-level windows, lip-weighted loss,
    started from stage 1), the adapter only, with the validation callback sampling clips and
    scoring FID / FVD / Sync-C / Sync-D at the end of each stage.
-5. ``ft-export`` in both forms: the official ``fantasytalking_model.ckpt`` and an adapter bundle.
+5. ``ft-export`` in both forms: the official ``fantasytalking_model.ckpt`` and an adapter bundle
+   (with ``lora_rank`` > 0 the stages also train a LoRA on the DiT, ``model.lora.rank``, and it is
+   exported as well, ``format=lora``: the ``.safetensors`` diffusers' Wan pipelines load).
 6. ``ft-infer``: the bundle + the base weights turn the sample's first frame and speech into an mp4.
 
 It ends with a summary of where everything is and the numbers of each stage. With random
@@ -191,7 +193,8 @@ class Demo:
             "model.train_backbone=false",  # the adapter trains on frozen base weights, as in the paper
             "data=latent", f"data.shards={latent}", "data.num_workers=0", "data.shuffle_buffer=8",
             f"paths.output_dir={runs}", "run_id=demo", "callbacks.checkpoint.every_n_steps=1000000",
-            *val, *self.cfg["train_overrides"],
+            *val, *([f"model.lora.rank={self.cfg['lora_rank']}"] if self.cfg.get("lora_rank") else []),
+            *self.cfg["train_overrides"],
         ]
 
     def train(self, latent: Path, raw: Path, weights: dict[str, Path | None]) -> str:
@@ -241,14 +244,21 @@ class Demo:
         argv_official = [f"ckpt={step_dir}", f"out={official}", "overwrite=true"]
         argv_bundle = [f"ckpt={step_dir}", f"out={bundle}", "format=bundle", "overwrite=true"]
 
+        lora = exports / "lora.safetensors"
+        argv_lora = [f"ckpt={step_dir}", f"out={lora}", "format=lora", "overwrite=true"]
+        exports_argv = [argv_official, argv_bundle, *([argv_lora] if self.cfg.get("lora_rank") else [])]
+
         def run(step: Step) -> None:
-            for argv in (argv_official, argv_bundle):
+            for argv in exports_argv:
                 if export_main(argv) != 0:
                     raise SystemExit("ft-demo: ft-export failed (see above)")
             step.outputs.update(official=str(official), bundle=str(bundle))
+            if len(exports_argv) > 2:
+                step.outputs["lora"] = str(lora)
 
-        self._step("export: official checkpoint + adapter bundle",
-                   ["ft-export", *argv_official, "&&", "ft-export", *argv_bundle], run)
+        command = [part for argv in exports_argv for part in ("&&", "ft-export", *argv)][1:]
+        self._step("export: official checkpoint + adapter bundle" + (" + LoRA" if len(exports_argv) > 2 else ""),
+                   command, run)
         return {"official": official, "bundle": bundle}
 
     # -- 6: inference ---------------------------------------------------------------------------------
@@ -291,6 +301,9 @@ class Demo:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.print_summary(summary)
+        if not self.cfg.get("lora_rank"):
+            self.console.print("LoRA on the DiT: [bold]ft-demo lora_rank=8[/bold] trains one with the adapter in both "
+                               "stages and exports it for diffusers (ft-export format=lora); see docs/training.md (LoRA on the DiT)")
         return summary
 
     def print_summary(self, summary: dict[str, Any]) -> None:

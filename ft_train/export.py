@@ -5,6 +5,7 @@ Usage::
     ft-export ckpt=<stage_dir>/checkpoints/step-00020000 out=fantasytalking_model.ckpt
     ft-export ckpt=... out=fantasytalking_fp16.safetensors dtype=fp16
     ft-export ckpt=... out=exports/my-run format=bundle
+    ft-export ckpt=... out=exports/my-run-lora.safetensors format=lora
 
 Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the checkpoint is loaded
 (no backbone weights, no model is built). Formats:
@@ -20,9 +21,14 @@ Options are the keys of ``conf/export.yaml``. Runs on CPU; nothing but the check
     or other modules in the checkpoint are reported and left out — the official code has no
     identity or motion module, so those weights are reported by name with a pointer to
     ``format=bundle``.
+``lora``
+    The trained LoRA on the DiT (``model.lora``) alone, as one ``.safetensors`` file in the key
+    format diffusers saves and ``WanImageToVideoPipeline.load_lora_weights`` loads
+    (``transformer.blocks.{i}.attn1.to_q.lora_A.weight``, …), the scale alpha/r folded into B
+    (:func:`ft_train.models.lora.to_diffusers`).
 ``bundle``
     A folder with ``adapter.safetensors`` (every adapter tensor, this project's naming: audio,
-    identity Q-Former + ``face_kv``, motion) and ``adapter.json`` (:func:`bundle_info`; its
+    identity Q-Former + ``face_kv``, motion, the LoRA) and ``adapter.json`` (:func:`bundle_info`; its
     ``model.identity`` / ``model.motion`` say how to rebuild those modules), read back by
     ``stage.init_from`` and ``ft-infer``. Frozen encoders (an ArcFace network) are not adapter
     weights and stay out; ``model.identity.arcface_path`` records where they came from.
@@ -59,9 +65,10 @@ from .models.weights import (
     to_official,
     with_ema,
 )
+from .models.lora import LoraSettings, is_lora_key, to_diffusers
 from .spec import SPEC_FILE, ModelSpec, find_run_config, load_run_config, read_data_stats, read_spec
 
-FORMATS = ("official", "bundle")
+FORMATS = ("official", "bundle", "lora")
 EXPORT_DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16,
@@ -109,7 +116,7 @@ def audio_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tor
 def non_audio_summary(ckpt: AdapterCheckpoint) -> tuple[int, int, list[str]]:
     """(backbone tensors, other non-audio tensors, their names) held by ``ckpt``."""
     names = sorted(k for k in ckpt.tensors if not is_audio_key(k))
-    backbone = sum(k.startswith(BACKBONE_PREFIX) for k in names)
+    backbone = sum(k.startswith(BACKBONE_PREFIX) and not is_lora_key(k) for k in names)
     return backbone, len(names) - backbone, names
 
 
@@ -193,7 +200,7 @@ def export_bundle(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, spec: 
     """Write ``out/adapter.safetensors`` + ``out/adapter.json``. Returns the folder, tensors, info."""
     from safetensors.torch import save_file
 
-    tensors = cast({k: v for k, v in ckpt.tensors.items() if not k.startswith(BACKBONE_PREFIX)}, dtype)
+    tensors = cast(adapter_tensors(ckpt.tensors), dtype)
     if not tensors:
         raise ValueError(f"ckpt: {ckpt.path} holds no adapter tensors (only backbone weights)")
     audio_tensors(tensors, ckpt.path)  # fail early if the audio adapter is incomplete
@@ -213,6 +220,44 @@ def export_bundle(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, spec: 
 
     _atomic(out, write)
     return out, tensors, info
+
+
+def adapter_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every adapter tensor: all but the trained backbone's (the LoRA on it is an adapter)."""
+    return {k: v for k, v in tensors.items() if not k.startswith(BACKBONE_PREFIX) or is_lora_key(k)}
+
+
+def export_lora(ckpt: AdapterCheckpoint, out: Path, dtype: torch.dtype, spec: ModelSpec | None
+                ) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Write the trained LoRA as diffusers' ``.safetensors`` (written by
+    ``WanImageToVideoPipeline.save_lora_weights``). Returns the path and tensors."""
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    if not any(is_lora_key(k) for k in ckpt.tensors):
+        raise ValueError(f"ckpt: {ckpt.path} holds no LoRA tensors; train with model.lora.rank > 0 "
+                         "(format=official or bundle export the adapters)")
+    if spec is None or spec.lora is None:
+        raise FileNotFoundError(
+            f"config: {ckpt.path} holds LoRA tensors but says nothing of their model.lora settings (alpha sets their "
+            f"scale); pass config=<stage_dir>/config.yaml (the run's resolved config, written by ft-train)")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"out: {out} must end in .safetensors (the form diffusers and ComfyUI load LoRAs from)")
+    settings = LoraSettings.from_dict(spec.lora)
+    tensors = to_diffusers(cast(ckpt.tensors, torch.float32), settings, where=f"ckpt: {ckpt.path}")
+    tensors = cast(tensors, dtype)
+
+    # diffusers writes into a folder: a temporary sibling, whose file then replaces `out` at once.
+    staging = out.with_name(f".{out.name}.tmp")
+    _remove(staging)
+    staging.mkdir(parents=True)
+    try:
+        layers = {k.removeprefix("transformer."): v for k, v in tensors.items()}  # diffusers adds the prefix
+        WanLoraLoaderMixin.save_lora_weights(staging, transformer_lora_layers=layers, weight_name=out.name)
+        _plain_modes(staging / out.name)
+        os.replace(staging / out.name, out)
+    finally:
+        _remove(staging)
+    return out, tensors
 
 
 def _atomic(out: Path, write) -> None:
@@ -268,7 +313,7 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
     of the weights. Returns ``out`` (the path written), ``format``, ``layout`` (of the source),
     ``tensors``, ``params``, ``bytes``, ``dtype``, ``ema``, ``warnings`` (also logged)."""
     if format not in FORMATS:
-        raise ValueError(f"format: unknown {format!r}; use official or bundle")
+        raise ValueError(f"format: unknown {format!r}; use official, bundle or lora")
     torch_dtype = export_dtype(dtype)
     out = Path(out).expanduser()
     target = out / OFFICIAL_NAME if format == "official" and out.is_dir() else out
@@ -290,17 +335,20 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
             + (f"; the official code has no identity or motion module and cannot use the {modules} weights"
                if held else "")
             + (" (format=bundle keeps the other adapters)" if other else "")
+            + (" (format=lora writes the LoRA for diffusers / ComfyUI)" if any(map(is_lora_key, names)) else "")
         )
     if format == "bundle" and backbone:
         warnings.append(
             f"{checkpoint.path} holds {backbone} trained backbone tensors (first: "
-            f"{next(n for n in names if n.startswith(BACKBONE_PREFIX))}); a bundle holds adapters only, so they are left out"
+            f"{next(n for n in names if n.startswith(BACKBONE_PREFIX) and not is_lora_key(n))}); a bundle holds adapters only, so they are left out"
         )
     for message in warnings:
         log.warning(message)
 
     if format == "official":
         written, tensors = export_official(checkpoint, target, torch_dtype)
+    elif format == "lora":
+        written, tensors = export_lora(checkpoint, out, torch_dtype, read_spec(checkpoint, config))
     else:
         spec = read_spec(checkpoint, config)
         if spec is None:
@@ -308,7 +356,7 @@ def export(ckpt: str | Path, out: str | Path, format: str = "official", dtype: s
                 f"config: {checkpoint.path} says nothing of its model (no {SPEC_FILE} or config.yaml beside it); "
                 "pass config=<stage_dir>/config.yaml (the run's resolved config, written by ft-train)")
         run_cfg, run = _run_info(checkpoint, config)
-        bundle_tensors = {k: v for k, v in checkpoint.tensors.items() if not k.startswith(BACKBONE_PREFIX)}
+        bundle_tensors = adapter_tensors(checkpoint.tensors)
         for message in module_warnings(spec, bundle_tensors, checkpoint.path):
             log.warning(message)
             warnings.append(message)

@@ -115,7 +115,18 @@ def training_step_flops(net, latents_shape: tuple[int, ...], audio_tokens: int, 
     sizes = adapter_sizes(net, audio_tokens, frames, frame_level=getattr(net, "audio_mode", "frame") == "frame")
     fwd = forward_flops(net.transformer.config, (f, h, w), batch=b, adapter=sizes,
                         text_tokens=text_tokens, image_tokens=image_tokens)
-    full = any(p.requires_grad for p in net.transformer.parameters())
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    from .models.lora import is_lora_key
+
+    full = any(p.requires_grad for n, p in net.transformer.named_parameters() if not is_lora_key(n))
+    trainable = sum(p.numel() for n, p in net.named_parameters() if p.requires_grad and not is_lora_key(n))
     model, _ = train_flops(fwd, full, 2 * b * audio_tokens * trainable, checkpointing=False)
+    # A LoRA (model.lora): its forward, input-gradient and weight-gradient matmuls, 2 FLOPs per
+    # weight per token each; a layer sees the video tokens, or the text / image tokens it projects.
+    patch = net.transformer.config.patch_size
+    video = f // patch[0] * (h // patch[1]) * (w // patch[2])
+    for name, p in net.transformer.named_parameters():
+        if is_lora_key(name):
+            tokens = (text_tokens if ".attn2.to_k." in name or ".attn2.to_v." in name
+                      else image_tokens if ".attn2.add_" in name else video)
+            model += 3 * 2 * b * tokens * p.numel()
     return model

@@ -7,6 +7,7 @@ Usage::
     ft-infer ... adapters=fantasytalking_model.ckpt 'prompt="A woman is talking."'
     ft-infer ... omega_l=0.1 omega_b=0.1 sampler.steps=20 offload=true
     ft-infer ... adapters=exports/run-arcface arcface=weights/ms1mv3_arcface_r100/backbone.pth
+    ft-infer ... adapters=exports/run-lora lora_scale=0.8 extra_lora=style.safetensors
     ft-infer ... audio=long_speech.wav segment_frames=81 overlap_frames=5 long_mode=continue
 
 Options are the keys of ``conf/infer.yaml`` (a prompt with a comma must be quoted as above, or
@@ -36,7 +37,7 @@ import numpy as np
 from .cli import Tool
 from .config import compose_tool_config
 from .inference.adapters import (
-    RELEASE_FPS, check_identity, clip_width, detect_face_box, read_adapters, resolve_arcface, scale_box,
+    RELEASE_FPS, check_identity, check_lora_options, clip_width, detect_face_box, read_adapters, resolve_arcface, scale_box,
 )
 from .inference.inputs import (
     FACE_MODES, check_omega, check_wan_folder, check_wav2vec_folder, frames_for_audio, read_image, read_speech,
@@ -85,6 +86,9 @@ def infer(
     compile_blocks: bool = False,
     frozen_fp8: bool = False,
     ema: bool = False,
+    lora_scale: float = 1.0,
+    extra_lora: str | Path | list | None = None,
+    extra_lora_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Generate ``out`` (mp4) from ``image`` and ``audio`` with ``adapters`` (keys of
     ``conf/infer.yaml``; ``sampler`` is a built :class:`~ft_train.diffusion.FlowMatchSampler`,
@@ -114,6 +118,7 @@ def infer(
         raise ValueError(f"face: must be auto (find the face in the image) or none (the whole image), got {face!r}")
     if isinstance(face_margin, bool) or not isinstance(face_margin, (int, float)) or not face_margin >= 0:
         raise ValueError(f"face_margin: must be a number >= 0 (the training data's face_margin), got {face_margin!r}")
+    extra_loras = check_lora_options(lora_scale, extra_lora, extra_lora_scale)
     torch_device = resolve_device(device)
     resolve_dtype_name(dtype, torch_device)
     resolve_dtype_name(vae_dtype, torch_device, key="vae_dtype")
@@ -177,7 +182,8 @@ def infer(
     pipe = TalkingPortraitPipeline.load(trained, wan_dir, wav2vec_dir, sampler=sampler, device=torch_device,
                                         dtype=dtype, vae_dtype=vae_dtype, vae_tiling=vae_tiling, offload=offload,
                                         face_margin=face_margin, compile_blocks=compile_blocks,
-                                        frozen_fp8=frozen_fp8)
+                                        frozen_fp8=frozen_fp8, lora_scale=lora_scale, extra_lora=extra_loras,
+                                        extra_lora_scale=extra_lora_scale)
     trained.checkpoint.tensors.clear()  # copied into the model; drop the (possibly memory-mapped) originals
     width, height = target_size(*picture.size, max_side, pipe.grid)
     # Found in the full-resolution photo (a sharper face for the mesh), cropped from the first frame.

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from .models.identity import IdentityConfig
+from .models.lora import LoraSettings
 from .models.motion import MotionConfig
 from .models.weights import AdapterCheckpoint
 
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "model_spec.json"
-SPEC_VERSION = 1
+# 1: audio, identity, motion, backbone shape; 2: + ``lora`` (written only when the run has one,
+# so specs without a LoRA stay readable by an ft_train that knows version 1 only).
+SPEC_VERSION = 2
 AUDIO_MODES = ("clip", "frame")
 
 
@@ -41,6 +44,7 @@ class ModelSpec:
         transformer: the backbone's diffusers config (its shape), when the run built it from one.
         pretrained: the base folder the adapters were trained on, when known.
         fps, num_frames: the training clips' frame rate and length, when known.
+        lora: the complete ``model.lora`` settings when the run trained a LoRA on the DiT, else None.
     """
 
     audio_mode: str
@@ -53,6 +57,7 @@ class ModelSpec:
     pretrained: str | None = None
     fps: float | None = None
     num_frames: int | None = None
+    lora: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.audio_mode not in AUDIO_MODES:
@@ -61,7 +66,11 @@ class ModelSpec:
             raise ValueError(f"audio_expand: must be a whole number of tokens >= 0, got {self.audio_expand!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": SPEC_VERSION, **asdict(self)}
+        data = asdict(self)
+        if data["lora"] is None:
+            del data["lora"]
+            return {"version": 1, **data}
+        return {"version": SPEC_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "spec") -> "ModelSpec":
@@ -102,13 +111,14 @@ class ModelSpec:
             pretrained=str(pretrained) if isinstance(pretrained, str) and "${" not in pretrained else None,
             fps=fps,
             num_frames=int(frames) if isinstance(frames, int) and not isinstance(frames, bool) else None,
+            lora=lora_section(model.get("lora")),
         )
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``build_model`` besides the backbone."""
         return {"audio_mode": self.audio_mode, "audio_in_dim": self.audio_in_dim,
                 "audio_proj_dim": self.audio_proj_dim, "audio_expand": self.audio_expand,
-                "identity": self.identity, "motion": self.motion}
+                "identity": self.identity, "motion": self.motion, "lora": self.lora}
 
 
 def _section(cls, section: Any) -> dict[str, Any] | None:
@@ -116,6 +126,14 @@ def _section(cls, section: Any) -> dict[str, Any] | None:
     if not isinstance(section, dict) or not section.get("enabled"):
         return None
     return cls.from_dict(section).to_dict()
+
+
+def lora_section(section: Any) -> dict[str, Any] | None:
+    """A complete ``model.lora`` section (every key) when its rank is > 0, else None."""
+    if section is None:
+        return None
+    settings = LoraSettings.from_dict(dict(section) if isinstance(section, dict) else section)
+    return settings.to_dict() if settings.enabled else None
 
 
 def write_spec(folder: str | Path, spec: ModelSpec) -> Path:

@@ -39,6 +39,7 @@ def validate_config(cfg) -> None:
         raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist; point it at a local Wan2.1-I2V diffusers folder")
     check_slurm(cfg)
     check_model_options(cfg)
+    check_lora(cfg)
     check_precision(cfg)
     init_from = cfg.stage.init_from
     if init_from and not Path(str(init_from)).expanduser().exists():
@@ -113,6 +114,33 @@ def check_model_options(cfg) -> None:
             f"model.identity.encoder={encoder} reads {'face-crop pixels' if wants == 'pixels' else 'CLIP face tokens'} "
             f"but data.face={face}; set data.face={wants}"
         )
+
+
+def check_lora(cfg) -> None:
+    """``model.lora`` (each key named in its error), what it cannot go with, and ``model.init_from``:
+    every path there, and a LoRA file only with a LoRA to start (``model.lora.rank`` > 0)."""
+    from omegaconf import OmegaConf
+
+    from .models.lora import LoraSettings, is_lora_file
+
+    section = OmegaConf.select(cfg, "model.lora", default=None, throw_on_missing=False)
+    lora = LoraSettings.from_dict(OmegaConf.to_container(section, resolve=True) if section is not None else None)
+    if lora.enabled and OmegaConf.select(cfg, "model.train_backbone", default=False):
+        raise ValueError(f"model.lora.rank={lora.rank} with model.train_backbone=true: the full fine-tune trains "
+                         "every weight the LoRA would adapt; set model.lora.rank=0 or model.train_backbone=false")
+    if lora.enabled and lora.dropout and OmegaConf.select(cfg, "model.checkpoint_offload", default=False):
+        raise ValueError(f"model.lora.dropout={lora.dropout} with model.checkpoint_offload=true: the offloaded blocks' "
+                         "recompute would draw other dropout masks; set model.lora.dropout=0 or model.checkpoint_offload=false")
+    init_from = OmegaConf.select(cfg, "model.init_from", default=None, throw_on_missing=False)
+    sources = [] if init_from is None else [init_from] if isinstance(init_from, str) else list(init_from)
+    for source in sources:
+        path = Path(str(source)).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model.init_from: nothing at {path}; give the released fantasytalking_model.ckpt, "
+                                    "a bundle, an ft-train checkpoint or a diffusers-format Wan LoRA (.safetensors)")
+        if not lora.enabled and is_lora_file(path):
+            raise ValueError(f"model.init_from: {path} is a LoRA file, and this run trains no LoRA; set "
+                             "model.lora.rank to its rank")
 
 
 def check_precision(cfg) -> None:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_and_writes_what_it_announces(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main([f"out={out}", "side=96", "clip_steps=12", "frame_steps=12", "sample_steps=2",
-                 "infer_seconds=1.0", "progress=false"]) == 0
+                 "infer_seconds=1.0", "progress=false", "lora_rank=4"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     names = [s["name"] for s in summary["steps"]]
     assert len(names) == 7 and names[0].startswith("data tools") and names[-1].startswith("inference")
@@ -39,6 +39,11 @@ def test_demo_runs_the_whole_pipeline_and_writes_what_it_announces(tmp_path, cap
             assert list(Path(stage["outputs"]["samples"]).rglob("*.mp4"))
     exported = next(s for n, s in stages.items() if n.startswith("export"))["outputs"]
     assert Path(exported["official"]).stat().st_size > 0 and (Path(exported["bundle"]) / "adapter.json").exists()
+    from ft_train.models.lora import read_lora_file  # lora_rank=4: a LoRA trained in both stages, in diffusers' form
+
+    lora = read_lora_file(exported["lora"], "lora")
+    assert lora.rank == 4 and any(v.abs().sum() > 0 for k, v in lora.tensors.items() if ".lora_B." in k)
+    assert json.loads((Path(exported["bundle"]) / "adapter.json").read_text())["spec"]["lora"]["rank"] == 4
 
     frames, fps, audio = read_video(summary["video"])
     assert fps == pytest.approx(25.0)

@@ -17,7 +17,7 @@ from ft_train.speed.fp8 import Fp8FrozenLinear
 def test_the_network_takes_no_speed_option():
     params = set(inspect.signature(FantasyTalkingDiT.__init__).parameters)
     assert params == {"self", "transformer", "audio_mode", "audio_in_dim", "audio_proj_dim", "audio_expand",
-                      "train_backbone", "identity", "motion"}
+                      "train_backbone", "identity", "motion", "lora"}
     assert not params & set(SpeedOptions.keys())
     speed_methods = ("set_checkpointing", "compile_blocks", "set_frozen_fp8", "set_attention_backend",
                      "set_self_attention_kernel", "pick_self_attention_kernel", "fp8_buffer_names")

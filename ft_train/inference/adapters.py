@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..models.lora import is_lora_key
 from ..models.weights import AdapterCheckpoint
 from ..spec import ModelSpec
 
@@ -93,6 +94,15 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
                         ckpt.path, name)
     motion = spec.motion if motion_keys else None
     identity = spec.identity if identity_keys else None
+    lora_keys = [k for k in ckpt.tensors if is_lora_key(k)]
+    if spec.lora is not None and not lora_keys:
+        log.warning("adapters: %s enables model.lora but holds none of its weights; the LoRA is left out", ckpt.path)
+    if spec.lora is None and lora_keys:
+        raise ValueError(
+            f"{where} holds LoRA tensors but no model.lora settings (alpha sets their scale); export it with its run "
+            "config: ft-export ckpt=... out=<folder> format=bundle config=<stage_dir>/config.yaml"
+        )
+    lora = spec.lora if lora_keys else None
     if motion is None and motion_keys:
         embed = ckpt.tensors.get("motion.embed.0.weight")
         if embed is None or embed.ndim != 2:
@@ -105,7 +115,59 @@ def read_adapters(path: str | Path, audio_mode: str | None = None, audio_expand:
             f"{where} holds identity-branch tensors but no model.identity settings; export it with its run "
             "config: ft-export ckpt=... out=<folder> format=bundle config=<stage_dir>/config.yaml"
         )
-    return AdapterSpec(checkpoint=ckpt, spec=replace(spec, identity=identity, motion=motion))
+    return AdapterSpec(checkpoint=ckpt, spec=replace(spec, identity=identity, motion=motion, lora=lora))
+
+
+def check_lora_options(lora_scale: Any, extra_lora: Any, extra_lora_scale: Any) -> list[Path]:
+    """ft-infer's LoRA keys, before anything is loaded: the scales are numbers, every
+    ``extra_lora`` file exists and holds a LoRA. Returns the extra files."""
+    import math
+
+    for key, value in (("lora_scale", lora_scale), ("extra_lora_scale", extra_lora_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key}: must be a number (1 = as trained, 0 = off), got {value!r}")
+    from ..models.lora import is_lora_file
+
+    paths = [] if extra_lora in (None, "") else [extra_lora] if isinstance(extra_lora, (str, Path)) else list(extra_lora)
+    out = []
+    for path in paths:
+        path = Path(str(path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"extra_lora: no file at {path}; give a diffusers-format Wan LoRA (.safetensors)")
+        if not is_lora_file(path):
+            raise ValueError(f"extra_lora: {path} is not a LoRA .safetensors file (no lora_A / lora_down tensors)")
+        out.append(path)
+    return out
+
+
+def apply_loras(model, lora_scale: float = 1.0, extra_lora: Sequence[str | Path] = (), extra_lora_scale: float = 1.0,
+                dtype=None) -> dict[str, float]:
+    """The LoRAs of an inference model: the adapters' own (``model.lora``, weighted ``lora_scale``)
+    and each ``extra_lora`` file (diffusers' loader; weighted ``extra_lora_scale``), all in
+    ``dtype``. Returns the active adapters and their weights (diffusers' ``set_adapters``)."""
+    from ..models.lora import ADAPTER, add_extra_lora, read_lora_file, set_lora_scales
+
+    scales: dict[str, float] = {}
+    if model.lora_config.enabled:
+        scales[ADAPTER] = float(lora_scale)
+    elif lora_scale != 1.0:
+        log.warning("lora_scale: the adapters carry no LoRA (model.lora); lora_scale=%g is ignored", lora_scale)
+    for i, path in enumerate(extra_lora):
+        lora = read_lora_file(path, "extra_lora")
+        blocks = {int(k.split(".")[2]) for k in lora.tensors}
+        if max(blocks) >= model.num_blocks:
+            raise ValueError(f"extra_lora: {path} has layers for {max(blocks) + 1} blocks, the model has "
+                             f"{model.num_blocks} (a LoRA of another model size?)")
+        add_extra_lora(model.transformer, lora, f"extra_{i}")
+        scales[f"extra_{i}"] = float(extra_lora_scale)
+        log.info("extra_lora: %s (rank %d, %d layers) at weight %g", path, lora.rank, len(lora.layers), extra_lora_scale)
+    if scales:
+        set_lora_scales(model.transformer, scales)
+        if dtype is not None:
+            for name, param in model.transformer.named_parameters():
+                if is_lora_key(name):
+                    param.data = param.data.to(dtype)
+    return scales
 
 
 def check_identity(identity: dict[str, Any] | None, clip_width: int | None) -> None:

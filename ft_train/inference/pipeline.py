@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .adapters import AdapterSpec, check_identity, clip_width
+from .adapters import AdapterSpec, apply_loras, check_identity, clip_width
 from .inputs import fit_waveform, image_to_tensor, resolve_device, resolve_dtype_name
 
 log = logging.getLogger("ft_train.infer")
@@ -53,11 +53,13 @@ class TalkingPortraitPipeline:
     def load(cls, adapters: AdapterSpec, wan: str | Path, wav2vec: str | Path, sampler=None, device="auto",
              dtype: str = "auto", vae_dtype: str = "float32", vae_tiling: bool = False,
              offload: bool = False, face_margin: float = 0.2,
-             compile_blocks: bool = False, frozen_fp8: bool = False) -> "TalkingPortraitPipeline":
+             compile_blocks: bool = False, frozen_fp8: bool = False, lora_scale: float = 1.0,
+             extra_lora: Sequence[str | Path] = (), extra_lora_scale: float = 1.0) -> "TalkingPortraitPipeline":
         """Load the DiT from ``<wan>/transformer``, put ``adapters``' tensors in it, and load the
         encoders and the VAE (on the CPU when ``offload``). ``compile_blocks``: ``torch.compile``
         the DiT's blocks; ``frozen_fp8``: their linear weights in float8, quantised once on
-        ``device`` (both :func:`ft_train.speed.apply`)."""
+        ``device`` (both :func:`ft_train.speed.apply`). ``lora_scale`` weights the adapters' LoRA,
+        ``extra_lora`` adds diffusers-format Wan LoRA files at ``extra_lora_scale`` (:func:`apply_loras`)."""
         from ..diffusion import FlowMatchSampler
         from ..models.vae import WanVAEDecoder
         from ..models import build_model
@@ -78,6 +80,7 @@ class TalkingPortraitPipeline:
         # The release runs its adapter in the DiT's dtype too; the adapters are ~6% of 14B.
         for module in model.adapter_modules().values():
             module.to(getattr(torch, dtype))
+        apply_loras(model, lora_scale, extra_lora, extra_lora_scale, dtype=getattr(torch, dtype))
         model.requires_grad_(False).eval().to(device)
         apply(model, SpeedOptions(compile_blocks=compile_blocks, frozen_fp8=frozen_fp8))
 

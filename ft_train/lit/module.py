@@ -176,6 +176,10 @@ class FantasyTalkingModule(L.LightningModule):
                 self.nonfinite_in_a_row = 0
             self._skip_update = False
         generator = step_generator(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
+        if getattr(getattr(self.net, "lora_config", None), "dropout", 0):
+            # LoRA dropout draws from torch's global generator: seed it from the step too, so a
+            # resumed run draws the same masks (the loss keeps its own generator).
+            torch.manual_seed(generator.initial_seed() ^ 0x10A4)
         out = self.loss(self.net, batch, generator)
         bsz = batch["latents"].shape[0]
         finite = self.all_finite(out.loss, skipped, bsz)

@@ -16,6 +16,7 @@ from diffusers import WanTransformer3DModel
 from ..speed import SpeedOptions, apply
 from ..speed.fp8 import Fp8FrozenLinear
 from .fantasytalking import FantasyTalkingDiT
+from .lora import is_lora_file, load_lora_file_into, read_lora_file
 from .weights import load_adapter_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +88,8 @@ def build_model(
     dtype: str = "float32",
     identity: dict[str, Any] | None = None,
     motion: dict[str, Any] | None = None,
-    init_from: str | None = None,
+    lora: dict[str, Any] | None = None,
+    init_from: str | list[str] | None = None,
     **options: Any,
 ) -> FantasyTalkingDiT:
     """Hydra entry point (``conf/model/*.yaml``): load or build the DiT, then add the adapter
@@ -102,6 +104,8 @@ def build_model(
     ``fantasytalking_model.ckpt`` (audio only; identity / motion stay at their zero start), an
     ``ft-export`` bundle or an ft-train checkpoint. It belongs to the network, whatever the stage;
     ``stage.init_from`` (the previous stage's result) is loaded after it when both are set.
+    It may also be a diffusers-format Wan LoRA file (``.safetensors``), which starts the trained
+    LoRA (``lora``: same rank, its layers among the targets), or a list of such paths, loaded in order.
     """
     net_options, speed = SpeedOptions.split(options)
     dit = load_transformer(pretrained, transformer, dtype)
@@ -109,11 +113,16 @@ def build_model(
         dit,
         identity=dict(identity) if identity is not None else None,
         motion=dict(motion) if motion is not None else None,
+        lora=dict(lora) if lora is not None else None,
         **net_options,
     )
+    sources = [init_from] if isinstance(init_from, (str, Path)) else list(init_from or [])
+    for source in sources:  # before apply: float8 conversion frees the bf16 weights a LoRA file is checked against
+        if is_lora_file(source):
+            load_lora_file_into(net, read_lora_file(source, "model.init_from"), net.lora_config, "model.init_from")
+        else:
+            load_adapter_weights(net, source, key="model.init_from")
     apply(net, speed)
-    if init_from:
-        load_adapter_weights(net, init_from, key="model.init_from")
     return net
 
 
@@ -131,13 +140,14 @@ build_model.config_keys = _build_model_keys
 
 
 def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
-    """Parameter counts (total, trainable, adapter) for logs and reports; float8-stored frozen
+    """Parameter counts (total, trainable, adapter, LoRA) for logs and reports; float8-stored frozen
     weights (``model.frozen_fp8``) count in the total."""
     fp8 = sum(m.weight_bits.numel() for m in model.modules() if isinstance(m, Fp8FrozenLinear))
     total = sum(p.numel() for p in model.parameters()) + fp8
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter = sum(p.numel() for m in model.adapter_modules().values() for p in m.parameters())
-    return {"params_total": total, "params_trainable": trainable, "params_adapter": adapter}
+    lora = sum(p.numel() for _, p in model.lora_state())
+    return {"params_total": total, "params_trainable": trainable, "params_adapter": adapter, "params_lora": lora}
 
 
 __all__ = ["build_model", "load_transformer", "model_summary", "resolve_dtype"]

@@ -8,7 +8,8 @@ are switched on by config: the facial identity branch (``model.identity``, :mod:
 Q-Former and one zero-initialised face k/v per block, in the same processors) and motion-intensity
 modulation (``model.motion``, :mod:`.motion`: an embedding of (ω_l, ω_b) added to the time
 embedding through a forward hook). Both start as exact no-ops, so enabling them on a trained
-audio adapter changes nothing until they are trained.
+audio adapter changes nothing until they are trained; so does a LoRA on the blocks
+(``model.lora``, :mod:`.lora`), whose B starts at zero.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from .adapter import TEXT_TOKENS, AdapterContext, AudioKV, FantasyTalkingAttnProcessor
 from .audio import AudioProjModel, audio_window_index, num_video_frames
 from .identity import FaceKV, IdentityConfig, IdentityModel
+from .lora import ADAPTER, LoraSettings, add_lora, lora_parameters
 from .motion import MotionConfig, MotionHook, MotionModel, check_motion
 
 AUDIO_MODES = ("clip", "frame")
@@ -46,6 +48,9 @@ class FantasyTalkingDiT(nn.Module):
         identity: ``model.identity`` (:class:`~.identity.IdentityConfig` or its dict); disabled
             by default = no parameters.
         motion: ``model.motion`` (:class:`~.motion.MotionConfig` or its dict); disabled by default.
+        lora: ``model.lora`` (:class:`~.lora.LoraSettings` or its dict); rank 0 (default) = none.
+            Its layers (peft, put in by diffusers' ``add_adapter``) train with the adapters while
+            the backbone stays frozen.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class FantasyTalkingDiT(nn.Module):
         train_backbone: bool = False,
         identity: IdentityConfig | dict[str, Any] | None = None,
         motion: MotionConfig | dict[str, Any] | None = None,
+        lora: LoraSettings | dict[str, Any] | None = None,
     ):
         super().__init__()
         self.transformer = transformer
@@ -86,6 +92,12 @@ class FantasyTalkingDiT(nn.Module):
             self._motion_hook = transformer.condition_embedder.time_embedder.register_forward_hook(
                 MotionHook(self._context)
             )
+        self.lora_config = LoraSettings.from_dict(lora)
+        if self.lora_config.enabled:
+            if train_backbone:
+                raise ValueError("model.train_backbone=true trains every DiT weight; a LoRA on them (model.lora.rank="
+                                 f"{self.lora_config.rank}) adds nothing: set model.lora.rank=0 or model.train_backbone=false")
+            add_lora(transformer, self.lora_config)
         self.set_backbone_trainable(train_backbone)
 
     @property
@@ -105,7 +117,17 @@ class FantasyTalkingDiT(nn.Module):
         self._audio_mode = mode
 
     def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze the backbone; the trained LoRA (``model.lora``) stays trainable."""
         self.transformer.requires_grad_(trainable)
+        for _, param in self.lora_state():
+            param.requires_grad_(True)
+
+    def lora_state(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained LoRA's parameters (``model.lora``) by ``state_dict()`` name; empty without one.
+        Extra adapters added for inference (``ft-infer extra_lora``) are not among them."""
+        if not self.lora_config.enabled:
+            return []
+        return [(f"transformer.{n}", p) for n, p in lora_parameters(self.transformer) if f".{ADAPTER}." in n]
 
     def adapter_modules(self) -> dict[str, nn.Module]:
         """The modules this project adds (trained, exported), by attribute name. The identity
@@ -120,12 +142,15 @@ class FantasyTalkingDiT(nn.Module):
         return modules
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter weights only, keyed as in ``state_dict()`` (e.g. ``audio_kv.0.k_proj.weight``)."""
-        return {
+        """Adapter weights only, keyed as in ``state_dict()`` (e.g. ``audio_kv.0.k_proj.weight``),
+        the trained LoRA's included (``transformer.blocks.0.attn1.to_q.lora_A.default.weight``)."""
+        out = {
             f"{name}.{key}": value
             for name, module in self.adapter_modules().items()
             for key, value in module.state_dict().items()
         }
+        out.update({name: param.detach() for name, param in self.lora_state()})
+        return out
 
     @property
     def num_blocks(self) -> int:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .fantasytalking import FantasyTalkingDiT
+from .lora import is_lora_key
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,18 @@ OFFICIAL_KV_KEY = re.compile(r"^blocks\.(\d+)\.cross_attn\.processor\.([kv])_pro
 # with the prefixes of their tensors. A checkpoint without any tensor of one (the released file,
 # or a run trained without it) leaves that module at its zero-initialised start.
 OPTIONAL_MODULES = {"model.identity": ("identity.", "face_kv."), "model.motion": ("motion.",)}
+# The trained LoRA on the DiT (model.lora): optional like them, its tensors known by name, not prefix.
+LORA_SECTION = "model.lora"
+
+
+def optional_section(name: str) -> str | None:
+    """The config section of an optional module (identity, motion, the LoRA) that tensor ``name``
+    belongs to; None for the audio adapter and the backbone."""
+    if is_lora_key(name):
+        return LORA_SECTION
+    return next((s for s, p in OPTIONAL_MODULES.items() if name.startswith(p)), None)
+
+
 # Bundle folder (ft-export format=bundle).
 BUNDLE_FORMAT = "ft_train.adapter"
 # 1: the run's model config + an audio section; 2: one model spec (ft_train.spec.ModelSpec).
@@ -351,14 +364,14 @@ def check_compatible(model: FantasyTalkingDiT, ckpt: AdapterCheckpoint, key: str
         )
     required = set(model.adapter_state_dict())
     fresh = []
-    for section, prefixes in OPTIONAL_MODULES.items():
-        keys = {k for k in required if k.startswith(prefixes)}
-        if keys and not any(k.startswith(prefixes) for k in ckpt.tensors):
+    for section in [*OPTIONAL_MODULES, LORA_SECTION]:
+        keys = {k for k in required if optional_section(k) == section}
+        if keys and not any(optional_section(k) == section for k in ckpt.tensors):
             required -= keys
             fresh.append(section)
     missing = sorted(required - ckpt.tensors.keys())
     if missing:
-        section = next((s for s, p in OPTIONAL_MODULES.items() if missing[0].startswith(p)), None)
+        section = optional_section(missing[0])
         hint = f" (a partial {section} module: was it trained with other {section} settings?)" if section else ""
         raise KeyError(
             f"{key}: {path} ({ckpt.layout} layout) lacks {len(missing)} adapter tensors the model has "
@@ -375,7 +388,7 @@ def check_compatible(model: FantasyTalkingDiT, ckpt: AdapterCheckpoint, key: str
         if name not in own:
             continue
         if own[name].shape != value.shape:
-            section = next((s for s, p in OPTIONAL_MODULES.items() if name.startswith(p)), None)
+            section = optional_section(name)
             cause = f"{section} settings differ?" if section else "checkpoint from another model size?"
             raise ValueError(
                 f"{key}: {path} has {name} of shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)} "

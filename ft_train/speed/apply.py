@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..models.lora import backbone_trains
 from .attention import set_attention_backend, set_self_attention_kernel
 from .checkpointing import install_checkpointing, set_checkpointing
 from .fp8 import convert_to_fp8, set_fp8_backward
@@ -24,8 +25,12 @@ def apply(net: FantasyTalkingDiT, options: SpeedOptions) -> SpeedState:
     """Set every speed option of ``net`` to ``options`` (checked against the network first:
     its block count, whether its backbone trains). Returns what is now in force."""
     state = speed_state(net)
-    trains = any(p.requires_grad for p in net.transformer.blocks.parameters())
+    trains = backbone_trains(net)  # a trained LoRA (model.lora) leaves the backbone frozen
     options.validate(train_backbone=trains, num_blocks=net.num_blocks)
+    lora = getattr(net, "lora_config", None)
+    if options.checkpoint_offload and lora is not None and lora.enabled and lora.dropout:
+        raise ValueError(f"model.lora.dropout={lora.dropout} with model.checkpoint_offload=true: the offloaded blocks' "
+                         "recompute would draw other dropout masks; set model.lora.dropout=0 or model.checkpoint_offload=false")
     if state.frozen_fp8 and not options.frozen_fp8:
         raise ValueError("model.frozen_fp8=false: this network's blocks are float8 already (one-way); build it again")
     if options.frozen_fp8 and not state.frozen_fp8:

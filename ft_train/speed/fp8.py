@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..models.lora import backbone_trains
 from .options import SpeedOptions
 from .state import add_forward_check, speed_state
 
@@ -178,10 +179,16 @@ def convert_frozen_linears(root: nn.Module, backward: bool = False) -> list[str]
     """Replace every frozen ``nn.Linear`` under ``root`` whose widths suit ``_scaled_mm`` by an
     :class:`Fp8FrozenLinear` (``backward``: its input gradient in fp8 too), in place (each weight
     is quantised on the device it is on, then its bf16 copy is freed). Returns the replaced
-    modules' names, relative to ``root``."""
+    modules' names, relative to ``root``.
+
+    LoRA layers (``model.lora``, peft's ``lora.Linear``) keep their low-rank A and B as they are
+    (trained, or small): only their frozen ``base_layer`` goes to float8, and the LoRA path adds
+    its update in its own dtype on top of the fp8 matmul."""
     _probe_cpu_rowwise()  # here, in eager mode, before any compiled forward reads it
     replaced = []
     for name, module in list(root.named_modules()):
+        if ".lora_" in f".{name}":  # peft's lora_A / lora_B containers and the layers in them
+            continue
         for child_name, child in list(module.named_children()):
             if Fp8FrozenLinear.supports(child) and not child.weight.requires_grad:
                 setattr(module, child_name, Fp8FrozenLinear(child, backward))
@@ -195,7 +202,7 @@ def convert_to_fp8(net: FantasyTalkingDiT, backward: bool = False) -> list[str]:
     weights are freed. Before compiling. ``backward``: the input gradients' matmuls in fp8 too.
     Returns the converted layers' names, relative to the blocks."""
     state = speed_state(net)
-    trains = any(p.requires_grad for p in net.transformer.blocks.parameters())
+    trains = backbone_trains(net)
     SpeedOptions(frozen_fp8=True, frozen_fp8_backward=backward).validate(train_backbone=trains)
     if state.compile_options is not None:
         raise ValueError("model.frozen_fp8: convert before compile_blocks()")
