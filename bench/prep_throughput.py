@@ -31,6 +31,7 @@ the mask cost grows with it. Results, machine and history: ``bench/prep_throughp
 Usage::
 
     python bench/prep_throughput.py [--repeats 5] [--detect-every N] [--pose-every N] [--json out.json]
+        [--source-size 720x528] [--override pose_every=0 ...]
 """
 
 from __future__ import annotations
@@ -64,7 +65,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def end_to_end(video: Path, info: media.VideoInfo, fps: float, side: int, repeats: int) -> tuple[float, float]:
+def resized_copy(video: Path, size: str, folder: Path) -> Path:
+    """The video scaled to ``size`` (WxH) with the imageio-ffmpeg binary, audio copied."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    w, h = size.lower().split("x")
+    out = folder / f"{video.stem}_{w}x{h}.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(video), "-vf", f"scale={w}:{h}",
+                    "-c:v", "libx264", "-crf", "16", "-preset", "fast", "-c:a", "copy", str(out)], check=True)
+    return out
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    return head.strip() + ("+changes" if dirty.strip() else "")
+
+
+def end_to_end(
+    video: Path, info: media.VideoInfo, fps: float, side: int, repeats: int, overrides: list[str]
+) -> tuple[float, float]:
     """(whole ft-prep path, decode + FaceMesh alone), frames decoded per second on this core."""
     import shutil
     import tempfile
@@ -80,7 +108,7 @@ def end_to_end(video: Path, info: media.VideoInfo, fps: float, side: int, repeat
         for i in range(max(2, repeats)):
             shutil.copy(video, inputs / f"v{i}{video.suffix}")
         cfg = load_config([f"input={inputs}", f"output={Path(tmp) / 'out'}", "progress=false", "num_workers=0",
-                           "videos_per_shard=64"])
+                           "videos_per_shard=64", *overrides])
         t = time.perf_counter()
         run_prep(cfg)
         e2e = frames_per_video * max(2, repeats) / (time.perf_counter() - t)
@@ -103,7 +131,15 @@ def main() -> None:
     ap.add_argument("--detect-every", type=int, default=conf["detect_every"])
     ap.add_argument("--pose-every", type=int, default=conf["pose_every"])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--source-size", default=None, metavar="WxH",
+                    help="run on a copy of --video scaled to this size (the issue measured a 720x528 source)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="ft-prep config override for the end-to-end run (repeatable)")
     args = ap.parse_args()
+    if args.source_size:
+        import tempfile
+
+        args.video = resized_copy(args.video, args.source_size, Path(tempfile.mkdtemp(prefix="prep_bench_")))
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core: a per-core figure
@@ -163,7 +199,7 @@ def main() -> None:
         media.encode_mp4(clip, fps, int(conf["crf"]), conf["preset"])
         record("encode", time.perf_counter() - t, n)
 
-    e2e, baseline = end_to_end(args.video, info, fps, side, args.repeats)
+    e2e, baseline = end_to_end(args.video, info, fps, side, args.repeats, args.override)
 
     ms = {k: float(np.median(v)) for k, v in passes.items()}
     ms["pose"] = max(0.0, ms.pop("landmarks+pose", ms["landmarks"]) - ms["landmarks"])
@@ -188,10 +224,13 @@ def main() -> None:
             f"+pose every {args.pose_every}": round(1e3 / (core + ms["pose"]), 1),
             f"+pose every {args.pose_every}+encode": round(1e3 / (core + ms["pose"] + ms["encode"]), 1),
         },
+        "end_to_end_overrides": args.override,
         "end_to_end_frames_per_s_per_core": e2e,
         "baseline_decode_facemesh_frames_per_s_per_core": baseline,
         "end_to_end_over_baseline": round(e2e / baseline, 3),
         "cpu": cpu_model(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "commit": git_commit(),
         "cores_visible": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }

@@ -217,7 +217,7 @@ def test_list_file_input_and_missing_file(tmp_path):
 def test_cli_config_and_validation(tmp_path, capsys):
     cfg = load_config(["input=x", "output=y"])
     assert (cfg.fps, cfg.num_frames, cfg.max_side) == (25.0, 81, 512)
-    assert (cfg.detect_every, cfg.pose_every) == (5, 4)  # the speed settings conf/prep.yaml documents
+    assert (cfg.detect_every, cfg.pose_every, cfg.scene_downscale) == (8, 4, 2)  # the speed settings conf/prep.yaml documents
     with pytest.raises(SystemExit, match="num_frames=80 must be 4k\\+1"):
         main(["input=x", "output=y", "num_frames=80"])
     with pytest.raises(SystemExit, match="detect_every=0 must be ≥ 1"):
