@@ -31,7 +31,7 @@ the mask cost grows with it. Results, machine and history: ``bench/prep_throughp
 Usage::
 
     python bench/prep_throughput.py [--repeats 5] [--detect-every N] [--pose-every N] [--json out.json]
-        [--source-size 720x528] [--override pose_every=0 ...]
+        [--source-size 720x528] [--loops 4] [--override pose_every=0 ...]
 """
 
 from __future__ import annotations
@@ -65,16 +65,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def resized_copy(video: Path, size: str, folder: Path) -> Path:
-    """The video scaled to ``size`` (WxH) with the imageio-ffmpeg binary, audio copied."""
+def remade_copy(video: Path, size: str | None, loops: int, folder: Path) -> Path:
+    """The video scaled to ``size`` (WxH) and played forward then backward ``loops`` times
+    (sound too), made with the imageio-ffmpeg binary: a longer video without a jump where it
+    starts again, so the per-video start-up (graphs, model loads) weighs as on real footage."""
     import subprocess
 
     import imageio_ffmpeg
 
-    w, h = size.lower().split("x")
-    out = folder / f"{video.stem}_{w}x{h}.mp4"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(video), "-vf", f"scale={w}:{h}",
-                    "-c:v", "libx264", "-crf", "16", "-preset", "fast", "-c:a", "copy", str(out)], check=True)
+    scale = f"scale={size.lower().replace('x', ':')}," if size else ""
+    n = 2 * loops
+    graph = (f"[0:v]{scale}split={n}" + "".join(f"[v{i}]" for i in range(n)) + ";"
+             f"[0:a]asplit={n}" + "".join(f"[a{i}]" for i in range(n)) + ";"
+             + "".join(f"[v{i}]reverse[w{i}];[a{i}]areverse[b{i}];" for i in range(1, n, 2))
+             + "".join(f"[v{i}][a{i}]" if i % 2 == 0 else f"[w{i}][b{i}]" for i in range(n))
+             + f"concat=n={n}:v=1:a=1[v][a]")
+    out = folder / f"{video.stem}_{size or 'orig'}_x{n}.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(video), "-filter_complex", graph,
+                    "-map", "[v]", "-map", "[a]", "-c:v", "libx264", "-crf", "16", "-preset", "fast", "-c:a", "aac",
+                    str(out)], check=True)
     return out
 
 
@@ -92,8 +101,9 @@ def git_commit() -> str | None:
 
 def end_to_end(
     video: Path, info: media.VideoInfo, fps: float, side: int, repeats: int, overrides: list[str]
-) -> tuple[float, float]:
-    """(whole ft-prep path, decode + FaceMesh alone), frames decoded per second on this core."""
+) -> tuple[float, float, dict]:
+    """(whole ft-prep path, decode + FaceMesh alone) in frames decoded per second on this core,
+    and what the ft-prep run's report says (samples, rejects, seconds per step)."""
     import shutil
     import tempfile
 
@@ -110,8 +120,10 @@ def end_to_end(
         cfg = load_config([f"input={inputs}", f"output={Path(tmp) / 'out'}", "progress=false", "num_workers=0",
                            "videos_per_shard=64", *overrides])
         t = time.perf_counter()
-        run_prep(cfg)
+        report = run_prep(cfg)
         e2e = frames_per_video * max(2, repeats) / (time.perf_counter() - t)
+    summary = {"videos": report["videos"], "samples": report["samples"], "clip_frames": report["frames"],
+               "rejected": {k: v for k, v in report["rejected"].items() if v}, "timing_s": report["timing_s"]}
     times = []
     for _ in range(max(2, repeats)):
         t = time.perf_counter()
@@ -120,7 +132,7 @@ def end_to_end(
                 frame.flags.writeable = False
                 mesh.process(frame)
         times.append(time.perf_counter() - t)
-    return round(e2e, 1), round(frames_per_video * len(times) / sum(times), 1)
+    return round(e2e, 1), round(frames_per_video * len(times) / sum(times), 1), summary
 
 
 def main() -> None:
@@ -133,13 +145,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--source-size", default=None, metavar="WxH",
                     help="run on a copy of --video scaled to this size (the issue measured a 720x528 source)")
+    ap.add_argument("--loops", type=int, default=0,
+                    help="run on a copy played forward+backward this many times (a longer video)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="ft-prep config override for the end-to-end run (repeatable)")
     args = ap.parse_args()
-    if args.source_size:
+    if args.source_size or args.loops:
         import tempfile
 
-        args.video = resized_copy(args.video, args.source_size, Path(tempfile.mkdtemp(prefix="prep_bench_")))
+        folder = Path(tempfile.mkdtemp(prefix="prep_bench_"))
+        args.video = remade_copy(args.video, args.source_size, max(1, args.loops), folder)
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core: a per-core figure
@@ -199,7 +214,7 @@ def main() -> None:
         media.encode_mp4(clip, fps, int(conf["crf"]), conf["preset"])
         record("encode", time.perf_counter() - t, n)
 
-    e2e, baseline = end_to_end(args.video, info, fps, side, args.repeats, args.override)
+    e2e, baseline, e2e_report = end_to_end(args.video, info, fps, side, args.repeats, args.override)
 
     ms = {k: float(np.median(v)) for k, v in passes.items()}
     ms["pose"] = max(0.0, ms.pop("landmarks+pose", ms["landmarks"]) - ms["landmarks"])
@@ -224,10 +239,13 @@ def main() -> None:
             f"+pose every {args.pose_every}": round(1e3 / (core + ms["pose"]), 1),
             f"+pose every {args.pose_every}+encode": round(1e3 / (core + ms["pose"] + ms["encode"]), 1),
         },
+        "source_size": args.source_size,
+        "loops": args.loops,
         "end_to_end_overrides": args.override,
         "end_to_end_frames_per_s_per_core": e2e,
         "baseline_decode_facemesh_frames_per_s_per_core": baseline,
         "end_to_end_over_baseline": round(e2e / baseline, 3),
+        "end_to_end_report": e2e_report,
         "cpu": cpu_model(),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "commit": git_commit(),
