@@ -202,6 +202,25 @@ def test_configurable_face_filters(tmp_path, override, reason):
     report = run_prep(cfg)
     assert report["samples"] == 0 and report["rejected"][reason] == 1
     assert report["rejects"][0]["clip"] == 0  # a clip-level reject, the file itself was fine
+    assert report["timing_s"].get("pose", 0) == 0  # pose runs only for clips that pass the filters
+
+
+def test_pose_of_kept_clips_matches_the_per_frame_schedule(prepared):
+    """Pose runs after the filters, on the kept clips' frames k with k % pose_every == 0: the
+    stored joints equal a FrameAnalyzer running pose on that schedule over the whole video."""
+    import io
+
+    cfg, _, _ = prepared
+    samples = [s for s in read_shards(Path(cfg.output)) if json.loads(s["json"])["source"].endswith("a_sample.mp4")]
+    samples.sort(key=lambda s: json.loads(s["json"])["clip_index"])
+    stored = np.concatenate([np.load(io.BytesIO(s["landmarks.npz"]))["pose"] for s in samples])
+    frames, _ = sample_frames_audio(4.0)
+    with facemod.FrameAnalyzer(pose_every=cfg.pose_every) as an:
+        expected = facemod.stack_results([an(f) for f in frames[: len(stored)]])["pose"]
+    ran = ~np.isnan(stored[:, 0, 0])
+    assert len(stored) == 99 and (ran == (np.arange(99) % cfg.pose_every == 0)).all()
+    np.testing.assert_allclose(stored[ran], expected[ran], atol=1e-5)
+    assert np.isnan(expected[~ran]).all()
 
 
 def test_list_file_input_and_missing_file(tmp_path):
