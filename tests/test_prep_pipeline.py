@@ -283,3 +283,18 @@ def test_stats_normalise_motion_to_unit_range(prepared):
     assert all(0.0 <= v <= 1.0 for v in values)
     assert normalise_motion(min(raw), entry) == 0.0 and normalise_motion(max(raw), entry) == 1.0
     assert normalise_motion(None, entry) == pytest.approx(normalise_motion(entry["median"], entry))
+
+
+def test_shot_cuts_on_half_size_frames_match_full_size():
+    """scene_downscale=2 flags the same frames as full size: a cut to another picture, and none
+    within the talking head (odd sizes included)."""
+    from skimage import data as skdata
+
+    from data_tools.shots import ShotCuts
+
+    frames, _ = sample_frames_audio(1.2)
+    other = cv2.resize(skdata.astronaut(), frames.shape[2:0:-1])[::-1].copy()  # another shot
+    video = [*frames[:15], *[other] * 5, *frames[15:25]]
+    for crop in (video, [np.ascontiguousarray(f[:375, :511]) for f in video]):
+        flagged = {n: [i for i, f in enumerate(crop) if c(f)] for n, c in ((1, ShotCuts(0.3)), (2, ShotCuts(0.3, 2)))}
+        assert flagged[1] == flagged[2] == [15, 20]
