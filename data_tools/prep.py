@@ -92,7 +92,7 @@ class PrepConfig:
     preset: str = "veryfast"
     lip_dilation_frac: float = 0.15
     pose_every: int = 4
-    detect_every: int = 5
+    detect_every: int = 8
     min_face_frames_frac: float = 0.9
     min_face_px: int = 64
     max_multi_face_frac: float = 0.1
@@ -110,6 +110,7 @@ class PrepConfig:
     min_sync_confidence: float = 3.0
     scene_detector: str = "ffmpeg_scene"
     scene_threshold: float = 0.3
+    scene_downscale: int = 2
     stats_quantiles: tuple[float, float] = (0.05, 0.95)
     previews_per_shard: int = 1
     extensions: tuple[str, ...] = ("mp4", "mov", "mkv", "avi", "webm")
@@ -144,6 +145,8 @@ class PrepConfig:
             problems.append(f"sync={self.sync}: no such file; give the path of syncnet_v2.model or leave it null")
         if self.max_av_shift_frames < 0:
             problems.append(f"max_av_shift_frames={self.max_av_shift_frames} must be ≥ 0")
+        if self.scene_downscale < 1:
+            problems.append(f"scene_downscale={self.scene_downscale} must be ≥ 1 (1 = score every pixel)")
         if self.scene_detector not in SCENE_DETECTORS:
             problems.append(f"scene_detector={self.scene_detector!r} must be one of {', '.join(SCENE_DETECTORS)}")
         if self.audio_source not in AUDIO_SOURCES:
@@ -342,7 +345,23 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
         frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads, damage=video_damage)
         k = 0
         origin = 0  # first frame of the current shot: clips are laid out from it
-        cuts = ShotCuts(cfg.scene_threshold) if cfg.scene_detector != "none" else None
+        cuts = ShotCuts(cfg.scene_threshold, cfg.scene_downscale) if cfg.scene_detector != "none" else None
+        pose_done: dict[int, np.ndarray | None] = {}  # frame index -> joints, shared by overlapping clips
+
+        def clip_pose(frames: np.ndarray, start: int) -> np.ndarray:
+            """(F, 33, 4) joints of a kept clip: pose on its frames k with k % pose_every == 0 (in
+            time order, so the tracker follows), NaN elsewhere; as FrameAnalyzer's schedule did."""
+            out = np.full((len(frames), facemod.NUM_POSE_JOINTS, 4), np.nan, dtype=np.float32)
+            if cfg.pose_every > 0:
+                for i in range(-start % cfg.pose_every, len(frames), cfg.pose_every):
+                    if start + i not in pose_done:
+                        pose_done[start + i] = analyzer.pose(frames[i])
+                    if pose_done[start + i] is not None:
+                        out[i] = pose_done[start + i]
+                for old in [f for f in pose_done if f < start]:
+                    del pose_done[old]
+            return out
+
         try:
             while True:
                 t = time.perf_counter()
@@ -372,7 +391,9 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
                 j = k - origin
                 if _frame_used(j, cfg):
                     # Detector at each clip's first frame: a clip's face scores are its own.
-                    window.append((frame, analyzer(frame, detect=j % cfg.stride == 0)))
+                    # Pose waits until a clip has passed the filters (_make_clip): it is the slowest
+                    # model and only ω_b of kept clips needs it.
+                    window.append((frame, analyzer(frame, detect=j % cfg.stride == 0, pose=False)))
                     damaged_at.append(video_damage.damaged)
                 if _clip_starts_frame(j, cfg):
                     start = k - cfg.num_frames + 1
@@ -383,7 +404,7 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
                                      f"frames cannot be decoded (> max_damaged_frac={cfg.max_damaged_frac})", clip_index)
                     else:
                         yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption,
-                                         cfg, timing, note)
+                                         cfg, timing, note, lambda frames, s=start: clip_pose(frames, s))
                     clip_index += 1
                 k += 1
         except MediaError as e:
@@ -450,8 +471,9 @@ def reference_frame(frames: np.ndarray, arrays: dict, cfg: PrepConfig) -> tuple[
     return None, *best
 
 
-def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing, note):
-    """Filter one clip; return (sample, preview data) or a Reject."""
+def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing, note, pose_fn=None):
+    """Filter one clip; return (sample, preview data) or a Reject. ``pose_fn(frames)`` gives the
+    (F, 33, 4) joints of a clip that passed the filters (else the window's own pose results)."""
     from ft_train.data import face as facemod
 
     t = time.perf_counter()
@@ -512,6 +534,10 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
                 clip_audio = media.audio_segment(audio, audio_start, info.start_s, t0 - shift, t1 - shift)
                 sync_meta["audio_shift_s"] = shift
 
+    if pose_fn is not None:
+        timing["masks"] += time.perf_counter() - t  # pose adds to timing["pose"] itself
+        arrays["pose"] = pose_fn(frames)
+        t = time.perf_counter()
     masks = facemod.lip_masks(arrays["face"], arrays["face_box"], h, w, cfg.lip_dilation_frac)
     omega_l = facemod.landmark_motion(arrays["face"], found)
     omega_b = facemod.body_motion(arrays["pose"], w, h)

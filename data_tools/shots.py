@@ -13,6 +13,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import av
+import cv2
 import numpy as np
 
 #: ``scene_detector`` values: ``ffmpeg_scene`` (FFmpeg's scene score) or ``none`` (no cut detection).
@@ -25,10 +26,16 @@ class ShotCuts:
     Args:
         threshold: scene score above which a frame is a cut (``scene_threshold``; FFmpeg's docs
             suggest 0.3-0.4; a talking head moving scores < 0.05, a cut between two faces > 0.4).
+        downscale: score the frame shrunk n× (nearest neighbour, ``scene_downscale``). The score is a
+            mean over pixels, so 2 changed it by < 0.0001 on the shipped sample and costs a
+            quarter of the full frame's time.
     """
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, downscale: int = 1):
+        if downscale < 1:
+            raise ValueError(f"downscale={downscale} must be ≥ 1")
         self.threshold = threshold
+        self.downscale = downscale
         self._graph = None
         self._shape = None
         self._index = 0
@@ -46,6 +53,10 @@ class ShotCuts:
 
     def __call__(self, frame: np.ndarray) -> bool:
         """``frame`` (H, W, 3) uint8 RGB; True when it is the first frame of a new shot."""
+        if self.downscale > 1:  # = frame[::n, ::n], but numpy's strided copy is 10x slower
+            h, w = frame.shape[:2]
+            n = self.downscale
+            frame = cv2.resize(frame, (-(-w // n), -(-h // n)), interpolation=cv2.INTER_NEAREST)
         if self._shape != frame.shape[:2]:
             self._build(*frame.shape[:2])
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")

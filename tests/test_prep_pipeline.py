@@ -202,6 +202,25 @@ def test_configurable_face_filters(tmp_path, override, reason):
     report = run_prep(cfg)
     assert report["samples"] == 0 and report["rejected"][reason] == 1
     assert report["rejects"][0]["clip"] == 0  # a clip-level reject, the file itself was fine
+    assert report["timing_s"].get("pose", 0) == 0  # pose runs only for clips that pass the filters
+
+
+def test_pose_of_kept_clips_matches_the_per_frame_schedule(prepared):
+    """Pose runs after the filters, on the kept clips' frames k with k % pose_every == 0: the
+    stored joints equal a FrameAnalyzer running pose on that schedule over the whole video."""
+    import io
+
+    cfg, _, _ = prepared
+    samples = [s for s in read_shards(Path(cfg.output)) if json.loads(s["json"])["source"].endswith("a_sample.mp4")]
+    samples.sort(key=lambda s: json.loads(s["json"])["clip_index"])
+    stored = np.concatenate([np.load(io.BytesIO(s["landmarks.npz"]))["pose"] for s in samples])
+    frames, _ = sample_frames_audio(4.0)
+    with facemod.FrameAnalyzer(pose_every=cfg.pose_every) as an:
+        expected = facemod.stack_results([an(f) for f in frames[: len(stored)]])["pose"]
+    ran = ~np.isnan(stored[:, 0, 0])
+    assert len(stored) == 99 and (ran == (np.arange(99) % cfg.pose_every == 0)).all()
+    np.testing.assert_allclose(stored[ran], expected[ran], atol=1e-5)
+    assert np.isnan(expected[~ran]).all()
 
 
 def test_list_file_input_and_missing_file(tmp_path):
@@ -217,7 +236,7 @@ def test_list_file_input_and_missing_file(tmp_path):
 def test_cli_config_and_validation(tmp_path, capsys):
     cfg = load_config(["input=x", "output=y"])
     assert (cfg.fps, cfg.num_frames, cfg.max_side) == (25.0, 81, 512)
-    assert (cfg.detect_every, cfg.pose_every) == (5, 4)  # the speed settings conf/prep.yaml documents
+    assert (cfg.detect_every, cfg.pose_every, cfg.scene_downscale) == (8, 4, 2)  # the speed settings conf/prep.yaml documents
     with pytest.raises(SystemExit, match="num_frames=80 must be 4k\\+1"):
         main(["input=x", "output=y", "num_frames=80"])
     with pytest.raises(SystemExit, match="detect_every=0 must be ≥ 1"):
@@ -264,3 +283,18 @@ def test_stats_normalise_motion_to_unit_range(prepared):
     assert all(0.0 <= v <= 1.0 for v in values)
     assert normalise_motion(min(raw), entry) == 0.0 and normalise_motion(max(raw), entry) == 1.0
     assert normalise_motion(None, entry) == pytest.approx(normalise_motion(entry["median"], entry))
+
+
+def test_shot_cuts_on_half_size_frames_match_full_size():
+    """scene_downscale=2 flags the same frames as full size: a cut to another picture, and none
+    within the talking head (odd sizes included)."""
+    from skimage import data as skdata
+
+    from data_tools.shots import ShotCuts
+
+    frames, _ = sample_frames_audio(1.2)
+    other = cv2.resize(skdata.astronaut(), frames.shape[2:0:-1])[::-1].copy()  # another shot
+    video = [*frames[:15], *[other] * 5, *frames[15:25]]
+    for crop in (video, [np.ascontiguousarray(f[:375, :511]) for f in video]):
+        flagged = {n: [i for i, f in enumerate(crop) if c(f)] for n, c in ((1, ShotCuts(0.3)), (2, ShotCuts(0.3, 2)))}
+        assert flagged[1] == flagged[2] == [15, 20]

@@ -151,8 +151,12 @@ class FrameAnalyzer:
         self._last_detection: tuple | None = None  # (frame index, faces, score, second/first area, second box)
         self._had_face: bool | None = None
 
-    def __call__(self, frame: np.ndarray, detect: bool = False) -> FrameResult:
-        """Analyse one (H, W, 3) uint8 RGB frame; ``detect=True`` forces the face detector."""
+    def __call__(self, frame: np.ndarray, detect: bool = False, pose: bool | None = None) -> FrameResult:
+        """Analyse one (H, W, 3) uint8 RGB frame; ``detect=True`` forces the face detector.
+
+        ``pose``: None = on the ``pose_every`` schedule; False = not on this frame (a caller that
+        runs :meth:`pose` itself later, only on the frames it keeps); True = on this frame.
+        """
         h, w = frame.shape[:2]
         frame.flags.writeable = False  # lets mediapipe use the buffer without a copy
         t = time.perf_counter()
@@ -185,15 +189,26 @@ class FrameAnalyzer:
             self.timing["face_detect"] += time.perf_counter() - t1
         self._had_face = face is not None
 
-        pose = None
-        if self._pose is not None and self._index % self.pose_every == 0:
-            t = time.perf_counter()
-            res = self._pose.process(frame)
-            if res.pose_landmarks:
-                pose = np.array([(p.x, p.y, p.z, p.visibility) for p in res.pose_landmarks.landmark], dtype=np.float32)
-            self.timing["pose"] += time.perf_counter() - t
+        if pose is None:
+            pose = self.pose_every > 0 and self._index % self.pose_every == 0
+        joints = self.pose(frame) if pose else None
         self._index += 1
-        return FrameResult(face, last[1], last[2], pose, detected=run_detector, second_face=last[3], second_box=last[4])
+        return FrameResult(face, last[1], last[2], joints, detected=run_detector, second_face=last[3], second_box=last[4])
+
+    def pose(self, frame: np.ndarray) -> np.ndarray | None:
+        """Body joints of one frame: (33, 4) float32 (x, y in [0, 1], z, visibility), or None when
+        no body is found or the analyzer was made with ``pose_every=0``. Tracking mode: call it on
+        frames in time order (gaps are fine; the tracker re-detects when it loses the body)."""
+        if self._pose is None:
+            return None
+        frame.flags.writeable = False
+        t = time.perf_counter()
+        res = self._pose.process(frame)
+        joints = None
+        if res.pose_landmarks:
+            joints = np.array([(p.x, p.y, p.z, p.visibility) for p in res.pose_landmarks.landmark], dtype=np.float32)
+        self.timing["pose"] += time.perf_counter() - t
+        return joints
 
     def close(self) -> None:
         for graph in (self._mesh, self._detector, self._pose):
