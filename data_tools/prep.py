@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.shots import SCENE_DETECTORS, ShotCuts
+from ft_train.data.shots import SCENE_DETECTORS, ShotCuts
 from ft_train import media
 from ft_train.cli import Tool
 from ft_train.config import compose_tool_config

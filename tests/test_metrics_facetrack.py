@@ -7,7 +7,7 @@ import pytest
 import skimage.data
 import torch
 
-from ft_train.metrics.facetrack import TrackRules, box_iou, build_tracks, face_tracks
+from ft_train.metrics.facetrack import TrackRules, box_iou, build_tracks, face_tracks, shot_bounds
 from ft_train.metrics.sync import SyncMetric, sync_scores, syncnet_face_crops
 
 from .test_metrics_sync import BrightnessEnergyEncoder
@@ -79,6 +79,21 @@ def test_mediapipe_tracks_follow_the_face_and_split_at_the_cut(astronaut):
     assert face_tracks(np.full((60, 64, 64, 3), 120, np.uint8), rules) == []
 
 
+def test_a_cut_where_the_face_stays_in_place_splits_the_track():
+    """A cut between two shots with the face at the same place (the IoU rule cannot see it): the
+    shot split ends the track at the cut, as the reference's scene detection does."""
+    img = skimage.data.astronaut()[:360, 60:420]
+    other = np.ascontiguousarray(img[..., ::-1])  # another shot: colours swapped, the face where it was
+    frames = np.stack([np.roll(img, t // 4, axis=1) for t in range(45)] + [np.roll(other, t // 4, axis=1) for t in range(45)])
+    assert shot_bounds(frames, 0.3) == [(0, 45), (45, 90)]
+    assert shot_bounds(frames, 0.0) == [(0, 90)]
+    rules = TrackRules(min_track=40, min_face_size=90)
+    split = face_tracks(frames, rules)
+    assert [(int(t.frames[0]), int(t.frames[-1])) for t in split] == [(0, 44), (45, 89)]
+    whole = face_tracks(frames, TrackRules(min_track=40, min_face_size=90, scene_threshold=0.0))
+    assert [(int(t.frames[0]), int(t.frames[-1])) for t in whole] == [(0, 89)]  # one track across the cut
+
+
 def test_sync_metric_scores_each_track_and_averages_them_per_video(astronaut):
     frames, rules, tracks = astronaut
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
@@ -101,6 +116,8 @@ def test_sync_metric_scores_each_track_and_averages_them_per_video(astronaut):
 
 
 def test_bad_rules_and_crop_mode_are_refused():
+    with pytest.raises(ValueError, match="scene_threshold"):
+        TrackRules(scene_threshold=2.0)
     with pytest.raises(ValueError, match="sync_crop: 'mouth' is not one of face, none"):
         SyncMetric(net=BrightnessEnergyEncoder(), crop="mouth")
     with pytest.raises(ValueError, match="iou"):

@@ -290,7 +290,7 @@ def test_shot_cuts_on_half_size_frames_match_full_size():
     within the talking head (odd sizes included)."""
     from skimage import data as skdata
 
-    from data_tools.shots import ShotCuts
+    from ft_train.data.shots import ShotCuts
 
     frames, _ = sample_frames_audio(1.2)
     other = cv2.resize(skdata.astronaut(), frames.shape[2:0:-1])[::-1].copy()  # another shot

@@ -1,8 +1,9 @@
-"""Shot cuts in frames already decoded, so no ft-prep clip spans two shots (two speakers).
+"""Shot cuts in frames already decoded: no ft-prep clip spans two shots (two speakers), and no
+Sync-C/D face track does.
 
 FFmpeg's own scene-change score (the ``select`` filter's ``scene`` variable: the mean absolute
 difference of a frame from the one before, less the motion the previous pair already had, in
-[0, 1]) run through PyAV's filter graph on the RGB frames ft-prep decodes anyway: a maintained
+[0, 1]) run through PyAV's filter graph on RGB frames already decoded: a maintained
 detector, ~0.2 ms a 512 px frame, no second decode. PySceneDetect was the first choice, but its
 wheel requires the ``opencv-python`` wheel, a second OpenCV beside the ``opencv-contrib-python``
 that mediapipe needs (two wheels writing one ``cv2`` package).
