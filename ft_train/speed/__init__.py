@@ -3,6 +3,7 @@
 ``model.*`` speed keys) and their rules; :func:`apply` puts them on a network."""
 
 from .apply import apply, compile_blocks, uncompile_blocks
+from .block_swap import BlockSwap, auto_resident_blocks, remove_block_swap, set_block_swap
 from .checkpointing import auto_checkpoint_keep, kept_block_bytes, set_checkpointing, size_checkpointing
 from .attention import set_attention_backend, set_self_attention_kernel, self_attention_kernel
 from .fp8 import Fp8FrozenLinear, convert_to_fp8, fp8_buffer_names, set_fp8_backward
