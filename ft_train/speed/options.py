@@ -105,7 +105,7 @@ class SpeedOptions:
             raise ValueError("model.frozen_fp8_backward=true needs model.frozen_fp8=true (it changes the float8 layers' backward)")
         if self.frozen_fp8 and train_backbone:
             raise ValueError("model.frozen_fp8=true stores the frozen backbone in float8; it cannot train it (model.train_backbone=true)"
-                             " (speed=fp8 and speed=offload set it; speed=compiled is their exact form): set model.train_backbone=false")
+                             " (speed=fp8, speed=offload and speed=single_24gb set it; speed=compiled is the exact form of the first): set model.train_backbone=false")
         self._validate_block_swap(train_backbone, num_blocks)
         kernel = self.self_attention_kernel
         if kernel is not None and kernel not in SDPA_KERNELS and kernel != "auto":
