@@ -212,7 +212,7 @@ def set_block_swap(net: FantasyTalkingDiT, resident: int | str | None, prefetch:
     it first puts every block back on the device."""
     remove_block_swap(net)
     state = speed_state(net)
-    state.block_swap_auto = resident == "auto"
+    state.block_swap_auto, state.block_swap_sizing = resident == "auto", None
     state.block_swap_prefetch, state.block_swap_memory_gib = int(prefetch), memory_gib
     if resident is None:
         return
