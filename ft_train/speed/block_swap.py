@@ -91,6 +91,8 @@ class BlockSwap:
         self.max_live = max(self.max_live, self.live)
 
     def _copy_in(self, block: _SwappedBlock) -> None:
+        for slot in block.slots:  # between calls the module holds the placeholder, moved with it by .to()
+            slot.placeholder = getattr(slot.module, slot.kind)[slot.name]
         device = block.slots[0].placeholder.device
         stream = weight_stream(device)
         loaded = []
@@ -116,6 +118,8 @@ class BlockSwap:
 
     def _drop(self, block: _SwappedBlock) -> None:
         if block.loaded is not None:
+            if block.event is not None:  # a copy never waited for: its memory is not reused before it ends
+                torch.cuda.current_stream(block.loaded[0].device).wait_event(block.event)
             block.loaded, block.event = None, None
             self.live -= 1
 
@@ -133,6 +137,7 @@ class BlockSwap:
             self._load(block)
             if block.event is not None:
                 torch.cuda.current_stream(block.loaded[0].device).wait_event(block.event)
+                block.event = None
             for slot, tensor in zip(block.slots, block.loaded):
                 getattr(slot.module, slot.kind)[slot.name] = tensor
         for i in ahead:
@@ -256,6 +261,7 @@ def _install(net: FantasyTalkingDiT, resident: int, prefetch: int) -> BlockSwap:
 def _restore(block: _SwappedBlock) -> None:
     """Put one swapped block's weights back on the device (where its placeholders are) for good."""
     for slot in block.slots:
+        slot.placeholder = getattr(slot.module, slot.kind)[slot.name]
         with torch.no_grad():
             value = slot.host.to(slot.placeholder.device, slot.placeholder.dtype, copy=True)
         if isinstance(slot.placeholder, nn.Parameter):
