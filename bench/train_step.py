@@ -686,6 +686,9 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
         self_attention_kernel=self_kernel, compile_blocks=compiled, frozen_fp8=fp8, frozen_fp8_backward=fp8 and fp8_backward,
         block_swap_resident=resident, block_swap_prefetch=prefetch))
     swap = speed_state(model).block_swap
+    if cap is not None and torch.cuda.is_available():
+        # The capped case's peak is its steps': not the moment before the blocks went to the host.
+        torch.cuda.reset_peak_memory_stats()
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
             "self_attention_kernel": self_kernel or "as attention_backend",
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,

@@ -198,3 +198,19 @@ def test_auto_keeps_every_block_on_the_cpu_and_apply_undoes_the_swap(cfg):
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0)
+
+
+def test_auto_estimate_at_the_14b_shape():
+    """``auto``'s documented estimate at 14B stage 2, 512x512x81 (21,504 tokens, d 5120, FFN 13824,
+    840M trained float32 weights, 0.37 GiB per float8 block) within a 24 GiB cap with 4 GiB already
+    allocated: 0.9 x 20 GiB - 3 x 3.36 GB (gradients, AdamW moments) - 6.78 GB of activations
+    leaves 2.46 GB, six blocks. Without checkpoint_offload the 40 block inputs (8.8 GB) leave none."""
+    from ft_train.speed.block_swap import estimate_resident_blocks
+
+    gib = 2**30
+    args = dict(available=20 * gib, trainable=840_437_760 * 4, per_block=int(0.37 * gib), tokens=21 * 32 * 32,
+                dim=5120, ffn_dim=13824, blocks=40)
+    resident, activations = estimate_resident_blocks(**args, offload=True)
+    assert activations == pytest.approx(21504 * 5120 * 2 * 2 * (10 + 2 * 2.7), abs=2) and resident == 6
+    assert estimate_resident_blocks(**args, offload=False)[0] == 0
+    assert estimate_resident_blocks(**dict(args, available=200 * gib), offload=True)[0] == 40

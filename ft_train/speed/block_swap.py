@@ -291,6 +291,15 @@ def remove_block_swap(net: FantasyTalkingDiT) -> None:
 _SAFETY = 0.9  # of the memory left, the rest for the allocator's fragmentation
 
 
+def estimate_resident_blocks(available: int, trainable: int, per_block: int, tokens: int, dim: int, ffn_dim: int,
+                             blocks: int, offload: bool) -> tuple[int, int]:
+    """The arithmetic of :func:`auto_resident_blocks`: (blocks that fit, the activation bytes reserved)."""
+    per_elem = 2 * (10 + 2 * ffn_dim / dim) + (0 if offload else blocks)
+    activations = int(tokens * dim * 2 * per_elem)
+    room = int(_SAFETY * available) - 3 * trainable - activations
+    return int(min(max(room // max(per_block, 1), 0), blocks)), activations
+
+
 def auto_resident_blocks(net: FantasyTalkingDiT, hidden_states: torch.Tensor, budget_bytes: int | None = None) -> dict[str, int]:
     """How many blocks stay resident under ``block_swap_resident=auto``, from the first forward's
     input (``(B, C, F, H, W)`` latents) on a CUDA device:
@@ -308,13 +317,10 @@ def auto_resident_blocks(net: FantasyTalkingDiT, hidden_states: torch.Tensor, bu
     if device.type != "cuda":
         return {"resident": blocks}
     cfg = net.transformer.config
-    d = cfg.num_attention_heads * cfg.attention_head_dim
     pt, ph, pw = cfg.patch_size
     b, _, f, h, w = hidden_states.shape
     tokens = b * math.ceil(f / pt) * math.ceil(h / ph) * math.ceil(w / pw)
     state = speed_state(net)
-    per_elem = 2 * (10 + 2 * cfg.ffn_dim / d) + (0 if state.checkpoint_offload else blocks)
-    activations = int(tokens * d * 2 * per_elem)
     trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
     allocated = torch.cuda.memory_allocated(device)
     if budget_bytes is not None:
@@ -323,9 +329,10 @@ def auto_resident_blocks(net: FantasyTalkingDiT, hidden_states: torch.Tensor, bu
         free, _ = torch.cuda.mem_get_info(device)
         available = free + torch.cuda.memory_reserved(device) - allocated
     swap = state.block_swap
-    per_block = max(swap.blocks[0].nbytes if swap is not None and 0 in swap.blocks else block_bytes(net, 0), 1)
-    room = int(_SAFETY * available) - 3 * trainable - activations
-    resident = min(max(room // per_block, 0), blocks)
+    per_block = swap.blocks[0].nbytes if swap is not None and 0 in swap.blocks else block_bytes(net, 0)
+    resident, activations = estimate_resident_blocks(
+        available, trainable, per_block, tokens, cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim,
+        blocks, state.checkpoint_offload)
     return {"resident": int(resident), "available_bytes": int(available), "activation_bytes": activations,
             "trainable_bytes": int(trainable), "block_bytes": int(per_block)}
 
