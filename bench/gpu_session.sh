@@ -7,7 +7,7 @@
 #   train_24gb, bench/train_step.py --cases 24gb (issue 26: 14B stage 2 capped at 24 GiB beside the
 #   uncapped fp8 step), when named)
 #
-# checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_block_swap.py tests/test_perf.py (with a GPU, its CUDA
+# checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py (+ tests/test_block_swap.py with a GPU; there its CUDA
 # cases alone: the speed options give plain backward's gradients), before any bench.
 #
 # Run it from the repo root (bench/README.md, "GPU session"). Everything lands in $OUT: each
@@ -108,13 +108,13 @@ run_part() {
             # a GPU the [cpu] cases are left out (CHECK_SELECT, a pytest -k expression): they ran
             # under the image's torch on the CPU machine before the call (bench/image_versions.sh),
             # and device time is the scarce part.
-            local select=""
-            command -v nvidia-smi >/dev/null 2>&1 && select="not cpu"
+            local select="" swap_tests=""
+            command -v nvidia-smi >/dev/null 2>&1 && select="not cpu" && swap_tests=tests/test_block_swap.py
             select=${CHECK_SELECT-$select}
             hard=$((budget + grace + MARGIN))
-            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_block_swap.py tests/test_perf.py${select:+ -k '$select'}"
+            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py tests/test_fp8.py $swap_tests tests/test_perf.py${select:+ -k '$select'}"
             timeout --kill-after=5 "$hard" "$PY" -m pytest -q -p no:cacheprovider ${select:+-k "$select"} \
-                tests/test_model_speed_options.py tests/test_fp8.py tests/test_block_swap.py tests/test_perf.py
+                tests/test_model_speed_options.py tests/test_fp8.py $swap_tests tests/test_perf.py
             say "checks: exit code $?"
             return ;;
         *) say "unknown part $part (checks, attention, train_step, train_24gb, encode, zero)"; return ;;
