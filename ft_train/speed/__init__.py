@@ -1,5 +1,5 @@
 """How the network runs, applied to a built one: activation checkpointing, attention kernels,
-``torch.compile`` and float8 frozen weights. :class:`SpeedOptions` holds the settings (the
+``torch.compile``, float8 frozen weights and block swap. :class:`SpeedOptions` holds the settings (the
 ``model.*`` speed keys) and their rules; :func:`apply` puts them on a network."""
 
 from .apply import apply, compile_blocks, uncompile_blocks
@@ -11,17 +11,21 @@ from .options import SpeedOptions
 from .state import SpeedState, speed_state
 
 __all__ = [
+    "BlockSwap",
     "Fp8FrozenLinear",
     "SpeedOptions",
     "SpeedState",
     "apply",
     "auto_checkpoint_keep",
+    "auto_resident_blocks",
     "compile_blocks",
     "convert_to_fp8",
     "fp8_buffer_names",
     "kept_block_bytes",
+    "remove_block_swap",
     "self_attention_kernel",
     "set_attention_backend",
+    "set_block_swap",
     "set_checkpointing",
     "set_fp8_backward",
     "set_self_attention_kernel",
