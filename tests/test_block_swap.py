@@ -216,3 +216,21 @@ def test_auto_estimate_at_the_14b_shape():
     assert activations == pytest.approx(21504 * 5120 * 2 * 2 * (10 + 2 * 2.7), abs=2) and resident == 6
     assert estimate_resident_blocks(**args, offload=False)[0] == 0
     assert estimate_resident_blocks(**dict(args, available=200 * gib), offload=True)[0] == 40
+
+
+def test_ft_train_with_block_swap_trains_the_same_adapter(tmp_path):
+    """Through ft-train's own train() (Lightning, bf16-mixed autocast, fused AdamW, clipping, a
+    checkpoint saved): two steps with one block swapped leave the adapter weights of two steps
+    without it."""
+    from tests.test_train import _trained_adapter
+
+    base = ["model.gradient_checkpointing=true"]
+    _, plain = _trained_adapter(tmp_path, "plain", base)
+    result, swapped = _trained_adapter(tmp_path, "swap", [*base, "model.block_swap_resident=1", "model.block_swap_prefetch=2"])
+    swap = speed_state(result["module"].net).block_swap
+    assert len(swap.blocks) == result["module"].net.num_blocks - 1 and swap.loads >= 2 and swap.live == 0
+    assert plain.keys() == swapped.keys()
+    trained = [k for k in plain if k.startswith("audio_kv.") and k.endswith("v_proj.weight")]
+    assert trained and all(plain[k].abs().max() > 0 for k in trained)  # zero at the start: the steps moved them
+    for key in plain:
+        torch.testing.assert_close(swapped[key], plain[key], rtol=0, atol=0, msg=key)
