@@ -2,10 +2,12 @@
 # One device call for the GPU benches: install the carried wheels, check the imports, then run
 # bench/train_step.py, bench/encode_throughput.py and bench/zero_step.py under one deadline.
 #
-#   bash bench/gpu_session.sh [checks] [attention] [encode] [zero] [train_step]
-#   (default: checks encode zero train_step, in this order; attention, bench/attention.py, when named)
+#   bash bench/gpu_session.sh [checks] [attention] [encode] [zero] [train_step] [train_24gb]
+#   (default: checks encode zero train_step, in this order; attention, bench/attention.py, and
+#   train_24gb, bench/train_step.py --cases 24gb (issue 26: 14B stage 2 capped at 24 GiB beside the
+#   uncapped fp8 step), when named)
 #
-# checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py (with a GPU, its CUDA
+# checks = pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py (+ tests/test_block_swap.py with a GPU; there its CUDA
 # cases alone: the speed options give plain backward's gradients), before any bench.
 #
 # Run it from the repo root (bench/README.md, "GPU session"). Everything lands in $OUT: each
@@ -21,6 +23,7 @@
 #   ZERO_RESERVE=120 ZERO_CAP=170 ZERO_GRACE=25 bench/zero_step.py
 #   TS_RESERVE=200 TS_CAP=330 TS_GRACE=25       bench/train_step.py (the last part takes all time left, up to its cap)
 #   TS_CASES (session: baselines + each speed option)  TS_ARGS (default: --warmup 1 --iters 3 --sample-iters 2 --profile)
+#   T24_RESERVE=200 T24_CAP=420 T24_GRACE=30    train_24gb; T24_CASES (default 24gb) T24_ARGS (default --warmup 1 --iters 3)
 #   ATT_ARGS ENC_ARGS ZERO_ARGS                 extra arguments, e.g. ZERO_ARGS="--cases zero2-full,zero3-full"
 #   PY (python3), OUT (output folder; default /tmp/gpu_session_out)
 # CPU dry run of the whole script (tiny modes):
@@ -38,9 +41,9 @@ PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(checks encode zero train_step)
 
 say() { echo "[session t=$((SECONDS - T0))s] $*"; }
-reserve_of() { case $1 in attention) echo "${ATT_RESERVE:-30}";; checks) echo "${CHECK_RESERVE:-60}";; train_step) echo "${TS_RESERVE:-200}";; encode) echo "${ENC_RESERVE:-60}";; zero) echo "${ZERO_RESERVE:-120}";; *) echo 0;; esac; }
-cap_of()     { case $1 in attention) echo "${ATT_CAP:-40}";; checks) echo "${CHECK_CAP:-120}";; train_step) echo "${TS_CAP:-330}";; encode) echo "${ENC_CAP:-70}";; zero) echo "${ZERO_CAP:-170}";; *) echo 0;; esac; }
-grace_of()   { case $1 in attention) echo "${ATT_GRACE:-15}";; checks) echo "${CHECK_GRACE:-10}";; train_step) echo "${TS_GRACE:-25}";; encode) echo "${ENC_GRACE:-20}";; zero) echo "${ZERO_GRACE:-25}";; *) echo 0;; esac; }
+reserve_of() { case $1 in train_24gb) echo "${T24_RESERVE:-200}";; attention) echo "${ATT_RESERVE:-30}";; checks) echo "${CHECK_RESERVE:-60}";; train_step) echo "${TS_RESERVE:-200}";; encode) echo "${ENC_RESERVE:-60}";; zero) echo "${ZERO_RESERVE:-120}";; *) echo 0;; esac; }
+cap_of()     { case $1 in train_24gb) echo "${T24_CAP:-420}";; attention) echo "${ATT_CAP:-40}";; checks) echo "${CHECK_CAP:-120}";; train_step) echo "${TS_CAP:-330}";; encode) echo "${ENC_CAP:-70}";; zero) echo "${ZERO_CAP:-170}";; *) echo 0;; esac; }
+grace_of()   { case $1 in train_24gb) echo "${T24_GRACE:-30}";; attention) echo "${ATT_GRACE:-15}";; checks) echo "${CHECK_GRACE:-10}";; train_step) echo "${TS_GRACE:-25}";; encode) echo "${ENC_GRACE:-20}";; zero) echo "${ZERO_GRACE:-25}";; *) echo 0;; esac; }
 
 install_wheels() {
     # Wheels for a machine without network access (bench/README.md, "Packages", says how .whl/ is filled).
@@ -95,6 +98,7 @@ run_part() {
     fi
     case $part in
         train_step) cmd=("$PY" bench/train_step.py --cases "${TS_CASES:-session}" ${TS_ARGS:---warmup 1 --iters 3 --sample-iters 2 --profile}) ;;
+        train_24gb) cmd=("$PY" bench/train_step.py --cases "${T24_CASES:-24gb}" ${T24_ARGS:---warmup 1 --iters 3}) ;;
         attention)  cmd=("$PY" bench/attention.py ${ATT_ARGS:-}) ;;
         encode)     cmd=("$PY" bench/encode_throughput.py ${ENC_ARGS:-}) ;;
         zero)       cmd=("$PY" bench/zero_step.py ${ZERO_ARGS:-}) ;;
@@ -104,16 +108,16 @@ run_part() {
             # a GPU the [cpu] cases are left out (CHECK_SELECT, a pytest -k expression): they ran
             # under the image's torch on the CPU machine before the call (bench/image_versions.sh),
             # and device time is the scarce part.
-            local select=""
-            command -v nvidia-smi >/dev/null 2>&1 && select="not cpu"
+            local select="" swap_tests=""
+            command -v nvidia-smi >/dev/null 2>&1 && select="not cpu" && swap_tests=tests/test_block_swap.py
             select=${CHECK_SELECT-$select}
             hard=$((budget + grace + MARGIN))
-            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py${select:+ -k '$select'}"
+            say "checks: killed at ${hard}s: pytest tests/test_model_speed_options.py tests/test_fp8.py $swap_tests tests/test_perf.py${select:+ -k '$select'}"
             timeout --kill-after=5 "$hard" "$PY" -m pytest -q -p no:cacheprovider ${select:+-k "$select"} \
-                tests/test_model_speed_options.py tests/test_fp8.py tests/test_perf.py
+                tests/test_model_speed_options.py tests/test_fp8.py $swap_tests tests/test_perf.py
             say "checks: exit code $?"
             return ;;
-        *) say "unknown part $part (checks, attention, train_step, encode, zero)"; return ;;
+        *) say "unknown part $part (checks, attention, train_step, train_24gb, encode, zero)"; return ;;
     esac
     hard=$((budget + grace + MARGIN))
     say "$part: budget ${budget}s, watchdog at $((budget + grace))s, killed at ${hard}s: ${cmd[*]}"

@@ -47,6 +47,8 @@ Usage::
     python bench/train_step.py --cases all --budget 420 --out $OUT     # GPU: the whole set
     python bench/train_step.py --cases 14b:train_baseline,14b:train_ours
     python bench/train_step.py --tiny --out /tmp/bench                  # CPU smoke test
+    python bench/train_step.py --cases 24gb --out $OUT                  # GPU: 14B within 24 GiB (issue 26)
+    python bench/train_step.py --tiny --cases tiny:train_ours+fp8,tiny:train_ours+single24,tiny:train_ours+fp8+swap0+cap1
 """
 
 from __future__ import annotations
@@ -105,7 +107,15 @@ WARMUP_ONLY = "warm-up only: time budget"
 #   fp8             model.frozen_fp8 (frozen blocks' linear weights in float8, fp8 forward matmuls); one-way,
 #                   so a config's fp8 cases run after its other cases
 #   fp8bwd          fp8 + model.frozen_fp8_backward (the input gradients' matmuls in fp8 too)
-VARIANT_RE = re.compile(r"^(cudnn|flash|cudnnself|attnauto|compile|offload|sac|fp8|fp8bwd|auto|auto\d+|keep\d+)$")
+#   swap / swapN    block swap (model.block_swap_resident = auto / N, block_swap_prefetch = 2): the other
+#                   blocks' frozen weights wait in pinned host memory and are copied in per call
+#   capN            the case runs with the card capped at N GiB (torch.cuda.set_per_process_memory_fraction;
+#                   block swap's auto sizing gets the same budget): a smaller card on this one
+#   single24        speed=single_24gb (conf/speed/single_24gb.yaml, read from the file) + cap24: the 14B
+#                   on a 24 GB card; its row gives the ratio to the same config's +fp8 step of this run
+VARIANT_RE = re.compile(r"^(cudnn|flash|cudnnself|attnauto|compile|offload|sac|fp8|fp8bwd|auto|auto\d+|keep\d+"
+                        r"|swap|swap\d+|cap\d+|single24)$")
+FP8_VARIANTS = {"fp8", "fp8bwd", "single24"}  # one-way: run after the model's other cases
 ATTENTION_VARIANTS = {"cudnn": "_native_cudnn", "flash": "_native_flash"}
 
 
@@ -163,6 +173,9 @@ SESSION_CASES = [
     "14b:sample_ours+compile+fp8+attnauto",
     "14b-720:train_ours+compile+offload+fp8",  # last: one step shows it fits; it takes what time is left
 ]
+# Issue 26: the 14B stage-2 step on a 24 GB card (this card capped) against the unrestricted fp8 step
+# with the same other settings, in one run (``--cases 24gb``; bench/gpu_session.sh's train_24gb part).
+CASES_24GB = ["14b:train_ours+fp8", "14b:train_ours+single24"]
 TINY_CASES = [f"tiny:{k}" for k in KINDS] + ["tiny-full:train_baseline", "tiny-full:train_ours"]
 
 
@@ -572,6 +585,8 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
             out += ALL_CASES
         elif item == "session":
             out += SESSION_CASES
+        elif item == "24gb":
+            out += CASES_24GB
         elif item in CONFIGS:
             out += [f"{item}:{k}" for k in KINDS]
         elif name in CONFIGS and base in KINDS and not variants:
@@ -580,8 +595,8 @@ def parse_cases(spec: str, tiny: bool) -> list[str]:
             out.append(item)
         else:
             raise SystemExit(
-                f"--cases: unknown case {item!r}; use all, session, a config ({', '.join(CONFIGS)}) or config:kind "
-                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +cudnnself, +attnauto, +keepN, +auto, +autoN, +compile, +offload, +sac, +fp8, +fp8bwd)"
+                f"--cases: unknown case {item!r}; use all, session, 24gb, a config ({', '.join(CONFIGS)}) or config:kind "
+                f"with kind one of {', '.join(KINDS)} (ours kinds take +cudnn, +flash, +cudnnself, +attnauto, +keepN, +auto, +autoN, +compile, +offload, +sac, +fp8, +fp8bwd, +swap, +swapN, +capN, +single24)"
             )
     return list(dict.fromkeys(out))
 
@@ -610,6 +625,15 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
     fp8 = bool(model_cfg.get("frozen_fp8"))
     fp8_backward = bool(model_cfg.get("frozen_fp8_backward"))
     memory_gib = model_cfg.get("checkpoint_memory_gib")
+    resident, prefetch = model_cfg.get("block_swap_resident"), int(model_cfg.get("block_swap_prefetch") or 1)
+    cap = None
+    if "single24" in variants:  # the preset's keys, then the variants named after it
+        preset = read_yaml("speed", "single_24gb.yaml")
+        offload, fp8 = bool(preset.get("checkpoint_offload")), bool(preset.get("frozen_fp8"))
+        fp8_backward = bool(preset.get("frozen_fp8_backward"))
+        compiled = bool(preset.get("compile_blocks"))
+        resident, prefetch = preset.get("block_swap_resident"), int(preset.get("block_swap_prefetch") or 1)
+        cap = 24.0
     for v in variants:
         if v in ATTENTION_VARIANTS:
             backend = ATTENTION_VARIANTS[v]
@@ -633,6 +657,12 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
             keep = "auto"
         elif v.startswith("auto"):
             keep, memory_gib = "auto", float(v[4:])
+        elif v == "swap":
+            resident, prefetch = "auto", 2
+        elif v.startswith("swap"):
+            resident, prefetch = int(v[4:]), 2
+        elif v.startswith("cap"):
+            cap = float(v[3:])
     from ft_train.speed import SpeedOptions, apply, speed_state
 
     if speed_state(model).frozen_fp8 and not fp8:
@@ -646,18 +676,41 @@ def apply_variants(model, model_cfg: dict[str, Any], variants: list[str]) -> dic
         _dynamo_counters().clear()
     # The checkpointing variants act on the yaml's checkpointing; without it they are not asked.
     checkpointing = bool(model_cfg.get("gradient_checkpointing")) or bool(model.transformer.gradient_checkpointing)
+    if cap is not None and keep != "auto":
+        memory_gib = cap  # block swap's auto sizing sees the capped card
+    set_memory_cap(cap)
     apply(model, SpeedOptions(
         gradient_checkpointing=checkpointing, checkpoint_keep=keep if checkpointing else 0,
         checkpoint_memory_gib=memory_gib, checkpoint_offload=offload and checkpointing,
         checkpoint_save_attention=save_attention and checkpointing, attention_backend=backend,
-        self_attention_kernel=self_kernel, compile_blocks=compiled, frozen_fp8=fp8, frozen_fp8_backward=fp8 and fp8_backward))
+        self_attention_kernel=self_kernel, compile_blocks=compiled, frozen_fp8=fp8, frozen_fp8_backward=fp8 and fp8_backward,
+        block_swap_resident=resident, block_swap_prefetch=prefetch))
+    swap = speed_state(model).block_swap
+    if cap is not None and torch.cuda.is_available():
+        # The capped case's peak is its steps': not the moment before the blocks went to the host.
+        torch.cuda.reset_peak_memory_stats()
     return {"variants": variants, "attention_backend": backend or "torch SDPA (auto)",
             "self_attention_kernel": self_kernel or "as attention_backend",
             "checkpoint_keep": keep if model.transformer.gradient_checkpointing else None,
             "checkpoint_offload": offload if model.transformer.gradient_checkpointing else None,
             "checkpoint_save_attention": save_attention if model.transformer.gradient_checkpointing else None,
             "checkpoint_memory_gib": memory_gib if keep == "auto" else None,
-            "compiled": compiled, "frozen_fp8": fp8, "frozen_fp8_backward": fp8 and fp8_backward}
+            "compiled": compiled, "frozen_fp8": fp8, "frozen_fp8_backward": fp8 and fp8_backward,
+            "block_swap_resident": resident, "block_swap_prefetch": prefetch if resident is not None else None,
+            "blocks_swapped_before_first_step": len(swap.blocks) if swap is not None else 0,
+            "memory_cap_gib": cap if cap is not None else None,
+            "memory_cap_applied": cap is not None and torch.cuda.is_available()}
+
+
+def set_memory_cap(gib: float | None) -> None:
+    """Cap this process's CUDA allocations at ``gib`` GiB of the card (None: the whole card), as a
+    smaller card would. Off CUDA nothing is capped (the row says so: ``memory_cap_applied``)."""
+    if not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = 1.0 if gib is None else min(gib * 2**30 / total, 1.0)
+    torch.cuda.empty_cache()  # what torch cached above the cap would otherwise stay reserved
+    torch.cuda.set_per_process_memory_fraction(fraction)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -727,8 +780,24 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("comparisons"):
         lines += ["", "| config | ours / baseline step time | speed-up | ours / baseline peak memory |", "| --- | --- | --- | --- |"]
         for c in report["comparisons"]:
+            if "cap_gib" in c:
+                continue
             lines.append(f"| {c['what']} | {fmt(c.get('time_ratio'), '.3f')} | {fmt(c.get('speedup'), '.2f')}× | "
                          f"{fmt(c.get('memory_ratio'), '.3f')} |")
+    capped = [c for c in report.get("comparisons", []) if "cap_gib" in c]
+    if capped:
+        lines += ["", "| capped case | step time / uncapped fp8 step (goal ≤ 2) | peak GiB | cap GiB | within the cap |",
+                  "| --- | --- | --- | --- | --- |"]
+        for c in capped:
+            applied = "" if c.get("cap_applied") else " (no CUDA: not capped)"
+            lines.append(f"| {c['what']} | {fmt(c.get('time_ratio'), '.3f')} | {fmt(c.get('peak_gib'), '.1f')} | "
+                         f"{c['cap_gib']:g}{applied} | { {True: 'yes', False: 'no', None: '–'}[c.get('within_cap')]} |")
+    for r in report["results"]:
+        if r.get("block_swap_sizing") or r.get("blocks_swapped"):
+            sizing = r.get("block_swap_sizing") or {}
+            shown = ", ".join(f"{k} {v / 2**30:.2f} GiB" if k.endswith("_bytes") else f"{k} {v}" for k, v in sizing.items())
+            lines.append(f"\n{r['case']}: block swap: {r.get('blocks_swapped', 0)} blocks swapped, "
+                         f"{r.get('block_swap_loads', 0)} block copies in{'; auto: ' + shown if shown else ''}")
     for r in report["results"]:
         auto = r.get("checkpoint_auto")
         if auto and auto.get("measured"):
@@ -780,6 +849,14 @@ def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             mem = (ours["peak_mem_gib"] / base["peak_mem_gib"]) if base.get("peak_mem_gib") and ours.get("peak_mem_gib") else None
             out.append({"what": f"{name} {kind.replace('_ours', '')}", "time_ratio": ours["step_s"] / base["step_s"],
                         "speedup": base["step_s"] / ours["step_s"], "memory_ratio": mem})
+        unrestricted = by.get(f"{name}:{family}_ours+fp8")
+        if ours.get("memory_cap_gib") and unrestricted:
+            # Issue 26's goal: within the cap, at most 2x the unrestricted fp8 step of this run.
+            peak = ours.get("peak_mem_gib")
+            out.append({"what": f"{name} {kind.replace('_ours', '')} vs {family}+fp8 uncapped",
+                        "time_ratio": ours["step_s"] / unrestricted["step_s"], "goal_time_ratio": 2.0,
+                        "peak_gib": peak, "cap_gib": ours["memory_cap_gib"], "cap_applied": ours.get("memory_cap_applied"),
+                        "within_cap": None if peak is None else peak <= ours["memory_cap_gib"]})
     return out
 
 
@@ -842,7 +919,7 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
         name, kind = case.split(":")
         groups.setdefault((name, kind.partition("+")[0].split("_")[1]), []).append(kind)
     for kinds in groups.values():  # float8 conversion is one-way: a model's fp8 cases come last
-        kinds.sort(key=lambda kind: bool({"fp8", "fp8bwd"} & set(kind.split("+"))))
+        kinds.sort(key=lambda kind: bool(FP8_VARIANTS & set(kind.split("+"))))
 
     clock = Clock(device)
     for (name, family), kinds in groups.items():
@@ -925,6 +1002,16 @@ def run(args: argparse.Namespace, budget: Budget) -> int:
                 res = {"error": error}
             for p in model.parameters():
                 p.grad = None
+            if family == "ours":
+                from ft_train.speed import speed_state
+
+                speed = speed_state(model)
+                if speed.block_swap_sizing is not None or speed.block_swap is not None:
+                    swap = speed.block_swap
+                    res.update(block_swap_sizing=speed.block_swap_sizing,
+                               blocks_swapped=len(swap.blocks) if swap is not None else 0,
+                               block_swap_loads=swap.loads if swap is not None else 0)
+            set_memory_cap(None)
             res.update(device_peaks(device))
             if res.get("step_s") and res.get("flops_model"):
                 res["tflops_per_s"] = res["flops_model"] / res["step_s"] / 1e12

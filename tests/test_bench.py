@@ -247,6 +247,24 @@ def test_variant_cases_switch_the_model_options(ts, tmp_path, tiny_transformer_c
         ts.apply_variants(model, {}, [])
 
 
+def test_block_swap_cases_run_capped_beside_the_uncapped_fp8_step(ts, tmp_path):
+    """Issue 26's cases: ``24gb`` names the uncapped fp8 step and the single_24gb preset under a
+    24 GiB cap; on the CPU a swap case really swaps (the cap needs CUDA and says it was not applied),
+    and the capped row is compared with the uncapped fp8 step of the same run."""
+    assert ts.parse_cases("24gb", tiny=False) == ["14b:train_ours+fp8", "14b:train_ours+single24"]
+    assert ts.main(["--tiny", "--cases", "tiny:train_ours+fp8+swap0+cap1,tiny:train_ours+fp8",
+                    "--out", str(tmp_path)]) == 0
+    report = only_json(tmp_path, "train_step-")
+    rows = {r["case"]: r for r in report["results"]}
+    swapped = rows["tiny:train_ours+fp8+swap0+cap1"]
+    assert swapped["status"] == "ok" and swapped["blocks_swapped"] == 2 and swapped["block_swap_prefetch"] == 2
+    assert swapped["block_swap_loads"] > 0 and swapped["memory_cap_gib"] == 1 and not swapped["memory_cap_applied"]
+    (capped,) = [c for c in report["comparisons"] if "cap_gib" in c]
+    assert capped["time_ratio"] == pytest.approx(swapped["step_s"] / rows["tiny:train_ours+fp8"]["step_s"])
+    assert capped["within_cap"] is None  # no CUDA peak to hold against the cap
+    assert "step time / uncapped fp8 step (goal ≤ 2)" in next(tmp_path.glob("train_step-*.md")).read_text()
+
+
 def test_profile_breaks_a_step_down_by_kernel_category(ts, tmp_path):
     assert ts.categorise("sm90_xmma_gemm_bf16bf16_bf16f32") == ts.categorise("aten::addmm") == "matmul"
     assert ts.categorise("void pytorch_flash::flash_fwd_kernel<...>") == "attention"

@@ -30,7 +30,7 @@ def preset_keys(name: str) -> dict:
 
 
 def test_presets_are_the_documented_ones_and_set_only_model_keys():
-    assert PRESETS == ["compiled", "fp8", "none", "offload"]
+    assert PRESETS == ["compiled", "fp8", "none", "offload", "single_24gb"]
     model_keys = set(yaml.safe_load((CONF / "model" / "wan2.1_i2v_14b.yaml").read_text()))
     for name in PRESETS:
         assert (CONF / "speed" / f"{name}.yaml").read_text().startswith("# @package model\n"), name
@@ -79,11 +79,17 @@ def test_presets_build_the_model_they_name():
     assert speed_state(long).checkpoint_offload and speed_state(long).frozen_fp8 and speed_state(long).compile_options is not None
     assert not any(m.fp8_backward for m in long.modules() if isinstance(m, Fp8FrozenLinear))
 
+    small = build("speed=single_24gb")
+    state = speed_state(small)
+    assert state.checkpoint_offload and state.frozen_fp8 and state.compile_options is None
+    # auto: every block waits on the host until the first forward sizes it (on a card)
+    assert state.block_swap_auto and len(state.block_swap.blocks) == small.num_blocks and state.block_swap.prefetch == 2
+
 
 def test_fp8_presets_refuse_a_trained_backbone_naming_the_key():
-    for name in ("fp8", "offload"):
+    for name in ("fp8", "offload", "single_24gb"):
         cfg = compose(f"speed={name}", "model.train_backbone=true")
-        with pytest.raises(ValueError, match=r"model.train_backbone=true\) \(speed=fp8 and speed=offload set it"):
+        with pytest.raises(ValueError, match=r"model.train_backbone=true\) \(speed=fp8, speed=offload and speed=single_24gb set it"):
             check_model_options(cfg)  # ft-train's check before anything is built
         with pytest.raises(Exception, match="model.train_backbone=false"):  # Hydra wraps the ValueError
             instantiate(cfg.model)

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
-from ..speed import SpeedOptions, apply
 from ..speed.fp8 import Fp8FrozenLinear
 from .fantasytalking import FantasyTalkingDiT
 from .lora import is_lora_file, load_lora_file_into, read_lora_file
@@ -107,6 +106,8 @@ def build_model(
     It may also be a diffusers-format Wan LoRA file (``.safetensors``), which starts the trained
     LoRA (``lora``: same rank, its layers among the targets), or a list of such paths, loaded in order.
     """
+    from ..speed import SpeedOptions, apply  # here: ft_train.speed imports ft_train.models
+
     net_options, speed = SpeedOptions.split(options)
     dit = load_transformer(pretrained, transformer, dtype)
     net = FantasyTalkingDiT(
@@ -133,6 +134,8 @@ def _build_model_keys() -> list[str]:
 
     own = [n for n in inspect.signature(build_model).parameters if n != "options"]
     net = [n for n in inspect.signature(FantasyTalkingDiT.__init__).parameters if n not in ("self", "transformer")]
+    from ..speed import SpeedOptions
+
     return own + list(SpeedOptions.keys()) + net
 
 

@@ -1,7 +1,7 @@
 """``apply(net, options)``: put a :class:`~.options.SpeedOptions` on a built network.
 
-The network is a plain DiT + adapters; how it runs (checkpointing, kernels, compile, fp8) is
-applied from outside, as torchtitan parallelises and converts a built model. ``apply`` may be
+The network is a plain DiT + adapters; how it runs (checkpointing, kernels, compile, fp8, block
+swap) is applied from outside, as torchtitan parallelises and converts a built model. ``apply`` may be
 called again on the same network with other options (the train-step bench does, case after
 case); fp8 is one-way.
 """
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..models.lora import backbone_trains
 from .attention import set_attention_backend, set_self_attention_kernel
+from .block_swap import remove_block_swap, set_block_swap
 from .checkpointing import install_checkpointing, set_checkpointing
 from .fp8 import convert_to_fp8, set_fp8_backward
 from .options import SpeedOptions
@@ -33,6 +34,7 @@ def apply(net: FantasyTalkingDiT, options: SpeedOptions) -> SpeedState:
                          "recompute would draw other dropout masks; set model.lora.dropout=0 or model.checkpoint_offload=false")
     if state.frozen_fp8 and not options.frozen_fp8:
         raise ValueError("model.frozen_fp8=false: this network's blocks are float8 already (one-way); build it again")
+    remove_block_swap(net)  # every block back on the device first; installed again last, on the final modules
     if options.frozen_fp8 and not state.frozen_fp8:
         if state.compile_options is not None:
             uncompile_blocks(net)  # fp8 converts eager blocks; compiled again below
@@ -51,6 +53,7 @@ def apply(net: FantasyTalkingDiT, options: SpeedOptions) -> SpeedState:
         compile_blocks(net)
     elif not options.compile_blocks and state.compile_options is not None:
         uncompile_blocks(net)
+    set_block_swap(net, options.block_swap_resident, options.block_swap_prefetch, options.checkpoint_memory_gib)
     return state
 
 

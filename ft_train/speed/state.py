@@ -29,6 +29,11 @@ class SpeedState:
     self_attention_default: str | None = None  # ... and what torch would have run by itself
     compile_options: dict[str, Any] | None = None  # None: blocks not compiled
     frozen_fp8: bool = False
+    block_swap: Any = None  # the installed :class:`~.block_swap.BlockSwap`; None: every block resident
+    block_swap_auto: bool = False  # block_swap_resident=auto, not sized yet
+    block_swap_prefetch: int = 1
+    block_swap_memory_gib: float | None = None
+    block_swap_sizing: dict[str, int] | None = None  # what auto estimated (bytes, blocks)
     hooks: dict[str, Any] = field(default_factory=dict)  # forward pre-hook handles by purpose
 
 
