@@ -234,3 +234,30 @@ def test_ft_train_with_block_swap_trains_the_same_adapter(tmp_path):
     assert trained and all(plain[k].abs().max() > 0 for k in trained)  # zero at the start: the steps moved them
     for key in plain:
         torch.testing.assert_close(swapped[key], plain[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_block_swap_under_deepspeed_with_the_optimizer_state_on_the_host(tmp_path):
+    """The 24 GB recipe's optimizer: DeepSpeed ZeRO-2 with its optimizer state offloaded to host
+    memory (DeepSpeed's CPU Adam), one process. With a block swapped the losses of two steps (the
+    second after an optimizer step) are those without it."""
+    import os
+    import subprocess
+    import sys
+
+    from ft_train.lit import read_metric
+
+    from .conftest import REPO
+
+    losses = {}
+    for run, extra in (("plain", []), ("swap", ["model.block_swap_resident=1", "model.block_swap_prefetch=2"])):
+        cmd = [sys.executable, "-c", "import sys; from ft_train.train import main; sys.argv[0] = 'ft-train'; main()",
+               "experiment=tiny_cpu", "stages=null", "stage.max_steps=2", "trainer.devices=1", "data.num_workers=0",
+               "data.num_samples=8", "trainer.log_every_n_steps=1", f"paths.output_dir={tmp_path}", f"run_id={run}",
+               "strategy=deepspeed_zero2", "strategy.offload_optimizer=true", "optim=deepspeed_cpu_adam",
+               "model.gradient_checkpointing=true", "model.train_backbone=false", *extra]
+        env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        losses[run] = read_metric(tmp_path / run / "clip" / "metrics.csv", "train/loss")
+    assert len(losses["plain"][1]) == 2 and losses["swap"] == losses["plain"]
