@@ -37,12 +37,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 
 from .cli import Tool
-from .media import upright
+from .media import read_frames
 from .metrics.audio import AudioReadError, read_sync_audio
 from .metrics.video import VideoMetrics, build_metric
 
@@ -54,26 +53,6 @@ EXAMPLE = "ft-eval generated=results/ours reference=data/test fvd=weights/i3d_to
 
 def _videos(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS}
-
-
-def read_frames(path: Path) -> tuple[np.ndarray, float]:
-    """The video stream only: ``(T, H, W, 3)`` uint8 RGB upright frames and the fps.
-
-    Audio is read apart (:func:`~ft_train.metrics.audio.read_sync_audio`), so a damaged audio
-    track cannot keep a video out of FID/FVD.
-    """
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path}: has no video stream")
-            vs = container.streams.video[0]
-            fps = float(vs.average_rate or vs.guessed_rate or 0.0)
-            frames = [upright(f.to_ndarray(format="rgb24"), f.rotation) for f in container.decode(vs)]
-    except av.FFmpegError as e:
-        raise ValueError(f"{path}: cannot be decoded ({e})") from e
-    if not frames:
-        raise ValueError(f"{path}: video stream holds no frames")
-    return np.stack(frames), fps
 
 
 def _audio(path: Path) -> tuple[np.ndarray | None, str | None]:

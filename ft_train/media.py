@@ -225,7 +225,18 @@ def read_video(
         padding that fills the last 1024-sample frame, so ``N`` can exceed the written length by
         up to ~1024 samples.
     """
-    path = Path(path)
+    frames, fps, has_audio = _read_frames(Path(path), max_damaged_frac)
+    return frames, fps, (read_audio(path, sample_rate, max_damaged_frac=max_damaged_frac) if has_audio else None)
+
+
+def read_frames(path: str | Path, max_damaged_frac: float = MAX_DAMAGED_FRAC) -> tuple[np.ndarray, float]:
+    """The video stream only, as :func:`read_video` decodes it: ``(T, H, W, 3)`` uint8 RGB upright
+    frames and the fps. A damaged audio track cannot keep the frames from being read."""
+    frames, fps, _ = _read_frames(Path(path), max_damaged_frac)
+    return frames, fps
+
+
+def _read_frames(path: Path, max_damaged_frac: float) -> tuple[np.ndarray, float, bool]:
     damage = Damage()
     try:
         with av.open(str(path)) as container:
@@ -246,7 +257,7 @@ def read_video(
     damage.check(str(path), "video", max_damaged_frac)
     while expected and damage.damaged and len(frames) < expected:
         frames.append(frames[-1])
-    return np.stack(frames), fps, (read_audio(path, sample_rate, max_damaged_frac=max_damaged_frac) if has_audio else None)
+    return np.stack(frames), fps, has_audio
 
 
 def read_audio(
@@ -551,6 +562,7 @@ __all__ = [
     "output_size",
     "probe",
     "read_audio",
+    "read_frames",
     "read_video",
     "upright",
     "write_video",

@@ -107,6 +107,8 @@ def test_corrupt_video_frame_is_skipped_and_counted(tmp_path):
     assert len(frames) == 100 and damage.damaged >= 1  # the frame flagged corrupt stands in for by its predecessor
     frames_rv, _, _ = media.read_video(path)
     assert len(frames_rv) == 100
+    frames_rf, _ = media.read_frames(path)  # ft-eval's video-only read decodes it the same way
+    assert np.array_equal(frames_rf, frames_rv)
 
 
 def xcorr_lag(clip: np.ndarray, speech: np.ndarray, max_lag: int) -> int:
