@@ -58,6 +58,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def tiny_weights(root, tiny_transformer_config):
+    """A tiny diffusers Wan folder and wav2vec folder under ``root``, and conf/model/tiny.yaml's
+    keys pointing at them: ``(wan, wav2vec, model_cfg)``."""
+    from diffusers import WanTransformer3DModel
+
+    wan, wav2vec = root / "wan", root / "wav2vec"
+    torch.manual_seed(0)
+    WanTransformer3DModel(**tiny_transformer_config).save_pretrained(wan / "transformer")
+    save_tiny_encoders(wan, wav2vec)
+    model_cfg = yaml.safe_load((CONF / "model" / "tiny.yaml").read_text())
+    model_cfg.pop("_target_")
+    model_cfg["pretrained"] = str(wan)
+    return wan, wav2vec, model_cfg
+
+
 def random_adapters(net, seed, identity_std=0.05):
     """Trained-looking adapter weights (zero-initialised k/v and motion output would be no-ops).
     ``identity_std``: the Q-Former's spread; at 0.05 its ID tokens hardly depend on the face."""
@@ -72,18 +87,10 @@ def random_adapters(net, seed, identity_std=0.05):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_transformer_config):
     """Base weights, a motion bundle, an audio-only released-layout file, a photo and a wav."""
-    from diffusers import WanTransformer3DModel
     from skimage.data import astronaut
 
     root = tmp_path_factory.mktemp("infer")
-    wan, wav2vec = root / "wan", root / "wav2vec"
-    torch.manual_seed(0)
-    WanTransformer3DModel(**tiny_transformer_config).save_pretrained(wan / "transformer")
-    save_tiny_encoders(wan, wav2vec)
-
-    model_cfg = yaml.safe_load((CONF / "model" / "tiny.yaml").read_text())
-    model_cfg.pop("_target_")
-    model_cfg["pretrained"] = str(wan)
+    wan, wav2vec, model_cfg = tiny_weights(root, tiny_transformer_config)
     model_cfg["motion"]["enabled"] = True
     net = random_adapters(build_model(**model_cfg, audio_mode="frame"), seed=1)
     trained = AdapterCheckpoint(root / "run", "state_dict", net.adapter_state_dict(),

@@ -9,8 +9,8 @@ delay in the mp4 or audio one frame (40 ms) off in the model's input fails these
 ~1280 / 640 samples; they allow 2 ms (the AAC round trip keeps a click within a sample or two).
 """
 
+import functools
 import gc
-import warnings
 
 import av
 import numpy as np
@@ -337,23 +337,16 @@ def test_speech_longer_than_max_seconds_is_refused(files, tmp_path):
 # memory
 
 
+@functools.cache
+def _bench():
+    from .test_bench import load_bench
+
+    return load_bench("long_form")
+
+
 def live_tensor_bytes(exclude: set[int]) -> int:
-    """Bytes of every tensor storage Python holds, less the storages in ``exclude`` (the weights)."""
-    seen, total = set(), 0
-    with warnings.catch_warnings():  # isinstance on some lazy module attributes warns
-        warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
-    for obj in tensors:
-        if not obj.is_meta:
-            try:  # tensors torch.compile left behind (fake tensors) have no data to count
-                storage = obj.untyped_storage()
-                key = storage.data_ptr()
-            except RuntimeError:
-                continue
-            if key and key not in seen and key not in exclude:
-                seen.add(key)
-                total += storage.nbytes()
-    return total
+    """Bytes of every tensor storage Python holds, less ``exclude`` (the weights): bench/long_form.py's count."""
+    return _bench().live_tensor_bytes(exclude)
 
 
 def test_memory_stays_one_segment(files):

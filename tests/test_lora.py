@@ -232,25 +232,18 @@ def infer_files(tmp_path_factory, tiny_transformer_config):
     it came from, a photo and a wav."""
     import numpy as np
     import soundfile
-    import yaml
     from PIL import Image
     from skimage.data import astronaut
 
     from ft_train.export import export_bundle
     from ft_train.models.weights import AdapterCheckpoint
     from ft_train.spec import ModelSpec
-    from ft_train.tiny import save_tiny_encoders
+
+    from .test_infer import tiny_weights
 
     root = tmp_path_factory.mktemp("lora_infer")
-    wan, wav2vec = root / "wan", root / "wav2vec"
-    torch.manual_seed(0)
-    from diffusers import WanTransformer3DModel
-
-    WanTransformer3DModel(**tiny_transformer_config).save_pretrained(wan / "transformer")
-    save_tiny_encoders(wan, wav2vec)
-    model_cfg = yaml.safe_load((CONF / "model" / "tiny.yaml").read_text())
-    model_cfg.pop("_target_")
-    model_cfg.update(pretrained=str(wan), lora={**model_cfg["lora"], "rank": 4, "alpha": 8})
+    wan, wav2vec, model_cfg = tiny_weights(root, tiny_transformer_config)
+    model_cfg.update(lora={**model_cfg["lora"], "rank": 4, "alpha": 8})
     net = build_model(**model_cfg, audio_mode="frame")
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
