@@ -251,3 +251,17 @@ def test_block_swap_under_deepspeed_with_the_optimizer_state_on_the_host(tmp_pat
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         losses[run] = read_metric(tmp_path / run / "clip" / "metrics.csv", "train/loss")
     assert len(losses["plain"][1]) == 2 and losses["swap"] == losses["plain"]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_model_summary_counts_swapped_weights(cfg, fp8):
+    """Swapped blocks' modules hold size-0 placeholders; the logged parameter counts must not
+    shrink with them (float8 weight bits included)."""
+    from ft_train.models import model_summary
+
+    kw = dict(lora={"rank": 4}, frozen_fp8=fp8)
+    plain = model_summary(_model(cfg, **kw))
+    swapped_model = _model(cfg, block_swap_resident=0, **kw)
+    assert speed_state(swapped_model).block_swap.blocks  # every block swapped
+    assert model_summary(swapped_model) == plain
+    assert plain["params_total"] > plain["params_trainable"] > 0

@@ -144,9 +144,12 @@ build_model.config_keys = _build_model_keys
 
 def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
     """Parameter counts (total, trainable, adapter, LoRA) for logs and reports; float8-stored frozen
-    weights (``model.frozen_fp8``) count in the total."""
+    weights (``model.frozen_fp8``) and weights swapped to host memory (``model.block_swap_resident``)
+    count in the total."""
+    from ..speed.block_swap import swapped_numel
+
     fp8 = sum(m.weight_bits.numel() for m in model.modules() if isinstance(m, Fp8FrozenLinear))
-    total = sum(p.numel() for p in model.parameters()) + fp8
+    total = sum(p.numel() for p in model.parameters()) + fp8 + swapped_numel(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter = sum(p.numel() for m in model.adapter_modules().values() for p in m.parameters())
     lora = sum(p.numel() for _, p in model.lora_state())

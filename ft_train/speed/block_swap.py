@@ -270,6 +270,18 @@ def _restore(block: _SwappedBlock) -> None:
         getattr(slot.module, slot.kind)[slot.name] = value
 
 
+def swapped_numel(net: FantasyTalkingDiT) -> int:
+    """Elements of the model's weights that wait in host memory now (swapped parameters and
+    float8 weight bits), which the module's own size-0 placeholders do not count."""
+    from .fp8 import Fp8FrozenLinear
+
+    swap = speed_state(net).block_swap
+    if swap is None:
+        return 0
+    return sum(slot.host.numel() for block in swap.blocks.values() for slot in block.slots
+               if slot.kind == "_parameters" or isinstance(slot.module, Fp8FrozenLinear) and slot.name == "weight_bits")
+
+
 def remove_block_swap(net: FantasyTalkingDiT) -> None:
     """Put every swapped block's weights back on the device (where its placeholders are) for good."""
     state = speed_state(net)
