@@ -49,7 +49,8 @@ def i3d_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_wan(tmp_path_factory):
     root = tmp_path_factory.mktemp("enc")
-    save_tiny_encoders(root / "wan", root / "wav2vec", image_dim=32, text_dim=32, audio_dim=32, image_size=28)
+    # wav2vec keeps the real width (768, model/tiny.yaml's audio_in_dim): long-form validation encodes speech with it
+    save_tiny_encoders(root / "wan", root / "wav2vec", image_dim=32, text_dim=32, image_size=28)
     return root / "wan"
 
 
@@ -204,6 +205,93 @@ def test_each_clip_is_sampled_with_its_own_motion_and_face(tmp_path, tiny_wan):
     cb.samples[0]["face"] = face
     cb.validate(Trainer(), Module())
     assert sampler.calls[-2:] == [{}, {}]
+
+
+def test_long_form_clip_becomes_one_video_of_its_whole_speech_scored_whole(tmp_path, tiny_wan, i3d_file):
+    """long_form=true: clip 0's speech lasts ~2.5 of its 17-frame windows, so it is sampled in 3
+    overlapping segments (ft-infer's loop) into one 33-frame video with the whole speech muxed in,
+    and the metrics score that video; clip 1's speech fits its window and stays one window."""
+    from ft_train.infer import frames_for_audio
+
+    fps, audio_dir = 23.0, tmp_path / "audio"
+    audio_dir.mkdir()
+    rng = np.random.default_rng(0)
+    seconds = {"synthetic-000000": 31.5 / fps, "synthetic-000001": 17 / fps}
+    for key, length in seconds.items():
+        t = np.arange(int(length * 16000)) / 16000
+        wave = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(len(t))
+        scipy.io.wavfile.write(audio_dir / f"{key}.wav", 16000, (wave * 32767).astype(np.int16))
+    cfg = compose_train([
+        "experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stages=null", "stage.max_steps=1",
+        "data.num_workers=0", "data.num_samples=2", "data.samples_per_shard=2", "data.shuffle_buffer=0",
+        "data.num_frames=17", "+callbacks@callbacks.validation=validation", "callbacks.validation.shards=${data.root}",
+        "callbacks.validation.num_samples=2", "callbacks.validation.every_n_steps=0",
+        "callbacks.validation.sampler.steps=2", f"callbacks.validation.vae={tiny_wan}",
+        f"callbacks.validation.fvd={i3d_file}", f"callbacks.validation.audio_dir={audio_dir}",
+        "callbacks.validation.fid_frames=8", "callbacks.validation.long_form=true",
+        f"callbacks.validation.wav2vec={tiny_wan.parent / 'wav2vec'}",
+    ])
+    with open_dict(cfg):
+        cfg.callbacks.validation.fid = TINY_FID
+        cfg.callbacks.validation.sync = TINY_SYNC
+    result = train(cfg)
+
+    callback = next(c for c in result["trainer"].callbacks if isinstance(c, ValidationCallback))
+    assert [len(p) for p in callback.plans.values()] == [3] and list(callback.plans) == ["synthetic-000000"]
+    videos = sorted((Path(result["stage_dir"]) / "samples" / "step-00000001").glob("*.mp4"))
+    assert [v.name for v in videos] == ["000_synthetic-000000.mp4", "001_synthetic-000001.mp4"]
+    for video, length in zip(videos, seconds.values()):
+        frames, got_fps, audio = read_video(video)
+        # the whole speech: its frame count at the clips' fps, and its sound muxed in (AAC pads a little)
+        assert frames.shape == (frames_for_audio(length, fps, max_frames=1000), 64, 64, 3) and got_fps == pytest.approx(fps)
+        assert abs(len(audio) / 16000 - length) < 0.07, (video.name, len(audio) / 16000, length)
+    assert frames_for_audio(seconds["synthetic-000000"], fps, max_frames=1000) == 33
+    long_video = read_video(videos[0])[0].astype(np.float32)
+    assert long_video[17:].std() > 1  # the later segments are generated pictures, not a blank tail
+    values = callback.history[-1]
+    for name in ("val/fid", "val/fvd", "val/sync_c", "val/sync_d"):
+        assert math.isfinite(values.get(name, float("nan"))), (name, values)
+    with open(Path(result["stage_dir"]) / "metrics.csv", newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh) if r.get("val/fvd")] == [1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("callbacks.validation.long_form=yes", "callbacks.validation.long_form: must be true or false"),
+    ("callbacks.validation.overlap_frames=4", "callbacks.validation.overlap_frames: must be 4m+1"),
+    ("callbacks.validation.segment_frames=20", "callbacks.validation.segment_frames: must be 4k+1"),
+    ("callbacks.validation.long_mode=loop", "callbacks.validation.long_mode: must be continue"),
+    ("callbacks.validation.max_seconds=0", "callbacks.validation.max_seconds: must be a number"),
+    ("callbacks.validation.wav2vec=null", "callbacks.validation.wav2vec: not set"),
+    ("callbacks.validation.audio_dir=null", "callbacks.validation.audio_dir: long_form=true reads"),
+])
+def test_long_form_keys_are_checked_when_the_callback_is_built(tmp_path, tiny_wan, override, message):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "+callbacks@callbacks.validation=validation",
+                         "callbacks.validation.shards=/x", f"callbacks.validation.vae={tiny_wan}",
+                         f"callbacks.validation.audio_dir={tmp_path}", "callbacks.validation.long_form=true",
+                         f"callbacks.validation.wav2vec={tiny_wan.parent / 'wav2vec'}", override])
+    with pytest.raises(Exception, match=message.replace(".", r"\.").replace("+", r"\+")):
+        instantiate(cfg.callbacks.validation)
+
+
+def test_long_form_speech_too_long_or_windows_too_long_stop_before_the_first_step(tmp_path, tiny_wan):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_workers=0",
+                         "data.num_samples=1", "data.samples_per_shard=1", "data.num_frames=9"])
+    instantiate(cfg.data).prepare_data()
+    (tmp_path / "audio").mkdir()
+    scipy.io.wavfile.write(tmp_path / "audio" / "synthetic-000000.wav", 16000, np.zeros(3 * 16000, np.int16))
+
+    class Trainer:
+        global_step, global_rank, world_size, loggers, callback_metrics = 0, 0, 1, [], {}
+        strategy = None
+
+    for kw, message in (({"max_seconds": 2.5}, r"callbacks\.validation\.max_seconds: the speech of validation clip "
+                                                r"synthetic-000000 lasts 3\.0 s, longer than max_seconds=2\.5"),
+                        ({"segment_frames": 13}, r"callbacks\.validation\.segment_frames: 13 frames is longer than "
+                                                 r"validation clip synthetic-000000's 9")):
+        cb = ValidationCallback(shards=cfg.data.root, num_samples=1, vae=str(tiny_wan), audio_dir=str(tmp_path / "audio"),
+                                long_form=True, wav2vec=str(tiny_wan.parent / "wav2vec"), **kw)
+        with pytest.raises(ValueError, match=message):
+            cb.setup(Trainer(), None, "fit")
 
 
 def test_config_errors_name_the_key(tmp_path):
