@@ -207,11 +207,12 @@ def test_each_clip_is_sampled_with_its_own_motion_and_face(tmp_path, tiny_wan):
     assert sampler.calls[-2:] == [{}, {}]
 
 
-def test_long_form_clip_becomes_one_video_of_its_whole_speech_scored_whole(tmp_path, tiny_wan, i3d_file):
+def test_long_form_clip_becomes_one_video_of_its_whole_speech_scored_whole(tmp_path, tiny_wan, i3d_file, monkeypatch):
     """long_form=true: clip 0's speech lasts ~2.5 of its 17-frame windows, so it is sampled in 3
     overlapping segments (ft-infer's loop) into one 33-frame video with the whole speech muxed in,
     and the metrics score that video; clip 1's speech fits its window and stays one window."""
     from ft_train.infer import frames_for_audio
+    from ft_train.metrics.video import VideoMetrics
 
     fps, audio_dir = 23.0, tmp_path / "audio"
     audio_dir.mkdir()
@@ -234,9 +235,20 @@ def test_long_form_clip_becomes_one_video_of_its_whole_speech_scored_whole(tmp_p
     with open_dict(cfg):
         cfg.callbacks.validation.fid = TINY_FID
         cfg.callbacks.validation.sync = TINY_SYNC
+    scored = []
+    update = VideoMetrics.update
+
+    def spied_update(self, generated, reference, fps, audio, key=None):
+        scored.append((key, generated.shape[0], None if audio is None else len(audio)))
+        return update(self, generated, reference, fps, audio, key=key)
+
+    monkeypatch.setattr(VideoMetrics, "update", spied_update)
     result = train(cfg)
 
     callback = next(c for c in result["trainer"].callbacks if isinstance(c, ValidationCallback))
+    # the metrics saw the whole video and the whole speech
+    assert scored == [("synthetic-000000", 33, int(seconds["synthetic-000000"] * 16000)),
+                      ("synthetic-000001", 17, int(seconds["synthetic-000001"] * 16000))]
     assert [len(p) for p in callback.plans.values()] == [3] and list(callback.plans) == ["synthetic-000000"]
     videos = sorted((Path(result["stage_dir"]) / "samples" / "step-00000001").glob("*.mp4"))
     assert [v.name for v in videos] == ["000_synthetic-000000.mp4", "001_synthetic-000001.mp4"]
@@ -253,6 +265,39 @@ def test_long_form_clip_becomes_one_video_of_its_whole_speech_scored_whole(tmp_p
         assert math.isfinite(values.get(name, float("nan"))), (name, values)
     with open(Path(result["stage_dir"]) / "metrics.csv", newline="") as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh) if r.get("val/fvd")] == [1]
+
+
+def test_long_form_ranks_sample_as_many_windows(tmp_path, tiny_wan):
+    """Under ZeRO-3 every DiT forward is a collective: with 2 ranks, rank 0's clip in 3 segments and
+    rank 1's in one window, rank 1 samples 2 padding windows (thrown away) to stay in step."""
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_workers=0",
+                         "data.num_samples=2", "data.samples_per_shard=2", "data.num_frames=9"])
+    instantiate(cfg.data).prepare_data()
+    net = instantiate(cfg.model).eval()
+    (tmp_path / "audio").mkdir()
+    for key, frames in (("synthetic-000000", 21), ("synthetic-000001", 9)):
+        scipy.io.wavfile.write(tmp_path / "audio" / f"{key}.wav", 16000, np.zeros(int(frames / 23 * 16000), np.int16))
+    counts, videos = [], {}
+    for rank in (0, 1):
+        sampler = SpySampler(steps=1, cfg=1.0, audio_cfg=None)
+        cb = ValidationCallback(shards=cfg.data.root, num_samples=2, every_n_steps=0, vae=str(tiny_wan), sampler=sampler,
+                                samples_dir=str(tmp_path / f"rank{rank}"), audio_dir=str(tmp_path / "audio"),
+                                long_form=True, wav2vec=str(tiny_wan.parent / "wav2vec"), overlap_frames=1)
+
+        class Trainer:
+            global_step, global_rank, world_size, loggers, callback_metrics = 5, rank, 2, [], {}
+            strategy = None
+
+        class Module:
+            device = torch.device("cpu")
+
+        Module.net = net
+        cb.validate(Trainer(), Module())
+        counts.append(len(sampler.calls))
+        videos[rank] = [(v.name, read_video(v)[0].shape[0]) for v in (tmp_path / f"rank{rank}" / "step-00000005").glob("*.mp4")]
+    assert [len(p) for p in cb.plans.values()] == [3]  # 21 frames: windows of 9 overlapping by 1 at 0, 8, 16
+    assert counts == [3, 3]
+    assert videos == {0: [("000_synthetic-000000.mp4", 21)], 1: [("001_synthetic-000001.mp4", 9)]}
 
 
 @pytest.mark.parametrize("override, message", [
