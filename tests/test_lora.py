@@ -329,11 +329,13 @@ def test_ft_infer_with_a_lora_bundle_and_an_extra_lora(infer_files, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_lora_trains_and_resumes_under_ddp_zero2_and_zero3_in_two_processes_alike(tmp_path):
+def test_lora_trains_under_ddp_zero2_and_zero3_alike_and_resumes_under_zero3(tmp_path):
     """Two processes each: DDP, ZeRO-2 (whole weights on each rank, the LoRA's gradients and Adam
     state partitioned; with an EMA) and ZeRO-3 (every weight, the LoRA's included, sharded over the
     ranks) train the same LoRA, and ft-export format=lora gathers each checkpoint into the same
-    file. Under both ZeRO stages, a run cut after step 2 (its step-3 save lost) resumes exactly."""
+    file. Under ZeRO-3 a run cut after step 2 (its step-3 save lost) resumes exactly: the LoRA's
+    shards and their Adam state come back from the sharded checkpoint, the frozen base weights
+    (left out of it) from the base. ZeRO-2's exact resume (with an EMA) is test_strategies'."""
     import shutil
 
     from ft_train.export import export
@@ -348,7 +350,7 @@ def test_lora_trains_and_resumes_under_ddp_zero2_and_zero3_in_two_processes_alik
         steps, losses = ft_train(tmp_path, strategy, 3, *extra)
         assert steps == [0, 1, 2] and all(v == v for v in losses)
         ckpts = tmp_path / strategy / "clip" / "checkpoints"
-        if strategy != "ddp":
+        if strategy == "deepspeed_zero3":
             cut = tmp_path / f"{strategy}-cut"
             shutil.copytree(tmp_path / strategy, cut)
             shutil.rmtree(cut / "clip" / "checkpoints" / "step-00000003")  # died before its final save
@@ -357,10 +359,12 @@ def test_lora_trains_and_resumes_under_ddp_zero2_and_zero3_in_two_processes_alik
                              for run in (tmp_path / strategy, cut))
             assert full.layout == "deepspeed" and len([n for n in full.tensors if ".lora_" in n]) == 40
             for name in full.tensors:
-                assert torch.equal(full.tensors[name], resumed.tensors[name]), (strategy, name)
-            assert set(full.ema) == (set(full.tensors) if strategy == "deepspeed_zero2" else set())
-            for name in full.ema:
-                assert torch.equal(full.ema[name], resumed.ema[name]), (strategy, name)
+                assert torch.equal(full.tensors[name], resumed.tensors[name]), name
+        if strategy == "deepspeed_zero2":  # the EMA of the LoRA, kept in DeepSpeed's client state
+            ckpt = read_checkpoint(ckpts / "step-00000003")
+            lora_keys = {n for n in ckpt.tensors if ".lora_" in n}
+            assert len(lora_keys) == 40 and lora_keys <= set(ckpt.ema)
+            assert any(not torch.equal(ckpt.ema[n], ckpt.tensors[n].float()) for n in lora_keys)
         files[strategy] = read_lora_file(export(ckpts / "step-00000003", tmp_path / f"{strategy}.safetensors",
                                                 format="lora")["out"], "x")
     ddp = files["ddp"]
