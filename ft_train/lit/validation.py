@@ -1,9 +1,10 @@
 """Validation while training: sample a fixed clip list, score FID / FVD / Sync-C / Sync-D, write mp4s.
 
 Every rank validates its share (under ZeRO-3 every forward is a collective) and the metric states
-are reduced across ranks, so the numbers equal one pass over the list by ft-eval's protocols. Why
-each choice (reference = VAE-decoded latents, where audio comes from, FID's frame count, logging):
-docs/metrics.md ("Validation during training").
+are reduced across ranks, so the numbers equal one pass over the list by ft-eval's protocols. With
+``long_form``, a clip whose speech runs past its window goes through ft-infer's segment loop into
+one video of the whole speech. Why each choice (reference = VAE-decoded latents, where audio comes
+from, FID's frame count, logging, long form): docs/metrics.md ("Validation during training").
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class ValidationCallback(Callback):
         samples_dir: where ``step-XXXXXXXX/<index>_<key>.mp4`` go (None = no videos written).
         ema: sample with the run's moving average of the weights (``callbacks.ema``, which must be
             on) instead of the weights; training goes on with the weights, exactly as they were.
-        long_form: a clip whose speech (``audio_dir`` / ``raw_shards``) needs more than one window
-            becomes one video of the whole speech, sampled in overlapping segments as ft-infer
+        long_form: a clip whose speech in ``audio_dir`` needs more than one window becomes one
+            video of the whole speech, sampled in overlapping segments as ft-infer
             does (:mod:`ft_train.inference.long_form`), and is written and scored whole.
         wav2vec: with ``long_form``: the local wav2vec2 folder that encodes each segment's speech
             (the one the latent shards' audio features came from).
@@ -133,7 +134,7 @@ class ValidationCallback(Callback):
             read_clip_list(clips)  # a missing or empty list fails now, not at the first validation
         if not isinstance(long_form, bool):
             raise ValueError(f"{KEY}.long_form: must be true or false, got {long_form!r}")
-        self.long_form = long_form
+        self.long_form, self.wav2vec = long_form, None
         if long_form:
             check_long_form(segment_frames, overlap_frames, max_seconds, long_mode, prefix=f"{KEY}.")
             if not vae:
