@@ -43,7 +43,7 @@ from .inference.inputs import (
     FACE_MODES, check_omega, check_wan_folder, check_wav2vec_folder, frames_for_audio, read_image, read_speech,
     resolve_device, resolve_dtype_name, target_size,
 )
-from .inference.long_form import check_long_form, generate_long, plan_segments
+from .inference.long_form import check_duration, check_long_form, generate_long, plan_for_speech
 from .inference.pipeline import TalkingPortraitPipeline
 
 log = logging.getLogger("ft_train.infer")
@@ -127,11 +127,7 @@ def infer(
         raise ValueError(f"out: {out} is a folder; give the mp4 file to write")
     picture = read_image(image, "image")
     speech = read_speech(audio, "audio")
-    if speech.shape[0] / AUDIO_RATE > max_seconds:
-        raise ValueError(
-            f"max_seconds: {audio} lasts {speech.shape[0] / AUDIO_RATE:.1f} s, longer than max_seconds={max_seconds:g}; "
-            "raise max_seconds (sampling time grows linearly with the speech) or cut the speech"
-        )
+    check_duration(speech.shape[0] / AUDIO_RATE, max_seconds, audio)
     wav2vec_dir = check_wav2vec_folder(wav2vec)
     trained = read_adapters(adapters, audio_mode, audio_expand, ema)
     spec = trained.spec
@@ -170,8 +166,8 @@ def infer(
         fps, why = RELEASE_FPS, "the released adapter's rate: the adapters record no training frame rate; set fps= to choose"
     log.info("%g fps: %s", fps, why)
     duration = speech.shape[0] / AUDIO_RATE
-    num_frames = frames_for_audio(duration, fps, max_frames=sys.maxsize)
-    plan = plan_segments(num_frames, segment_frames, overlap_frames)
+    plan = plan_for_speech(duration, fps, segment_frames, overlap_frames)
+    num_frames = plan[-1].start + plan[-1].frames
     if len(plan) > 1:
         log.info("long-form: %d frames in %d segments of up to %d frames overlapping by %d (long_mode=%s)",
                  num_frames, len(plan), segment_frames, overlap_frames, long_mode)

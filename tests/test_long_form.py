@@ -217,6 +217,22 @@ def test_segments_cover_the_video_with_the_overlap(segment, overlap):
         assert len(plan) == (1 if total <= segment else 1 + -(-(total - segment) // (segment - overlap)))
 
 
+def test_a_shorter_plain_window_takes_the_first_condition_latents(files):
+    """Validation has a clip's condition latents, not its photo: a shorter window without known
+    frames cuts them, which equals encoding the shorter window (the Wan VAE is causal in time)."""
+    from ft_train.inference.pipeline import plain_window_latents
+    from ft_train.models.vae import WanVAEDecoder
+
+    vae = WanVAEDecoder(files["wan"], key="wan")
+    first = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    long = vae.enc.encode_condition(first, 17)
+    for frames in (5, 9, 17):
+        torch.testing.assert_close(plain_window_latents(long, frames), vae.enc.encode_condition(first, frames),
+                                   rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="cover 5 latent frames; a 21-frame window needs 6"):
+        plain_window_latents(long, 21)
+
+
 def test_blend_is_a_cross_fade():
     assert blend_weights(1).tolist() == [0.5]
     assert blend_weights(5).tolist() == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])

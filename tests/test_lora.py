@@ -329,31 +329,56 @@ def test_ft_infer_with_a_lora_bundle_and_an_extra_lora(infer_files, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_lora_trains_under_ddp_and_zero3_in_two_processes_alike(tmp_path):
-    """Two processes each: DDP and ZeRO-3 (every weight, the LoRA's included, sharded over the
-    ranks) train the same LoRA; ft-export format=lora gathers ZeRO-3's shards into the same file."""
+def test_lora_trains_under_ddp_zero2_and_zero3_alike_and_resumes_under_zero3(tmp_path):
+    """Two processes each: DDP, ZeRO-2 (whole weights on each rank, the LoRA's gradients and Adam
+    state partitioned; with an EMA) and ZeRO-3 (every weight, the LoRA's included, sharded over the
+    ranks) train the same LoRA, and ft-export format=lora gathers each checkpoint into the same
+    file. Under ZeRO-3 a run cut after step 2 (its step-3 save lost) resumes exactly: the LoRA's
+    shards and their Adam state come back from the sharded checkpoint, the frozen base weights
+    (left out of it) from the base. ZeRO-2's exact resume (with an EMA) is test_strategies'."""
+    import shutil
+
     from ft_train.export import export
 
     from .test_strategies import ft_train
 
-    lora = ("model.train_backbone=false", "model.lora.rank=4", "model.lora.alpha=8")
+    strategies = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
     files = {}
-    for strategy in ("ddp", "deepspeed_zero3"):
-        steps, losses = ft_train(tmp_path, strategy, 3, f"strategy={strategy}", *lora)
+    for strategy in strategies:
+        extra = (f"strategy={strategy}", *LORA, *{"deepspeed_zero2": ["callbacks.ema.decay=0.9"],  # ZeRO-3 refuses one
+                                                  "deepspeed_zero3": ["callbacks.checkpoint.every_n_steps=2"]}.get(strategy, []))
+        steps, losses = ft_train(tmp_path, strategy, 3, *extra)
         assert steps == [0, 1, 2] and all(v == v for v in losses)
-        step = tmp_path / strategy / "clip" / "checkpoints" / "step-00000003"
-        files[strategy] = read_lora_file(export(step, tmp_path / f"{strategy}.safetensors", format="lora")["out"], "x")
-    ddp, zero3 = files["ddp"], files["deepspeed_zero3"]
-    assert ddp.tensors.keys() == zero3.tensors.keys() and len(ddp.tensors) == 40
-    trained = 0
-    for name, b in ddp.tensors.items():
-        a = zero3.tensors[name]
-        # as in test_strategies: same maths, another reduction order, Adam's first steps amplify
-        # rounding; a wrongly gathered shard would be ~100 % off
-        rel = float((a - b).norm() / b.norm().clamp(min=1e-12))
-        assert a.shape == b.shape and rel <= 0.05, (name, rel)
-        trained += ".lora_B." in name and bool(b.abs().sum() > 0)
-    assert trained == 20  # every B moved away from its zero start
+        ckpts = tmp_path / strategy / "clip" / "checkpoints"
+        if strategy == "deepspeed_zero3":
+            cut = tmp_path / f"{strategy}-cut"
+            shutil.copytree(tmp_path / strategy, cut)
+            shutil.rmtree(cut / "clip" / "checkpoints" / "step-00000003")  # died before its final save
+            assert ft_train(tmp_path, cut.name, 3, *extra) == (steps, losses)
+            full, resumed = (read_checkpoint(run / "clip" / "checkpoints" / "step-00000003")
+                             for run in (tmp_path / strategy, cut))
+            assert full.layout == "deepspeed" and len([n for n in full.tensors if ".lora_" in n]) == 40
+            for name in full.tensors:
+                assert torch.equal(full.tensors[name], resumed.tensors[name]), name
+        if strategy == "deepspeed_zero2":  # the EMA of the LoRA, kept in DeepSpeed's client state
+            ckpt = read_checkpoint(ckpts / "step-00000003")
+            lora_keys = {n for n in ckpt.tensors if ".lora_" in n}
+            assert len(lora_keys) == 40 and lora_keys <= set(ckpt.ema)
+            assert any(not torch.equal(ckpt.ema[n], ckpt.tensors[n].float()) for n in lora_keys)
+        files[strategy] = read_lora_file(export(ckpts / "step-00000003", tmp_path / f"{strategy}.safetensors",
+                                                format="lora")["out"], "x")
+    ddp = files["ddp"]
+    assert len(ddp.tensors) == 40
+    assert sum(".lora_B." in n and bool(b.abs().sum() > 0) for n, b in ddp.tensors.items()) == 20  # every B moved
+    for strategy in strategies[1:]:
+        got = files[strategy]
+        assert got.tensors.keys() == ddp.tensors.keys(), strategy
+        for name, b in ddp.tensors.items():
+            a = got.tensors[name]
+            # as in test_strategies: same maths, another reduction order, Adam's first steps amplify
+            # rounding; a wrongly gathered shard (or a LoRA DeepSpeed left untrained) would be ~100 % off
+            rel = float((a - b).norm() / b.norm().clamp(min=1e-12))
+            assert a.shape == b.shape and rel <= 0.05, (strategy, name, rel)
 
 
 def test_step_flops_count_the_lora_not_a_full_fine_tune(tiny_transformer_config):

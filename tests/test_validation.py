@@ -49,7 +49,8 @@ def i3d_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_wan(tmp_path_factory):
     root = tmp_path_factory.mktemp("enc")
-    save_tiny_encoders(root / "wan", root / "wav2vec", image_dim=32, text_dim=32, audio_dim=32, image_size=28)
+    # wav2vec keeps the real width (768, model/tiny.yaml's audio_in_dim): long-form validation encodes speech with it
+    save_tiny_encoders(root / "wan", root / "wav2vec", image_dim=32, text_dim=32, image_size=28)
     return root / "wan"
 
 
@@ -204,6 +205,138 @@ def test_each_clip_is_sampled_with_its_own_motion_and_face(tmp_path, tiny_wan):
     cb.samples[0]["face"] = face
     cb.validate(Trainer(), Module())
     assert sampler.calls[-2:] == [{}, {}]
+
+
+def test_long_form_clip_becomes_one_video_of_its_whole_speech_scored_whole(tmp_path, tiny_wan, i3d_file, monkeypatch):
+    """long_form=true: clip 0's speech lasts ~2.5 of its 17-frame windows, so it is sampled in 3
+    overlapping segments (ft-infer's loop) into one 33-frame video with the whole speech muxed in,
+    and the metrics score that video; clip 1's speech fits its window and stays one window."""
+    from ft_train.infer import frames_for_audio
+    from ft_train.metrics.video import VideoMetrics
+
+    fps, audio_dir = 23.0, tmp_path / "audio"
+    audio_dir.mkdir()
+    rng = np.random.default_rng(0)
+    seconds = {"synthetic-000000": 31.5 / fps, "synthetic-000001": 17 / fps}
+    for key, length in seconds.items():
+        t = np.arange(int(length * 16000)) / 16000
+        wave = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(len(t))
+        scipy.io.wavfile.write(audio_dir / f"{key}.wav", 16000, (wave * 32767).astype(np.int16))
+    cfg = compose_train([
+        "experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stages=null", "stage.max_steps=1",
+        "data.num_workers=0", "data.num_samples=2", "data.samples_per_shard=2", "data.shuffle_buffer=0",
+        "data.num_frames=17", "+callbacks@callbacks.validation=validation", "callbacks.validation.shards=${data.root}",
+        "callbacks.validation.num_samples=2", "callbacks.validation.every_n_steps=0",
+        "callbacks.validation.sampler.steps=2", f"callbacks.validation.vae={tiny_wan}",
+        f"callbacks.validation.fvd={i3d_file}", f"callbacks.validation.audio_dir={audio_dir}",
+        "callbacks.validation.fid_frames=8", "callbacks.validation.long_form=true",
+        f"callbacks.validation.wav2vec={tiny_wan.parent / 'wav2vec'}",
+    ])
+    with open_dict(cfg):
+        cfg.callbacks.validation.fid = TINY_FID
+        cfg.callbacks.validation.sync = TINY_SYNC
+    scored = []
+    update = VideoMetrics.update
+
+    def spied_update(self, generated, reference, fps, audio, key=None):
+        scored.append((key, generated.shape[0], None if audio is None else len(audio)))
+        return update(self, generated, reference, fps, audio, key=key)
+
+    monkeypatch.setattr(VideoMetrics, "update", spied_update)
+    result = train(cfg)
+
+    callback = next(c for c in result["trainer"].callbacks if isinstance(c, ValidationCallback))
+    # the metrics saw the whole video and the whole speech
+    assert scored == [("synthetic-000000", 33, int(seconds["synthetic-000000"] * 16000)),
+                      ("synthetic-000001", 17, int(seconds["synthetic-000001"] * 16000))]
+    assert [len(p) for p in callback.plans.values()] == [3] and list(callback.plans) == ["synthetic-000000"]
+    videos = sorted((Path(result["stage_dir"]) / "samples" / "step-00000001").glob("*.mp4"))
+    assert [v.name for v in videos] == ["000_synthetic-000000.mp4", "001_synthetic-000001.mp4"]
+    for video, length in zip(videos, seconds.values()):
+        frames, got_fps, audio = read_video(video)
+        # the whole speech: its frame count at the clips' fps, and its sound muxed in (AAC pads a little)
+        assert frames.shape == (frames_for_audio(length, fps, max_frames=1000), 64, 64, 3) and got_fps == pytest.approx(fps)
+        assert abs(len(audio) / 16000 - length) < 0.07, (video.name, len(audio) / 16000, length)
+    assert frames_for_audio(seconds["synthetic-000000"], fps, max_frames=1000) == 33
+    long_video = read_video(videos[0])[0].astype(np.float32)
+    assert long_video[17:].std() > 1  # the later segments are generated pictures, not a blank tail
+    values = callback.history[-1]
+    for name in ("val/fid", "val/fvd", "val/sync_c", "val/sync_d"):
+        assert math.isfinite(values.get(name, float("nan"))), (name, values)
+    with open(Path(result["stage_dir"]) / "metrics.csv", newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh) if r.get("val/fvd")] == [1]
+
+
+def test_long_form_ranks_sample_as_many_windows(tmp_path, tiny_wan):
+    """Under ZeRO-3 every DiT forward is a collective: with 2 ranks, rank 0's clip in 3 segments and
+    rank 1's in one window, rank 1 samples 2 padding windows (thrown away) to stay in step."""
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_workers=0",
+                         "data.num_samples=2", "data.samples_per_shard=2", "data.num_frames=9"])
+    instantiate(cfg.data).prepare_data()
+    net = instantiate(cfg.model).eval()
+    (tmp_path / "audio").mkdir()
+    for key, frames in (("synthetic-000000", 21), ("synthetic-000001", 9)):
+        scipy.io.wavfile.write(tmp_path / "audio" / f"{key}.wav", 16000, np.zeros(int(frames / 23 * 16000), np.int16))
+    counts, videos = [], {}
+    for rank in (0, 1):
+        sampler = SpySampler(steps=1, cfg=1.0, audio_cfg=None)
+        cb = ValidationCallback(shards=cfg.data.root, num_samples=2, every_n_steps=0, vae=str(tiny_wan), sampler=sampler,
+                                samples_dir=str(tmp_path / f"rank{rank}"), audio_dir=str(tmp_path / "audio"),
+                                long_form=True, wav2vec=str(tiny_wan.parent / "wav2vec"), overlap_frames=1)
+
+        class Trainer:
+            global_step, global_rank, world_size, loggers, callback_metrics = 5, rank, 2, [], {}
+            strategy = None
+
+        class Module:
+            device = torch.device("cpu")
+
+        Module.net = net
+        cb.validate(Trainer(), Module())
+        counts.append(len(sampler.calls))
+        videos[rank] = [(v.name, read_video(v)[0].shape[0]) for v in (tmp_path / f"rank{rank}" / "step-00000005").glob("*.mp4")]
+    assert [len(p) for p in cb.plans.values()] == [3]  # 21 frames: windows of 9 overlapping by 1 at 0, 8, 16
+    assert counts == [3, 3]
+    assert videos == {0: [("000_synthetic-000000.mp4", 21)], 1: [("001_synthetic-000001.mp4", 9)]}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("callbacks.validation.long_form=yes", "callbacks.validation.long_form: must be true or false"),
+    ("callbacks.validation.overlap_frames=4", "callbacks.validation.overlap_frames: must be 4m+1"),
+    ("callbacks.validation.segment_frames=20", "callbacks.validation.segment_frames: must be 4k+1"),
+    ("callbacks.validation.long_mode=loop", "callbacks.validation.long_mode: must be continue"),
+    ("callbacks.validation.max_seconds=0", "callbacks.validation.max_seconds: must be a number"),
+    ("callbacks.validation.wav2vec=null", "callbacks.validation.wav2vec: not set"),
+    ("callbacks.validation.audio_dir=null", "callbacks.validation.audio_dir: long_form=true reads"),
+])
+def test_long_form_keys_are_checked_when_the_callback_is_built(tmp_path, tiny_wan, override, message):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "+callbacks@callbacks.validation=validation",
+                         "callbacks.validation.shards=/x", f"callbacks.validation.vae={tiny_wan}",
+                         f"callbacks.validation.audio_dir={tmp_path}", "callbacks.validation.long_form=true",
+                         f"callbacks.validation.wav2vec={tiny_wan.parent / 'wav2vec'}", override])
+    with pytest.raises(Exception, match=message.replace(".", r"\.").replace("+", r"\+")):
+        instantiate(cfg.callbacks.validation)
+
+
+def test_long_form_speech_too_long_or_windows_too_long_stop_before_the_first_step(tmp_path, tiny_wan):
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "data.num_workers=0",
+                         "data.num_samples=1", "data.samples_per_shard=1", "data.num_frames=9"])
+    instantiate(cfg.data).prepare_data()
+    (tmp_path / "audio").mkdir()
+    scipy.io.wavfile.write(tmp_path / "audio" / "synthetic-000000.wav", 16000, np.zeros(3 * 16000, np.int16))
+
+    class Trainer:
+        global_step, global_rank, world_size, loggers, callback_metrics = 0, 0, 1, [], {}
+        strategy = None
+
+    for kw, message in (({"max_seconds": 2.5}, r"callbacks\.validation\.max_seconds: the speech of validation clip "
+                                                r"synthetic-000000 lasts 3\.0 s, longer than max_seconds=2\.5"),
+                        ({"segment_frames": 13}, r"callbacks\.validation\.segment_frames: 13 frames is longer than "
+                                                 r"validation clip synthetic-000000's 9")):
+        cb = ValidationCallback(shards=cfg.data.root, num_samples=1, vae=str(tiny_wan), audio_dir=str(tmp_path / "audio"),
+                                long_form=True, wav2vec=str(tiny_wan.parent / "wav2vec"), **kw)
+        with pytest.raises(ValueError, match=message):
+            cb.setup(Trainer(), None, "fit")
 
 
 def test_config_errors_name_the_key(tmp_path):

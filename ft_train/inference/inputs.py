@@ -128,13 +128,13 @@ def check_wan_folder(wan: str | Path | None, spec: ModelSpec | None = None) -> P
     return root
 
 
-def check_wav2vec_folder(wav2vec: str | Path | None) -> Path:
+def check_wav2vec_folder(wav2vec: str | Path | None, key: str = "wav2vec") -> Path:
     hint = "a local wav2vec2 folder (e.g. wav2vec2-base-960h)"
     if not wav2vec:
-        raise FileNotFoundError(f"wav2vec: not set; point it at {hint}")
+        raise FileNotFoundError(f"{key}: not set; point it at {hint}")
     folder = Path(wav2vec).expanduser()
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"wav2vec: no wav2vec2 model at {folder} (expected config.json); point it at {hint}")
+        raise FileNotFoundError(f"{key}: no wav2vec2 model at {folder} (expected config.json); point it at {hint}")
     return folder
 
 

@@ -37,28 +37,50 @@ class Segment:
     overlap: int
 
 
-def check_long_form(segment_frames: Any, overlap_frames: Any, max_seconds: Any, long_mode: Any) -> None:
-    """The long-form keys, checked before anything loads (one line naming the key)."""
-    if isinstance(segment_frames, bool) or not isinstance(segment_frames, int) or segment_frames < 5 \
-            or (segment_frames - 1) % TEMPORAL_STRIDE:
+def check_long_form(segment_frames: Any, overlap_frames: Any, max_seconds: Any, long_mode: Any,
+                    prefix: str = "") -> None:
+    """The long-form keys, checked before anything loads (one line naming the key, after
+    ``prefix``: ``callbacks.validation.`` for validation's copy of them). ``segment_frames`` None
+    (validation: the clips' own length, known once they are read) skips the checks that need it."""
+    if segment_frames is not None and (isinstance(segment_frames, bool) or not isinstance(segment_frames, int)
+                                       or segment_frames < 5 or (segment_frames - 1) % TEMPORAL_STRIDE):
         raise ValueError(
-            f"segment_frames: must be 4k+1 and >= 5 (e.g. 81, 49) for the Wan VAE's temporal stride 4, "
+            f"{prefix}segment_frames: must be 4k+1 and >= 5 (e.g. 81, 49) for the Wan VAE's temporal stride 4, "
             f"got {segment_frames!r}"
         )
     if isinstance(overlap_frames, bool) or not isinstance(overlap_frames, int) or overlap_frames < 1 \
-            or (overlap_frames - 1) % TEMPORAL_STRIDE or overlap_frames >= segment_frames:
+            or (overlap_frames - 1) % TEMPORAL_STRIDE or (segment_frames is not None and overlap_frames >= segment_frames):
         raise ValueError(
-            f"overlap_frames: must be 4m+1 (1, 5, 9, ...) and below segment_frames={segment_frames}, got "
+            f"{prefix}overlap_frames: must be 4m+1 (1, 5, 9, ...) and below segment_frames={segment_frames}, got "
             f"{overlap_frames!r}: the Wan VAE encodes the first frame alone and then 4 frames per latent frame, "
             "so only 4m+1 known frames fill whole latent frames of the condition"
         )
     if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds > 0:
-        raise ValueError(f"max_seconds: must be a number of seconds > 0, got {max_seconds!r}")
+        raise ValueError(f"{prefix}max_seconds: must be a number of seconds > 0, got {max_seconds!r}")
     if long_mode not in LONG_MODES:
         raise ValueError(
-            f"long_mode: must be continue (each segment starts from the last frames of the one before) or "
+            f"{prefix}long_mode: must be continue (each segment starts from the last frames of the one before) or "
             f"restart (each segment starts from the photo), got {long_mode!r}"
         )
+
+
+def check_duration(seconds: float, max_seconds: float, source: Any, prefix: str = "") -> None:
+    """Refuse speech longer than ``max_seconds`` (``source``: the file or clip it came from)."""
+    if seconds > max_seconds:
+        raise ValueError(
+            f"{prefix}max_seconds: {source} lasts {seconds:.1f} s, longer than max_seconds={max_seconds:g}; "
+            "raise max_seconds (sampling time grows linearly with the speech) or cut the speech"
+        )
+
+
+def plan_for_speech(seconds: float, fps: float, segment_frames: int, overlap_frames: int) -> list["Segment"]:
+    """The segments of a video of ``seconds`` of speech at ``fps``: the shortest 4k+1 frame count
+    that covers it (:func:`~ft_train.inference.inputs.frames_for_audio`), planned by :func:`plan_segments`."""
+    import sys
+
+    from .inputs import frames_for_audio
+
+    return plan_segments(frames_for_audio(seconds, fps, max_frames=sys.maxsize), segment_frames, overlap_frames)
 
 
 def plan_segments(total_frames: int, segment_frames: int, overlap_frames: int) -> list[Segment]:
@@ -163,5 +185,5 @@ def generate_long(pipe, cond, speech: np.ndarray, fps: float, plan: list[Segment
     return seconds
 
 
-__all__ = ["LONG_MODES", "Segment", "blend_weights", "check_long_form", "generate_long", "known_frames_mask",
-           "plan_segments", "segment_audio"]
+__all__ = ["LONG_MODES", "Segment", "blend_weights", "check_duration", "check_long_form", "generate_long",
+           "known_frames_mask", "plan_for_speech", "plan_segments", "segment_audio"]

@@ -231,15 +231,19 @@ class TalkingPortraitPipeline:
         with self._resident(self.audio_encoder) as enc:
             audio = enc([wave])[0][None].to(self.device)
         first = cond.first
-        if known is None:
+        if known is None and cond.latents is not None:
+            image_latents = plain_window_latents(cond.latents, num_frames).to(self.device)
+            mask = None
+        elif known is None:
             with self._resident(self.vae) as vae:
                 image_latents = vae.enc.encode_condition(first, num_frames).to(self.device)
             mask = None
         else:
-            if known.ndim != 4 or tuple(known.shape[1:]) != tuple(first.shape[1:]) or not 1 <= known.shape[0] < num_frames:
-                raise ValueError(f"known frames must be (K < {num_frames}, {', '.join(map(str, first.shape[1:]))}), "
+            size = tuple(first.shape[1:]) if first is not None else tuple(known.shape[1:])
+            if known.ndim != 4 or tuple(known.shape[1:]) != size or not 1 <= known.shape[0] < num_frames:
+                raise ValueError(f"known frames must be (K < {num_frames}, {', '.join(map(str, size))}), "
                                  f"got {tuple(known.shape)}")
-            video = first.new_zeros(1, 3, num_frames, *first.shape[2:])
+            video = known.new_zeros(1, 3, num_frames, *known.shape[2:]).float()
             video[0, :, : known.shape[0]] = known.to(video).permute(1, 0, 2, 3)
             with self._resident(self.vae) as vae:
                 image_latents = vae.enc(video).to(self.device)
@@ -261,15 +265,35 @@ class Conditions:
     """What every window of a video shares (:meth:`TalkingPortraitPipeline.conditions`).
 
     Attributes:
-        first: the photo ``(1, 3, H, W)`` in [-1, 1] (CPU), the first frame of a plain window.
+        first: the photo ``(1, 3, H, W)`` in [-1, 1] (CPU), the first frame of a plain window;
+            None when ``latents`` stand in for it.
         text, negative_text: ``(1, 512, text_dim)`` prompt embeddings (negative: None when no
             guidance pass uses it).
         clip: ``(1, 257, image_dim)`` CLIP tokens of the photo.
         model_kwargs: ``motion`` ``(1, 2)`` and/or ``face`` for the model, as the sampler takes them.
+        latents: the photo's I2V condition latents ``(1, 16, F_lat, h, w)`` already encoded (a
+            latent shard's ``image_latents``, validation) for a plain window at least as long as
+            any segment; a window without known frames takes their first latent frames instead of
+            encoding ``first`` (:func:`plain_window_latents`). None = encode ``first``.
     """
 
-    first: torch.Tensor
+    first: torch.Tensor | None
     text: torch.Tensor
     negative_text: torch.Tensor | None
     clip: torch.Tensor
     model_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+
+
+def plain_window_latents(latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The condition latents of a plain ``num_frames``-frame window (the photo, then zeros) cut
+    from those of a longer one, ``(B, C, F_lat, h, w)``: the Wan VAE is causal in time (frame 0
+    alone, then 4 frames per latent frame, each chunk seeing only the past), so the first
+    ``(num_frames − 1) / 4 + 1`` latent frames are what encoding the shorter window gives."""
+    from ..models.audio import num_latent_frames
+
+    need = num_latent_frames(num_frames)
+    if latents.shape[2] < need:
+        raise ValueError(f"condition latents cover {latents.shape[2]} latent frames; a {num_frames}-frame window "
+                         f"needs {need}")
+    return latents[:, :, :need]

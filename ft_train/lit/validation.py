@@ -1,15 +1,15 @@
 """Validation while training: sample a fixed clip list, score FID / FVD / Sync-C / Sync-D, write mp4s.
 
 Every rank validates its share (under ZeRO-3 every forward is a collective) and the metric states
-are reduced across ranks, so the numbers equal one pass over the list by ft-eval's protocols. Why
-each choice (reference = VAE-decoded latents, where audio comes from, FID's frame count, logging):
-docs/metrics.md ("Validation during training").
+are reduced across ranks, so the numbers equal one pass over the list by ft-eval's protocols. With
+``long_form``, a clip whose speech runs past its window goes through ft-infer's segment loop into
+one video of the whole speech. Why each choice (reference = VAE-decoded latents, where audio comes
+from, FID's frame count, logging, long form): docs/metrics.md ("Validation during training").
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,11 +21,13 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from ..data.validation_set import find_audio, read_clip_list, read_validation_samples
+from ..inference.long_form import Segment, check_duration, check_long_form, generate_long, plan_for_speech
 from ..media import AUDIO_RATE, write_video
 from ..metrics.video import VideoMetrics, build_metric
 from ..models.vae import WanVAEDecoder
 
 log = logging.getLogger(__name__)
+KEY = "callbacks.validation"
 
 # latents (B, 16, F, H, W), VAE-normalised → uint8 RGB frames (B, T, H·8, W·8, 3)
 Decoder = Callable[[Tensor], Tensor]
@@ -67,6 +69,14 @@ class ValidationCallback(Callback):
         samples_dir: where ``step-XXXXXXXX/<index>_<key>.mp4`` go (None = no videos written).
         ema: sample with the run's moving average of the weights (``callbacks.ema``, which must be
             on) instead of the weights; training goes on with the weights, exactly as they were.
+        long_form: a clip whose speech in ``audio_dir`` needs more than one window becomes one
+            video of the whole speech, sampled in overlapping segments as ft-infer
+            does (:mod:`ft_train.inference.long_form`), and is written and scored whole.
+        wav2vec: with ``long_form``: the local wav2vec2 folder that encodes each segment's speech
+            (the one the latent shards' audio features came from).
+        segment_frames, overlap_frames, long_mode, max_seconds: ft-infer's long-form keys;
+            ``segment_frames`` None = the clips' own frame count (the window the model trains on,
+            and the longest the shards' condition latents cover).
     """
 
     def __init__(
@@ -100,8 +110,15 @@ class ValidationCallback(Callback):
         samples_dir: str | None = None,
         clips: str | None = None,
         ema: bool = False,
+        long_form: bool = False,
+        wav2vec: str | None = None,
+        segment_frames: int | None = None,
+        overlap_frames: int = 5,
+        long_mode: str = "continue",
+        max_seconds: float = 120.0,
     ):
         from ..diffusion import FlowMatchSampler
+        from ..inference.inputs import check_wav2vec_folder
 
         if int(num_samples) < 1:
             raise ValueError(f"callbacks.validation.num_samples must be >= 1, got {num_samples}")
@@ -115,6 +132,22 @@ class ValidationCallback(Callback):
             raise FileNotFoundError(f"callbacks.validation.vae: no folder at {vae}; point it at a Wan2.1 diffusers folder")
         if clips is not None:
             read_clip_list(clips)  # a missing or empty list fails now, not at the first validation
+        if not isinstance(long_form, bool):
+            raise ValueError(f"{KEY}.long_form: must be true or false, got {long_form!r}")
+        self.long_form, self.wav2vec = long_form, None
+        if long_form:
+            check_long_form(segment_frames, overlap_frames, max_seconds, long_mode, prefix=f"{KEY}.")
+            if not vae:
+                raise ValueError(f"{KEY}.vae: long_form=true encodes each segment's first frames with the Wan VAE; "
+                                 "set a local Wan2.1 diffusers folder (with vae/)")
+            if not audio_dir:
+                raise ValueError(f"{KEY}.audio_dir: long_form=true reads each clip's whole speech from "
+                                 "<audio_dir>/<sample key>.wav|flac|... (raw shards hold only the clip's own audio); set it")
+            self.wav2vec = str(check_wav2vec_folder(wav2vec, key=f"{KEY}.wav2vec"))
+        self.segment_frames, self.overlap_frames = segment_frames, overlap_frames
+        self.long_mode, self.max_seconds = long_mode, max_seconds
+        self.audio_encoder = None
+        self.plans: dict[str, list[Segment]] = {}  # long-form clips' segments, by sample key
         self.shards, self.clips = shards, clips
         self.ema = bool(ema)
         self.num_samples = int(num_samples)
@@ -163,6 +196,35 @@ class ValidationCallback(Callback):
                 "validation: no waveform for %d of %d clips: their videos are silent and Sync skips them "
                 "(set callbacks.validation.audio_dir or raw_shards)", len(keys) - len(self.audio), len(keys)
             )
+        if self.long_form:
+            self.plans = self._plan_long_form()
+
+    def _plan_long_form(self) -> dict[str, list[Segment]]:
+        """Per clip whose speech needs more than one window: its segments (checked now, before the
+        first step: a too-long speech or a window longer than the clips fail here)."""
+        from ..models.audio import num_video_frames
+
+        plans = {}
+        for s in self.samples:
+            key = s["__key__"]
+            if key not in self.audio:
+                continue
+            clip_frames = num_video_frames(s["image_latents"].shape[1])
+            segment = clip_frames if self.segment_frames is None else self.segment_frames
+            if segment > clip_frames:
+                raise ValueError(
+                    f"{KEY}.segment_frames: {segment} frames is longer than validation clip {key}'s {clip_frames} "
+                    f"(its condition latents cover no more); set it to at most {clip_frames}, or null for the clips' own")
+            check_long_form(segment, self.overlap_frames, self.max_seconds, self.long_mode, prefix=f"{KEY}.")
+            seconds = len(self.audio[key]) / AUDIO_RATE
+            check_duration(seconds, self.max_seconds, f"the speech of validation clip {key}", prefix=f"{KEY}.")
+            plan = plan_for_speech(seconds, float(s["fps"]) or 25.0, segment, self.overlap_frames)
+            if len(plan) > 1:
+                plans[key] = plan
+        if plans:
+            log.info("validation: %d of %d clips are long-form (%s segments, long_mode=%s)", len(plans),
+                     len(self.samples), ", ".join(str(len(p)) for p in plans.values()), self.long_mode)
+        return plans
 
     def on_train_start(self, trainer, pl_module) -> None:
         # the starting point's numbers (the base model, or the adapter a fine-tune starts from);
@@ -209,29 +271,37 @@ class ValidationCallback(Callback):
             self.setup(trainer, pl_module, "fit")
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
-        per_rank = math.ceil(len(self.samples) / world)
         net = pl_module.net
         modes = {m: m.training for m in net.modules()}
         decode = self._decoder(device)
         self.metrics.to(device)
         out_dir = self.samples_dir / f"step-{step:08d}" if self.samples_dir else None
         precision = getattr(trainer.strategy, "precision_plugin", None)
+        in_precision = precision.forward_context if precision else nullcontext
         null_text = getattr(getattr(pl_module, "loss", None), "null_text", None)
         # loggers that show samples as images (logger=tensorboard): rank 0's clips
         show = [lg for lg in trainer.loggers if hasattr(lg, "log_video_frames")] if rank == 0 else []
+        # Under ZeRO-3 every forward is a collective, so every rank samples as many windows (a
+        # long-form clip counts its segments); a rank with fewer samples padding windows, unused.
+        windows = [len(self.plans.get(s["__key__"], (None,))) for s in self.samples]
+        mine = range(rank, len(self.samples), world)
+        padding = max(sum(windows[r::world]) for r in range(world)) - sum(windows[i] for i in mine)
         net.eval()
         weights = self._ema_callback(trainer).average_in_place(trainer, pl_module) if self.ema else nullcontext()
         try:
             with weights:
-                for j in range(per_rank):
-                    index = rank + j * world
-                    counted = index < len(self.samples)  # a padding clip keeps ZeRO-3 ranks in step
-                    s = self.samples[index % len(self.samples)]
-                    with torch.no_grad(), (precision.forward_context() if precision else nullcontext()):
-                        latents = self._sample(net, s, index, device, null_text)
-                    if not counted:
+                for index in mine:
+                    s = self.samples[index]
+                    if windows[index] > 1:
+                        frames = self._sample_long(net, s, index, device, null_text, in_precision)
+                        self._score_and_write(decode, None, s, index, out_dir, show, step, frames=frames)
                         continue
+                    with torch.no_grad(), in_precision():
+                        latents = self._sample(net, s, index, device, null_text)
                     self._score_and_write(decode, latents, s, index, out_dir, show, step)
+                for _ in range(padding):
+                    with torch.no_grad(), in_precision():
+                        self._sample(net, self.samples[0], 0, device, null_text)
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -247,7 +317,11 @@ class ValidationCallback(Callback):
         self.history.append({"step": step, **values})
         return values
 
-    def _sample(self, net, s: dict[str, Any], index: int, device, null_text) -> Tensor:
+    def _conditions(self, net, s: dict[str, Any], device, null_text):
+        """The clip's conditions as :class:`~ft_train.inference.pipeline.Conditions` (``latents``:
+        its condition latents, ``first``: None)."""
+        from ..inference.pipeline import Conditions
+
         negative = None
         if null_text is not None:
             negative = torch.zeros_like(s["text"])
@@ -259,23 +333,52 @@ class ValidationCallback(Callback):
             extra["motion"] = s["motion"][None].to(device)
         if getattr(net, "identity", None) is not None and "face" in s:
             extra["face"] = s["face"][None].to(device)
+        return Conditions(first=None, text=s["text"][None].to(device), negative_text=negative,
+                          clip=s["clip"][None].to(device), model_kwargs=extra,
+                          latents=s["image_latents"][None].to(device))
+
+    def _sample(self, net, s: dict[str, Any], index: int, device, null_text) -> Tensor:
+        cond = self._conditions(net, s, device, null_text)
         return self.sampler(
-            net,
-            s["image_latents"][None].to(device),
-            s["clip"][None].to(device),
-            s["text"][None].to(device),
-            s["audio"][None].to(device),
-            negative_text=negative,
+            net, cond.latents, cond.clip, cond.text, s["audio"][None].to(device),
+            negative_text=cond.negative_text,
             generator=[torch.Generator().manual_seed(self.seed + index)],
-            model_kwargs=extra,
+            model_kwargs=cond.model_kwargs,
         )
 
-    def _score_and_write(self, decode: Decoder, latents: Tensor, s: dict[str, Any], index: int,
-                         out_dir: Path | None, show: Sequence[Any] = (), step: int = 0) -> None:
+    def _sample_long(self, net, s: dict[str, Any], index: int, device, null_text, in_precision) -> np.ndarray:
+        """The whole speech of clip ``index`` as one video, uint8 ``(T, H, W, 3)``: ft-infer's
+        segment loop (:func:`~ft_train.inference.long_form.generate_long`) with the clip's own
+        conditions and condition latents, each segment's speech through ``wav2vec``; segment k's
+        noise is seeded ``seed + index + k`` (segment 0: the clip's own seed)."""
+        from ..inference.pipeline import TalkingPortraitPipeline
+        from ..models.encoders import load_audio_encoder
+
+        if self.audio_encoder is None:
+            self.audio_encoder = load_audio_encoder(self.wav2vec, device=device, key=f"{KEY}.wav2vec")
+        sampler = self.sampler
+
+        def sample(*args, **kwargs):  # the training precision for the DiT only, not the VAE
+            with in_precision():
+                return sampler(*args, **kwargs)
+
+        vae = self._decoder(device)
+        pipe = TalkingPortraitPipeline(net, None, None, self.audio_encoder, vae, sample, device)
+        plan = self.plans[s["__key__"]]
+        _, _, h, w = s["image_latents"].shape
+        stride = vae.enc.spatial_stride
+        out = np.zeros((plan[-1].start + plan[-1].frames, h * stride, w * stride, 3), dtype=np.uint8)
+        generate_long(pipe, self._conditions(net, s, device, null_text), self.audio[s["__key__"]],
+                      float(s["fps"]) or 25.0, plan, out, mode=self.long_mode, seed=self.seed + index)
+        return out
+
+    def _score_and_write(self, decode: Decoder, latents: Tensor | None, s: dict[str, Any], index: int,
+                         out_dir: Path | None, show: Sequence[Any] = (), step: int = 0,
+                         frames: np.ndarray | None = None) -> None:
         key = s["__key__"]
         fps = float(s["fps"]) or 25.0
         audio = self.audio.get(key)
-        generated = decode(latents)[0].cpu()
+        generated = decode(latents)[0].cpu() if frames is None else torch.from_numpy(frames)
         reference = decode(s["latents"][None])[0].cpu() if self.metrics.needs_reference() else None
         if audio is not None:
             # the clip's own span (what wav2vec saw when the latents were encoded)
