@@ -119,6 +119,11 @@ class FrameAnalyzer:
         min_detection_confidence: detector score for a face to count (for ``num_faces``).
         timing: if given, seconds spent in each graph are added to its ``face_mesh``,
             ``face_detect`` and ``pose`` keys (ft-prep's report, the throughput bench).
+        pose_on_call: make :meth:`pose` work even with ``pose_every=0`` (a caller that picks
+            its own pose frames, e.g. ft-prep's ``pose_samples_per_clip``).
+
+    The pose graph is built on the first pose run (~0.25 s to load the model), so a video
+    whose clips are all rejected never pays for it.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class FrameAnalyzer:
         detect_every: int = 5,
         min_detection_confidence: float = 0.5,
         timing: Counter | None = None,
+        pose_on_call: bool = False,
     ):
         import mediapipe as mp
 
@@ -144,9 +150,8 @@ class FrameAnalyzer:
         self._detector = mp.solutions.face_detection.FaceDetection(
             model_selection=1, min_detection_confidence=min_detection_confidence
         )
-        self._pose = (
-            mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1) if pose_every > 0 else None
-        )
+        self._pose_enabled = pose_every > 0 or pose_on_call
+        self._pose = None
         self._index = 0
         self._last_detection: tuple | None = None  # (frame index, faces, score, second/first area, second box)
         self._had_face: bool | None = None
@@ -197,12 +202,16 @@ class FrameAnalyzer:
 
     def pose(self, frame: np.ndarray) -> np.ndarray | None:
         """Body joints of one frame: (33, 4) float32 (x, y in [0, 1], z, visibility), or None when
-        no body is found or the analyzer was made with ``pose_every=0``. Tracking mode: call it on
+        no body is found or the analyzer was made with ``pose_every=0`` (and not ``pose_on_call``). Tracking mode: call it on
         frames in time order (gaps are fine; the tracker re-detects when it loses the body)."""
-        if self._pose is None:
+        if not self._pose_enabled:
             return None
         frame.flags.writeable = False
         t = time.perf_counter()
+        if self._pose is None:
+            import mediapipe as mp
+
+            self._pose = mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1)
         res = self._pose.process(frame)
         joints = None
         if res.pose_landmarks:
@@ -328,7 +337,8 @@ def landmark_motion(face: np.ndarray, found: np.ndarray) -> float | None:
 
 
 def body_motion(
-    pose: np.ndarray, width: int, height: int, min_visibility: float = 0.5, min_valid_frac: float = 0.5
+    pose: np.ndarray, width: int, height: int, min_visibility: float = 0.5, min_valid_frac: float = 0.5,
+    in_frame: bool = False,
 ) -> float | None:
     """ω_b (raw): variance of upper-body joints over a clip, in (shoulder widths)². Dimensionless.
 
@@ -349,6 +359,8 @@ def body_motion(
     p[..., 0] *= width
     p[..., 1] *= height
     vis = p[..., 3] >= min_visibility
+    if in_frame:
+        vis &= (pose[ran, :, 0] >= 0) & (pose[ran, :, 0] <= 1) & (pose[ran, :, 1] >= 0) & (pose[ran, :, 1] <= 1)
     shoulders = vis[:, 11] & vis[:, 12]
     if shoulders.mean() < min_valid_frac:
         return None
