@@ -135,7 +135,7 @@ class PrepConfig:
         if self.detect_every < 1:
             problems.append(f"detect_every={self.detect_every} must be ≥ 1 (1 = the face detector on every frame)")
         if self.pose_every < 0:
-            problems.append(f"pose_every={self.pose_every} must be ≥ 0 (0 = never run pose; ω_b is then missing)")
+            problems.append(f"pose_every={self.pose_every} must be ≥ 0 (0 = no pose unless pose_samples_per_clip is set; ω_b is then missing)")
         if not 0 <= self.pose_samples_per_clip <= self.num_frames:
             problems.append(f"pose_samples_per_clip={self.pose_samples_per_clip} must be in [0, num_frames="
                             f"{self.num_frames}] (0 = pose on every pose_every-th frame instead)")

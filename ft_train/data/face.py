@@ -337,8 +337,7 @@ def landmark_motion(face: np.ndarray, found: np.ndarray) -> float | None:
 
 
 def body_motion(
-    pose: np.ndarray, width: int, height: int, min_visibility: float = 0.5, min_valid_frac: float = 0.5,
-    in_frame: bool = False,
+    pose: np.ndarray, width: int, height: int, min_visibility: float = 0.5, min_valid_frac: float = 0.5
 ) -> float | None:
     """ω_b (raw): variance of upper-body joints over a clip, in (shoulder widths)². Dimensionless.
 
@@ -359,8 +358,6 @@ def body_motion(
     p[..., 0] *= width
     p[..., 1] *= height
     vis = p[..., 3] >= min_visibility
-    if in_frame:
-        vis &= (pose[ran, :, 0] >= 0) & (pose[ran, :, 0] <= 1) & (pose[ran, :, 1] >= 0) & (pose[ran, :, 1] <= 1)
     shoulders = vis[:, 11] & vis[:, 12]
     if shoulders.mean() < min_valid_frac:
         return None
