@@ -202,8 +202,9 @@ class FrameAnalyzer:
 
     def pose(self, frame: np.ndarray) -> np.ndarray | None:
         """Body joints of one frame: (33, 4) float32 (x, y in [0, 1], z, visibility), or None when
-        no body is found or the analyzer was made with ``pose_every=0`` (and not ``pose_on_call``). Tracking mode: call it on
-        frames in time order (gaps are fine; the tracker re-detects when it loses the body)."""
+        no body is found or the analyzer was made with ``pose_every=0`` (and not ``pose_on_call``).
+        Tracking mode: call it on frames in time order (gaps are fine; the tracker re-detects when
+        it loses the body)."""
         if not self._pose_enabled:
             return None
         frame.flags.writeable = False
