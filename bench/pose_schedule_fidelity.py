@@ -15,7 +15,7 @@ later, so its ranking matters most). Results: ``bench/prep_throughput.md``.
 
 Usage::
 
-    python bench/pose_schedule_fidelity.py [--clips 12] [--samples 4 6 8 12 16] [--json out.json]
+    python bench/pose_schedule_fidelity.py [--clips 16] [--samples 4 6 8 12 16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,10 +64,21 @@ def motion_clip(src: np.ndarray, rng: np.random.Generator, still: bool) -> tuple
     return out, p
 
 
-def run_pose(frames: np.ndarray, idx: list[int]) -> tuple[np.ndarray, float]:
-    """(F, 33, 4) joints from pose run (tracking mode, a fresh graph) on frames ``idx`` in time
-    order, NaN elsewhere; seconds."""
+def run_pose(frames: np.ndarray, idx: list[int], static: bool = False) -> tuple[np.ndarray, float]:
+    """(F, 33, 4) joints from pose run (tracking mode, a fresh graph; ``static``: each frame on
+    its own) on frames ``idx`` in time order, NaN elsewhere; seconds."""
     pose = np.full((len(frames), facemod.NUM_POSE_JOINTS, 4), np.nan, np.float32)
+    if static:
+        import mediapipe as mp
+
+        with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as graph:
+            t = time.perf_counter()
+            for i in idx:
+                frames[i].flags.writeable = False
+                res = graph.process(frames[i])
+                if res.pose_landmarks:
+                    pose[i] = [(p.x, p.y, p.z, p.visibility) for p in res.pose_landmarks.landmark]
+            return pose, time.perf_counter() - t
     with facemod.FrameAnalyzer(pose_every=0, pose_on_call=True) as an:
         t = time.perf_counter()
         for i in idx:
@@ -95,8 +106,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clips", type=int, default=12)
+    ap.add_argument("--clips", type=int, default=16)
     ap.add_argument("--samples", type=int, nargs="+", default=[4, 6, 8, 12, 16])
+    ap.add_argument("--static-samples", type=int, nargs="*", default=[6, 8, 16])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--poses", type=Path, default=None,
@@ -109,26 +121,35 @@ def main() -> None:
     schedules = {"every frame": list(range(NUM_FRAMES)), "pose_every=4": list(range(0, NUM_FRAMES, 4))}
     for n in args.samples:
         schedules[f"samples={n}"] = sorted(set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
+    for n in args.static_samples:  # static_image_mode: no tracking state between the sparse frames
+        schedules[f"samples={n} static"] = schedules.get(f"samples={n}") or sorted(
+            set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
     poses = {k: [] for k in schedules}
     seconds = {k: 0.0 for k in schedules}
     clips = []
-    if args.poses and args.poses.is_file():
-        saved = np.load(args.poses, allow_pickle=False)
-        poses = {k: list(saved[k]) for k in schedules}
-        seconds = json.loads(str(saved["seconds"]))
-        clips = json.loads(str(saved["clips"]))
-    else:
+    saved = {}
+    if args.poses and args.poses.is_file():  # schedules already run are read back, new ones run
+        with np.load(args.poses, allow_pickle=False) as z:
+            saved = {k: z[k] for k in z.files}
+        seconds.update(json.loads(str(saved["seconds"])))
+    todo = [k for k in schedules if k not in saved]
+    for k in schedules:
+        if k in saved:
+            poses[k] = list(saved[k][: args.clips])
+    if todo:
         for c in range(args.clips):
             frames, p = motion_clip(src, rng, still=c == 0)
             clips.append(p)
-            for k, idx in schedules.items():
-                pose, dt = run_pose(frames, idx)
+            for k in todo:
+                pose, dt = run_pose(frames, schedules[k], static=k.endswith("static"))
                 poses[k].append(pose)
                 seconds[k] += dt
             print(f"clip {c} done", flush=True)
         if args.poses:
             np.savez_compressed(args.poses, **{k: np.stack(v) for k, v in poses.items()},
                                 seconds=json.dumps(seconds), clips=json.dumps(clips))
+    if not clips:
+        clips = json.loads(str(saved["clips"]))
     h, w = src.shape[1:3]
     result = {"clips": clips, "load_average": os.getloadavg(), "omega_b": {}, "summary": {}}
     for name, kwargs in DEFINITIONS.items():

@@ -357,7 +357,8 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
     caption = caption_file.read_text().strip() if caption_file.is_file() else None
     # The analyzer adds its graphs' seconds to timing["face_mesh"/"face_detect"/"pose"].
     with facemod.FrameAnalyzer(pose_every=cfg.pose_every, detect_every=cfg.detect_every, timing=timing,
-                               pose_on_call=cfg.pose_samples_per_clip > 0) as analyzer:
+                               pose_on_call=cfg.pose_samples_per_clip > 0,
+                               pose_static=cfg.pose_samples_per_clip > 0) as analyzer:
         frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads, damage=video_damage)
         k = 0
         origin = 0  # first frame of the current shot: clips are laid out from it
@@ -367,8 +368,9 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
 
         def clip_pose(frames: np.ndarray, start: int) -> np.ndarray:
             """(F, 33, 4) joints of a kept clip, NaN where pose did not run: on
-            ``pose_samples_per_clip`` frames evenly spread over the clip (first and last included),
-            else on its frames k with k % pose_every == 0; in time order, so the tracker follows."""
+            ``pose_samples_per_clip`` frames evenly spread over the clip (first and last included;
+            static-image mode, each found anew), else on its frames k with k % pose_every == 0 (in
+            time order, so the tracker follows)."""
             out = np.full((len(frames), facemod.NUM_POSE_JOINTS, 4), np.nan, dtype=np.float32)
             if cfg.pose_samples_per_clip > 0 or cfg.pose_every > 0:
                 for i in pose_frames(len(frames), start, cfg):

@@ -121,6 +121,9 @@ class FrameAnalyzer:
             ``face_detect`` and ``pose`` keys (ft-prep's report, the throughput bench).
         pose_on_call: make :meth:`pose` work even with ``pose_every=0`` (a caller that picks
             its own pose frames, e.g. ft-prep's ``pose_samples_per_clip``).
+        pose_static: pose in static-image mode (each frame found anew; ~1.4x a tracking run).
+            For frames far apart: tracking from a box 10 frames old gave ω_b further from
+            every-frame pose than finding the body anew (bench/prep_throughput.md).
 
     The pose graph is built on the first pose run (~0.25 s to load the model), so a video
     whose clips are all rejected never pays for it.
@@ -133,6 +136,7 @@ class FrameAnalyzer:
         min_detection_confidence: float = 0.5,
         timing: Counter | None = None,
         pose_on_call: bool = False,
+        pose_static: bool = False,
     ):
         import mediapipe as mp
 
@@ -151,6 +155,7 @@ class FrameAnalyzer:
             model_selection=1, min_detection_confidence=min_detection_confidence
         )
         self._pose_enabled = pose_every > 0 or pose_on_call
+        self._pose_static = pose_static
         self._pose = None
         self._index = 0
         self._last_detection: tuple | None = None  # (frame index, faces, score, second/first area, second box)
@@ -212,7 +217,7 @@ class FrameAnalyzer:
         if self._pose is None:
             import mediapipe as mp
 
-            self._pose = mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1)
+            self._pose = mp.solutions.pose.Pose(static_image_mode=self._pose_static, model_complexity=1)
         res = self._pose.process(frame)
         joints = None
         if res.pose_landmarks:
