@@ -4,10 +4,11 @@ ft-prep runs mediapipe pose (~20 ms a frame, its slowest model) only to get ω_b
 the upper-body joints over a clip. This bench makes clips with real, varied body motion — the
 shipped talking-head sample, swayed (rotation about the bottom centre), shifted and zoomed over
 time, each clip with its own amplitude and frequency, one clip still — and computes ω_b per clip
-with pose in tracking mode (as ft-prep runs it, one graph per clip) on:
+with pose (one fresh graph per clip and schedule) on:
 
-  every frame (the reference), every 4th frame (the old default ``pose_every=4``), and N frames
-  evenly spread over the clip (``pose_samples_per_clip=N``, first and last frame included).
+  every frame (the reference), every 4th frame (the default ``pose_every=4``), and N frames
+  evenly spread over the clip (first and last frame included), tracking, and in static-image
+  mode as ft-prep's ``pose_samples_per_clip=N`` runs them ("static").
 
 It prints, per schedule, the relative error of ω_b against the reference (median and max over
 clips) and Spearman's rank correlation across clips (ω is normalised by dataset percentiles
@@ -15,7 +16,8 @@ later, so its ranking matters most). Results: ``bench/prep_throughput.md``.
 
 Usage::
 
-    python bench/pose_schedule_fidelity.py [--clips 16] [--samples 4 6 8 12 16] [--json out.json]
+    python bench/pose_schedule_fidelity.py [--clips 16] [--samples 4 6 8 12 16] [--static-samples 6 8 16]
+        [--poses joints.npz] [--json out.json]
 """
 
 from __future__ import annotations
