@@ -92,6 +92,7 @@ class PrepConfig:
     preset: str = "veryfast"
     lip_dilation_frac: float = 0.15
     pose_every: int = 4
+    pose_samples_per_clip: int = 0
     detect_every: int = 8
     min_face_frames_frac: float = 0.9
     min_face_px: int = 64
@@ -134,7 +135,12 @@ class PrepConfig:
         if self.detect_every < 1:
             problems.append(f"detect_every={self.detect_every} must be ≥ 1 (1 = the face detector on every frame)")
         if self.pose_every < 0:
-            problems.append(f"pose_every={self.pose_every} must be ≥ 0 (0 = never run pose; ω_b is then missing)")
+            problems.append(f"pose_every={self.pose_every} must be ≥ 0 (0 = no pose unless pose_samples_per_clip is set; ω_b is then missing)")
+        if not 0 <= self.pose_samples_per_clip <= self.num_frames:
+            problems.append(f"pose_samples_per_clip={self.pose_samples_per_clip} must be in [0, num_frames="
+                            f"{self.num_frames}] (0 = pose on every pose_every-th frame instead)")
+        elif self.pose_samples_per_clip == 1:
+            problems.append("pose_samples_per_clip=1: ω_b is a variance over time and needs ≥ 2 samples")
         if self.videos_per_shard < 1:
             problems.append("videos_per_shard must be ≥ 1")
         if not 0 <= self.task_index < self.num_tasks:
@@ -265,6 +271,15 @@ def _clip_starts_frame(k: int, cfg: PrepConfig) -> bool:
     return first >= 0 and first % cfg.stride == 0
 
 
+def pose_frames(n: int, start: int, cfg: PrepConfig) -> list[int]:
+    """Indices in a kept clip of ``n`` frames starting at video frame ``start`` that pose runs on."""
+    if cfg.pose_samples_per_clip > 0:
+        return sorted(set(np.round(np.linspace(0, n - 1, min(cfg.pose_samples_per_clip, n))).astype(int).tolist()))
+    if cfg.pose_every > 0:
+        return list(range(-start % cfg.pose_every, n, cfg.pose_every))
+    return []
+
+
 def _frame_used(k: int, cfg: PrepConfig) -> bool:
     """False for frames between clips (stride > num_frames): they are decoded but not analysed."""
     return cfg.stride <= cfg.num_frames or (k % cfg.stride) < cfg.num_frames
@@ -341,19 +356,24 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
     caption_file = source.with_suffix(".txt")
     caption = caption_file.read_text().strip() if caption_file.is_file() else None
     # The analyzer adds its graphs' seconds to timing["face_mesh"/"face_detect"/"pose"].
-    with facemod.FrameAnalyzer(pose_every=cfg.pose_every, detect_every=cfg.detect_every, timing=timing) as analyzer:
+    with facemod.FrameAnalyzer(pose_every=cfg.pose_every, detect_every=cfg.detect_every, timing=timing,
+                               pose_on_call=cfg.pose_samples_per_clip > 0,
+                               pose_static=cfg.pose_samples_per_clip > 0) as analyzer:
         frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads, damage=video_damage)
         k = 0
         origin = 0  # first frame of the current shot: clips are laid out from it
         cuts = ShotCuts(cfg.scene_threshold, cfg.scene_downscale) if cfg.scene_detector != "none" else None
         pose_done: dict[int, np.ndarray | None] = {}  # frame index -> joints, shared by overlapping clips
+        scratch: dict = {}  # _make_clip's reused clip array
 
         def clip_pose(frames: np.ndarray, start: int) -> np.ndarray:
-            """(F, 33, 4) joints of a kept clip: pose on its frames k with k % pose_every == 0 (in
-            time order, so the tracker follows), NaN elsewhere; as FrameAnalyzer's schedule did."""
+            """(F, 33, 4) joints of a kept clip, NaN where pose did not run: on
+            ``pose_samples_per_clip`` frames evenly spread over the clip (first and last included;
+            static-image mode, each found anew), else on its frames k with k % pose_every == 0 (in
+            time order, so the tracker follows)."""
             out = np.full((len(frames), facemod.NUM_POSE_JOINTS, 4), np.nan, dtype=np.float32)
-            if cfg.pose_every > 0:
-                for i in range(-start % cfg.pose_every, len(frames), cfg.pose_every):
+            if cfg.pose_samples_per_clip > 0 or cfg.pose_every > 0:
+                for i in pose_frames(len(frames), start, cfg):
                     if start + i not in pose_done:
                         pose_done[start + i] = analyzer.pose(frames[i])
                     if pose_done[start + i] is not None:
@@ -404,7 +424,7 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
                                      f"frames cannot be decoded (> max_damaged_frac={cfg.max_damaged_frac})", clip_index)
                     else:
                         yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption,
-                                         cfg, timing, note, lambda frames, s=start: clip_pose(frames, s))
+                                         cfg, timing, note, lambda frames, s=start: clip_pose(frames, s), scratch)
                     clip_index += 1
                 k += 1
         except MediaError as e:
@@ -471,13 +491,24 @@ def reference_frame(frames: np.ndarray, arrays: dict, cfg: PrepConfig) -> tuple[
     return None, *best
 
 
-def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing, note, pose_fn=None):
+def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing, note, pose_fn=None,
+               scratch: dict | None = None):
     """Filter one clip; return (sample, preview data) or a Reject. ``pose_fn(frames)`` gives the
-    (F, 33, 4) joints of a clip that passed the filters (else the window's own pose results)."""
+    (F, 33, 4) joints of a clip that passed the filters (else the window's own pose results).
+    ``scratch``: a dict kept across one video's clips; the clip's frames are stacked into the
+    array it keeps, so the frames in the preview data hold only until the next clip."""
     from ft_train.data import face as facemod
 
     t = time.perf_counter()
-    frames = np.stack([f for f, _ in window])  # (F, H, W, 3)
+    # (F, H, W, 3). A fresh 40-60 MB array per clip costs its page faults every time (0.15-0.5 s
+    # a clip on the dev VM, more than x264); a reused one is already mapped.
+    shape = (len(window), *window[0][0].shape)
+    if scratch is None:
+        frames = np.stack([f for f, _ in window])
+    else:
+        if scratch.get("frames") is None or scratch["frames"].shape != shape:
+            scratch["frames"] = np.empty(shape, np.uint8)
+        frames = np.stack([f for f, _ in window], out=scratch["frames"])
     arrays = facemod.stack_results([r for _, r in window])
     n, h, w = frames.shape[:3]
     t0, t1 = start / cfg.fps, (start + n) / cfg.fps

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import av
 import av.video.reformatter
+import cv2
 import numpy as np
 import soundfile as sf
 
@@ -515,7 +516,11 @@ def loudness_dbfs(audio: np.ndarray) -> float:
 
 
 def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18, preset: str = "veryfast") -> bytes:
-    """(F, H, W, 3) uint8 RGB → H.264 (yuv420p) mp4 bytes, video only, constant ``fps``."""
+    """(F, H, W, 3) uint8 RGB → H.264 (yuv420p) mp4 bytes, video only, constant ``fps``.
+
+    Sizes must be even (yuv420p). OpenCV converts RGB to yuv420p (BT.601, limited range, as
+    FFmpeg's default) ~5x faster than swscale's rgb24 path; its chroma rounds a little
+    differently: another bitstream, PSNR against the frames within 0.6 dB (bench/prep_throughput.md)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
@@ -523,7 +528,8 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18, preset: str = "ver
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": preset}
         for f in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+            yuv = cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2YUV_I420)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(yuv, format="yuv420p")))
         out.mux(stream.encode())
     return buf.getvalue()
 

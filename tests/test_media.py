@@ -171,3 +171,31 @@ def test_phone_video_with_a_display_rotation_comes_out_as_players_show_it(tmp_pa
     resampled = np.stack(list(iter_frames(probe(path), fps=25, max_side=64)))
     assert resampled.shape == reference.shape
     assert np.abs(resampled.astype(int) - reference.astype(int)).mean() < 2
+
+
+def _psnr(a, b):
+    return 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2))
+
+
+def test_clip_encoding_converts_to_yuv_as_well_as_swscale():
+    """encode_mp4 converts RGB to yuv420p with OpenCV (5x faster than swscale's rgb24 path): the
+    decoded clip is as close to its frames as with swscale's conversion, within 0.7 dB."""
+    import io
+    from pathlib import Path
+
+    from ft_train import media
+
+    info = media.probe(Path(__file__).parent / "assets" / "sample_talking.mp4")
+    frames = np.stack([f for _, f in zip(range(17), media.iter_frames(info, 25.0, 512))])
+    buf = io.BytesIO()  # the reference: x264 fed rgb24, converted by swscale
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    swscale = media.decode_mp4(buf.getvalue())
+    ours = media.decode_mp4(media.encode_mp4(frames, 25.0))
+    assert ours.shape == frames.shape
+    assert _psnr(ours, frames) > _psnr(swscale, frames) - 0.7 > 38

@@ -223,6 +223,29 @@ def test_pose_of_kept_clips_matches_the_per_frame_schedule(prepared):
     assert np.isnan(expected[~ran]).all()
 
 
+def test_pose_samples_per_clip_runs_pose_on_evenly_spread_frames(tmp_path):
+    """pose_samples_per_clip=5: pose runs on 5 frames of each kept clip, the first, the last and
+    three evenly between, and the joints stored there equal pose in static-image mode on them."""
+    import io
+
+    shutil.copy(SAMPLE, tmp_path / "talk.mp4")
+    cfg = PrepConfig(input=str(tmp_path / "talk.mp4"), output=str(tmp_path / "out"), pose_samples_per_clip=5, **FAST)
+    assert run_prep(cfg)["samples"] == 3
+    samples = sorted(read_shards(Path(cfg.output)), key=lambda s: json.loads(s["json"])["clip_index"])
+    frames, _ = sample_frames_audio(4.0)
+    with facemod.FrameAnalyzer(pose_every=0, pose_on_call=True, pose_static=True) as an:
+        for c, s in enumerate(reversed(samples)):  # static mode: no state, any order
+            c = len(samples) - 1 - c
+            stored = np.load(io.BytesIO(s["landmarks.npz"]))["pose"]
+            ran = np.flatnonzero(~np.isnan(stored[:, 0, 0]))
+            assert ran.tolist() == [0, 8, 16, 24, 32]
+            expected = np.stack([an.pose(frames[33 * c + i]) for i in ran])
+            np.testing.assert_allclose(stored[ran], expected, atol=1e-5)
+            assert json.loads(s["json"])["omega_b_raw"] is not None
+    with pytest.raises(SystemExit, match="pose_samples_per_clip=1: ω_b is a variance"):
+        main(["input=x", "output=y", "pose_samples_per_clip=1"])
+
+
 def test_list_file_input_and_missing_file(tmp_path):
     shutil.copy(SAMPLE, tmp_path / "talk.mp4")
     (tmp_path / "list.txt").write_text("# videos\ntalk.mp4\n\nmissing.mp4\n")

@@ -119,6 +119,14 @@ class FrameAnalyzer:
         min_detection_confidence: detector score for a face to count (for ``num_faces``).
         timing: if given, seconds spent in each graph are added to its ``face_mesh``,
             ``face_detect`` and ``pose`` keys (ft-prep's report, the throughput bench).
+        pose_on_call: make :meth:`pose` work even with ``pose_every=0`` (a caller that picks
+            its own pose frames, e.g. ft-prep's ``pose_samples_per_clip``).
+        pose_static: pose in static-image mode (each frame found anew; ~1.4x a tracking run).
+            For frames far apart: tracking from a box 10 frames old gave ω_b further from
+            every-frame pose than finding the body anew (bench/prep_throughput.md).
+
+    The pose graph is built on the first pose run (~0.25 s to load the model), so a video
+    whose clips are all rejected never pays for it.
     """
 
     def __init__(
@@ -127,6 +135,8 @@ class FrameAnalyzer:
         detect_every: int = 5,
         min_detection_confidence: float = 0.5,
         timing: Counter | None = None,
+        pose_on_call: bool = False,
+        pose_static: bool = False,
     ):
         import mediapipe as mp
 
@@ -144,9 +154,9 @@ class FrameAnalyzer:
         self._detector = mp.solutions.face_detection.FaceDetection(
             model_selection=1, min_detection_confidence=min_detection_confidence
         )
-        self._pose = (
-            mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1) if pose_every > 0 else None
-        )
+        self._pose_enabled = pose_every > 0 or pose_on_call
+        self._pose_static = pose_static
+        self._pose = None
         self._index = 0
         self._last_detection: tuple | None = None  # (frame index, faces, score, second/first area, second box)
         self._had_face: bool | None = None
@@ -197,12 +207,17 @@ class FrameAnalyzer:
 
     def pose(self, frame: np.ndarray) -> np.ndarray | None:
         """Body joints of one frame: (33, 4) float32 (x, y in [0, 1], z, visibility), or None when
-        no body is found or the analyzer was made with ``pose_every=0``. Tracking mode: call it on
-        frames in time order (gaps are fine; the tracker re-detects when it loses the body)."""
-        if self._pose is None:
+        no body is found or the analyzer was made with ``pose_every=0`` (and not ``pose_on_call``).
+        Tracking mode: call it on frames in time order (gaps are fine; the tracker re-detects when
+        it loses the body)."""
+        if not self._pose_enabled:
             return None
         frame.flags.writeable = False
         t = time.perf_counter()
+        if self._pose is None:
+            import mediapipe as mp
+
+            self._pose = mp.solutions.pose.Pose(static_image_mode=self._pose_static, model_complexity=1)
         res = self._pose.process(frame)
         joints = None
         if res.pose_landmarks:
