@@ -168,11 +168,11 @@ def test_overfitting_one_sample_halves_the_loss(tmp_path):
 
 
 def test_stage_two_starts_from_the_stage_one_checkpoint(tmp_path):
-    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stage.max_steps=3", "data.num_workers=0"])
+    cfg = compose_train(["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stage.max_steps=2", "data.num_workers=0"])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        results = run(cfg, ["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stage.max_steps=3", "data.num_workers=0"])
+        results = run(cfg, ["experiment=tiny_cpu", f"paths.output_dir={tmp_path}", "stage.max_steps=2", "data.num_workers=0"])
     clip, frame = results
-    assert Path(clip["checkpoint"]).parent.name == "step-00000003"
+    assert Path(clip["checkpoint"]).parent.name == "step-00000002"
     assert frame["module"].net.audio_mode == "frame"
     frame_cfg = OmegaConf.load(Path(frame["stage_dir"]) / "config.yaml")
     assert frame_cfg.stage.init_from == clip["checkpoint"]
