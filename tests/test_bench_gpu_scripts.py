@@ -94,10 +94,9 @@ def test_zero_step_flops_match_train_step(zs):
 
 
 @pytest.mark.slow
-def test_encode_throughput_tiny(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "encode_throughput.py"), "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def test_encode_throughput_tiny(session):
+    """Every encoder case of bench/encode_throughput.py --tiny (run by the session script below)."""
+    tmp_path = session["out"]
     report = only_json(tmp_path, "encode_throughput-cpu-")
     rows = {r["case"]: r for r in report["results"]}
     assert set(rows) == set(report["cases_requested"]) == {
@@ -146,12 +145,9 @@ def test_attention_tiny_times_every_shape_and_records_what_cannot_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero_step_tiny(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, str(BENCH / "zero_step.py"), "--tiny", "--out", str(tmp_path),
-                           "--work", str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_zero_step_tiny(session):
+    """bench/zero_step.py --tiny's two cases, ZeRO-2 and ZeRO-3 (run by the session script below)."""
+    tmp_path = session["out"]
     report = only_json(tmp_path, "zero_step-cpu-")
     rows = {r["case"]: r for r in report["results"]}
     assert set(rows) == {"zero2", "zero3"}
@@ -162,29 +158,46 @@ def test_zero_step_tiny(tmp_path):
         assert row["loss_finite"] and row["final_save_s"] >= 0
         assert 0 < row["params_trainable"] < row["params_total"]  # adapter only; ZeRO-3's partitions counted whole
         assert row["callback_file"] == str(BENCH / "zero_step.py")
-    assert not (tmp_path / "work" / "zero2").exists()  # run folders (checkpoints) removed after each case
+    assert (session["work"] / "zero2.log").is_file()  # --work reached the bench (its logs are kept) ...
+    assert not (session["work"] / "zero2").exists()  # ... and its run folders (checkpoints) were removed after each case
     assert not finite_numbers(report), finite_numbers(report)
 
 
-@pytest.mark.slow
-def test_gpu_session_script_runs_the_tiny_modes(tmp_path):
-    """The session script end to end on the CPU: budgets, the three benches, the log, the file count."""
-    # More time than a GPU call has: on a loaded 2-core machine the checks' pytest run can outlast
-    # the budget the session leaves them (about 40 s before the reserves of the three benches), and
-    # this test is about the script's flow, not the GPU's timing.
-    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), DS_ACCELERATOR="cpu", GPU_SESSION_TOTAL="800",
-               CHECK_CAP="300",
-               TS_ARGS="--tiny --cases tiny", ENC_ARGS="--tiny --cases vae,encode_clips", ZERO_ARGS="--tiny --cases zero2")
-    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], capture_output=True, text=True, timeout=900,
+# What the session test gives each part: the script's defaults would cut the CPU run short on a
+# loaded 2-core machine, and this test is about the script's flow, not the GPU's timing.
+SESSION_CAPS = {"checks": 300, "encode": 240, "zero": 360, "train_step": 330}
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """bench/gpu_session.sh run once, in its tiny CPU modes: every encoder case and both ZeRO cases
+    (the tests of those two benches read its reports, so each bench starts once in the suite), and
+    from the checks one quick test of each of the three files it names (the suite runs them all
+    anyway; here only the script's pytest call is under test)."""
+    out = tmp_path_factory.mktemp("gpu_session")
+    work = tmp_path_factory.mktemp("zero_work")
+    env = dict(os.environ, PY=sys.executable, OUT=str(out), DS_ACCELERATOR="cpu", GPU_SESSION_TOTAL="1500",
+               CHECK_CAP=str(SESSION_CAPS["checks"]), ENC_CAP=str(SESSION_CAPS["encode"]),
+               ZERO_CAP=str(SESSION_CAPS["zero"]), TS_CAP=str(SESSION_CAPS["train_step"]),
+               CHECK_SELECT="name_the_key or round_trips_within_e4m3_precision",
+               TS_ARGS="--tiny --cases tiny", ENC_ARGS="--tiny", ZERO_ARGS=f"--tiny --work {work}")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], capture_output=True, text=True, timeout=1500,
                           cwd=REPO, env=env)
+    return {"out": out, "work": work, "proc": proc}
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_the_tiny_modes(session):
+    """The session script end to end on the CPU: budgets, the checks, the three benches, the log, the file count."""
+    tmp_path, proc = session["out"], session["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 7 and "gpu_session.log" in files, files  # three JSON + markdown pairs and the log
     log = (tmp_path / "gpu_session.log").read_text()
     budgets = dict(re.findall(r"\] (\w+): budget (\d+)s", log))
     asked = {"train_step": ["tiny:train_baseline", "tiny:sample_baseline", "tiny:train_ours", "tiny:sample_ours"],
-             "encode": ["vae", "encode_clips"], "zero": ["zero2"]}
-    caps = {"train_step": 330, "encode": 70, "zero": 170}
+             "encode": ["vae", "vae-bf16", "clip", "umt5", "wav2vec", "encode_clips", "encode_clips-bf16-vae"],
+             "zero": ["zero2", "zero3"]}
     for part, prefix in (("train_step", "train_step-cpu-"), ("encode", "encode_throughput-cpu-"), ("zero", "zero_step-cpu-")):
         report = only_json(tmp_path, prefix)
         # Each bench ran the cases it was given, under the budget the script says it gave it.
@@ -194,9 +207,10 @@ def test_gpu_session_script_runs_the_tiny_modes(tmp_path):
         if part != "zero":  # step_s: the median of the timed steps the row lists
             assert all(r["step_s"] == pytest.approx(statistics.median(r["step_s_all"]), abs=1e-4)
                        for r in report["results"]), prefix
-        assert report["budget_s"] == int(budgets[part]) <= caps[part], (part, budgets)
+        assert report["budget_s"] == int(budgets[part]) <= SESSION_CAPS[part], (part, budgets)
     exits = [line for line in log.splitlines() if "exit code" in line]
     assert len(exits) == 4 and all(line.endswith("exit code 0") for line in exits), exits  # the checks and the three benches
-    assert "passed" in log and "failed" not in log  # the checks' pytest summary
+    # The checks: pytest on the three files with the -k selection it was given, all passed.
+    assert "pytest tests/test_model_speed_options.py tests/test_fp8.py  tests/test_perf.py -k 'name_the_key or" in log
+    assert re.search(r"\n(\d+) passed, \d+ deselected", log) and "failed" not in log
     assert "# bench/zero_step.py on cpu" in proc.stdout  # the tables end the output
-

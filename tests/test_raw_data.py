@@ -87,8 +87,9 @@ def test_random_windows_are_aligned_with_frames_audio_masks_and_motion(setup, en
     starts = [int(b["start_frame"]) for b in batches]
     assert all(0 <= s <= FRAMES - WINDOW for s in starts)
     assert len(set(starts)) > 1  # a new window per visit
-    assert [int(b["start_frame"]) for b in take(raw_module(root), 6)] == starts  # ...drawn from the seed
-    assert [int(b["start_frame"]) for b in take(raw_module(root, seed=1), 6)] != starts
+    # ...drawn from the seed (the first three windows of a fresh loader: each costs a decode and an encode)
+    assert [int(b["start_frame"]) for b in take(raw_module(root), 3)] == starts[:3]
+    assert [int(b["start_frame"]) for b in take(raw_module(root, seed=1), 3)] != starts[:3]
     for b in batches:
         key, s = b["__key__"][0], int(b["start_frame"])
         raw = raws[key]
