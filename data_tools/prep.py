@@ -759,6 +759,8 @@ def sync_summary(pairs: list) -> dict:
 def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dict:
     """Build ``manifest.json``, ``stats.json`` and ``report.json``/``report.txt`` from every
     ``parts/`` record. Safe to run any number of times (e.g. after each SLURM array task)."""
+    from ft_train.data.face import BODY_MIN_VISIBILITY
+
     out = Path(cfg.output)
     records = []
     missing = []
@@ -785,7 +787,7 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
         "omega_b": motion_stats(omega_b, cfg.stats_quantiles),
         "normalisation": "omega = clip((raw - low) / (high - low), 0, 1); raw None -> median",
         "omega_l_definition": "ft_train.data.face.landmark_motion",
-        "omega_b_definition": "ft_train.data.face.body_motion",
+        "omega_b_definition": f"ft_train.data.face.body_motion(min_visibility={BODY_MIN_VISIBILITY})",
         # The clips' frame rate and length: training records them in its bundles, ft-infer samples at that fps.
         "fps": cfg.fps,
         "num_frames": cfg.num_frames,

@@ -180,3 +180,33 @@ def test_lip_mask_is_the_exact_disc_around_the_lips_and_repeatable(analysed):
         inside = (xx >= np.floor(x0)) & (xx <= np.ceil(x1)) & (yy >= np.floor(y0)) & (yy <= np.ceil(y1))
         np.testing.assert_array_equal(m[ay:by, ax:bx], (d2 <= radius**2) & inside)
         assert m.sum() == m[ay:by, ax:bx].sum()
+
+
+def test_body_motion_ignores_joints_pose_only_guesses():
+    """ω_b counts joints mediapipe sees, not the ones it guesses at visibility ~0.5 (hands below
+    the frame): such a joint, flickering in and out, made ω_b depend on which frames pose ran on."""
+    rng = np.random.default_rng(0)
+    n = 81
+    pose = np.zeros((n, facemod.NUM_POSE_JOINTS, 4), np.float32)
+    pose[..., 3] = 0.1  # not seen
+    seen = list(range(13))  # face and shoulders, swaying a little
+    sway = 0.01 * np.sin(np.arange(n) / 5)[:, None]
+    pose[:, seen, 0] = np.linspace(0.3, 0.7, len(seen))[None] + sway
+    pose[:, seen, 1] = 0.4 + 0.05 * (np.arange(len(seen)) % 3)[None]
+    pose[:, 11, 1] = pose[:, 12, 1] = 0.7
+    pose[:, seen, 3] = 0.95
+    seen_only = facemod.body_motion(pose, 512, 512)
+    # A wrist guessed below the frame: it jumps around and its visibility flickers around 0.5.
+    guessed = pose.copy()
+    guessed[:, 15, :2] = rng.uniform(0.2, 1.3, size=(n, 2))
+    guessed[:, 15, 3] = np.where(np.arange(n) % 3 == 0, 0.45, 0.6)
+    assert facemod.body_motion(guessed, 512, 512) == pytest.approx(seen_only, rel=1e-9)
+    for every in (4, 16):  # ... nor on a sparse schedule of the same frames
+        sparse = np.full_like(guessed, np.nan)
+        sparse[::every] = guessed[::every]
+        assert facemod.body_motion(sparse, 512, 512) == pytest.approx(facemod.body_motion(np.where(
+            np.isnan(sparse), np.nan, pose), 512, 512), rel=1e-9)
+    # A wrist seen clearly moving does count.
+    shown = guessed.copy()
+    shown[:, 15, 3] = 0.95
+    assert facemod.body_motion(shown, 512, 512) > 2 * seen_only
