@@ -6,6 +6,7 @@ in TORCH_EXTENSIONS_DIR).
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,10 @@ def test_export_from_a_zero3_sharded_checkpoint_matches_ddp(tmp_path):
     weight) into the official file; its tensors equal those of the same run under plain DDP."""
     for strategy in ("deepspeed_zero3", "ddp"):
         ft_train(tmp_path, strategy, 3, f"strategy={strategy}")
+    # The logged parameter counts are whole under ZeRO-3 too (each rank holds a partition).
+    counts = {s: re.search(r"params: (\{.*\})", (tmp_path / s / "train.log").read_text()).group(1)
+              for s in ("deepspeed_zero3", "ddp")}
+    assert counts["deepspeed_zero3"] == counts["ddp"] and "'params_total': 0," not in counts["ddp"]
     files = {}
     for strategy in ("deepspeed_zero3", "ddp"):
         step = tmp_path / strategy / "clip" / "checkpoints" / "step-00000003"

@@ -144,15 +144,18 @@ build_model.config_keys = _build_model_keys
 
 def model_summary(model: FantasyTalkingDiT) -> dict[str, Any]:
     """Parameter counts (total, trainable, adapter, LoRA) for logs and reports; float8-stored frozen
-    weights (``model.frozen_fp8``) and weights swapped to host memory (``model.block_swap_resident``)
-    count in the total."""
+    weights (``model.frozen_fp8``), weights swapped to host memory (``model.block_swap_resident``)
+    and ZeRO-3's partitioned parameters count whole."""
     from ..speed.block_swap import swapped_numel
 
+    def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partitioned parameter holds 0 elements here
+        return getattr(p, "ds_numel", p.numel())
+
     fp8 = sum(m.weight_bits.numel() for m in model.modules() if isinstance(m, Fp8FrozenLinear))
-    total = sum(p.numel() for p in model.parameters()) + fp8 + swapped_numel(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapter = sum(p.numel() for m in model.adapter_modules().values() for p in m.parameters())
-    lora = sum(p.numel() for _, p in model.lora_state())
+    total = sum(numel(p) for p in model.parameters()) + fp8 + swapped_numel(model)
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    adapter = sum(numel(p) for m in model.adapter_modules().values() for p in m.parameters())
+    lora = sum(numel(p) for _, p in model.lora_state())
     return {"params_total": total, "params_trainable": trainable, "params_adapter": adapter, "params_lora": lora}
 
 
