@@ -66,14 +66,16 @@ def motion_clip(src: np.ndarray, rng: np.random.Generator, still: bool) -> tuple
     return out, p
 
 
-def run_pose(frames: np.ndarray, idx: list[int], static: bool = False) -> tuple[np.ndarray, float]:
+def run_pose(frames: np.ndarray, idx: list[int], static: bool = False, smooth: bool = True) -> tuple[np.ndarray, float]:
     """(F, 33, 4) joints from pose run (tracking mode, a fresh graph; ``static``: each frame on
-    its own) on frames ``idx`` in time order, NaN elsewhere; seconds."""
+    its own; ``smooth=False``: tracking without mediapipe's landmark smoothing, which assumes
+    consecutive frames) on frames ``idx`` in time order, NaN elsewhere; seconds (the graph's
+    model load not included)."""
     pose = np.full((len(frames), facemod.NUM_POSE_JOINTS, 4), np.nan, np.float32)
-    if static:
+    if static or not smooth:
         import mediapipe as mp
 
-        with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as graph:
+        with mp.solutions.pose.Pose(static_image_mode=static, model_complexity=1, smooth_landmarks=smooth) as graph:
             t = time.perf_counter()
             for i in idx:
                 frames[i].flags.writeable = False
@@ -111,6 +113,8 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=16)
     ap.add_argument("--samples", type=int, nargs="+", default=[4, 6, 8, 12, 16])
     ap.add_argument("--static-samples", type=int, nargs="*", default=[6, 8, 16])
+    ap.add_argument("--nosmooth-samples", type=int, nargs="*", default=[6],
+                    help="tracking mode without landmark smoothing (as ft-prep's pose_samples_per_clip runs it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--poses", type=Path, default=None,
@@ -126,6 +130,8 @@ def main() -> None:
     for n in args.static_samples:  # static_image_mode: no tracking state between the sparse frames
         schedules[f"samples={n} static"] = schedules.get(f"samples={n}") or sorted(
             set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
+    for n in args.nosmooth_samples:
+        schedules[f"samples={n} unsmoothed"] = sorted(set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
     poses = {k: [] for k in schedules}
     seconds = {k: 0.0 for k in schedules}
     clips = []
@@ -143,7 +149,7 @@ def main() -> None:
             frames, p = motion_clip(src, rng, still=c == 0)
             clips.append(p)
             for k in todo:
-                pose, dt = run_pose(frames, schedules[k], static=k.endswith("static"))
+                pose, dt = run_pose(frames, schedules[k], static=k.endswith("static"), smooth=not k.endswith("unsmoothed"))
                 poses[k].append(pose)
                 seconds[k] += dt
             print(f"clip {c} done", flush=True)

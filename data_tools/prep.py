@@ -92,8 +92,8 @@ class PrepConfig:
     preset: str = "veryfast"
     lip_dilation_frac: float = 0.15
     pose_every: int = 4
-    pose_samples_per_clip: int = 0
-    detect_every: int = 8
+    pose_samples_per_clip: int = 6
+    detect_every: int = 16
     min_face_frames_frac: float = 0.9
     min_face_px: int = 64
     max_multi_face_frac: float = 0.1
@@ -111,7 +111,7 @@ class PrepConfig:
     min_sync_confidence: float = 3.0
     scene_detector: str = "ffmpeg_scene"
     scene_threshold: float = 0.3
-    scene_downscale: int = 2
+    scene_downscale: int = 4
     stats_quantiles: tuple[float, float] = (0.05, 0.95)
     previews_per_shard: int = 1
     extensions: tuple[str, ...] = ("mp4", "mov", "mkv", "avi", "webm")
@@ -261,6 +261,7 @@ class ShardRecord:
     sync: list[list[float]] = field(default_factory=list)  # (offset, confidence) of kept clips (sync=)
     omega_l: list[float | None] = field(default_factory=list)
     omega_b: list[float | None] = field(default_factory=list)
+    pose_schedules: dict[str, int] = field(default_factory=dict)  # samples per pose_schedule()
     timing_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -269,6 +270,15 @@ def _clip_starts_frame(k: int, cfg: PrepConfig) -> bool:
     start at multiples of stride from the shot's first frame)."""
     first = k - (cfg.num_frames - 1)
     return first >= 0 and first % cfg.stride == 0
+
+
+def pose_schedule(cfg: PrepConfig) -> str:
+    """How pose ran on a clip, as the sample json and stats.json record it: ``samples:N`` (N
+    static-image runs spread over the clip), ``every:N`` (tracking, every N-th frame) or ``none``.
+    Raw ω_b depends on it (bench/prep_throughput.md): shards made with two must not share stats."""
+    if cfg.pose_samples_per_clip > 0:
+        return f"samples:{cfg.pose_samples_per_clip}"
+    return f"every:{cfg.pose_every}" if cfg.pose_every > 0 else "none"
 
 
 def pose_frames(n: int, start: int, cfg: PrepConfig) -> list[int]:
@@ -283,6 +293,19 @@ def pose_frames(n: int, start: int, cfg: PrepConfig) -> list[int]:
 def _frame_used(k: int, cfg: PrepConfig) -> bool:
     """False for frames between clips (stride > num_frames): they are decoded but not analysed."""
     return cfg.stride <= cfg.num_frames or (k % cfg.stride) < cfg.num_frames
+
+
+def expected_frames(info: media.VideoInfo, cfg: PrepConfig) -> int:
+    """How many frames decoding ``info`` at ``cfg.fps`` should give (its whole packets' duration)."""
+    return int(info.duration_s * cfg.fps + 1e-6)
+
+
+def _frame_needed(j: int, origin: int, last: int, cfg: PrepConfig) -> bool:
+    """Whether frame ``j`` of the shot that starts at video frame ``origin`` lies in a clip that
+    ends by video frame ``last``: the earliest clip holding it starts at the first multiple of
+    ``stride`` ≥ j - num_frames + 1."""
+    first = -(-max(0, j - cfg.num_frames + 1) // cfg.stride) * cfg.stride
+    return first <= j and origin + first + cfg.num_frames - 1 <= last
 
 
 def load_audio(source: Path, info: media.VideoInfo, cfg: PrepConfig, note: FileNote) -> tuple[np.ndarray, float]:
@@ -365,6 +388,14 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
         cuts = ShotCuts(cfg.scene_threshold, cfg.scene_downscale) if cfg.scene_detector != "none" else None
         pose_done: dict[int, np.ndarray | None] = {}  # frame index -> joints, shared by overlapping clips
         scratch: dict = {}  # _make_clip's reused clip array
+        # Frames in no clip that can end before the video does (its tail, about half a clip) are
+        # held unanalysed; if the video runs on and such a clip does end, they are analysed then,
+        # in order, so the results are the same as analysing each frame as it comes.
+        last = expected_frames(info, cfg) - 1
+        held: list = []
+
+        def analyse(entry: list, j: int) -> None:
+            entry[1] = analyzer(entry[0], detect=j % cfg.stride == 0, pose=False)
 
         def clip_pose(frames: np.ndarray, start: int) -> np.ndarray:
             """(F, 33, 4) joints of a kept clip, NaN where pose did not run: on
@@ -406,6 +437,7 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
                             clip_index += 1
                         note.shot_cuts.append(k)
                         window.clear()
+                        held.clear()
                         damaged_at.clear()
                         origin = k
                 j = k - origin
@@ -413,9 +445,17 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
                     # Detector at each clip's first frame: a clip's face scores are its own.
                     # Pose waits until a clip has passed the filters (_make_clip): it is the slowest
                     # model and only ω_b of kept clips needs it.
-                    window.append((frame, analyzer(frame, detect=j % cfg.stride == 0, pose=False)))
+                    entry = [frame, None]
+                    window.append(entry)
+                    if _frame_needed(j, origin, last, cfg):
+                        analyse(entry, j)
+                    else:
+                        held.append((entry, j))
                     damaged_at.append(video_damage.damaged)
                 if _clip_starts_frame(j, cfg):
+                    for entry, i in held:
+                        analyse(entry, i)
+                    held.clear()
                     start = k - cfg.num_frames + 1
                     # Skipped frames in this clip (each shown as the frame before it).
                     lost = damaged_at[-1] - damaged_at[0]
@@ -603,6 +643,7 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
         "audio_dbfs": media.loudness_dbfs(clip_audio),
         "omega_l_raw": omega_l,
         "omega_b_raw": omega_b,
+        "pose_schedule": pose_schedule(cfg),  # raw mode keeps the clip's ω_b for windows when samples:N
         "lip_dilation_frac": cfg.lip_dilation_frac,
         "caption": caption,
         **sync_meta,  # av_offset_frames, sync_confidence (SyncNet, before the shift), audio_shift_s
@@ -703,6 +744,7 @@ def process_shard(index: int, sources: list[Path], cfg: PrepConfig) -> dict:
                     rec.sync.append([meta["av_offset_frames"], meta["sync_confidence"]])
                 rec.omega_l.append(meta["omega_l_raw"])
                 rec.omega_b.append(meta["omega_b_raw"])
+                rec.pose_schedules[meta["pose_schedule"]] = rec.pose_schedules.get(meta["pose_schedule"], 0) + 1
                 if previews < cfg.previews_per_shard:
                     save_preview(out / "previews" / f"{sample['__key__']}.jpg", frames, arrays["face"], arrays["face_box"], masks)
                     previews += 1
@@ -782,12 +824,18 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
 
     omega_l = [v for r in records for v in r["omega_l"]]
     omega_b = [v for r in records for v in r["omega_b"]]
+    # Shards kept from an earlier run may have been made with another pose schedule (samples
+    # from before the key: "unrecorded"); their raw ω_b is on another scale.
+    schedules: Counter = Counter()
+    for r in records:
+        schedules.update(r.get("pose_schedules") or ({"unrecorded": r["samples"]} if r["samples"] else {}))
     stats = {
         "omega_l": motion_stats(omega_l, cfg.stats_quantiles),
         "omega_b": motion_stats(omega_b, cfg.stats_quantiles),
         "normalisation": "omega = clip((raw - low) / (high - low), 0, 1); raw None -> median",
         "omega_l_definition": "ft_train.data.face.landmark_motion",
         "omega_b_definition": f"ft_train.data.face.body_motion(min_visibility={BODY_MIN_VISIBILITY})",
+        "pose_schedule": next(iter(schedules)) if len(schedules) == 1 else dict(schedules),
         # The clips' frame rate and length: training records them in its bundles, ft-infer samples at that fps.
         "fps": cfg.fps,
         "num_frames": cfg.num_frames,
@@ -813,6 +861,7 @@ def merge(cfg: PrepConfig, num_shards: int, run_info: dict | None = None) -> dic
         "rejects": rejects,
         # Samples per audio source (embedded track or sidecar .wav).
         "audio_sources": dict(sum((Counter(r.get("audio_sources", {})) for r in records), Counter())),
+        "pose_schedules": dict(schedules),  # samples per pose schedule (ω_b is comparable within one)
         # Files with skipped packets/frames (kept or not), and files cut short, with their counts.
         "damaged": [{"source": f["source"], **f["damaged"]} for r in records for f in r.get("files", []) if f["damaged"]],
         "sync": sync_summary([x for r in records for x in r.get("sync", [])]),
@@ -842,6 +891,10 @@ def format_report(report: dict) -> str:
         sync = report["sync"]
         lines.append(f"SyncNet: {sync['clips']} clips, offsets (frames: clips) {sync['offset_frames']}, "
                      f"median confidence {sync['confidence_quantiles']['0.5']}")
+    if len(report.get("pose_schedules") or {}) > 1:
+        lines.append("warning: samples made with different pose schedules ("
+                     + ", ".join(f"{n} {k}" for k, n in sorted(report["pose_schedules"].items()))
+                     + "): their ω_b is not comparable; delete the output's parts/ and run again with one setting")
     if report.get("audio_sources"):
         lines.append("audio: " + ", ".join(f"{n} samples {k}" for k, n in sorted(report["audio_sources"].items())))
     for entry in report.get("damaged", []):

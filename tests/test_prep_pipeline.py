@@ -205,14 +205,43 @@ def test_configurable_face_filters(tmp_path, override, reason):
     assert report["timing_s"].get("pose", 0) == 0  # pose runs only for clips that pass the filters
 
 
-def test_pose_of_kept_clips_matches_the_per_frame_schedule(prepared):
-    """Pose runs after the filters, on the kept clips' frames k with k % pose_every == 0: the
-    stored joints equal a FrameAnalyzer running pose on that schedule over the whole video."""
+def test_pose_runs_on_six_spread_frames_of_each_kept_clip_by_default(prepared):
+    """The default schedule (pose_samples_per_clip=6): pose runs after the filters on 6 frames of
+    each kept clip, the first, the last and four evenly between, and the joints stored there
+    equal pose in static-image mode on them; the json and stats.json name the schedule."""
     import io
 
-    cfg, _, _ = prepared
+    cfg, report, _ = prepared
+    assert cfg.pose_samples_per_clip == 6
     samples = [s for s in read_shards(Path(cfg.output)) if json.loads(s["json"])["source"].endswith("a_sample.mp4")]
     samples.sort(key=lambda s: json.loads(s["json"])["clip_index"])
+    frames, _ = sample_frames_audio(4.0)
+    with facemod.FrameAnalyzer(pose_every=0, pose_on_call=True, pose_static=True) as an:
+        for c, s in reversed(list(enumerate(samples))):  # static mode: no state, any order
+            stored = np.load(io.BytesIO(s["landmarks.npz"]))["pose"]
+            ran = np.flatnonzero(~np.isnan(stored[:, 0, 0]))
+            assert ran.tolist() == [0, 6, 13, 19, 26, 32]
+            expected = np.stack([an.pose(frames[33 * c + i]) for i in ran])
+            np.testing.assert_allclose(stored[ran], expected, atol=1e-5)
+            meta = json.loads(s["json"])
+            assert meta["omega_b_raw"] is not None and meta["pose_schedule"] == "samples:6"
+    assert json.loads((Path(cfg.output) / "stats.json").read_text())["pose_schedule"] == "samples:6"
+    assert report["pose_schedules"] == {"samples:6": 3}
+    with pytest.raises(SystemExit, match="pose_samples_per_clip=1: ω_b is a variance"):
+        main(["input=x", "output=y", "pose_samples_per_clip=1"])
+
+
+def test_pose_every_schedule_tracks_every_nth_frame(tmp_path):
+    """pose_samples_per_clip=0: pose on the kept clips' frames k with k % pose_every == 0, in
+    tracking mode: the stored joints equal a FrameAnalyzer running pose on that schedule over the
+    whole video. Rerun into the same output with the other schedule, the report warns that the
+    two kinds of ω_b are mixed."""
+    import io
+
+    shutil.copy(SAMPLE, tmp_path / "talk.mp4")
+    cfg = PrepConfig(input=str(tmp_path / "talk.mp4"), output=str(tmp_path / "out"), pose_samples_per_clip=0, **FAST)
+    assert run_prep(cfg)["samples"] == 3
+    samples = sorted(read_shards(Path(cfg.output)), key=lambda s: json.loads(s["json"])["clip_index"])
     stored = np.concatenate([np.load(io.BytesIO(s["landmarks.npz"]))["pose"] for s in samples])
     frames, _ = sample_frames_audio(4.0)
     with facemod.FrameAnalyzer(pose_every=cfg.pose_every) as an:
@@ -221,29 +250,12 @@ def test_pose_of_kept_clips_matches_the_per_frame_schedule(prepared):
     assert len(stored) == 99 and (ran == (np.arange(99) % cfg.pose_every == 0)).all()
     np.testing.assert_allclose(stored[ran], expected[ran], atol=1e-5)
     assert np.isnan(expected[~ran]).all()
-
-
-def test_pose_samples_per_clip_runs_pose_on_evenly_spread_frames(tmp_path):
-    """pose_samples_per_clip=5: pose runs on 5 frames of each kept clip, the first, the last and
-    three evenly between, and the joints stored there equal pose in static-image mode on them."""
-    import io
-
-    shutil.copy(SAMPLE, tmp_path / "talk.mp4")
-    cfg = PrepConfig(input=str(tmp_path / "talk.mp4"), output=str(tmp_path / "out"), pose_samples_per_clip=5, **FAST)
-    assert run_prep(cfg)["samples"] == 3
-    samples = sorted(read_shards(Path(cfg.output)), key=lambda s: json.loads(s["json"])["clip_index"])
-    frames, _ = sample_frames_audio(4.0)
-    with facemod.FrameAnalyzer(pose_every=0, pose_on_call=True, pose_static=True) as an:
-        for c, s in enumerate(reversed(samples)):  # static mode: no state, any order
-            c = len(samples) - 1 - c
-            stored = np.load(io.BytesIO(s["landmarks.npz"]))["pose"]
-            ran = np.flatnonzero(~np.isnan(stored[:, 0, 0]))
-            assert ran.tolist() == [0, 8, 16, 24, 32]
-            expected = np.stack([an.pose(frames[33 * c + i]) for i in ran])
-            np.testing.assert_allclose(stored[ran], expected, atol=1e-5)
-            assert json.loads(s["json"])["omega_b_raw"] is not None
-    with pytest.raises(SystemExit, match="pose_samples_per_clip=1: ω_b is a variance"):
-        main(["input=x", "output=y", "pose_samples_per_clip=1"])
+    assert {json.loads(s["json"])["pose_schedule"] for s in samples} == {"every:4"}
+    # A second video in the same output made with the default schedule: both kinds are counted.
+    shutil.copy(SAMPLE, tmp_path / "talk2.mp4")
+    report = run_prep(PrepConfig(input=str(tmp_path), output=cfg.output, videos_per_shard=1, **FAST))
+    assert report["pose_schedules"] == {"every:4": 3, "samples:6": 3}
+    assert "different pose schedules (3 every:4, 3 samples:6)" in (Path(cfg.output) / "report.txt").read_text()
 
 
 def test_list_file_input_and_missing_file(tmp_path):
@@ -259,7 +271,7 @@ def test_list_file_input_and_missing_file(tmp_path):
 def test_cli_config_and_validation(tmp_path, capsys):
     cfg = load_config(["input=x", "output=y"])
     assert (cfg.fps, cfg.num_frames, cfg.max_side) == (25.0, 81, 512)
-    assert (cfg.detect_every, cfg.pose_every, cfg.scene_downscale) == (8, 4, 2)  # the speed settings conf/prep.yaml documents
+    assert (cfg.detect_every, cfg.pose_samples_per_clip, cfg.scene_downscale) == (16, 6, 4)  # the speed settings conf/prep.yaml documents
     with pytest.raises(SystemExit, match="num_frames=80 must be 4k\\+1"):
         main(["input=x", "output=y", "num_frames=80"])
     with pytest.raises(SystemExit, match="detect_every=0 must be ≥ 1"):
@@ -308,8 +320,8 @@ def test_stats_normalise_motion_to_unit_range(prepared):
     assert normalise_motion(None, entry) == pytest.approx(normalise_motion(entry["median"], entry))
 
 
-def test_shot_cuts_on_half_size_frames_match_full_size():
-    """scene_downscale=2 flags the same frames as full size: a cut to another picture, and none
+def test_shot_cuts_on_shrunk_frames_match_full_size():
+    """scene_downscale=2 and 4 (the default) flag the same frames as full size: a cut to another picture, and none
     within the talking head (odd sizes included)."""
     from skimage import data as skdata
 
@@ -319,5 +331,39 @@ def test_shot_cuts_on_half_size_frames_match_full_size():
     other = cv2.resize(skdata.astronaut(), frames.shape[2:0:-1])[::-1].copy()  # another shot
     video = [*frames[:15], *[other] * 5, *frames[15:25]]
     for crop in (video, [np.ascontiguousarray(f[:375, :511]) for f in video]):
-        flagged = {n: [i for i, f in enumerate(crop) if c(f)] for n, c in ((1, ShotCuts(0.3)), (2, ShotCuts(0.3, 2)))}
-        assert flagged[1] == flagged[2] == [15, 20]
+        flagged = {n: [i for i, f in enumerate(crop) if c(f)] for n, c in ((1, ShotCuts(0.3)), (2, ShotCuts(0.3, 2)),
+                                                                          (4, ShotCuts(0.3, 4)))}
+        assert flagged[1] == flagged[2] == flagged[4] == [15, 20]
+
+
+def test_the_tail_no_clip_can_use_is_not_analysed_and_a_longer_video_loses_nothing(tmp_path, monkeypatch):
+    """The 100-frame sample holds three 33-frame clips (frames 0-98): frame 99 is in none and the
+    face analysis skips it. When the video runs past what its packets promised, the frames held
+    back are analysed in order once a clip does end, and every stored array is as without holding."""
+    import io
+
+    from data_tools import prep
+
+    calls = []
+    original = facemod.FrameAnalyzer.__call__
+
+    def counted(self, frame, *args, **kwargs):
+        calls.append(1)
+        return original(self, frame, *args, **kwargs)
+
+    monkeypatch.setattr(facemod.FrameAnalyzer, "__call__", counted)
+    shutil.copy(SAMPLE, tmp_path / "talk.mp4")
+    outputs = {}
+    for name, expected in (("normal", None), ("underestimated", 40)):
+        if expected is not None:
+            monkeypatch.setattr(prep, "expected_frames", lambda info, cfg: expected)
+        calls.clear()
+        cfg = PrepConfig(input=str(tmp_path / "talk.mp4"), output=str(tmp_path / name), **FAST)
+        assert run_prep(cfg)["samples"] == 3
+        assert len(calls) == 99, name
+        outputs[name] = sorted(read_shards(Path(cfg.output)), key=lambda s: s["__key__"])
+    for a, b in zip(*outputs.values(), strict=True):
+        za, zb = np.load(io.BytesIO(a["landmarks.npz"])), np.load(io.BytesIO(b["landmarks.npz"]))
+        for key in za.files:
+            np.testing.assert_array_equal(za[key], zb[key], err_msg=key)
+        assert json.loads(a["json"]) == json.loads(b["json"])

@@ -135,12 +135,13 @@ def test_detector_samples_a_second_face_that_comes_and_goes(analysed):
     blank = np.full_like(frames[0], 128)
     two = [np.concatenate([f, f if 12 <= i < 28 else blank], axis=1) for i, f in enumerate(frames[:40])]
     shares = {}
-    for n in (1, 5, 8):  # 8: ft-prep's default (conf/prep.yaml)
+    for n in (1, 5, 8, 16):  # 16: ft-prep's default (conf/prep.yaml)
         with facemod.FrameAnalyzer(pose_every=0, detect_every=n) as an:
             shares[n] = np.mean([an(f).num_faces > 1 for f in two])
     assert shares[1] == pytest.approx(0.4, abs=0.05)
     assert shares[5] == pytest.approx(shares[1], abs=0.1)  # one detection interval at each end
     assert shares[8] == pytest.approx(shares[1], abs=0.2)
+    assert shares[16] == pytest.approx(shares[1], abs=0.2)
 
 
 def test_landmarks_to_pixels_matches_the_protobuf_fields(analysed):

@@ -108,8 +108,36 @@ def test_random_windows_are_aligned_with_frames_audio_masks_and_motion(setup, en
         sl = slice(s, s + WINDOW)
         omega_l = normalise_motion(landmark_motion(landmarks["face"][sl], landmarks["face_found"][sl]), stats["omega_l"])
         assert float(b["motion"][0, 0]) == pytest.approx(omega_l, abs=1e-6)
+        # ft-prep's default pose schedule (6 samples a clip): a window keeps the clip's ω_b.
+        assert meta["pose_schedule"] == "samples:6"
+        omega_b = normalise_motion(meta["omega_b_raw"], stats["omega_b"])
+        assert float(b["motion"][0, 1]) == pytest.approx(omega_b, abs=1e-6)
         if s == 0:  # the causal VAE: the window's latents are the cached clip's first latent frames
             torch.testing.assert_close(b["latents"][0], cached[key]["latents"][:, :3], atol=2e-2, rtol=1e-2)
+
+
+def test_window_body_motion_follows_the_pose_schedule():
+    """Pose on every 4th frame (tracked): a window's ω_b is body_motion over its own frames; pose
+    on a few samples per clip: the clip's ω_b (a window would hold two or three samples)."""
+    from ft_train.data.face import body_motion
+    from ft_train.data.raw_clip import window_motion
+
+    rng = np.random.default_rng(0)
+    n, w, h = 33, 512, 512
+    pose = np.full((n, 33, 4), np.nan, np.float32)
+    ran = np.arange(0, n, 4)
+    pose[ran, :, :2] = 0.5 + 0.002 * rng.standard_normal((len(ran), 33, 2))
+    pose[ran, 11, 0], pose[ran, 12, 0] = 0.4, 0.6  # shoulders 0.2 of the width apart
+    pose[ran, :, 3] = 1.0
+    pose[ran[ran >= 16], :, :2] += 0.05 * rng.standard_normal((int((ran >= 16).sum()), 33, 2))  # moves more later
+    landmarks = {"face": np.zeros((n, 478, 3), np.float32), "face_found": np.ones(n, bool), "pose": pose}
+    clip = body_motion(pose, w, h)
+    tracked = window_motion(landmarks, {"pose_schedule": "every:4", "omega_b_raw": clip}, 16, 17, w, h)[1]
+    assert tracked == pytest.approx(body_motion(pose[16:33], w, h)) and tracked > 1.5 * clip
+    sampled = window_motion(landmarks, {"pose_schedule": "samples:6", "omega_b_raw": clip}, 16, 17, w, h)[1]
+    assert sampled == clip
+    # Samples from before the key: their schedule was every 4th frame.
+    assert window_motion(landmarks, {"omega_b_raw": clip}, 16, 17, w, h)[1] == pytest.approx(tracked)
 
 
 def test_resize_and_crop_follow_the_face():

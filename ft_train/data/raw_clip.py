@@ -203,13 +203,20 @@ class RawClip:
 def window_motion(landmarks: dict[str, np.ndarray] | None, meta: dict, start: int, num_frames: int, width: int, height: int):
     """Raw (ω_l, ω_b) of frames ``start … start+num_frames−1``, by ``ft-prep``'s own functions
     (:mod:`ft_train.data.face`) over the stored landmarks and pose; the clip's json values when
-    the sample has no landmarks."""
+    the sample has no landmarks.
+
+    ω_b stays the clip's when ft-prep ran pose on a few samples per clip (the json's
+    ``pose_schedule`` is ``samples:N``): a window would hold only two or three of them, too few
+    for a variance, and a rule by count would give windows of one dataset different estimators.
+    ω_l (face mesh on every frame) is always the window's own."""
     if landmarks is None:
         return meta.get("omega_l_raw"), meta.get("omega_b_raw")
     from .face import body_motion, landmark_motion
 
     sl = slice(start, start + num_frames)
     omega_l = landmark_motion(landmarks["face"][sl], landmarks["face_found"][sl])
+    if str(meta.get("pose_schedule", "")).startswith("samples:"):
+        return omega_l, meta.get("omega_b_raw")
     omega_b = body_motion(landmarks["pose"][sl], width, height)
     return omega_l, omega_b
 
