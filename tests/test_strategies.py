@@ -54,38 +54,43 @@ def cut_copy(out, run, name, step):
     shutil.rmtree(Path(out) / name / "clip" / "checkpoints" / f"step-{step:08d}")
 
 
-def _train_and_resume(out, extra):
-    """6 steps (saves at 3 and 6); then a copy that lost its step-6 save resumes from step 3."""
-    expected = ft_train(out, "full", 6, *extra)
-    cut_copy(out, "full", "cut", 6)
-    return expected, ft_train(out, "cut", 6, *extra)
+# ZeRO-2 keeps whole weights on each rank, so it also keeps an EMA (ZeRO-3 refuses one): saved in
+# DeepSpeed's client state, it must continue exactly too.
+RESUMED = {"deepspeed_zero2": ("strategy=deepspeed_zero2", "callbacks.ema.decay=0.9"),
+           "deepspeed_zero3": ("strategy=deepspeed_zero3",)}
 
 
 @pytest.fixture(scope="module")
-def deepspeed_resumed(tmp_path_factory):
-    # ZeRO-2 keeps whole weights on each rank, so it also keeps an EMA (ZeRO-3 refuses one):
-    # saved in DeepSpeed's client state, it must continue exactly too.
-    runs = {}
-    for strategy in ("deepspeed_zero2", "deepspeed_zero3"):
-        out = tmp_path_factory.mktemp(strategy)
-        extra = (f"strategy={strategy}", *(["callbacks.ema.decay=0.9"] if strategy == "deepspeed_zero2" else []))
-        runs[strategy] = (out, lambda out=out, extra=extra: _train_and_resume(out, extra))
-    futures = side_by_side(*(job for _, job in runs.values()))
-    return {strategy: (out, future) for (strategy, (out, _)), future in zip(runs.items(), futures)}
+def six_steps(tmp_path_factory):
+    """Six steps (saves at 3 and 6) as run ``<strategy>`` under ZeRO-2 and ZeRO-3, then a copy
+    ``<strategy>-cut`` that lost its step-6 save resumes from step 3; and the same six steps under
+    DDP (run ``ddp``), the reference of the ZeRO-3 export. The output folder, and each run's
+    losses (a future) by run name."""
+    out = tmp_path_factory.mktemp("six_steps")
+
+    def train_and_resume(strategy):
+        losses = ft_train(out, strategy, 6, *RESUMED[strategy])
+        cut_copy(out, strategy, f"{strategy}-cut", 6)
+        return losses, ft_train(out, f"{strategy}-cut", 6, *RESUMED[strategy])
+
+    ddp = lambda: ft_train(out, "ddp", 6, "strategy=ddp")  # noqa: E731
+    futures = side_by_side(*(lambda s=s: train_and_resume(s) for s in RESUMED), ddp)
+    return out, {**dict(zip(RESUMED, futures)), "ddp": futures[-1]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_deepspeed_two_processes_train_save_and_resume_exactly(deepspeed_resumed, strategy):
-    out, future = deepspeed_resumed[strategy]
-    expected, resumed = future.result()
+def test_deepspeed_two_processes_train_save_and_resume_exactly(six_steps, strategy):
+    out, runs = six_steps
+    expected, resumed = runs[strategy].result()
     assert len(expected[1]) == 6
-    step3 = out / "cut" / "clip" / "checkpoints" / "step-00000003" / "model.ckpt"  # what the resume read
+    step3 = out / f"{strategy}-cut" / "clip" / "checkpoints" / "step-00000003" / "model.ckpt"  # what the resume read
     assert step3.is_dir() and (step3 / "checkpoint").is_dir()  # DeepSpeed's sharded layout
     assert len(list((step3 / "checkpoint").glob("*optim_states.pt"))) == 2  # one shard per rank
     assert resumed == expected
     if strategy == "deepspeed_zero2":
-        full, cut = (read_checkpoint(out / run / "clip" / "checkpoints" / "step-00000006") for run in ("full", "cut"))
+        full, cut = (read_checkpoint(out / run / "clip" / "checkpoints" / "step-00000006")
+                     for run in (strategy, f"{strategy}-cut"))
         assert full.layout == "deepspeed" and set(full.ema) == set(full.tensors)
         for name in full.ema:
             assert torch.equal(full.ema[name], cut.ema[name]), name
@@ -127,31 +132,30 @@ def test_nan_on_one_rank_is_skipped_on_both(nan_runs, strategy):
 
 
 @pytest.mark.slow
-def test_export_from_a_zero3_sharded_checkpoint_matches_ddp(tmp_path):
+def test_export_from_a_zero3_sharded_checkpoint_matches_ddp(six_steps):
     """ft-export reads a ZeRO-3 checkpoint written by 2 processes (each holding a shard of every
-    weight) into the official file; its tensors equal those of the same run under plain DDP."""
-    strategies = ("deepspeed_zero3", "ddp")
-    for future in side_by_side(*(lambda s=s: ft_train(tmp_path, s, 3, f"strategy={s}") for s in strategies)):
-        future.result()
-    # The logged parameter counts are whole under ZeRO-3 too (each rank holds a partition).
-    counts = {s: re.search(r"params: (\{.*\})", (tmp_path / s / "train.log").read_text()).group(1)
-              for s in ("deepspeed_zero3", "ddp")}
-    assert counts["deepspeed_zero3"] == counts["ddp"] and "'params_total': 0," not in counts["ddp"]
+    weight) into the official file; its tensors equal those of the same run under plain DDP. The
+    runs are ``six_steps``' (the resume test's uninterrupted ZeRO-3 run); the export is of step 3."""
+    from ft_train.export import main as ft_export
 
-    def export(strategy):
+    tmp_path, runs = six_steps
+    strategies = ("deepspeed_zero3", "ddp")
+    for strategy in strategies:
+        runs[strategy].result()
+    # The logged parameter counts are whole under ZeRO-3 too (each rank holds a partition).
+    counts = {s: re.search(r"params: (\{.*\})", (tmp_path / s / "train.log").read_text()).group(1) for s in strategies}
+    assert counts["deepspeed_zero3"] == counts["ddp"] and "'params_total': 0," not in counts["ddp"]
+    files = {}
+    for strategy in strategies:
         step = tmp_path / strategy / "clip" / "checkpoints" / "step-00000003"
         out = tmp_path / f"{strategy}.ckpt"
-        proc = subprocess.run([str(Path(sys.executable).parent / "ft-export"), f"ckpt={step}", f"out={out}"],
-                              capture_output=True, text=True, env=dict(os.environ, DS_ACCELERATOR="cpu"), timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return torch.load(out, map_location="cpu", weights_only=True)
-
-    files = {s: f.result() for s, f in zip(strategies, side_by_side(*(lambda s=s: export(s) for s in strategies)))}
+        assert ft_export([f"ckpt={step}", f"out={out}"]) == 0  # the command's own entry point, in this process
+        files[strategy] = torch.load(out, map_location="cpu", weights_only=True)
     zero3, ddp = files["deepspeed_zero3"], files["ddp"]
     assert (tmp_path / "deepspeed_zero3" / "clip" / "checkpoints" / "step-00000003" / "model.ckpt" / "checkpoint").is_dir()
     # train/grad_norm: DeepSpeed's own norm (inside its step) against ours over the DDP gradients
-    norms = {s: read_metric(tmp_path / s / "clip" / "metrics.csv", "train/grad_norm") for s in ("deepspeed_zero3", "ddp")}
-    assert norms["ddp"][0] == norms["deepspeed_zero3"][0] == [0, 1, 2]
+    norms = {s: read_metric(tmp_path / s / "clip" / "metrics.csv", "train/grad_norm") for s in strategies}
+    assert norms["ddp"][0] == norms["deepspeed_zero3"][0] == [0, 1, 2, 3, 4, 5]
     assert all(n > 0 for n in norms["ddp"][1])
     torch.testing.assert_close(torch.tensor(norms["deepspeed_zero3"][1]), torch.tensor(norms["ddp"][1]), rtol=1e-3, atol=0)
     for part in ("proj_model", "audio_processor"):
