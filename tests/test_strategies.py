@@ -39,11 +39,12 @@ def ft_train(out, run, steps, *extra, timeout=600):
     return read_metric(Path(out) / run / "clip" / "metrics.csv", "train/loss")
 
 
-def side_by_side(*jobs, workers=2) -> list[Future]:
-    """Run the jobs (functions of no arguments) ``workers`` at a time, in the order given, and wait
-    for all; their futures, whose ``result()`` returns a job's value or raises its error. Each
-    launch picks its own free port for its ranks."""
-    with ThreadPoolExecutor(workers) as pool:
+def side_by_side(*jobs) -> list[Future]:
+    """Run the jobs (functions of no arguments) two at a time (``FT_TEST_LAUNCHES`` at a time where
+    set; 1 runs them one after the other, for a machine whose cores are busy already), in the order
+    given, and wait for all; their futures, whose ``result()`` returns a job's value or raises its
+    error. Each launch picks its own free port for its ranks."""
+    with ThreadPoolExecutor(max(1, int(os.environ.get("FT_TEST_LAUNCHES", "2")))) as pool:
         return [pool.submit(job) for job in jobs]
 
 
