@@ -239,8 +239,9 @@ def test_block_swap_under_deepspeed_with_the_optimizer_state_on_the_host(tmp_pat
 
     from .conftest import REPO
 
-    losses = {}
-    for run, extra in (("plain", []), ("swap", ["model.block_swap_resident=1", "model.block_swap_prefetch=2"])):
+    from .test_strategies import side_by_side
+
+    def launch(run, extra):
         cmd = [sys.executable, "-c", "import sys; from ft_train.train import main; sys.argv[0] = 'ft-train'; main()",
                "experiment=tiny_cpu", "stages=null", "stage.max_steps=2", "trainer.devices=1", "data.num_workers=0",
                "data.num_samples=8", "trainer.log_every_n_steps=1", f"paths.output_dir={tmp_path}", f"run_id={run}",
@@ -249,7 +250,11 @@ def test_block_swap_under_deepspeed_with_the_optimizer_state_on_the_host(tmp_pat
         env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        losses[run] = read_metric(tmp_path / run / "clip" / "metrics.csv", "train/loss")
+        return read_metric(tmp_path / run / "clip" / "metrics.csv", "train/loss")
+
+    runs = {"plain": [], "swap": ["model.block_swap_resident=1", "model.block_swap_prefetch=2"]}
+    futures = side_by_side(*(lambda r=r, e=e: launch(r, e) for r, e in runs.items()))  # both at once
+    losses = {run: future.result() for run, future in zip(runs, futures)}
     assert len(losses["plain"][1]) == 2 and losses["swap"] == losses["plain"]
 
 

@@ -336,30 +336,38 @@ def test_lora_trains_under_ddp_zero2_and_zero3_alike_and_resumes_under_zero3(tmp
     file. Under ZeRO-3 a run cut after step 2 (its step-3 save lost) resumes exactly: the LoRA's
     shards and their Adam state come back from the sharded checkpoint, the frozen base weights
     (left out of it) from the base. ZeRO-2's exact resume (with an EMA) is test_strategies'."""
-    import shutil
-
     from ft_train.export import export
 
-    from .test_strategies import ft_train
+    from .test_strategies import cut_copy, ft_train, side_by_side
 
     strategies = ("ddp", "deepspeed_zero2", "deepspeed_zero3")
+    extra = {s: (f"strategy={s}", *LORA, *{"deepspeed_zero2": ["callbacks.ema.decay=0.9"],  # ZeRO-3 refuses one
+                                           "deepspeed_zero3": ["callbacks.checkpoint.every_n_steps=2"]}.get(s, []))
+             for s in strategies}
+
+    def zero3_and_resume():  # then a copy cut after step 2 (its step-3 save lost) resumes
+        got = ft_train(tmp_path, "deepspeed_zero3", 3, *extra["deepspeed_zero3"])
+        cut_copy(tmp_path, "deepspeed_zero3", "deepspeed_zero3-cut", 3)
+        return got, ft_train(tmp_path, "deepspeed_zero3-cut", 3, *extra["deepspeed_zero3"])
+
+    # two launches side by side: ZeRO-3 and its resume on one worker, DDP then ZeRO-2 on the other
+    zero3, ddp, zero2 = side_by_side(zero3_and_resume, *(lambda s=s: ft_train(tmp_path, s, 3, *extra[s])
+                                                         for s in ("ddp", "deepspeed_zero2")))
+    (zero3, resumed), ddp, zero2 = zero3.result(), ddp.result(), zero2.result()
+    losses = {"ddp": ddp, "deepspeed_zero2": zero2, "deepspeed_zero3": zero3}
     files = {}
     for strategy in strategies:
-        extra = (f"strategy={strategy}", *LORA, *{"deepspeed_zero2": ["callbacks.ema.decay=0.9"],  # ZeRO-3 refuses one
-                                                  "deepspeed_zero3": ["callbacks.checkpoint.every_n_steps=2"]}.get(strategy, []))
-        steps, losses = ft_train(tmp_path, strategy, 3, *extra)
-        assert steps == [0, 1, 2] and all(v == v for v in losses)
+        steps, values = losses[strategy]
+        assert steps == [0, 1, 2] and all(v == v for v in values)
         ckpts = tmp_path / strategy / "clip" / "checkpoints"
         if strategy == "deepspeed_zero3":
             cut = tmp_path / f"{strategy}-cut"
-            shutil.copytree(tmp_path / strategy, cut)
-            shutil.rmtree(cut / "clip" / "checkpoints" / "step-00000003")  # died before its final save
-            assert ft_train(tmp_path, cut.name, 3, *extra) == (steps, losses)
-            full, resumed = (read_checkpoint(run / "clip" / "checkpoints" / "step-00000003")
-                             for run in (tmp_path / strategy, cut))
+            assert resumed == losses[strategy]
+            full, again = (read_checkpoint(run / "clip" / "checkpoints" / "step-00000003")
+                           for run in (tmp_path / strategy, cut))
             assert full.layout == "deepspeed" and len([n for n in full.tensors if ".lora_" in n]) == 40
             for name in full.tensors:
-                assert torch.equal(full.tensors[name], resumed.tensors[name]), name
+                assert torch.equal(full.tensors[name], again.tensors[name]), name
         if strategy == "deepspeed_zero2":  # the EMA of the LoRA, kept in DeepSpeed's client state
             ckpt = read_checkpoint(ckpts / "step-00000003")
             lora_keys = {n for n in ckpt.tensors if ".lora_" in n}

@@ -123,7 +123,9 @@ def write_synthetic_shards(
                 sink.write(sample)
                 index += 1
         os.replace(tmp, shard)
-    marker.write_text(json.dumps(params, indent=1))
+    tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")  # runs sharing an output_dir may write it at once
+    tmp.write_text(json.dumps(params, indent=1))
+    os.replace(tmp, marker)
     return shards
 
 
