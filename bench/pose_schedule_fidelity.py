@@ -93,6 +93,17 @@ def run_pose(frames: np.ndarray, idx: list[int], static: bool = False, smooth: b
     return pose, dt
 
 
+def run_shared(analyzer, frames: np.ndarray, idx: list[int]) -> tuple[np.ndarray, float]:
+    """As :func:`run_pose` in tracking mode, on a graph kept from clip to clip."""
+    pose = np.full((len(frames), facemod.NUM_POSE_JOINTS, 4), np.nan, np.float32)
+    t = time.perf_counter()
+    for i in idx:
+        j = analyzer.pose(frames[i])
+        if j is not None:
+            pose[i] = j
+    return pose, time.perf_counter() - t
+
+
 # body_motion's joint rules compared: ft-prep's (visibility >= 0.5 in half the frames) and stricter
 # ones that leave out joints mediapipe only guesses (hands below the frame flicker around 0.5).
 DEFINITIONS = {
@@ -115,6 +126,8 @@ def main() -> None:
     ap.add_argument("--static-samples", type=int, nargs="*", default=[6, 8, 16])
     ap.add_argument("--nosmooth-samples", type=int, nargs="*", default=[6],
                     help="tracking mode without landmark smoothing (as ft-prep's pose_samples_per_clip runs it)")
+    ap.add_argument("--shared-samples", type=int, nargs="*", default=[6],
+                    help="tracking mode, one graph for all clips in turn (its state carries over, as ft-prep's does)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--poses", type=Path, default=None,
@@ -132,6 +145,8 @@ def main() -> None:
             set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
     for n in args.nosmooth_samples:
         schedules[f"samples={n} unsmoothed"] = sorted(set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
+    for n in args.shared_samples:
+        schedules[f"samples={n} shared"] = sorted(set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
     poses = {k: [] for k in schedules}
     seconds = {k: 0.0 for k in schedules}
     clips = []
@@ -144,12 +159,18 @@ def main() -> None:
     for k in schedules:
         if k in saved:
             poses[k] = list(saved[k][: args.clips])
+    shared = {k: None for k in todo if k.endswith("shared")}
     if todo:
         for c in range(args.clips):
             frames, p = motion_clip(src, rng, still=c == 0)
             clips.append(p)
             for k in todo:
-                pose, dt = run_pose(frames, schedules[k], static=k.endswith("static"), smooth=not k.endswith("unsmoothed"))
+                if k in shared:
+                    if shared[k] is None:
+                        shared[k] = facemod.FrameAnalyzer(pose_every=0, pose_on_call=True)
+                    pose, dt = run_shared(shared[k], frames, schedules[k])
+                else:
+                    pose, dt = run_pose(frames, schedules[k], static=k.endswith("static"), smooth=not k.endswith("unsmoothed"))
                 poses[k].append(pose)
                 seconds[k] += dt
             print(f"clip {c} done", flush=True)
