@@ -8,7 +8,8 @@ with pose (one fresh graph per clip and schedule) on:
 
   every frame (the reference), every 4th frame (the default ``pose_every=4``), and N frames
   evenly spread over the clip (first and last frame included), tracking, and in static-image
-  mode as ft-prep's ``pose_samples_per_clip=N`` runs them ("static").
+  mode ("static"), and static with one body detection per clip ("clip-region", as ft-prep's
+  ``pose_samples_per_clip=N`` runs them by default, ``pose_region: clip``).
 
 It prints, per schedule, the relative error of ω_b against the reference (median and max over
 clips) and Spearman's rank correlation across clips (ω is normalised by dataset percentiles
@@ -17,7 +18,7 @@ later, so its ranking matters most). Results: ``bench/prep_throughput.md``.
 Usage::
 
     python bench/pose_schedule_fidelity.py [--clips 16] [--samples 4 6 8 12 16] [--static-samples 6 8 16]
-        [--poses joints.npz] [--json out.json]
+        [--region-samples 6 8] [--poses joints.npz] [--json out.json]
 """
 
 from __future__ import annotations
@@ -66,12 +67,23 @@ def motion_clip(src: np.ndarray, rng: np.random.Generator, still: bool) -> tuple
     return out, p
 
 
-def run_pose(frames: np.ndarray, idx: list[int], static: bool = False, smooth: bool = True) -> tuple[np.ndarray, float]:
+def run_pose(frames: np.ndarray, idx: list[int], static: bool = False, smooth: bool = True, region: bool = False,
+             boxes=None) -> tuple[np.ndarray, float]:
     """(F, 33, 4) joints from pose run (tracking mode, a fresh graph; ``static``: each frame on
     its own; ``smooth=False``: tracking without mediapipe's landmark smoothing, which assumes
-    consecutive frames) on frames ``idx`` in time order, NaN elsewhere; seconds (the graph's
+    consecutive frames; ``region``: static-image pose with one body detection per clip,
+    :class:`ClipPose`) on frames ``idx`` in time order, NaN elsewhere; seconds (the graph's
     model load not included)."""
     pose = np.full((len(frames), facemod.NUM_POSE_JOINTS, 4), np.nan, np.float32)
+    if region:  # ft-prep's pose_region=clip: one body detection, its region for the other frames
+        graph = facemod.ClipPose()
+        t = time.perf_counter()
+        for i, j in zip(idx, graph([frames[i] for i in idx], None if boxes is None else boxes[idx])):
+            if j is not None:
+                pose[i] = j
+        dt = time.perf_counter() - t
+        graph.close()
+        return pose, dt
     if static or not smooth:
         import mediapipe as mp
 
@@ -128,6 +140,8 @@ def main() -> None:
                     help="tracking mode without landmark smoothing (as ft-prep's pose_samples_per_clip runs it)")
     ap.add_argument("--shared-samples", type=int, nargs="*", default=[6],
                     help="tracking mode, one graph for all clips in turn (its state carries over, as ft-prep's does)")
+    ap.add_argument("--region-samples", type=int, nargs="*", default=[6, 8],
+                    help="static-image pose with one body detection per clip (ft-prep's pose_region=clip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--poses", type=Path, default=None,
@@ -147,6 +161,9 @@ def main() -> None:
         schedules[f"samples={n} unsmoothed"] = sorted(set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
     for n in args.shared_samples:
         schedules[f"samples={n} shared"] = sorted(set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
+    for n in args.region_samples:
+        spread = sorted(set(np.round(np.linspace(0, NUM_FRAMES - 1, n)).astype(int).tolist()))
+        schedules[f"samples={n} clip-region"] = schedules[f"samples={n} face-region"] = spread
     poses = {k: [] for k in schedules}
     seconds = {k: 0.0 for k in schedules}
     clips = []
@@ -164,13 +181,20 @@ def main() -> None:
         for c in range(args.clips):
             frames, p = motion_clip(src, rng, still=c == 0)
             clips.append(p)
+            if any(k.endswith("face-region") for k in todo):  # ft-prep has the face box of every frame
+                with facemod.FrameAnalyzer(pose_every=0, detect_every=16) as an:
+                    res = [an(f) for f in frames]
+                boxes = facemod.stack_results(res)["face_box"]
             for k in todo:
                 if k in shared:
                     if shared[k] is None:
                         shared[k] = facemod.FrameAnalyzer(pose_every=0, pose_on_call=True)
                     pose, dt = run_shared(shared[k], frames, schedules[k])
                 else:
-                    pose, dt = run_pose(frames, schedules[k], static=k.endswith("static"), smooth=not k.endswith("unsmoothed"))
+                    pose, dt = run_pose(
+                        frames, schedules[k], static=k.endswith("static"), smooth=not k.endswith("unsmoothed"),
+                        region=k.endswith("-region"), boxes=boxes if k.endswith("face-region") else None,
+                    )  # fmt: skip
                 poses[k].append(pose)
                 seconds[k] += dt
             print(f"clip {c} done", flush=True)

@@ -70,6 +70,11 @@ REJECT_REASONS = {
 }
 
 
+#: How pose finds the body on a clip's samples (``pose_samples_per_clip``): ``face`` = its
+#: detector runs on the first sample and the region follows the face to the others
+#: (:class:`ft_train.data.face.ClipPose`); ``frame`` = found anew on each (static-image pose).
+POSE_REGIONS = ("face", "frame")
+
 #: Where a clip's audio comes from: ``auto`` = a same-named .wav beside the video when there is
 #: one (a user puts it there on purpose), else the video's own track.
 AUDIO_SOURCES = ("auto", "sidecar", "embedded")
@@ -93,6 +98,7 @@ class PrepConfig:
     lip_dilation_frac: float = 0.15
     pose_every: int = 4
     pose_samples_per_clip: int = 6
+    pose_region: str = "face"
     detect_every: int = 16
     min_face_frames_frac: float = 0.9
     min_face_px: int = 64
@@ -139,6 +145,8 @@ class PrepConfig:
         if not 0 <= self.pose_samples_per_clip <= self.num_frames:
             problems.append(f"pose_samples_per_clip={self.pose_samples_per_clip} must be in [0, num_frames="
                             f"{self.num_frames}] (0 = pose on every pose_every-th frame instead)")
+        if self.pose_region not in POSE_REGIONS:
+            problems.append(f"pose_region={self.pose_region!r} must be one of {', '.join(POSE_REGIONS)}")
         elif self.pose_samples_per_clip == 1:
             problems.append("pose_samples_per_clip=1: ω_b is a variance over time and needs ≥ 2 samples")
         if self.videos_per_shard < 1:
@@ -277,7 +285,8 @@ def pose_schedule(cfg: PrepConfig) -> str:
     static-image runs spread over the clip), ``every:N`` (tracking, every N-th frame) or ``none``.
     Raw ω_b depends on it (bench/prep_throughput.md): shards made with two must not share stats."""
     if cfg.pose_samples_per_clip > 0:
-        return f"samples:{cfg.pose_samples_per_clip}"
+        # "samples:N" alone: each sample found anew (pose_region=frame, the first version).
+        return f"samples:{cfg.pose_samples_per_clip}" + (",region:face" if cfg.pose_region == "face" else "")
     return f"every:{cfg.pose_every}" if cfg.pose_every > 0 else "none"
 
 
@@ -381,13 +390,12 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
     # The analyzer adds its graphs' seconds to timing["face_mesh"/"face_detect"/"pose"].
     with facemod.FrameAnalyzer(pose_every=cfg.pose_every, detect_every=cfg.detect_every, timing=timing,
                                pose_on_call=cfg.pose_samples_per_clip > 0,
-                               pose_static=cfg.pose_samples_per_clip > 0) as analyzer:
+                               pose_static=cfg.pose_samples_per_clip > 0 and cfg.pose_region == "frame") as analyzer:
         frames = media.iter_frames(info, cfg.fps, cfg.max_side, cfg.decode_threads, damage=video_damage)
         k = 0
         origin = 0  # first frame of the current shot: clips are laid out from it
         cuts = ShotCuts(cfg.scene_threshold, cfg.scene_downscale) if cfg.scene_detector != "none" else None
         pose_done: dict[int, np.ndarray | None] = {}  # frame index -> joints, shared by overlapping clips
-        scratch: dict = {}  # _make_clip's reused clip array
         # Frames in no clip that can end before the video does (its tail, about half a clip) are
         # held unanalysed; if the video runs on and such a clip does end, they are analysed then,
         # in order, so the results are the same as analysing each frame as it comes.
@@ -397,14 +405,20 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
         def analyse(entry: list, j: int) -> None:
             entry[1] = analyzer(entry[0], detect=j % cfg.stride == 0, pose=False)
 
-        def clip_pose(frames: np.ndarray, start: int) -> np.ndarray:
+        def clip_pose(frames: list[np.ndarray], face_boxes: np.ndarray, start: int) -> np.ndarray:
             """(F, 33, 4) joints of a kept clip, NaN where pose did not run: on
             ``pose_samples_per_clip`` frames evenly spread over the clip (first and last included;
-            static-image mode, each found anew), else on its frames k with k % pose_every == 0 (in
+            the body found on the first, its region following the face box to the others, or
+            each found anew: ``pose_region``), else on its frames k with k % pose_every == 0 (in
             time order, so the tracker follows)."""
             out = np.full((len(frames), facemod.NUM_POSE_JOINTS, 4), np.nan, dtype=np.float32)
             if cfg.pose_samples_per_clip > 0 or cfg.pose_every > 0:
-                for i in pose_frames(len(frames), start, cfg):
+                ran = pose_frames(len(frames), start, cfg)
+                if cfg.pose_samples_per_clip > 0 and cfg.pose_region == "face":
+                    todo = [i for i in ran if start + i not in pose_done]
+                    for i, joints in zip(todo, analyzer.pose_clip([frames[i] for i in todo], face_boxes[todo])):
+                        pose_done[start + i] = joints
+                for i in ran:
                     if start + i not in pose_done:
                         pose_done[start + i] = analyzer.pose(frames[i])
                     if pose_done[start + i] is not None:
@@ -464,7 +478,7 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
                                      f"frames cannot be decoded (> max_damaged_frac={cfg.max_damaged_frac})", clip_index)
                     else:
                         yield _make_clip(source, info, clip_index, start, list(window), audio, audio_start, caption,
-                                         cfg, timing, note, lambda frames, s=start: clip_pose(frames, s), scratch)
+                                         cfg, timing, note, lambda frames, boxes, s=start: clip_pose(frames, boxes, s))
                     clip_index += 1
                 k += 1
         except MediaError as e:
@@ -481,7 +495,7 @@ def _process_video(source: Path, cfg: PrepConfig, timing: Counter, note: FileNot
 _SYNCNET: dict = {}  # path -> loaded SyncNet, one per process
 
 
-def measure_sync(frames: np.ndarray, boxes: np.ndarray, audio: np.ndarray, fps: float, weights: str):
+def measure_sync(frames: list[np.ndarray], boxes: np.ndarray, audio: np.ndarray, fps: float, weights: str):
     """SyncNet's (offset in 25 fps frames, > 0: the video lags the audio; confidence) of one clip,
     on face crops cut around ``boxes`` (F, 4) as the Sync-C/Sync-D metric cuts them
     (:mod:`ft_train.metrics.sync`); None when the clip is shorter than one 5-frame window."""
@@ -507,7 +521,7 @@ def sync_shift_s(offset_frames: int) -> float:
     return offset_frames / SYNC_FPS
 
 
-def reference_frame(frames: np.ndarray, arrays: dict, cfg: PrepConfig) -> tuple[int | None, float, float]:
+def reference_frame(frames: list[np.ndarray], arrays: dict, cfg: PrepConfig) -> tuple[int | None, float, float]:
     """The clip's reference (image-to-video condition) frame: the first frame where the face mesh
     found the face and the face box is bright enough (mean luma ≥ ``min_ref_brightness``, 0-255)
     and sharp enough (variance of the Laplacian of its luma ≥ ``min_ref_sharpness``: ~800 for
@@ -516,14 +530,14 @@ def reference_frame(frames: np.ndarray, arrays: dict, cfg: PrepConfig) -> tuple[
     import cv2
 
     best = (0.0, 0.0)
-    h, w = frames.shape[1:3]
+    h, w = frames[0].shape[:2]
     for i in np.flatnonzero(arrays["face_found"]):
         x0, y0, x1, y1 = arrays["face_box"][i]
         x0, y0 = max(int(x0), 0), max(int(y0), 0)
         x1, y1 = min(int(np.ceil(x1)), w), min(int(np.ceil(y1)), h)
         if x1 - x0 < 3 or y1 - y0 < 3:
             continue
-        gray = cv2.cvtColor(np.ascontiguousarray(frames[i, y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+        gray = cv2.cvtColor(np.ascontiguousarray(frames[i][y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
         brightness, sharpness = float(gray.mean()), float(cv2.Laplacian(gray, cv2.CV_64F).var())
         if brightness >= cfg.min_ref_brightness and sharpness >= cfg.min_ref_sharpness:
             return int(i), brightness, sharpness
@@ -531,26 +545,18 @@ def reference_frame(frames: np.ndarray, arrays: dict, cfg: PrepConfig) -> tuple[
     return None, *best
 
 
-def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing, note, pose_fn=None,
-               scratch: dict | None = None):
-    """Filter one clip; return (sample, preview data) or a Reject. ``pose_fn(frames)`` gives the
-    (F, 33, 4) joints of a clip that passed the filters (else the window's own pose results).
-    ``scratch``: a dict kept across one video's clips; the clip's frames are stacked into the
-    array it keeps, so the frames in the preview data hold only until the next clip."""
+def _make_clip(source, info, clip_index, start, window, audio, audio_start, caption, cfg, timing, note, pose_fn=None):
+    """Filter one clip; return (sample, preview data) or a Reject. ``pose_fn(frames, face_boxes)``
+    (boxes NaN where the face was not found) gives the (F, 33, 4) joints of a clip that passed
+    the filters (else the window's own pose results). Frames stay a list of (H, W, 3) arrays."""
     from ft_train.data import face as facemod
 
     t = time.perf_counter()
-    # (F, H, W, 3). A fresh 40-60 MB array per clip costs its page faults every time (0.15-0.5 s
-    # a clip on the dev VM, more than x264); a reused one is already mapped.
-    shape = (len(window), *window[0][0].shape)
-    if scratch is None:
-        frames = np.stack([f for f, _ in window])
-    else:
-        if scratch.get("frames") is None or scratch["frames"].shape != shape:
-            scratch["frames"] = np.empty(shape, np.uint8)
-        frames = np.stack([f for f, _ in window], out=scratch["frames"])
+    # The decoded frames as they are, not stacked: a 40-60 MB copy per clip (20-25 ms, and its
+    # page faults when fresh) that nothing here needs; SyncNet stacks its crops itself.
+    frames = [f for f, _ in window]
     arrays = facemod.stack_results([r for _, r in window])
-    n, h, w = frames.shape[:3]
+    n, (h, w) = len(frames), frames[0].shape[:2]
     t0, t1 = start / cfg.fps, (start + n) / cfg.fps
     clip_audio = media.audio_segment(audio, audio_start, info.start_s, t0, t1)
 
@@ -607,7 +613,7 @@ def _make_clip(source, info, clip_index, start, window, audio, audio_start, capt
 
     if pose_fn is not None:
         timing["masks"] += time.perf_counter() - t  # pose adds to timing["pose"] itself
-        arrays["pose"] = pose_fn(frames)
+        arrays["pose"] = pose_fn(frames, np.where(found[:, None], arrays["face_box"], np.nan))
         t = time.perf_counter()
     masks = facemod.lip_masks(arrays["face"], arrays["face_box"], h, w, cfg.lip_dilation_frac)
     omega_l = facemod.landmark_motion(arrays["face"], found)

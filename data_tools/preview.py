@@ -58,7 +58,7 @@ def draw_frame(
 
 def save_preview(
     path: Path,
-    frames: np.ndarray,
+    frames: np.ndarray | list[np.ndarray],
     face: np.ndarray | None = None,
     box: np.ndarray | None = None,
     masks: np.ndarray | None = None,
@@ -68,8 +68,9 @@ def save_preview(
 ) -> None:
     """Write a JPEG strip of ``count`` evenly spaced frames of one clip, overlays drawn.
 
-    Shapes: ``frames`` (F, H, W, 3) uint8 RGB, ``face`` (F, 478, 3), ``box``/``second_box``
-    (F, 4), ``masks`` (F, H, W); any overlay may be None. ``labels``: one per frame.
+    Shapes: ``frames`` (F, H, W, 3) uint8 RGB (an array or a list of frames), ``face``
+    (F, 478, 3), ``box``/``second_box`` (F, 4), ``masks`` (F, H, W); any overlay may be None.
+    ``labels``: one per frame.
     """
     idx = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
 

@@ -515,8 +515,9 @@ def loudness_dbfs(audio: np.ndarray) -> float:
     return 20.0 * np.log10(rms) if rms > 0 else float("-inf")
 
 
-def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18, preset: str = "veryfast") -> bytes:
-    """(F, H, W, 3) uint8 RGB → H.264 (yuv420p) mp4 bytes, video only, constant ``fps``.
+def encode_mp4(frames: np.ndarray | list[np.ndarray], fps: float, crf: int = 18, preset: str = "veryfast") -> bytes:
+    """(F, H, W, 3) uint8 RGB (an array or a list of frames) → H.264 (yuv420p) mp4 bytes, video
+    only, constant ``fps``.
 
     Sizes must be even (yuv420p). OpenCV converts RGB to yuv420p (BT.601, limited range, as
     FFmpeg's default) ~5x faster than swscale's rgb24 path; its chroma rounds a little
@@ -524,7 +525,7 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18, preset: str = "ver
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": preset}
         for f in frames:

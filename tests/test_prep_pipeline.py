@@ -206,29 +206,88 @@ def test_configurable_face_filters(tmp_path, override, reason):
 
 
 def test_pose_runs_on_six_spread_frames_of_each_kept_clip_by_default(prepared):
-    """The default schedule (pose_samples_per_clip=6): pose runs after the filters on 6 frames of
-    each kept clip, the first, the last and four evenly between, and the joints stored there
-    equal pose in static-image mode on them; the json and stats.json name the schedule."""
+    """The default schedule (pose_samples_per_clip=6, pose_region=face): pose runs after the
+    filters on 6 frames of each kept clip, the first, the last and four evenly between; the
+    joints stored there equal ClipPose on them with the clip's stored face boxes (the body found
+    on the first, the region following the face), the first sample equal to static-image pose;
+    the json and stats.json name the schedule."""
     import io
 
     cfg, report, _ = prepared
-    assert cfg.pose_samples_per_clip == 6
+    assert cfg.pose_samples_per_clip == 6 and cfg.pose_region == "face"
     samples = [s for s in read_shards(Path(cfg.output)) if json.loads(s["json"])["source"].endswith("a_sample.mp4")]
     samples.sort(key=lambda s: json.loads(s["json"])["clip_index"])
     frames, _ = sample_frames_audio(4.0)
+    clip_pose = facemod.ClipPose()
     with facemod.FrameAnalyzer(pose_every=0, pose_on_call=True, pose_static=True) as an:
-        for c, s in reversed(list(enumerate(samples))):  # static mode: no state, any order
-            stored = np.load(io.BytesIO(s["landmarks.npz"]))["pose"]
+        for c, s in reversed(list(enumerate(samples))):  # no state from clip to clip: any order
+            z = np.load(io.BytesIO(s["landmarks.npz"]))
+            stored = z["pose"]
             ran = np.flatnonzero(~np.isnan(stored[:, 0, 0]))
             assert ran.tolist() == [0, 6, 13, 19, 26, 32]
-            expected = np.stack([an.pose(frames[33 * c + i]) for i in ran])
+            boxes = np.where(z["face_found"][:, None], z["face_box"], np.nan)[ran]
+            expected = np.stack(clip_pose([frames[33 * c + i] for i in ran], boxes))
             np.testing.assert_allclose(stored[ran], expected, atol=1e-5)
+            np.testing.assert_allclose(stored[0], an.pose(frames[33 * c]), atol=1e-5)
             meta = json.loads(s["json"])
-            assert meta["omega_b_raw"] is not None and meta["pose_schedule"] == "samples:6"
-    assert json.loads((Path(cfg.output) / "stats.json").read_text())["pose_schedule"] == "samples:6"
-    assert report["pose_schedules"] == {"samples:6": 3}
+            assert meta["omega_b_raw"] is not None and meta["pose_schedule"] == "samples:6,region:face"
+    clip_pose.close()
+    assert json.loads((Path(cfg.output) / "stats.json").read_text())["pose_schedule"] == "samples:6,region:face"
+    assert report["pose_schedules"] == {"samples:6,region:face": 3}
     with pytest.raises(SystemExit, match="pose_samples_per_clip=1: ω_b is a variance"):
         main(["input=x", "output=y", "pose_samples_per_clip=1"])
+    with pytest.raises(SystemExit, match="pose_region='box' must be one of face, frame"):
+        main(["input=x", "output=y", "pose_region=box"])
+
+
+def test_pose_region_frame_finds_the_body_anew_on_each_sample(tmp_path):
+    """pose_region=frame: each of the clip's samples is static-image pose on its own frame, and
+    the schedule is recorded as the first version of the key wrote it (samples:6)."""
+    import io
+
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    ffmpeg("-i", str(SAMPLE), "-t", "1.4", "-c:v", "libx264", "-c:a", "aac", str(inputs / "clip.mp4"))
+    cfg = PrepConfig(input=str(inputs), output=str(tmp_path / "out"), pose_region="frame", **FAST)
+    assert run_prep(cfg)["samples"] == 1
+    (s,) = read_shards(Path(cfg.output))
+    stored = np.load(io.BytesIO(s["landmarks.npz"]))["pose"]
+    ran = np.flatnonzero(~np.isnan(stored[:, 0, 0]))
+    assert json.loads(s["json"])["pose_schedule"] == "samples:6"
+    frames = np.stack(list(media.iter_frames(media.probe(inputs / "clip.mp4"), 25.0, 512)))
+    with facemod.FrameAnalyzer(pose_every=0, pose_on_call=True, pose_static=True) as an:
+        expected = np.stack([an.pose(frames[i]) for i in reversed(ran)])[::-1]
+    np.testing.assert_allclose(stored[ran], expected, atol=1e-5)
+
+
+def test_clip_pose_follows_the_face_and_finds_a_lost_body_again():
+    """ClipPose: its first frame is static-image pose exactly. The same frame shifted by 24 px,
+    its face box shifted alike: the region moves with the face and the face and shoulder joints
+    move by the 24 px (within 2 px); left where it was, they land up to ~25 px off. A blank frame
+    gives None and the frame after it is found anew."""
+    import mediapipe as mp
+
+    frames, _ = sample_frames_audio(1.0)
+    first = frames[0].copy()
+    h, w = first.shape[:2]
+    shifted = cv2.warpAffine(first, np.float32([[1, 0, 24], [0, 1, 0]]), (w, h), borderMode=cv2.BORDER_REPLICATE)
+    box = np.array([150.0, 120.0, 260.0, 250.0])  # only its motion matters
+    with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as static:
+        res = static.process(first).pose_landmarks
+        ref_first = np.array([(p.x, p.y, p.z, p.visibility) for p in res.landmark], np.float32)
+    cp = facemod.ClipPose()
+    blank = np.zeros_like(first)
+    out = cp([first, shifted, blank, frames[20].copy()], np.stack([box, box + [24, 0, 24, 0], box * np.nan, box]))
+    unfollowed = cp([first, shifted])
+    cp.close()
+    np.testing.assert_array_equal(out[0], ref_first)
+    upper = slice(0, 13)  # face and shoulders: in frame, visible
+
+    def shift_error_px(joints):
+        return np.abs((joints[1][upper, :2] - joints[0][upper, :2]) * [w, h] - [24, 0]).max()
+
+    assert shift_error_px(out) < 2.0 and shift_error_px(unfollowed) > 10.0
+    assert out[2] is None and out[3] is not None
 
 
 def test_pose_every_schedule_tracks_every_nth_frame(tmp_path):
@@ -254,8 +313,9 @@ def test_pose_every_schedule_tracks_every_nth_frame(tmp_path):
     # A second video in the same output made with the default schedule: both kinds are counted.
     shutil.copy(SAMPLE, tmp_path / "talk2.mp4")
     report = run_prep(PrepConfig(input=str(tmp_path), output=cfg.output, videos_per_shard=1, **FAST))
-    assert report["pose_schedules"] == {"every:4": 3, "samples:6": 3}
-    assert "different pose schedules (3 every:4, 3 samples:6)" in (Path(cfg.output) / "report.txt").read_text()
+    assert report["pose_schedules"] == {"every:4": 3, "samples:6,region:face": 3}
+    report_txt = (Path(cfg.output) / "report.txt").read_text()
+    assert "different pose schedules (3 every:4, 3 samples:6,region:face)" in report_txt
 
 
 def test_list_file_input_and_missing_file(tmp_path):

@@ -109,7 +109,7 @@ def test_random_windows_are_aligned_with_frames_audio_masks_and_motion(setup, en
         omega_l = normalise_motion(landmark_motion(landmarks["face"][sl], landmarks["face_found"][sl]), stats["omega_l"])
         assert float(b["motion"][0, 0]) == pytest.approx(omega_l, abs=1e-6)
         # ft-prep's default pose schedule (6 samples a clip): a window keeps the clip's ω_b.
-        assert meta["pose_schedule"] == "samples:6"
+        assert meta["pose_schedule"] == "samples:6,region:face"
         omega_b = normalise_motion(meta["omega_b_raw"], stats["omega_b"])
         assert float(b["motion"][0, 1]) == pytest.approx(omega_b, abs=1e-6)
         if s == 0:  # the causal VAE: the window's latents are the cached clip's first latent frames

@@ -8,10 +8,12 @@ Uses the legacy ``mediapipe.solutions`` graphs of mediapipe 0.10.21, whose model
 wheel (no download): face mesh with ``refine_landmarks`` (478 points), face detection (for a
 confidence score and the number of faces; the mesh reports neither) and pose (33 joints; only the
 "full" model, ``model_complexity=1``, is bundled — the lite/heavy ones would be downloaded).
+Pose by clip (:class:`ClipPose`) runs the pose graph's two registered subgraphs on their own.
 
 Cost per 512 px frame on one core of the dev machine (``bench/prep_throughput.md``): face mesh
-in tracking mode ~2.5 ms, full-range face detection ~3.8 ms, pose ~19 ms. Hence the detector and
-pose run on a subset of frames (``detect_every``, ``pose_every``); the mesh runs on every frame.
+in tracking mode ~2.5 ms, full-range face detection ~3.8 ms, pose ~20 ms tracked (body detector
+~15 ms more when found anew). Hence the detector and pose run on a subset of frames
+(``detect_every``, ``pose_every``, ft-prep's ``pose_samples_per_clip``); the mesh on every frame.
 """
 
 from __future__ import annotations
@@ -96,6 +98,113 @@ class FrameResult:
     second_box: tuple[float, float, float, float] | None = None
 
 
+# mediapipe's static-image pose (legacy ``Pose(static_image_mode=True)``) split in its two
+# subgraphs, both registered in the wheel: the body detector and its region of interest, then
+# the landmark model on a region. Run on the same frame and region they give the static result.
+_POSE_REGION_GRAPH = """
+input_stream: "image"
+output_stream: "roi"
+node { calculator: "ImagePropertiesCalculator" input_stream: "IMAGE_CPU:image" output_stream: "SIZE:image_size" }
+node { calculator: "PoseDetectionCpu" input_stream: "IMAGE:image" output_stream: "DETECTIONS:detections" }
+node {
+  calculator: "SplitDetectionVectorCalculator" input_stream: "detections" output_stream: "detection"
+  options { [mediapipe.SplitVectorCalculatorOptions.ext] { ranges { begin: 0 end: 1 } element_only: true } }
+}
+node {
+  calculator: "PoseDetectionToRoi" input_stream: "DETECTION:detection" input_stream: "IMAGE_SIZE:image_size"
+  output_stream: "ROI:roi"
+}
+"""
+_POSE_LANDMARK_GRAPH = """
+input_stream: "image"
+input_stream: "roi"
+output_stream: "landmarks"
+input_side_packet: "model_complexity"
+input_side_packet: "enable_segmentation"
+node {
+  calculator: "PoseLandmarkByRoiCpu" input_stream: "IMAGE:image" input_stream: "ROI:roi"
+  output_stream: "LANDMARKS:landmarks"
+  input_side_packet: "MODEL_COMPLEXITY:model_complexity" input_side_packet: "ENABLE_SEGMENTATION:enable_segmentation"
+}
+"""
+
+
+def _follow(roi, anchor: np.ndarray, box: np.ndarray, shape: tuple):
+    """The pose region ``roi`` (a NormalizedRect found when the face box was ``anchor``) moved
+    and scaled as the face box moved to ``box`` (x0 y0 x1 y1 pixels) in a frame of ``shape``."""
+    from mediapipe.framework.formats import rect_pb2
+
+    h, w = shape[:2]
+    a, b = np.asarray(anchor, float), np.asarray(box, float)
+    scale = (b[2] - b[0]) / max(a[2] - a[0], 1e-6)
+    return rect_pb2.NormalizedRect(
+        x_center=roi.x_center + ((b[0] + b[2]) - (a[0] + a[2])) / 2 / w,
+        y_center=roi.y_center + ((b[1] + b[3]) - (a[1] + a[3])) / 2 / h,
+        width=roi.width * scale, height=roi.height * scale, rotation=roi.rotation,
+    )  # fmt: skip
+
+
+class ClipPose:
+    """Body joints on a few frames of one clip, finding the body once (ft-prep's
+    ``pose_region: face``).
+
+    mediapipe's static-image pose runs a body detector (~40 % of a run) and then the landmark
+    model on the region the detector gives. Here the detector runs on the clip's first frame,
+    and its region serves the frames after it, moved and scaled as the face box moved (given
+    ``face_boxes``; else it stays). A frame where the landmark model finds no body in that
+    region gets its own detection, and the region starts from there. The first frame's joints
+    equal static-image pose exactly; a shifted frame's move with it (tests); over 40 swaying
+    test clips ω_b ranks as faithfully as finding the body anew on each sample
+    (``bench/pose_schedule_fidelity.py``). No state crosses calls: each starts with a detection.
+    """
+
+    def __init__(self):
+        from google.protobuf import text_format
+        from mediapipe.framework import calculator_pb2
+        from mediapipe.python.solution_base import SolutionBase
+
+        def graph(text: str, **side) -> SolutionBase:
+            config = text_format.Parse(text, calculator_pb2.CalculatorGraphConfig())
+            return SolutionBase(graph_config=config, side_inputs=side or None)
+
+        self._region = graph(_POSE_REGION_GRAPH)
+        self._landmarks = graph(_POSE_LANDMARK_GRAPH, model_complexity=1, enable_segmentation=False)
+
+    def _joints(self, frame: np.ndarray, roi) -> np.ndarray | None:
+        res = self._landmarks.process({"image": frame, "roi": roi}).landmarks
+        if res is None:
+            return None
+        return np.array([(p.x, p.y, p.z, p.visibility) for p in res.landmark], dtype=np.float32)
+
+    def __call__(self, frames, face_boxes=None) -> list[np.ndarray | None]:
+        """(33, 4) float32 joints (x, y in [0, 1], z, visibility) per frame, in the order given
+        (time order), or None where no body is found. ``face_boxes``: (x0, y0, x1, y1) pixels per
+        frame (NaN: none); the region then follows the face (shift and scale) from the frame
+        it was found on."""
+        out, roi, anchor = [], None, None
+        for i, frame in enumerate(frames):
+            frame.flags.writeable = False
+            joints = None
+            if roi is not None:
+                use = roi
+                if anchor is not None and face_boxes is not None and not np.isnan(face_boxes[i][0]):
+                    use = _follow(roi, anchor, face_boxes[i], frame.shape)
+                joints = self._joints(frame, use)
+            if joints is None:
+                found = self._region.process(frame).roi
+                if found is not None:
+                    joints = self._joints(frame, found)
+                    if joints is not None:
+                        roi = found
+                        anchor = None if face_boxes is None or np.isnan(face_boxes[i][0]) else face_boxes[i]
+            out.append(joints)
+        return out
+
+    def close(self) -> None:
+        self._region.close()
+        self._landmarks.close()
+
+
 class FrameAnalyzer:
     """Runs face mesh, face detection and pose on consecutive frames of ONE video.
 
@@ -157,6 +266,7 @@ class FrameAnalyzer:
         self._pose_enabled = pose_every > 0 or pose_on_call
         self._pose_static = pose_static
         self._pose = None
+        self._clip_pose = None
         self._index = 0
         self._last_detection: tuple | None = None  # (frame index, faces, score, second/first area, second box)
         self._had_face: bool | None = None
@@ -225,8 +335,21 @@ class FrameAnalyzer:
         self.timing["pose"] += time.perf_counter() - t
         return joints
 
+    def pose_clip(self, frames, face_boxes=None) -> list[np.ndarray | None]:
+        """Joints on a few frames of one clip, in time order, with one body detection whose
+        region follows ``face_boxes`` (:class:`ClipPose`); None per frame when no body is found
+        or pose is off (as :meth:`pose`)."""
+        if not self._pose_enabled:
+            return [None] * len(frames)
+        t = time.perf_counter()
+        if self._clip_pose is None:
+            self._clip_pose = ClipPose()
+        out = self._clip_pose(frames, face_boxes)
+        self.timing["pose"] += time.perf_counter() - t
+        return out
+
     def close(self) -> None:
-        for graph in (self._mesh, self._detector, self._pose):
+        for graph in (self._mesh, self._detector, self._pose, self._clip_pose):
             if graph is not None:
                 graph.close()
 
