@@ -145,10 +145,10 @@ class PrepConfig:
         if not 0 <= self.pose_samples_per_clip <= self.num_frames:
             problems.append(f"pose_samples_per_clip={self.pose_samples_per_clip} must be in [0, num_frames="
                             f"{self.num_frames}] (0 = pose on every pose_every-th frame instead)")
-        if self.pose_region not in POSE_REGIONS:
-            problems.append(f"pose_region={self.pose_region!r} must be one of {', '.join(POSE_REGIONS)}")
         elif self.pose_samples_per_clip == 1:
             problems.append("pose_samples_per_clip=1: ω_b is a variance over time and needs ≥ 2 samples")
+        if self.pose_region not in POSE_REGIONS:
+            problems.append(f"pose_region={self.pose_region!r} must be one of {', '.join(POSE_REGIONS)}")
         if self.videos_per_shard < 1:
             problems.append("videos_per_shard must be ≥ 1")
         if not 0 <= self.task_index < self.num_tasks:
